@@ -1,0 +1,22 @@
+"""ema-callback: an exponential moving average of model weights for PaddlePaddle training.
+
+The engine (``ExponentialMovingAverage``) knows nothing of any training loop; ``EMACallback`` plugs it
+into ``paddle.Model.fit``, and ``ema_callback.ocr`` / ``ema_callback.det`` into PaddleOCR and
+PaddleDetection.
+"""
+from .config import EMAConfig, EMAConfigError
+from .schedules import decay_at
+
+__version__ = "0.1.0"
+
+__all__ = ["EMAConfig", "EMAConfigError", "ExponentialMovingAverage", "EMACallback", "decay_at", "__version__"]
+
+
+def __getattr__(name):  # keep `import ema_callback` free of paddle until the engine is needed
+    if name == "ExponentialMovingAverage":
+        from .engine import ExponentialMovingAverage
+        return ExponentialMovingAverage
+    if name == "EMACallback":
+        from .callback import EMACallback
+        return EMACallback
+    raise AttributeError(name)

@@ -1,0 +1,292 @@
+"""The ``EMA:`` block: one schema shared by every integration.
+
+``EMAConfig.from_block(dict)`` validates a YAML block (types, ranges, unknown keys) and raises
+``EMAConfigError`` with a one-line message naming the key, e.g.
+``EMA.decya: unknown key, did you mean 'decay'?``. ``apply_overrides`` applies PaddleOCR-style
+``-o EMA.decay=0.999`` strings, creating the block when the YAML has none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from .schedules import SCHEDULES
+
+SECTION = "EMA"
+
+
+class EMAConfigError(ValueError):
+    """A bad ``EMA:`` block, override or EMA file; the message is one line naming the key or file."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One key of the ``EMA:`` block: its default, type, allowed range and documentation."""
+
+    name: str
+    default: Any
+    kind: str  # bool | int | float | choice | regex_list
+    doc: str
+    choices: Tuple[str, ...] = ()
+    low: Optional[float] = None  # inclusive unless low_open
+    high: Optional[float] = None  # inclusive unless high_open
+    low_open: bool = False
+    high_open: bool = False
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("enable", True, "bool", "Turn EMA on. `false` leaves training bit-identical to a run without the plugin."),
+    Option("decay", 0.9999, "float", "Target decay d in `ema = d*ema + (1-d)*w`; horizon ~ 1/(1-d) optimizer steps.",
+           low=0.0, high=1.0, low_open=True, high_open=True),
+    Option("schedule", "threshold", "choice",
+           "Decay warm-up: `constant` d; `threshold` min(d,(1+t)/(10+t)) (TF, PaddleDetection); "
+           "`exponential` d(1-exp(-(t+1)/tau)) (YOLOv5, PaddleDetection); `power` 1-(1+t/inv_gamma)^-power "
+           "clamped to [min_decay, d] (timm, diffusers). t = optimizer steps covered by earlier updates.",
+           choices=SCHEDULES),
+    Option("tau", 2000.0, "float", "Time constant of `exponential`, in optimizer steps.", low=0.0, low_open=True),
+    Option("inv_gamma", 1.0, "float", "`power` schedule: steps are divided by it.", low=0.0, low_open=True),
+    Option("power", 2.0 / 3.0, "float", "`power` schedule exponent (2/3 for ~100k steps, 3/4 for ~1M).",
+           low=0.0, low_open=True),
+    Option("min_decay", 0.0, "float", "`power` schedule: lower clamp of the decay.", low=0.0, high=1.0, high_open=True),
+    Option("bias_correction", False, "bool",
+           "Start the average from zero and divide by 1-prod(d_i) (TF `zero_debias`)."),
+    Option("start_step", 0, "int", "Optimizer steps before averaging starts; until then the shadow copies the weights.",
+           low=0),
+    Option("update_every", 1, "int",
+           "Update every k optimizer steps with decay d^k, so the horizon in steps does not depend on k.", low=1),
+    Option("eval_start_step", 0, "int",
+           "Evaluate (and pick best models) with raw weights until this many optimizer steps.", low=0),
+    Option("buffers", "average", "choice",
+           "Non-trainable float tensors (BatchNorm mean/variance are parameters in Paddle): `average` them, "
+           "`copy` the live values at each update, or `skip` (always use the live values). Integer tensors are copied.",
+           choices=("average", "copy", "skip")),
+    Option("include", [], "regex_list",
+           "Regexes on state-dict names; when set, only matching tensors are averaged (the rest follow the live weights)."),
+    Option("exclude", [], "regex_list",
+           "Regexes on state-dict names never averaged; they follow the live weights and keep training."),
+    Option("storage_dtype", "float32", "choice",
+           "Shadow precision. float16/bfloat16 halve its memory but round every update "
+           "(a decay above ~0.999 then stalls: the increment (1-d)(w-ema) falls below half an ulp).",
+           choices=("float32", "float16", "bfloat16")),
+    Option("device", "same", "choice", "Where the shadow lives: `same` as the weights, or `cpu` (host memory).",
+           choices=("same", "cpu")),
+    Option("eval_raw", False, "bool", "Also evaluate the raw weights and log their metrics with a `_raw` suffix."),
+    Option("save_as", "ema", "choice",
+           "What the suite's own weight files hold: `ema` (its eval/export/infer tools use EMA) with the raw weights "
+           "in the `.pdema` file, or `raw` (suite files untouched, EMA written beside them).",
+           choices=("ema", "raw")),
+)
+OPTION_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+def _key(name: str) -> str:
+    return f"{SECTION}.{name}"
+
+
+def _check_value(opt: Option, value: Any) -> Any:
+    key = _key(opt.name)
+    if opt.kind == "bool":
+        if not isinstance(value, bool):
+            raise EMAConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if opt.kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EMAConfigError(f"{key}: expected a{'n integer' if opt.kind == 'int' else ' number'}, got {value!r}")
+        if opt.kind == "int" and not (isinstance(value, int) or float(value).is_integer()):
+            raise EMAConfigError(f"{key}: expected an integer, got {value!r}")
+        value = int(value) if opt.kind == "int" else float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise EMAConfigError(f"{key}: expected a finite number, got {value!r}")
+        if opt.low is not None and (value <= opt.low if opt.low_open else value < opt.low):
+            raise EMAConfigError(f"{key}: must be {'>' if opt.low_open else '>='} {opt.low:g}, got {value!r}"
+                                 + (f" (and {'<' if opt.high_open else '<='} {opt.high:g})" if opt.high is not None else ""))
+        if opt.high is not None and (value >= opt.high if opt.high_open else value > opt.high):
+            raise EMAConfigError(f"{key}: must be {'<' if opt.high_open else '<='} {opt.high:g}, got {value!r}")
+        return value
+    if opt.kind == "choice":
+        if not isinstance(value, str) or value not in opt.choices:
+            raise EMAConfigError(f"{key}: expected one of {', '.join(opt.choices)}, got {value!r}")
+        return value
+    if opt.kind == "regex_list":
+        if value is None:
+            return []
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+            raise EMAConfigError(f"{key}: expected a regex or a list of regexes, got {value!r}")
+        for pattern in items:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise EMAConfigError(f"{key}: bad regex {pattern!r}: {exc}") from None
+        return list(items)
+    raise AssertionError(opt.kind)
+
+
+def _unknown_key_error(name: Any) -> EMAConfigError:
+    close = difflib.get_close_matches(str(name), list(OPTION_BY_NAME), n=1, cutoff=0.6)
+    hint = f", did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(OPTION_BY_NAME)}"
+    return EMAConfigError(f"{_key(name)}: unknown key{hint}")
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """Validated settings of the EMA (see ``OPTIONS`` for each key's meaning and default)."""
+
+    enable: bool = True
+    decay: float = 0.9999
+    schedule: str = "threshold"
+    tau: float = 2000.0
+    inv_gamma: float = 1.0
+    power: float = 2.0 / 3.0
+    min_decay: float = 0.0
+    bias_correction: bool = False
+    start_step: int = 0
+    update_every: int = 1
+    eval_start_step: int = 0
+    buffers: str = "average"
+    include: List[str] = field(default_factory=list)
+    exclude: List[str] = field(default_factory=list)
+    storage_dtype: str = "float32"
+    device: str = "same"
+    eval_raw: bool = False
+    save_as: str = "ema"
+
+    @classmethod
+    def from_block(cls, block: Optional[Mapping[str, Any]]) -> "EMAConfig":
+        """Validate an ``EMA:`` block (``None`` or ``{}`` gives the defaults)."""
+        if block is None:
+            return cls()
+        if not isinstance(block, Mapping):
+            raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, got {type(block).__name__} {block!r}")
+        values = {}
+        for name, value in block.items():
+            opt = OPTION_BY_NAME.get(name) if isinstance(name, str) else None
+            if opt is None:
+                raise _unknown_key_error(name)
+            values[name] = _check_value(opt, value)
+        return cls(**values)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EMAConfig":
+        """Same validation as ``from_block`` for Python keyword arguments."""
+        return cls.from_block(kwargs)
+
+    def to_block(self) -> Dict[str, Any]:
+        """The block as plain YAML-able values."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v)
+                for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> "EMAConfig":
+        block = self.to_block()
+        block.update(changes)
+        return EMAConfig.from_block(block)
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``'EMA.decay=0.999'`` -> ``(['EMA', 'decay'], 0.999)``; the value is read as YAML (PaddleOCR's rule)."""
+    if not isinstance(text, str) or "=" not in text:
+        raise EMAConfigError(f"-o {text!r}: expected KEY=VALUE, e.g. EMA.decay=0.9999")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise EMAConfigError(f"-o {text!r}: expected KEY=VALUE with a dotted key, e.g. EMA.decay=0.9999")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise EMAConfigError(f"-o {key}: value {raw!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return key.split("."), value
+
+
+def split_overrides(opts: Optional[Sequence[str]]) -> Tuple[List[Tuple[List[str], Any]], List[str]]:
+    """Separate ``EMA.*`` overrides (parsed) from the suite's own (kept as strings, untouched)."""
+    ema, rest = [], []
+    for text in opts or []:
+        head = text.split("=", 1)[0].strip()
+        if head == SECTION or head.startswith(SECTION + "."):
+            ema.append(parse_override(text))
+        else:
+            rest.append(text)
+    return ema, rest
+
+
+def apply_overrides(block: Optional[Mapping[str, Any]], overrides: Iterable[Tuple[List[str], Any]]) -> Dict[str, Any]:
+    """Apply parsed ``EMA.*`` overrides to a block (a copy); works when the YAML had no ``EMA:`` section."""
+    merged: Dict[str, Any] = dict(block or {})
+    for parts, value in overrides:
+        if parts == [SECTION]:
+            if not isinstance(value, Mapping):
+                raise EMAConfigError(f"-o {SECTION}: expected a mapping, got {value!r}")
+            merged.update(value)
+        elif len(parts) == 2:
+            merged[parts[1]] = value
+        else:
+            raise EMAConfigError(f"-o {'.'.join(parts)}: EMA keys are one level deep, e.g. EMA.decay")
+    return merged
+
+
+class SuiteLoader(yaml.SafeLoader):
+    """A safe loader that reads suite-specific tags (PaddleDetection's ``!CosineDecay``...) as plain data."""
+
+
+def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+SuiteLoader.add_multi_constructor("!", _construct_tagged)
+
+
+def load_suite_yaml(text: str) -> Any:
+    """Parse a suite YAML (custom tags become plain data)."""
+    return yaml.load(text, Loader=SuiteLoader)
+
+
+def read_yaml(path: str) -> Any:
+    """Load a YAML file, with one-line errors naming the file."""
+    if not os.path.isfile(path):
+        raise EMAConfigError(f"{path}: no such file")
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            return load_suite_yaml(handle.read())
+    except yaml.YAMLError as exc:
+        raise EMAConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EMAConfigError(f"{path}: cannot be read ({exc})") from None
+
+
+def read_block_file(path: str) -> Dict[str, Any]:
+    """A ready block file (``configs/ema/*.yml``): a YAML mapping with one top-level ``EMA:`` key."""
+    data = read_yaml(path)
+    if not isinstance(data, Mapping) or SECTION not in data:
+        raise EMAConfigError(f"{path}: expected a YAML file with a top-level '{SECTION}:' section")
+    extra = [k for k in data if k != SECTION]
+    if extra:
+        raise EMAConfigError(f"{path}: a block file holds only '{SECTION}:', found also {', '.join(map(str, extra))}")
+    block = data[SECTION] or {}
+    EMAConfig.from_block(block)  # validate early, naming the key
+    return dict(block)
+
+
+def resolve_block(suite_config: Mapping[str, Any], block_file: Optional[str] = None,
+                  overrides: Iterable[Tuple[List[str], Any]] = ()) -> EMAConfig:
+    """Precedence, lowest first: ready block file < the suite YAML's ``EMA:`` section < ``-o EMA.*``."""
+    merged: Dict[str, Any] = read_block_file(block_file) if block_file else {}
+    own = suite_config.get(SECTION) if isinstance(suite_config, Mapping) else None
+    if own is not None and not isinstance(own, Mapping):
+        raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, got {own!r}")
+    merged.update(own or {})
+    return EMAConfig.from_block(apply_overrides(merged, overrides))
+
+
+def has_ema_request(suite_config: Mapping[str, Any], block_file: Optional[str], overrides: Sequence) -> bool:
+    """Whether the user asked for EMA at all (a section, a block file or an ``EMA.*`` override)."""
+    return bool(block_file) or bool(overrides) or (isinstance(suite_config, Mapping) and SECTION in suite_config)

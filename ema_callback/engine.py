@@ -1,0 +1,301 @@
+"""The EMA engine: shadow weights of any ``paddle.nn.Layer``, independent of any training loop.
+
+After every optimizer step call ``ema.step()``. On the k-th step counted from ``start_step``
+(every ``update_every`` steps) the shadow is updated in place, without autograd history::
+
+    d   = decay_at(t) ** update_every          t = optimizer steps covered by earlier updates
+    ema = d * ema + (1 - d) * w                 (float32; w from the optimizer's fp32 master weight if any)
+
+Until ``start_step`` the shadow copies the weights. With ``bias_correction`` the average starts from 0
+and is read as ``ema / (1 - prod(d_i))`` (TensorFlow's ``zero_debias``). A step whose weights hold a
+NaN/Inf changes nothing and is counted in ``num_skipped``.
+
+``apply_to(model)`` swaps the averaged values into the model (raw values kept aside), ``restore(model)``
+puts the raw values back bit for bit; ``with ema.swapped(model):`` does both. ``save``/``load`` write and
+read a ``.pdema`` file atomically; ``export`` writes the averaged weights as a plain ``.pdparams``.
+
+Create it after the model is on its device and wrapped for AMP, before or after ``paddle.DataParallel``
+(it unwraps ``_layers``); pass the optimizer under AMP O2 so that fp32 master weights are averaged.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Optional
+
+import numpy as np
+import paddle
+
+from .config import EMAConfig
+from .files import FORMAT, EMAFileError, atomic_save, checked_load
+from .schedules import decay_at
+from .selection import AVERAGE, COPY, FOLLOW, Entry, classify, unwrap
+from .storage import ShadowStore, make_store
+
+logger = logging.getLogger("ema_callback")
+
+
+class ExponentialMovingAverage:
+    """Exponential moving average of a model's weights (see the module docstring for the formula).
+
+    Args:
+        model: the layer to average (``paddle.DataParallel`` is unwrapped).
+        config: an ``EMAConfig``; keyword arguments (``decay=0.999``, ...) override its fields.
+        optimizer: under AMP O2, the optimizer whose ``_master_weights`` hold the fp32 copies.
+        update_path: ``auto`` (fastest), ``numpy``, ``paddle`` or ``reference`` (the simple loop, for tests).
+    """
+
+    def __init__(self, model: paddle.nn.Layer, config: Optional[EMAConfig] = None,
+                 optimizer: Optional[paddle.optimizer.Optimizer] = None, update_path: str = "auto",
+                 **overrides: Any):
+        if not paddle.in_dynamic_mode():
+            raise RuntimeError("ExponentialMovingAverage needs dynamic-graph mode; call paddle.disable_static() "
+                               "(a static-graph program can use paddle.static.ExponentialMovingAverage)")
+        config = config or EMAConfig()
+        self.config = config.replace(**overrides) if overrides else config
+        self.optimizer = optimizer
+        self.update_path = update_path
+        self.entries: List[Entry] = classify(model, self.config.include, self.config.exclude, self.config.buffers)
+        self._averaged = [e for e in self.entries if e.role == AVERAGE]
+        self._copied = [e for e in self.entries if e.role == COPY]
+        self.num_steps = 0  # optimizer steps seen by step()
+        self.num_updates = 0  # EMA updates applied
+        self.num_skipped = 0  # updates skipped for NaN/Inf weights
+        self.decay_product = 1.0  # prod(d_i), for bias correction
+        self.last_decay: Optional[float] = None
+        self._backup: Optional[Dict[str, paddle.Tensor]] = None
+        self._warned_nonfinite = False
+        on_host = self.config.device == "cpu" or all(e.tensor.place.is_cpu_place() for e in self._averaged)
+        place = self._averaged[0].tensor.place if self._averaged else None
+        self.store: ShadowStore = make_store([e.tensor.shape for e in self._averaged], self.config.storage_dtype,
+                                             on_host=on_host, path=update_path, place=place)
+        self._copies: Dict[str, np.ndarray] = {}
+        with paddle.no_grad():
+            self.store.copy_(self._sources())
+            self._snapshot_copies()
+
+    # ------------------------------------------------------------------ update
+    def _sources(self) -> List[paddle.Tensor]:
+        """The tensors averaged this step: fp32 master weights under AMP O2 where they exist."""
+        masters = getattr(self.optimizer, "_master_weights", None) or {}
+        return [masters.get(getattr(e.tensor, "name", None), e.tensor) for e in self._averaged]
+
+    def _snapshot_copies(self) -> None:
+        for e in self._copied:
+            self._copies[e.name] = e.tensor.numpy().copy()
+
+    def decay_for_next_update(self) -> float:
+        """``decay_at(t) ** update_every`` for the next update (t = ``num_updates * update_every``)."""
+        c = self.config
+        t = self.num_updates * c.update_every
+        d = decay_at(t, c.schedule, c.decay, c.tau, c.inv_gamma, c.power, c.min_decay)
+        return d ** c.update_every
+
+    def will_update_at(self, step: int) -> bool:
+        """Whether the ``step``-th optimizer step (1-based) is an EMA update."""
+        c = self.config
+        return step > c.start_step and (step - c.start_step) % c.update_every == 0
+
+    def step(self) -> bool:
+        """Account for one optimizer step; returns True when the shadow was averaged this step."""
+        if self._backup is not None:
+            raise RuntimeError("EMA.step() while EMA weights are applied; call restore(model) first")
+        self.num_steps += 1
+        with paddle.no_grad():
+            if self.num_steps <= self.config.start_step:
+                if self.store.copy_(self._sources()):
+                    self._snapshot_copies()
+                else:
+                    self._note_nonfinite()
+                return False
+            if not self.will_update_at(self.num_steps):
+                return False
+            d = self.decay_for_next_update()
+            reset = self.config.bias_correction and self.num_updates == 0
+            if not self.store.lerp_(self._sources(), 1.0 - d, reset=reset):
+                self._note_nonfinite()
+                return False
+            self._snapshot_copies()
+        self.num_updates += 1
+        self.decay_product *= d
+        self.last_decay = d
+        return True
+
+    update = step
+
+    def _note_nonfinite(self) -> None:
+        self.num_skipped += 1
+        if not self._warned_nonfinite:
+            logger.warning("EMA: weights hold NaN/Inf at optimizer step %d; that update is skipped "
+                           "(the shadow keeps its last finite value; further skips are only counted)", self.num_steps)
+            self._warned_nonfinite = True
+
+    # ------------------------------------------------------------------ reading
+    def _correction(self) -> float:
+        if self.config.bias_correction and self.num_updates > 0:
+            return 1.0 / (1.0 - self.decay_product)
+        return 1.0
+
+    def averaged_numpy(self) -> Dict[str, np.ndarray]:
+        """The averaged tensors (float32, bias-corrected) and copied tensors, by state-dict name."""
+        scale = np.float32(self._correction())
+        out = {e.name: (v * scale if scale != 1 else v)
+               for e, v in zip(self._averaged, self.store.numpy_values())}
+        out.update({name: v.copy() for name, v in self._copies.items()})
+        return out
+
+    def _averaged_tensors(self) -> Dict[str, paddle.Tensor]:
+        scale = self._correction()
+        out = {e.name: (v * scale if scale != 1.0 else v) for e, v in zip(self._averaged, self.store.tensor_values())}
+        out.update({name: paddle.to_tensor(v) for name, v in self._copies.items()})
+        return out
+
+    def ema_state_dict(self, model: paddle.nn.Layer) -> Dict[str, np.ndarray]:
+        """A complete ``state_dict`` of ``model`` with EMA values (``follow`` tensors as they are live)."""
+        averaged = self.averaged_numpy()
+        by_id = {id(e.tensor): e.name for e in self.entries}
+        out = {}
+        for name, tensor in unwrap(model).state_dict().items():
+            key = by_id.get(id(tensor), name)
+            value = averaged.get(key)
+            out[name] = (value.astype(_numpy_dtype(tensor)) if value is not None else tensor.numpy())
+        return out
+
+    def drift(self, model: Optional[paddle.nn.Layer] = None) -> float:
+        """Relative drift ``||ema - w|| / ||w||`` over the averaged tensors (NaN if either is not finite)."""
+        averaged = self.averaged_numpy()
+        num = den = 0.0
+        for e in self._averaged:
+            w = e.tensor.astype("float32").numpy().astype(np.float64)
+            num += float(np.sum((averaged[e.name].astype(np.float64) - w) ** 2))
+            den += float(np.sum(w ** 2))
+        return float(np.sqrt(num) / np.sqrt(den)) if den > 0 else float("nan") if num != num else 0.0
+
+    # ------------------------------------------------------------------ swapping
+    @property
+    def applied(self) -> bool:
+        return self._backup is not None
+
+    def apply_to(self, model: Optional[paddle.nn.Layer] = None) -> None:
+        """Put EMA values into the model's tensors in place; the raw values are kept for ``restore``."""
+        if self._backup is not None:
+            raise RuntimeError("EMA weights are already applied; call restore(model) first")
+        targets = [e for e in self.entries if e.role != FOLLOW]
+        values = self._averaged_tensors()
+        with paddle.no_grad():
+            keep_host = self.config.device == "cpu"
+            self._backup = {e.name: (e.tensor.cpu() if keep_host else e.tensor.clone()) for e in targets}
+            for e in targets:
+                _copy_into(e.tensor, values[e.name])
+
+    def restore(self, model: Optional[paddle.nn.Layer] = None) -> None:
+        """Put the raw values back, bit for bit."""
+        if self._backup is None:
+            raise RuntimeError("restore() without apply_to(); the model already holds its raw weights")
+        with paddle.no_grad():
+            for e in self.entries:
+                if e.name in self._backup:
+                    _copy_into(e.tensor, self._backup[e.name])
+        self._backup = None
+
+    @contextlib.contextmanager
+    def swapped(self, model: Optional[paddle.nn.Layer] = None) -> Iterator["ExponentialMovingAverage"]:
+        """``with ema.swapped(model): evaluate(model)``: EMA weights inside, raw weights after."""
+        self.apply_to(model)
+        try:
+            yield self
+        finally:
+            self.restore(model)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly: counters, config and the raw (uncorrected) shadow."""
+        return {
+            "format": FORMAT,
+            "num_steps": self.num_steps,
+            "num_updates": self.num_updates,
+            "num_skipped": self.num_skipped,
+            "decay_product": self.decay_product,
+            "last_decay": self.last_decay,
+            "config": self.config.to_block(),
+            "shadow": {e.name: v for e, v in zip(self._averaged, self.store.numpy_values())},
+            "copies": {k: v.copy() for k, v in self._copies.items()},
+        }
+
+    def set_state_dict(self, state: Mapping[str, Any], source: str = "state dict") -> None:
+        """Load a ``state_dict()``; a mismatch with the model raises ``EMAFileError`` listing the keys."""
+        if not isinstance(state, Mapping) or state.get("format") != FORMAT:
+            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise EMAFileError(f"{source}: not an ema-callback state (format {found!r}, expected {FORMAT!r})")
+        shadow = state.get("shadow") or {}
+        expected = {e.name: list(e.tensor.shape) for e in self._averaged}
+        missing = sorted(set(expected) - set(shadow))
+        extra = sorted(set(shadow) - set(expected))
+        reshaped = sorted(k for k in set(expected) & set(shadow)
+                          if list(np.shape(shadow[k])) != expected[k])
+        if missing or extra or reshaped:
+            parts = []
+            if missing:
+                parts.append(f"missing {_short(missing)}")
+            if extra:
+                parts.append(f"unexpected {_short(extra)}")
+            if reshaped:
+                parts.append("shape mismatch " + _short([f"{k} {list(np.shape(shadow[k]))}!={expected[k]}"
+                                                         for k in reshaped]))
+            raise EMAFileError(f"{source}: does not match the model: {'; '.join(parts)}")
+        saved_config = state.get("config") or {}
+        for key in ("decay", "schedule", "update_every", "start_step", "bias_correction"):
+            if key in saved_config and saved_config[key] != getattr(self.config, key):
+                logger.info("EMA: %s was %r in %s, now %r", key, saved_config[key], source, getattr(self.config, key))
+        self.store.set_numpy_values([shadow[e.name] for e in self._averaged])
+        copies = state.get("copies") or {}
+        self._copies.update({k: np.asarray(v) for k, v in copies.items() if k in self._copies})
+        self.num_steps = int(state["num_steps"])
+        self.num_updates = int(state["num_updates"])
+        self.num_skipped = int(state.get("num_skipped", 0))
+        self.decay_product = float(state["decay_product"])
+        self.last_decay = state.get("last_decay")
+
+    def save(self, path: str, extra: Optional[Mapping[str, Any]] = None) -> None:
+        """Write ``state_dict()`` (plus ``extra`` entries, e.g. raw weights) to ``path`` atomically."""
+        state = self.state_dict()
+        if extra:
+            state.update(extra)
+        atomic_save(state, path)
+
+    def load(self, path: str) -> Dict[str, Any]:
+        """Read a ``.pdema`` file into this engine; returns the whole file's dict (for ``extra`` entries).
+
+        Nothing is changed when the file is unreadable or does not match the model.
+        """
+        state = checked_load(path)
+        self.set_state_dict(state, source=path)
+        return state
+
+    def export(self, path: str, model: paddle.nn.Layer) -> None:
+        """Write the EMA weights as a plain ``.pdparams`` (``layer.set_state_dict(paddle.load(path))``)."""
+        atomic_save(self.ema_state_dict(model), path)
+
+
+def _numpy_dtype(tensor: paddle.Tensor):
+    if tensor.dtype == paddle.bfloat16:
+        return np.float32  # numpy has no bfloat16; set_state_dict casts on load
+    return {paddle.float16: np.float16, paddle.float32: np.float32, paddle.float64: np.float64}.get(
+        tensor.dtype, tensor.numpy().dtype)
+
+
+def _copy_into(target: paddle.Tensor, value) -> None:
+    """In-place copy into ``target`` (same allocation, same ``stop_gradient``), casting and moving as needed."""
+    if isinstance(value, np.ndarray):
+        value = paddle.to_tensor(value)
+    if value.dtype != target.dtype:
+        value = value.astype(target.dtype)
+    if str(value.place) != str(target.place):
+        value = value.to(target.place)
+    paddle.assign(value.reshape(target.shape), output=target)
+
+
+def _short(items: List[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")

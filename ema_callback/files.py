@@ -1,0 +1,77 @@
+"""Atomic writes and checked reads of ``.pdema`` / ``.pdparams`` files.
+
+A file is written to a temporary name in the same folder, flushed to disk and renamed over the final
+name, so a crash or a full disk never leaves a partial file under a final name and never damages the
+file that was there before.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from typing import Any
+
+
+from .config import EMAConfigError
+
+FORMAT = "ema-callback/1"
+
+
+class EMAFileError(EMAConfigError):
+    """An EMA file that cannot be written, read or does not match the model; one line naming the file."""
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``paddle.save(obj)`` to ``path`` through a temporary file and ``os.replace``."""
+    import paddle
+
+    buffer = io.BytesIO()
+    paddle.save(obj, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise EMAFileError(f"{path}: is a directory, expected a file path")
+    if not os.path.isdir(folder):
+        raise EMAFileError(f"{path}: folder {folder} does not exist")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise EMAFileError(f"{path}: cannot be written ({exc.strerror or exc}); the previous file is unchanged") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def checked_load(path: str) -> Any:
+    """``paddle.load(path)`` with one-line errors naming the file (missing, directory, truncated, corrupt)."""
+    import paddle
+
+    if os.path.isdir(path):
+        raise EMAFileError(f"{path}: is a directory, expected a file")
+    if not os.path.exists(path):
+        raise EMAFileError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise EMAFileError(f"{path}: empty file")
+    try:
+        with open(path, "rb") as handle:
+            return paddle.load(io.BytesIO(handle.read()), return_numpy=True)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            ImportError, RuntimeError, OSError, MemoryError, UnicodeDecodeError) as exc:
+        detail = " ".join(str(exc).split())[:120]
+        raise EMAFileError(f"{path}: truncated or corrupt file ({type(exc).__name__}: {detail})") from None

@@ -1,0 +1,54 @@
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore", message="No ccache found")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared", "third_party"))
+PADDLEOCR_ROOT = os.environ.get("PADDLEOCR_ROOT", os.path.join(SHARED, "PaddleOCR-2.10"))
+PADDLEDET_ROOT = os.environ.get("PADDLEDET_ROOT", os.path.join(SHARED, "PaddleDetection-develop"))
+
+
+def make_net(seed=0, num_classes=3):
+    """A real layer stack with BatchNorm: Conv-BN-ReLU-Conv-BN-ReLU-Pool-Linear."""
+    import paddle
+    from paddle import nn
+
+    paddle.seed(seed)
+    return nn.Sequential(
+        nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8), nn.ReLU(),
+        nn.Conv2D(8, 8, 3, padding=1), nn.BatchNorm2D(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2D(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+def snapshot(model):
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def train_steps(model, steps, seed=0, lr=0.05):
+    """Real SGD-momentum training on random data; returns the state after each optimizer step."""
+    import paddle
+
+    rng = np.random.default_rng(seed)
+    opt = paddle.optimizer.Momentum(learning_rate=lr, parameters=model.parameters())
+    states = []
+    model.train()
+    for _ in range(steps):
+        x = paddle.to_tensor(rng.normal(size=(4, 3, 8, 8)).astype("float32"))
+        y = paddle.to_tensor(rng.integers(0, 3, size=(4, 1)).astype("int64"))
+        loss = paddle.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+        states.append(snapshot(model))
+    return states
+
+
+@pytest.fixture(scope="session")
+def trajectory():
+    """(initial state, 240 states of a real training run), recorded once."""
+    model = make_net()
+    init = snapshot(model)
+    return init, train_steps(model, 240)

@@ -1,0 +1,147 @@
+"""The EMA: block: validation, overrides and merging into real suite configs."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ema_callback.config import (OPTIONS, EMAConfig, EMAConfigError, apply_overrides, parse_override,
+                                 read_block_file, resolve_block, split_overrides)
+from ema_callback.merge import merge_yaml_text
+from ema_callback.config import load_suite_yaml
+
+from conftest import PADDLEDET_ROOT, PADDLEOCR_ROOT
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCKS = sorted(os.path.join(REPO, "configs", "ema", f) for f in os.listdir(os.path.join(REPO, "configs", "ema")))
+OCR_CONFIG = os.path.join(PADDLEOCR_ROOT, "configs", "rec", "PP-OCRv3", "en_PP-OCRv3_rec.yml")
+DET_CONFIG = os.path.join(PADDLEDET_ROOT, "configs", "picodet", "picodet_xs_320_coco_lcnet.yml")
+
+BAD_BLOCKS = [
+    ({"decya": 0.99}, "EMA.decya: unknown key, did you mean 'decay'?"),
+    ({"decay": 0}, "EMA.decay: must be > 0"),
+    ({"decay": 1}, "EMA.decay: must be < 1"),
+    ({"decay": 1.5}, "EMA.decay: must be < 1"),
+    ({"decay": -0.1}, "EMA.decay: must be > 0"),
+    ({"decay": "high"}, "EMA.decay: expected a number"),
+    ({"decay": True}, "EMA.decay: expected a number"),
+    ({"decay": float("nan")}, "EMA.decay: expected a finite number"),
+    ({"update_every": -1}, "EMA.update_every: must be >= 1"),
+    ({"update_every": 0}, "EMA.update_every: must be >= 1"),
+    ({"update_every": 2.5}, "EMA.update_every: expected an integer"),
+    ({"start_step": -3}, "EMA.start_step: must be >= 0"),
+    ({"eval_start_step": "soon"}, "EMA.eval_start_step: expected an integer"),
+    ({"schedule": "cosine"}, "EMA.schedule: expected one of constant, threshold, exponential, power"),
+    ({"schedule": 3}, "EMA.schedule: expected one of"),
+    ({"buffers": "mean"}, "EMA.buffers: expected one of average, copy, skip"),
+    ({"include": "conv[("}, "EMA.include: bad regex 'conv[('"),
+    ({"exclude": ["ok", "(unclosed"]}, "EMA.exclude: bad regex '(unclosed'"),
+    ({"exclude": 5}, "EMA.exclude: expected a regex or a list of regexes"),
+    ({"enable": "yes"}, "EMA.enable: expected true or false"),
+    ({"bias_correction": 1}, "EMA.bias_correction: expected true or false"),
+    ({"storage_dtype": "int8"}, "EMA.storage_dtype: expected one of float32, float16, bfloat16"),
+    ({"device": "gpu"}, "EMA.device: expected one of same, cpu"),
+    ({"tau": 0}, "EMA.tau: must be > 0"),
+    ({"power": -1}, "EMA.power: must be > 0"),
+    ({"min_decay": 1.0}, "EMA.min_decay: must be < 1"),
+    ({"inv_gamma": "x"}, "EMA.inv_gamma: expected a number"),
+    ({"save_as": "both"}, "EMA.save_as: expected one of ema, raw"),
+    ({"eval_raw": None}, "EMA.eval_raw: expected true or false"),
+    ({"updat_every": 2}, "EMA.updat_every: unknown key, did you mean 'update_every'?"),
+    ({"zzz": 1}, "EMA.zzz: unknown key; known keys: enable"),
+    ([0.99], "EMA: expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("block,message", BAD_BLOCKS, ids=[str(b) for b, _ in BAD_BLOCKS])
+def test_bad_block_gives_one_line_error_naming_the_key(block, message):
+    with pytest.raises(EMAConfigError) as err:
+        EMAConfig.from_block(block)
+    text = str(err.value)
+    assert text.startswith(message) and "\n" not in text
+
+
+def test_defaults_and_every_option_documented():
+    cfg = EMAConfig.from_block(None)
+    assert cfg == EMAConfig() and cfg.decay == 0.9999 and cfg.schedule == "threshold"
+    assert [o.name for o in OPTIONS] == list(cfg.to_block())
+    for o in OPTIONS:
+        assert getattr(cfg, o.name) == o.default and o.doc
+
+
+def test_readme_table_matches_the_code():
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    for o in OPTIONS:
+        default = yaml.safe_dump(o.default, default_flow_style=True).strip().removesuffix("...").strip()
+        if isinstance(o.default, float) and o.name == "power":
+            default = "0.6667"
+        assert f"| `{o.name}` | `{default}` |" in readme, o.name
+
+
+def test_overrides_work_without_an_ema_section():
+    overrides, rest = split_overrides(["Global.epoch_num=3", "EMA.decay=0.999", "EMA.exclude=['head']",
+                                       "EMA.enable=false"])
+    assert rest == ["Global.epoch_num=3"]
+    cfg = EMAConfig.from_block(apply_overrides(None, overrides))
+    assert (cfg.decay, cfg.exclude, cfg.enable) == (0.999, ["head"], False)
+    with pytest.raises(EMAConfigError, match=r"^EMA\.decay: must be < 1"):
+        resolve_block({}, None, [parse_override("EMA.decay=2")])
+    with pytest.raises(EMAConfigError, match=r"^-o 'EMA.decay': expected KEY=VALUE"):
+        parse_override("EMA.decay")
+    with pytest.raises(EMAConfigError, match=r"^-o EMA.decay.x: EMA keys are one level deep"):
+        apply_overrides({}, [parse_override("EMA.decay.x=1")])
+
+
+@pytest.mark.parametrize("block_path", BLOCKS, ids=os.path.basename)
+@pytest.mark.parametrize("suite_path", [OCR_CONFIG, DET_CONFIG], ids=["paddleocr", "paddledet"])
+def test_merging_ready_blocks_into_real_suite_configs(block_path, suite_path, tmp_path):
+    block = read_block_file(block_path)
+    suite_text = open(suite_path, encoding="utf-8").read()
+    suite = load_suite_yaml(suite_text)
+    # 1. block alone: the suite keeps every key, in order, comments included, and gains the block
+    merged_text = merge_yaml_text(suite_text, block, open(block_path).read())
+    assert merged_text.startswith(suite_text)
+    merged = load_suite_yaml(merged_text)
+    assert list(merged)[:-1] == list(suite) and merged["EMA"] == block
+    # 2. the suite's own EMA: section wins over the block
+    with_section = suite_text + "\nEMA:\n  decay: 0.95  # the suite's choice\n"
+    merged = load_suite_yaml(merge_yaml_text(with_section, block, None))
+    assert merged["EMA"]["decay"] == 0.95 and all(merged["EMA"][k] == v for k, v in block.items() if k != "decay")
+    # 3. -o wins over both
+    merged = load_suite_yaml(merge_yaml_text(with_section, block, None, [parse_override("EMA.decay=0.9")]))
+    assert merged["EMA"]["decay"] == 0.9
+    suite_file = tmp_path / "suite.yml"
+    suite_file.write_text(with_section)
+    cfg = resolve_block(load_suite_yaml(with_section), block_path, [parse_override("EMA.update_every=4")])
+    assert cfg.decay == 0.95 and cfg.update_every == 4 and cfg.schedule == block.get("schedule", "threshold")
+
+
+def test_merge_config_command_writes_the_merged_yaml(tmp_path):
+    out = tmp_path / "merged.yml"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, "-m", "ema_callback.cli", "merge-config", OCR_CONFIG,
+                           os.path.join(REPO, "configs", "ema", "short_run.yml"), "-o", str(out),
+                           "--set", "EMA.decay=0.997"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    merged = yaml.safe_load(out.read_text())
+    assert merged["EMA"]["decay"] == 0.997 and merged["EMA"]["tau"] == 200
+    assert merged["Global"] == yaml.safe_load(open(OCR_CONFIG))["Global"]
+    bad = tmp_path / "bad.yml"
+    bad.write_text("EMA:\n  decya: 0.9\n")
+    done = subprocess.run([sys.executable, "-m", "ema_callback.cli", "merge-config", OCR_CONFIG, str(bad),
+                           "-o", str(tmp_path / "never.yml")], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"ema-callback: error: EMA.decya: unknown key, did you mean 'decay'?"]
+    assert not (tmp_path / "never.yml").exists()
+
+
+def test_block_file_errors_name_the_file(tmp_path):
+    cases = {"missing.yml": None, "list.yml": "- 1\n", "other.yml": "Global: {}\n", "broken.yml": "EMA: [\n"}
+    for name, text in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(EMAConfigError) as err:
+            read_block_file(str(path))
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
