@@ -59,6 +59,7 @@ class ExponentialMovingAverage:
         self.entries: List[Entry] = classify(model, self.config.include, self.config.exclude, self.config.buffers)
         self._averaged = [e for e in self.entries if e.role == AVERAGE]
         self._copied = [e for e in self.entries if e.role == COPY]
+        self._buffer_indices = [i for i, e in enumerate(self._averaged) if e.is_buffer]
         self.num_steps = 0  # optimizer steps seen by step()
         self.num_updates = 0  # EMA updates applied
         self.num_skipped = 0  # updates skipped for NaN/Inf weights
@@ -117,10 +118,35 @@ class ExponentialMovingAverage:
                 self._note_nonfinite()
                 return False
             self._snapshot_copies()
+            self._sync_buffers_across_ranks()
         self.num_updates += 1
         self.decay_product *= d
         self.last_decay = d
         return True
+
+    def _sync_buffers_across_ranks(self) -> None:
+        """Average the buffer part of the shadow (BatchNorm statistics) over data-parallel ranks.
+
+        Paddle's DataParallel all-reduces gradients, so parameters agree on every rank, but each rank keeps
+        its own running statistics. The EMA is linear, so the mean of per-rank EMAs equals the EMA of the
+        per-rank mean (timm's ``distribute_bn``); doing it after each update keeps every rank's shadow identical.
+        """
+        world = paddle.distributed.get_world_size()
+        copied = [e.name for e in self._copied if e.is_buffer]
+        if world <= 1 or not (self._buffer_indices or copied):
+            return
+        shadow = self.store.read_segments(self._buffer_indices)
+        pieces = [shadow] + [self._copies[name].astype(np.float32).reshape(-1) for name in copied]
+        flat = paddle.to_tensor(np.concatenate(pieces))
+        paddle.distributed.all_reduce(flat)
+        mean = (flat.numpy() / world).astype(np.float32)
+        self.store.write_segments(self._buffer_indices, mean[:shadow.size])
+        start = shadow.size
+        for name in copied:
+            size = self._copies[name].size
+            self._copies[name] = mean[start:start + size].reshape(self._copies[name].shape).astype(
+                self._copies[name].dtype)
+            start += size
 
     update = step
 

@@ -50,6 +50,18 @@ class ShadowStore:
     def copy_(self, sources: Sequence[paddle.Tensor]) -> bool:
         return self.lerp_(sources, 1.0, reset=True)
 
+    def read_segments(self, indices: Sequence[int]) -> np.ndarray:
+        """The listed tensors, flattened and concatenated (float32)."""
+        values = self.numpy_values()
+        return np.concatenate([values[i].reshape(-1) for i in indices]) if indices else np.zeros(0, np.float32)
+
+    def write_segments(self, indices: Sequence[int], flat: np.ndarray) -> None:
+        values, start = self.numpy_values(), 0
+        for i in indices:
+            values[i] = flat[start:start + self.sizes[i]].reshape(self.shapes[i])
+            start += self.sizes[i]
+        self.set_numpy_values(values)
+
     def numpy_values(self) -> List[np.ndarray]:
         """float32 copies of the shadow tensors, shaped like the originals."""
         raise NotImplementedError
@@ -125,6 +137,15 @@ class NumpyStore(ShadowStore):
     def numpy_values(self) -> List[np.ndarray]:
         return [v.reshape(shape).copy() for v, shape in zip(self._views, self.shapes)]
 
+    def read_segments(self, indices: Sequence[int]) -> np.ndarray:
+        return np.concatenate([self._views[i] for i in indices]) if indices else np.zeros(0, np.float32)
+
+    def write_segments(self, indices: Sequence[int], flat: np.ndarray) -> None:
+        start = 0
+        for i in indices:
+            self._views[i][...] = flat[start:start + self.sizes[i]]
+            start += self.sizes[i]
+
     def set_numpy_values(self, values: Sequence[np.ndarray]) -> None:
         for view, value in zip(self._views, values):
             view[...] = np.asarray(value, dtype=np.float32).reshape(-1)
@@ -174,6 +195,18 @@ class PaddleStore(ShadowStore):
         host = _as_fp32(self.flat).numpy()
         return [host[self.offsets[i]:self.offsets[i + 1]].reshape(shape).copy()
                 for i, shape in enumerate(self.shapes)]
+
+    def read_segments(self, indices: Sequence[int]) -> np.ndarray:
+        pieces = [_as_fp32(self.flat[int(self.offsets[i]):int(self.offsets[i + 1])]) for i in indices]
+        return paddle.concat(pieces).numpy() if pieces else np.zeros(0, np.float32)
+
+    def write_segments(self, indices: Sequence[int], flat: np.ndarray) -> None:
+        start = 0
+        with paddle.no_grad():
+            for i in indices:
+                a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+                self.flat[a:b] = paddle.to_tensor(flat[start:start + self.sizes[i]]).astype(self.dtype).to(self.flat.place)
+                start += self.sizes[i]
 
     def set_numpy_values(self, values: Sequence[np.ndarray]) -> None:
         host = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in values]) if values else \

@@ -1,0 +1,278 @@
+"""``EMACallback``: the EMA engine in ``paddle.Model.fit``.
+
+    model.fit(train, eval, callbacks=[EMACallback(decay=0.999)])
+
+Ordering contract (holds wherever the callback stands in the list):
+
+* Every ``on_eval_end`` of every callback sees the EMA weights in the network, i.e. the weights that
+  produced the logged metrics: ``EarlyStopping(save_best_model=True)`` saves what it measured. The raw
+  weights are put back at the next training event (``on_epoch_begin``/``on_train_batch_begin``/
+  ``on_train_end``), before any optimizer step.
+* ``ModelCheckpoint`` saves at ``on_epoch_end``, before evaluation: its ``{epoch}.pdparams`` hold the raw
+  weights. Every ``Model.save(path)`` during and after ``fit`` also writes ``path.pdema`` (EMA state, its
+  update count and the raw weights), on rank 0 only, atomically.
+* The EMA steps once per *real* optimizer update, counted on the optimizer itself: once per
+  ``accumulate_grad_batches`` batches (and at an epoch's last batch), never for a step the AMP
+  GradScaler skipped for inf/nan.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
+import paddle
+
+from .config import SECTION, EMAConfig, EMAConfigError, read_yaml
+from .engine import ExponentialMovingAverage
+from .files import checked_load
+from .watch import OptimizerStepCounter
+
+logger = logging.getLogger("ema_callback")
+
+RAW_SUFFIX = "_raw"
+
+
+def _is_rank0() -> bool:
+    return paddle.distributed.get_rank() == 0
+
+
+class EMACallback(paddle.callbacks.Callback):
+    """EMA of ``model.network`` during ``Model.fit``; evaluation runs on the EMA weights.
+
+    Args:
+        config: an ``EMAConfig`` or an ``EMA:`` mapping; keyword arguments (``decay=0.999``, ``eval_raw=True``,
+            any key of the ``EMA:`` block) override it.
+        resume: a ``.pdema`` file (or a checkpoint prefix ``dir/3`` with ``dir/3.pdema`` beside it) to
+            continue from, including the update count and the raw weights; ``"auto"`` (the default when
+            ``save_dir`` is given) picks the ``.pdema`` in ``save_dir`` whose raw or EMA weights equal the
+            network's (the checkpoint just passed to ``Model.load``).
+        save_dir: the ``save_dir`` given to ``fit``, for ``resume="auto"``.
+        final_weights: ``"ema"`` (default) leaves the EMA weights in the network after ``fit``, so
+            ``model.save``/``model.evaluate``/``model.predict`` use them; ``"raw"`` leaves the raw weights.
+        update_path: the engine's update path (``auto``, ``numpy``, ``paddle``, ``reference``).
+    """
+
+    def __init__(self, config: Union[EMAConfig, Mapping[str, Any], None] = None, *, resume: Optional[str] = None,
+                 save_dir: Optional[str] = None, final_weights: str = "ema", update_path: str = "auto",
+                 **kwargs: Any):
+        super().__init__()
+        base = config if isinstance(config, EMAConfig) else EMAConfig.from_block(config)
+        self.config = base.replace(**kwargs) if kwargs else base
+        if final_weights not in ("ema", "raw"):
+            raise EMAConfigError(f"final_weights: expected 'ema' or 'raw', got {final_weights!r}")
+        self.final_weights = final_weights
+        self.save_dir = save_dir
+        self.resume = resume if resume is not None else ("auto" if save_dir else None)
+        self.update_path = update_path
+        self.ema: Optional[ExponentialMovingAverage] = None
+        self.raw_metrics: Dict[str, Any] = {}
+        self._counter: Optional[OptimizerStepCounter] = None
+        self._in_fit = False
+        self._told_raw_eval = False
+
+    @classmethod
+    def from_config(cls, source: Union[EMAConfig, Mapping[str, Any], str], **kwargs: Any) -> "EMACallback":
+        """From an ``EMAConfig``, an ``EMA:`` mapping, or a YAML file with a top-level ``EMA:`` section."""
+        if isinstance(source, str):
+            data = read_yaml(source)
+            if not isinstance(data, Mapping) or SECTION not in data:
+                raise EMAConfigError(f"{source}: expected a YAML file with a top-level '{SECTION}:' section")
+            source = data[SECTION] or {}
+        return cls(source, **kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def network(self) -> paddle.nn.Layer:
+        return self.model.network
+
+    def _build_engine(self) -> None:
+        if not paddle.in_dynamic_mode():
+            raise RuntimeError("EMACallback needs dynamic-graph mode: the model was prepared under "
+                               "paddle.enable_static(); call paddle.disable_static() before building paddle.Model")
+        self.ema = ExponentialMovingAverage(self.network, self.config, optimizer=getattr(self.model, "_optimizer", None),
+                                            update_path=self.update_path)
+        self._install_save_hook()
+        if self.resume:
+            self._resume(self.resume)
+
+    def _resume(self, where: str) -> None:
+        path = self._find_resume_file() if where == "auto" else where
+        if path is None:
+            return
+        if not path.endswith(".pdema"):
+            path = path[: -len(".pdparams")] if path.endswith(".pdparams") else path
+            path += ".pdema"
+        state = self.ema.load(path)
+        raw = state.get("raw_weights")
+        if raw:
+            self.network.set_state_dict(raw)
+        logger.info("EMA: resumed from %s at optimizer step %d (%d updates)", path, self.ema.num_steps,
+                    self.ema.num_updates)
+
+    def _find_resume_file(self) -> Optional[str]:
+        """The ``.pdema`` in ``save_dir`` whose raw or EMA weights equal the network's current weights."""
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return None
+        current = {k: v.numpy() for k, v in self.network.state_dict().items()}
+        for path in sorted(glob.glob(os.path.join(self.save_dir, "*.pdema")), key=os.path.getmtime, reverse=True):
+            try:
+                state = checked_load(path)
+            except EMAConfigError:
+                continue
+            candidates = [state.get("raw_weights") or {}]
+            params = path[: -len(".pdema")] + ".pdparams"
+            if os.path.exists(params):
+                candidates.append(paddle.load(params, return_numpy=True))
+            for weights in candidates:
+                if weights and set(weights) == set(current) and all(
+                        np.array_equal(np.asarray(weights[k]), current[k]) for k in current):
+                    return path
+        return None
+
+    def _install_save_hook(self) -> None:
+        """Every ``Model.save(path)`` (training=True) also writes ``path.pdema``."""
+        model = self.model
+        if getattr(model.save, "_ema_callback", None) is self:
+            return
+        original = getattr(model.save, "__wrapped__", model.save)
+
+        def save(path, training=True):
+            result = original(path, training)
+            if training and self.ema is not None and _is_rank0():
+                self.save_state(path + ".pdema")
+            return result
+
+        save._ema_callback = self
+        save.__wrapped__ = original
+        model.save = save
+
+    def raw_state_dict(self) -> Dict[str, np.ndarray]:
+        """The raw (trained) weights, whether or not the EMA weights are currently in the network."""
+        live = {k: v.numpy() for k, v in self.network.state_dict().items()}
+        if self.ema is not None and self.ema.applied:
+            live.update({k: v.numpy() for k, v in self.ema._backup.items()})
+        return live
+
+    def save_state(self, path: str) -> None:
+        """Write the EMA state, its update count and the raw weights to ``path`` (atomic)."""
+        self.ema.save(path, extra={"raw_weights": self.raw_state_dict()})
+
+    def _restore_raw(self) -> None:
+        if self.ema is not None and self.ema.applied:
+            self.ema.restore(self.network)
+
+    def _flush_updates(self) -> None:
+        if self._counter is not None:
+            for _ in range(self._counter.pop()):
+                self.ema.step()
+
+    # ------------------------------------------------------------------ training events
+    def on_train_begin(self, logs=None) -> None:
+        if not self.config.enable:
+            return
+        self._in_fit = True
+        if self.ema is None:
+            self._build_engine()
+        else:
+            self._restore_raw()
+        self._counter = OptimizerStepCounter(self.model._optimizer)
+
+    def on_epoch_begin(self, epoch=None, logs=None) -> None:
+        self._restore_raw()
+
+    def on_train_batch_begin(self, step, logs=None) -> None:
+        self._restore_raw()
+
+    def on_train_batch_end(self, step, logs=None) -> None:
+        self._flush_updates()
+
+    def on_train_end(self, logs=None) -> None:
+        if self.ema is None:
+            return
+        self._restore_raw()
+        self._flush_updates()
+        if self._counter is not None:
+            self._counter.close()
+            self._counter = None
+        self._in_fit = False
+        if self.ema.num_updates == 0:
+            logger.warning("EMA: no EMA update happened during fit (%d optimizer steps, start_step=%d)",
+                           self.ema.num_steps, self.config.start_step)
+        if self.final_weights == "ema":
+            self.ema.apply_to(self.network)
+
+    # ------------------------------------------------------------------ evaluation events
+    def on_eval_begin(self, logs=None) -> None:
+        self.raw_metrics = {}
+        if not self.config.enable:
+            return
+        if self.ema is None:
+            if not self.resume:
+                logger.warning("EMA: evaluate() before any fit and without resume=: evaluating raw weights")
+                return
+            self._build_engine()
+        if self.ema.applied:  # after fit with final_weights='ema': the EMA weights are already in
+            return
+        if self.ema.num_steps < self.config.eval_start_step:
+            if not self._told_raw_eval:
+                logger.info("EMA: evaluating raw weights until optimizer step %d (eval_start_step)",
+                            self.config.eval_start_step)
+                self._told_raw_eval = True
+            self.raw_metrics = {"__copy__": True} if self.config.eval_raw else {}
+            self._extend_metric_names(logs)
+            return
+        if self.ema.num_updates == 0:
+            logger.warning("EMA: evaluating before the first EMA update (optimizer step %d); the EMA still "
+                           "equals a copy of the weights", self.ema.num_steps)
+        if self.config.eval_raw:
+            self.raw_metrics = self._evaluate_raw()
+            self._extend_metric_names(logs)
+        drift = self.ema.drift()
+        (logger.warning if drift != drift else logger.info)(
+            "EMA: evaluating EMA weights (optimizer step %d, %d updates, relative drift ||ema-w||/||w|| = %.3g)",
+            self.ema.num_steps, self.ema.num_updates, drift)
+        self.ema.apply_to(self.network)
+
+    def _extend_metric_names(self, logs) -> None:
+        names = (logs or {}).get("metrics")
+        if isinstance(names, list):
+            for name in list(names):
+                if not name.endswith(RAW_SUFFIX) and name + RAW_SUFFIX not in names:
+                    names.append(name + RAW_SUFFIX)
+
+    def _evaluate_raw(self) -> Dict[str, Any]:
+        """Evaluate the raw weights on fit's eval loader, leaving fit's own state as it was."""
+        model = self.model
+        loader = getattr(model, "_test_dataloader", None)
+        if loader is None:
+            logger.warning("EMA: eval_raw needs the evaluation DataLoader; raw metrics not computed")
+            return {}
+        saved = {k: getattr(model, k) for k in ("num_iters", "stop_training", "_test_dataloader") if hasattr(model, k)}
+        try:
+            result = model.evaluate(loader, verbose=0)
+        finally:
+            for k, v in saved.items():
+                setattr(model, k, v)
+            if "num_iters" not in saved and hasattr(model, "num_iters"):
+                del model.num_iters
+        return {k + RAW_SUFFIX: v for k, v in result.items()}
+
+    def _add_raw_metrics(self, logs) -> None:
+        if logs is None or not self.raw_metrics:
+            return
+        if self.raw_metrics.get("__copy__"):
+            logs.update({k + RAW_SUFFIX: v for k, v in list(logs.items())
+                         if k not in ("step", "batch_size") and not k.endswith(RAW_SUFFIX)})
+        else:
+            logs.update(self.raw_metrics)
+
+    def on_eval_batch_end(self, step, logs=None) -> None:
+        self._add_raw_metrics(logs)  # the same dict reaches every on_eval_end, whatever the order
+
+    def on_eval_end(self, logs=None) -> None:
+        self._add_raw_metrics(logs)
+        if not self._in_fit and self.ema is not None and self.ema.applied and self.final_weights == "raw":
+            self._restore_raw()  # standalone evaluate(): leave the model as it was

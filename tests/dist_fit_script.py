@@ -1,0 +1,40 @@
+"""Run by test_distributed.py under `python -m paddle.distributed.launch --nproc_per_node 2` on CPU."""
+import hashlib
+import json
+import os
+import sys
+
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import paddle.distributed as dist  # noqa: E402
+
+from ema_callback import EMACallback  # noqa: E402
+from fit_helpers import Blobs, make_model  # noqa: E402
+
+
+def main(out):
+    paddle.set_device("cpu")
+    dist.init_parallel_env()
+    rank = dist.get_rank()
+    model = make_model()
+    sampler = paddle.io.DistributedBatchSampler(Blobs(64, 1), batch_size=8, shuffle=False)
+    train = paddle.io.DataLoader(Blobs(64, 1), batch_sampler=sampler)
+    evald = paddle.io.DataLoader(Blobs(32, 2), batch_size=16)
+    save_dir = os.path.join(out, f"save_rank{rank}")
+    os.makedirs(save_dir, exist_ok=True)
+    cb = EMACallback(decay=0.9, eval_raw=True)
+    model.fit(train, evald, epochs=2, verbose=0, save_dir=save_dir, callbacks=[cb])
+    shadow = cb.ema.state_dict()["shadow"]
+    digest = {k: float(np.asarray(v, np.float64).sum()) for k, v in shadow.items()}
+    raw = cb.raw_state_dict()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
+        json.dump({"shadow": digest, "shadow_bytes": {k: hashlib.sha1(np.asarray(v).tobytes()).hexdigest()
+                                                      for k, v in shadow.items()},
+                   "raw": {k: hashlib.sha1(v.tobytes()).hexdigest() for k, v in raw.items()},
+                   "num_steps": cb.ema.num_steps, "world": dist.get_world_size()}, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

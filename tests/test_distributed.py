@@ -1,0 +1,30 @@
+"""A 2-process CPU run of Model.fit with EMACallback through paddle.distributed.launch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.distributed
+def test_two_rank_fit_has_equal_shadows_and_only_rank0_writes(tmp_path):
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+           "--log_dir", str(tmp_path / "log"), os.path.join(HERE, "dist_fit_script.py"), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    logs = "".join(open(os.path.join(tmp_path, "log", f)).read()[-2000:] for f in os.listdir(tmp_path / "log"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
+    r0 = json.load(open(tmp_path / "rank0.json"))
+    r1 = json.load(open(tmp_path / "rank1.json"))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["num_steps"] == r1["num_steps"] == 8  # 64 samples / 2 ranks / batch 8, 2 epochs
+    assert r0["shadow_bytes"] == r1["shadow_bytes"]
+    # parameters agree on both ranks; BatchNorm statistics are per rank in Paddle's DataParallel
+    params = [k for k in r0["raw"] if "_mean" not in k and "_variance" not in k]
+    assert params and all(r0["raw"][k] == r1["raw"][k] for k in params)
+    assert any(r0["raw"][k] != r1["raw"][k] for k in r0["raw"] if k not in params)
+    rank0_files = sorted(os.listdir(tmp_path / "save_rank0"))
+    assert {"0.pdema", "1.pdema", "final.pdema", "final.pdparams"} <= set(rank0_files)
+    assert os.listdir(tmp_path / "save_rank1") == []
