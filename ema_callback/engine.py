@@ -20,6 +20,7 @@ Create it after the model is on its device and wrapped for AMP, before or after 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional
@@ -187,6 +188,21 @@ class ExponentialMovingAverage:
             value = averaged.get(key)
             out[name] = (value.astype(_numpy_dtype(tensor)) if value is not None else tensor.numpy())
         return out
+
+    def fingerprint(self) -> str:
+        """sha1 of the shadow and copied tensors (equal on every rank of a data-parallel run)."""
+        digest = hashlib.sha1()
+        for e, value in zip(self._averaged, self.store.numpy_values()):
+            digest.update(e.name.encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        for name in sorted(self._copies):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(self._copies[name]).tobytes())
+        return digest.hexdigest()
+
+    def summary(self) -> str:
+        return (f"optimizer step {self.num_steps}, {self.num_updates} updates, {self.num_skipped} skipped for "
+                f"NaN/Inf, shadow sha1 {self.fingerprint()[:16]} (rank {paddle.distributed.get_rank()})")
 
     def drift(self, model: Optional[paddle.nn.Layer] = None) -> float:
         """Relative drift ``||ema - w|| / ||w||`` over the averaged tensors (NaN if either is not finite)."""

@@ -80,3 +80,37 @@ def write_rec_dataset(folder: str, count: int, seed: int, **kwargs) -> str:
     with open(label_file, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     return label_file
+
+
+def write_det_dataset(folder: str, count: int, seed: int, size: int = 160, boxes_per_image: Tuple[int, int] = (1, 3),
+                      alphabet: str = DIGITS) -> str:
+    """Images with 1-3 dark text lines on a light background and a PaddleOCR detection label file
+    (``path<TAB>[{"transcription": ..., "points": [[x, y] x 4]}]``); returns the label file's path."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    fonts = available_fonts() or ["<builtin>"]
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    lines = []
+    for i in range(count):
+        canvas = Image.new("RGB", (size, size), color=tuple(int(v) for v in rng.integers(180, 256, size=3)))
+        draw = ImageDraw.Draw(canvas)
+        annotations, top = [], int(rng.integers(4, 20))
+        for _ in range(int(rng.integers(boxes_per_image[0], boxes_per_image[1] + 1))):
+            text = "".join(rng.choice(list(alphabet), size=int(rng.integers(3, 7))))
+            font = _load_font(fonts[int(rng.integers(len(fonts)))], int(rng.integers(18, 28)))
+            x0 = int(rng.integers(2, size // 3))
+            left, t, right, bottom = draw.textbbox((x0, top), text, font=font)
+            if bottom >= size - 2 or right >= size - 2:
+                break
+            draw.text((x0, top), text, fill=tuple(int(v) for v in rng.integers(0, 80, size=3)), font=font)
+            points = [[left - 1, t - 1], [right + 1, t - 1], [right + 1, bottom + 1], [left - 1, bottom + 1]]
+            annotations.append({"transcription": text, "points": points})
+            top = bottom + int(rng.integers(8, 24))
+        name = f"images/{i:05d}.png"
+        canvas.save(os.path.join(folder, name))
+        lines.append(f"{name}\t{json.dumps(annotations)}")
+    label_file = os.path.join(folder, "labels.txt")
+    with open(label_file, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return label_file

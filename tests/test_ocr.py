@@ -1,0 +1,187 @@
+"""PaddleOCR release 2.10's own tools/train.py loop with EMA, end to end on synthetic data (CPU)."""
+import glob
+import hashlib
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+from ema_callback.synth import write_det_dataset, write_rec_dataset
+
+from conftest import PADDLEOCR_ROOT
+from ocr_helpers import (DET_CFG, REC_CFG, REPO, data_overrides, env, logged_metrics, ocr_train,
+                         paddleocr_tool, run)
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(PADDLEOCR_ROOT),
+                                                   reason="no PaddleOCR checkout")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ocr_data")
+    write_rec_dataset(str(root / "rec_train"), 128, seed=1, min_len=1, max_len=3)
+    write_rec_dataset(str(root / "rec_val"), 32, seed=2, min_len=1, max_len=3)
+    write_det_dataset(str(root / "det_train"), 16, seed=3)
+    write_det_dataset(str(root / "det_val"), 6, seed=4)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def warm(data, tmp_path_factory):
+    """A recognizer trained here for 160 steps (past CTC's all-blank phase), to fine-tune from."""
+    out = str(tmp_path_factory.mktemp("warm") / "rec")
+    rc, log = ocr_train(REC_CFG, out, data, "rec", ["Global.epoch_num=20", "Global.eval_batch_step=[0,100000]",
+                                                    "Global.save_epoch_step=1000", "EMA.enable=false"])
+    assert rc == 0, log[-3000:]
+    return out + "/latest"
+
+
+def params(path):
+    return {k: np.asarray(v) for k, v in paddle.load(path, return_numpy=True).items()}
+
+
+def same_tensors(a, b):
+    return set(a) == set(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def folder_state(folder):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)):
+        if os.path.isfile(path):
+            out[os.path.relpath(path, folder)] = hashlib.sha1(open(path, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("kind,cfg", [("rec", REC_CFG), ("det", DET_CFG)])
+def test_disabled_ema_is_bit_identical_to_plain_train(tmp_path, data, kind, cfg):
+    rc, log = ocr_train(cfg, str(tmp_path / "plain"), data, kind, ["Global.epoch_num=1"], launcher=False)
+    assert rc == 0, log[-3000:]
+    rc, log = ocr_train(cfg, str(tmp_path / "off"), data, kind, ["Global.epoch_num=1", "EMA.enable=false"])
+    assert rc == 0, log[-3000:]
+    assert ".pdema" not in " ".join(os.listdir(tmp_path / "off"))
+    assert same_tensors(params(str(tmp_path / "plain" / "latest.pdparams")),
+                        params(str(tmp_path / "off" / "latest.pdparams")))
+
+
+def test_rec_eval_metric_is_the_ema_metric_and_tools_use_the_ema_weights(tmp_path, data, warm):
+    out = tmp_path / "rec"
+    rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.epoch_num=2", "Global.eval_batch_step=[0,4]",
+                                                         f"Global.pretrained_model={warm}", "EMA.decay=0.9",
+                                                         "Global.save_epoch_step=2"])
+    assert rc == 0, log[-3000:]
+    rows = logged_metrics(log, "cur metric")
+    assert len(rows) == 4 and all("acc_raw" in r for r in rows), log[-3000:]
+    assert any(r["acc"] != r["acc_raw"] or r["norm_edit_dis"] != r["norm_edit_dis_raw"] for r in rows), \
+        "\n".join(str(r) for r in rows)
+    for name in ("latest", "best_accuracy", "iter_epoch_2", "best_model/model"):
+        assert os.path.exists(out / f"{name}.pdema"), name
+    best = logged_metrics(log, "best metric")[-1]
+    # PaddleOCR's own eval.py on the saved best checkpoint reproduces the logged (EMA) metric exactly
+    rc, eval_log = paddleocr_tool("eval.py", REC_CFG, data, "rec", [f"Global.checkpoints={out}/best_accuracy"],
+                                  str(tmp_path))
+    assert rc == 0, eval_log[-3000:]
+    reproduced = {k: float(v) for k, v in re.findall(r"(acc|norm_edit_dis):([-\d.e]+)", eval_log)}
+    assert reproduced["acc"] == best["acc"] and reproduced["norm_edit_dis"] == best["norm_edit_dis"]
+    # .pdparams hold the EMA weights, .pdema the raw ones
+    state = paddle.load(str(out / "latest.pdema"), return_numpy=True)
+    saved = params(str(out / "latest.pdparams"))
+    assert not same_tensors(saved, {k: np.asarray(v) for k, v in state["raw_weights"].items()})
+    assert state["num_steps"] == 16 and state["num_updates"] == 16
+    # export and inference run on the saved checkpoint
+    rc, export_log = paddleocr_tool("export_model.py", REC_CFG, data, "rec",
+                                    [f"Global.checkpoints={out}/best_accuracy",
+                                     f"Global.save_inference_dir={tmp_path}/inference"], str(tmp_path))
+    assert rc == 0, export_log[-3000:]
+    assert glob.glob(str(tmp_path / "inference" / "inference.*"))
+    image = os.path.join(data, "rec_val", "images", "00000.png")
+    rc, infer_log = paddleocr_tool("infer_rec.py", REC_CFG, data, "rec",
+                                   [f"Global.checkpoints={out}/best_accuracy", f"Global.infer_img={image}",
+                                    f"Global.save_res_path={tmp_path}/predicts.txt"], str(tmp_path))
+    assert rc == 0 and "result:" in infer_log, infer_log[-3000:]
+
+
+def test_det_eval_metric_is_the_ema_metric(tmp_path, data):
+    """DB on 16 synthetic images: the logged hmean is whatever the EMA weights give, and eval.py agrees."""
+    out = tmp_path / "det"
+    rc, log = ocr_train(DET_CFG, str(out), data, "det", ["Global.epoch_num=2", "Global.eval_batch_step=[0,2]",
+                                                         "EMA.eval_raw=true"])
+    assert rc == 0, log[-3000:]
+    rows = logged_metrics(log, "cur metric")
+    assert len(rows) == 2 and all("hmean_raw" in r for r in rows)
+    best = logged_metrics(log, "best metric")[-1]
+    rc, eval_log = paddleocr_tool("eval.py", DET_CFG, data, "det", [f"Global.checkpoints={out}/best_accuracy"],
+                                  str(tmp_path))
+    assert rc == 0, eval_log[-3000:]
+    reproduced = {k: float(v) for k, v in re.findall(r"(precision|recall|hmean):([-\d.e]+)", eval_log)}
+    assert reproduced["hmean"] == best["hmean"] and reproduced["precision"] == best["precision"]
+
+
+def test_resume_continues_the_update_count_and_the_ema(tmp_path, data):
+    common = ["Train.loader.shuffle=false", "Global.eval_batch_step=[0,100]", "Global.save_epoch_step=100"]
+    rc, log = ocr_train(REC_CFG, str(tmp_path / "straight"), data, "rec", ["Global.epoch_num=4", *common])
+    assert rc == 0, log[-3000:]
+    rc, log = ocr_train(REC_CFG, str(tmp_path / "part"), data, "rec", ["Global.epoch_num=2", *common])
+    assert rc == 0, log[-3000:]
+    rc, log = ocr_train(REC_CFG, str(tmp_path / "part"), data, "rec",
+                        ["Global.epoch_num=4", f"Global.checkpoints={tmp_path}/part/latest", *common])
+    assert rc == 0, log[-3000:]
+    assert "EMA: resumed from" in log and "at optimizer step 16 (16 updates)" in log
+    a = paddle.load(str(tmp_path / "straight" / "latest.pdema"), return_numpy=True)
+    b = paddle.load(str(tmp_path / "part" / "latest.pdema"), return_numpy=True)
+    assert a["num_steps"] == b["num_steps"] == 32 and a["num_updates"] == b["num_updates"] == 32
+    assert same_tensors(a["raw_weights"], b["raw_weights"])  # PaddleOCR itself is deterministic here
+    assert same_tensors(a["shadow"], b["shadow"])  # ... and so is the EMA, bit for bit
+
+
+def test_bad_input_gives_one_line_errors_and_touches_no_file(tmp_path, data):
+    out = tmp_path / "out"
+    # wrong root
+    cmd = [sys.executable, "-m", "ema_callback.cli", "ocr-train", "-c", REC_CFG, "--paddleocr-root", str(tmp_path),
+           "-o", f"Global.save_model_dir={out}/"]
+    rc, log = run(cmd, str(tmp_path))
+    assert rc == 2 and log.strip().splitlines()[-1].startswith(f"ema-callback: error: --paddleocr-root {tmp_path}: "
+                                                               "not a PaddleOCR checkout")
+    # a bad EMA key in the YAML
+    bad = tmp_path / "bad.yml"
+    bad.write_text(open(REC_CFG).read().replace("  eval_raw: true", "  eval_raww: true"))
+    rc, log = ocr_train(str(bad), str(out), data, "rec")
+    assert rc == 2 and log.strip().splitlines()[-1] == \
+        "ema-callback: error: EMA.eval_raww: unknown key, did you mean 'eval_raw'?"
+    assert not out.exists()
+    # a resume file that does not match the model
+    rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.epoch_num=1"])
+    assert rc == 0, log[-3000:]
+    state = paddle.load(str(out / "latest.pdema"), return_numpy=True)
+    first = sorted(state["shadow"])[0]
+    state["shadow"]["head.extra"] = state["shadow"].pop(first)
+    paddle.save(state, str(out / "latest.pdema"))
+    before = folder_state(str(out))
+    rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.epoch_num=2", f"Global.checkpoints={out}/latest"])
+    last = log.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith(f"ema-callback: error: {out}/latest.pdema: does not match the model: "
+                                       f"missing {first}; unexpected head.extra"), last
+    assert folder_state(str(out)) == before
+
+
+@pytest.mark.distributed
+def test_two_process_launch_trains_with_equal_shadows_and_only_rank0_writes(tmp_path, data):
+    out = tmp_path / "dist"
+    script = os.path.join(REPO, "ema_callback", "launch_ocr.py")
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "log"), script, "-c", REC_CFG, "-o", f"Global.save_model_dir={out}/",
+           "Global.epoch_num=2", "Global.eval_batch_step=[0,4]", *data_overrides(data, "rec")]
+    rc, log = run(cmd, str(tmp_path))
+    logs = {r: open(tmp_path / "log" / f"workerlog.{r}").read() for r in (0, 1)}
+    assert rc == 0, log[-2000:] + logs[0][-2000:] + logs[1][-2000:]
+    finals = {r: re.findall(r"EMA: finished: optimizer step (\d+), .* shadow sha1 (\w+) \(rank (\d)\)", logs[r])
+              for r in (0, 1)}
+    assert finals[0] and finals[1]
+    (steps0, sha0, rank0), (steps1, sha1, rank1) = finals[0][-1], finals[1][-1]
+    assert (rank0, rank1) == ("0", "1") and steps0 == steps1 == "8"  # 128 images / 2 ranks / batch 16, 2 epochs
+    assert sha0 == sha1
+    assert "EMA: saved" in logs[0] and "EMA: saved" not in logs[1]
+    assert os.path.exists(out / "latest.pdema") and os.path.exists(out / "best_accuracy.pdema")
