@@ -153,7 +153,7 @@ class EMACallback(paddle.callbacks.Callback):
         """The raw (trained) weights, whether or not the EMA weights are currently in the network."""
         live = {k: v.numpy() for k, v in self.network.state_dict().items()}
         if self.ema is not None and self.ema.applied:
-            live.update({k: v.numpy() for k, v in self.ema._backup.items()})
+            live.update(self.ema.backup_numpy())
         return live
 
     def save_state(self, path: str) -> None:

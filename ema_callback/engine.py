@@ -32,7 +32,7 @@ from .config import EMAConfig
 from .files import FORMAT, EMAFileError, atomic_save, checked_load
 from .schedules import decay_at
 from .selection import AVERAGE, COPY, FOLLOW, Entry, classify, unwrap
-from .storage import ShadowStore, make_store
+from .storage import NumpyStore, ShadowStore, host_view, make_store
 
 logger = logging.getLogger("ema_callback")
 
@@ -151,6 +151,24 @@ class ExponentialMovingAverage:
 
     update = step
 
+    def reset(self) -> None:
+        """Start over from the current weights: shadow = w, counters at 0 (ppdet's ``cycle_epoch``)."""
+        with paddle.no_grad():
+            self.store.copy_(self._sources())
+            self._snapshot_copies()
+        self.num_steps = self.num_updates = 0
+        self.decay_product = 1.0
+        self.last_decay = None
+
+    def load_average(self, values: Mapping[str, np.ndarray], num_steps: int) -> None:
+        """Take ``values`` (an already bias-corrected average, e.g. another EMA's weights) as the shadow."""
+        missing = [e.name for e in self._averaged if e.name not in values]
+        if missing:
+            raise EMAFileError(f"EMA weights: missing {_short(missing)}")
+        self.store.set_numpy_values([np.asarray(values[e.name], dtype=np.float32) for e in self._averaged])
+        self.num_steps = self.num_updates = int(num_steps)
+        self.decay_product = 0.0  # the values are final: bias correction, if on, divides by 1
+
     def _note_nonfinite(self) -> None:
         self.num_skipped += 1
         if not self._warned_nonfinite:
@@ -220,16 +238,40 @@ class ExponentialMovingAverage:
         return self._backup is not None
 
     def apply_to(self, model: Optional[paddle.nn.Layer] = None) -> None:
-        """Put EMA values into the model's tensors in place; the raw values are kept for ``restore``."""
+        """Put EMA values into the model's tensors in place; the raw values are kept for ``restore``.
+
+        CPU float32 tensors are swapped with plain memory copies through host views; others with
+        ``paddle.assign`` (casting to the tensor's dtype, e.g. float16 under AMP O2).
+        """
         if self._backup is not None:
             raise RuntimeError("EMA weights are already applied; call restore(model) first")
         targets = [e for e in self.entries if e.role != FOLLOW]
-        values = self._averaged_tensors()
+        scale = self._correction()
+        fast_store = isinstance(self.store, NumpyStore)
+        backup: Dict[str, Any] = {}
         with paddle.no_grad():
-            keep_host = self.config.device == "cpu"
-            self._backup = {e.name: (e.tensor.cpu() if keep_host else e.tensor.clone()) for e in targets}
             for e in targets:
-                _copy_into(e.tensor, values[e.name])
+                view = host_view(e.tensor)
+                backup[e.name] = view.copy() if view is not None else (
+                    e.tensor.cpu() if self.config.device == "cpu" else e.tensor.clone())
+            slow = {}
+            for index, e in enumerate(self._averaged):
+                view = host_view(e.tensor) if fast_store else None
+                if view is None:
+                    slow[e.name] = index
+                elif scale != 1.0:
+                    np.multiply(self.store.view(index), np.float32(scale), out=view)
+                else:
+                    np.copyto(view, self.store.view(index))
+            if slow:
+                values = self.store.tensor_values()
+                for e in self._averaged:
+                    if e.name in slow:
+                        value = values[slow[e.name]]
+                        _copy_into(e.tensor, value * scale if scale != 1.0 else value)
+            for e in self._copied:
+                _copy_into(e.tensor, self._copies[e.name])
+        self._backup = backup
 
     def restore(self, model: Optional[paddle.nn.Layer] = None) -> None:
         """Put the raw values back, bit for bit."""
@@ -237,9 +279,24 @@ class ExponentialMovingAverage:
             raise RuntimeError("restore() without apply_to(); the model already holds its raw weights")
         with paddle.no_grad():
             for e in self.entries:
-                if e.name in self._backup:
-                    _copy_into(e.tensor, self._backup[e.name])
+                saved = self._backup.get(e.name)
+                if saved is None:
+                    continue
+                view = host_view(e.tensor) if isinstance(saved, np.ndarray) else None
+                if view is not None:
+                    np.copyto(view, saved)
+                else:
+                    _copy_into(e.tensor, saved if not isinstance(saved, np.ndarray) else saved.reshape(e.tensor.shape))
         self._backup = None
+
+    def backup_numpy(self) -> Dict[str, np.ndarray]:
+        """The raw values kept aside while EMA weights are applied (empty when not applied)."""
+        out = {}
+        for e in self.entries:
+            saved = (self._backup or {}).get(e.name)
+            if saved is not None:
+                out[e.name] = saved.reshape(e.tensor.shape).copy() if isinstance(saved, np.ndarray) else saved.numpy()
+        return out
 
     @contextlib.contextmanager
     def swapped(self, model: Optional[paddle.nn.Layer] = None) -> Iterator["ExponentialMovingAverage"]:

@@ -1,5 +1,7 @@
 """The EMA: block: validation, overrides and merging into real suite configs."""
+import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -115,6 +117,20 @@ def test_merging_ready_blocks_into_real_suite_configs(block_path, suite_path, tm
     suite_file.write_text(with_section)
     cfg = resolve_block(load_suite_yaml(with_section), block_path, [parse_override("EMA.update_every=4")])
     assert cfg.decay == 0.95 and cfg.update_every == 4 and cfg.schedule == block.get("schedule", "threshold")
+
+
+OVERLAYS = sorted(glob.glob(os.path.join(REPO, "configs", "paddleocr", "ema_*.yml")))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=os.path.basename)
+def test_paddleocr_overlays_name_a_real_config_and_merge_into_it(overlay):
+    text = open(overlay).read()
+    named = re.search(r"PaddleOCR's (configs/\S+\.yml)", text).group(1)
+    suite_path = os.path.join(PADDLEOCR_ROOT, named)
+    assert os.path.isfile(suite_path), named
+    block = read_block_file(overlay)
+    merged = load_suite_yaml(merge_yaml_text(open(suite_path).read(), block, text))
+    assert merged["EMA"] == block and EMAConfig.from_block(merged["EMA"]).enable
 
 
 def test_merge_config_command_writes_the_merged_yaml(tmp_path):

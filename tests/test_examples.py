@@ -1,0 +1,19 @@
+"""The Model.fit example runs as written and leaves EMA weights plus their .pdema beside them."""
+import os
+import subprocess
+import sys
+
+import paddle
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_model_fit_example_runs(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(REPO, "examples", "model_fit_ema.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "acc" in done.stdout
+    out = tmp_path / "output" / "model_fit_ema"
+    state = paddle.load(str(out / "exported.pdema"), return_numpy=True)
+    assert state["num_updates"] == 48 and set(state["raw_weights"]) == set(paddle.load(str(out / "exported.pdparams")))
+    assert (out / "final.pdema").exists() and (out / "2.pdema").exists()
