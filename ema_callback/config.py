@@ -76,6 +76,9 @@ OPTIONS: Tuple[Option, ...] = (
            choices=("float32", "float16", "bfloat16")),
     Option("device", "same", "choice", "Where the shadow lives: `same` as the weights, or `cpu` (host memory).",
            choices=("same", "cpu")),
+    Option("nan_guard", True, "bool",
+           "Check every weight for NaN/Inf before an update and skip the update if any (exact: the shadow is "
+           "untouched). Costs one extra read of the weights (~30% of a CPU update); false skips the check."),
     Option("eval_raw", False, "bool", "Also evaluate the raw weights and log their metrics with a `_raw` suffix."),
     Option("save_as", "ema", "choice",
            "What the suite's own weight files hold: `ema` (its eval/export/infer tools use EMA) with the raw weights "
@@ -154,6 +157,7 @@ class EMAConfig:
     exclude: List[str] = field(default_factory=list)
     storage_dtype: str = "float32"
     device: str = "same"
+    nan_guard: bool = True
     eval_raw: bool = False
     save_as: str = "ema"
 

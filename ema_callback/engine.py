@@ -72,7 +72,9 @@ class ExponentialMovingAverage:
         place = self._averaged[0].tensor.place if self._averaged else None
         self.store: ShadowStore = make_store([e.tensor.shape for e in self._averaged], self.config.storage_dtype,
                                              on_host=on_host, path=update_path, place=place)
+        self.store.check_finite = self.config.nan_guard
         self._copies: Dict[str, np.ndarray] = {}
+        self._host_views: Dict[str, Any] = {}
         with paddle.no_grad():
             self.store.copy_(self._sources())
             self._snapshot_copies()
@@ -80,8 +82,20 @@ class ExponentialMovingAverage:
     # ------------------------------------------------------------------ update
     def _sources(self) -> List[paddle.Tensor]:
         """The tensors averaged this step: fp32 master weights under AMP O2 where they exist."""
-        masters = getattr(self.optimizer, "_master_weights", None) or {}
-        return [masters.get(getattr(e.tensor, "name", None), e.tensor) for e in self._averaged]
+        masters = getattr(self.optimizer, "_master_weights", None)
+        if not masters:
+            return [e.tensor for e in self._averaged]
+        return [masters.get(e.tensor.name, e.tensor) for e in self._averaged]
+
+    def _host_view(self, e: Entry) -> Optional[np.ndarray]:
+        """Writable host view of a CPU float32 tensor, cached while its allocation stays the same."""
+        ptr = e.tensor.data_ptr()
+        cached = self._host_views.get(e.name)
+        if cached is not None and cached[0] == ptr:
+            return cached[1]
+        view = host_view(e.tensor)
+        self._host_views[e.name] = (ptr, view)
+        return view
 
     def _snapshot_copies(self) -> None:
         for e in self._copied:
@@ -251,24 +265,22 @@ class ExponentialMovingAverage:
         backup: Dict[str, Any] = {}
         with paddle.no_grad():
             for e in targets:
-                view = host_view(e.tensor)
+                view = self._host_view(e)
                 backup[e.name] = view.copy() if view is not None else (
                     e.tensor.cpu() if self.config.device == "cpu" else e.tensor.clone())
-            slow = {}
+            slow = []
             for index, e in enumerate(self._averaged):
-                view = host_view(e.tensor) if fast_store else None
+                view = self._host_view(e) if fast_store else None
                 if view is None:
-                    slow[e.name] = index
+                    slow.append((index, e))
                 elif scale != 1.0:
-                    np.multiply(self.store.view(index), np.float32(scale), out=view)
+                    np.multiply(self.store.view(index).reshape(view.shape), np.float32(scale), out=view)
                 else:
-                    np.copyto(view, self.store.view(index))
+                    np.copyto(view, self.store.view(index).reshape(view.shape))
             if slow:
-                values = self.store.tensor_values()
-                for e in self._averaged:
-                    if e.name in slow:
-                        value = values[slow[e.name]]
-                        _copy_into(e.tensor, value * scale if scale != 1.0 else value)
+                values = self._store_values([index for index, _ in slow])
+                for (_, e), value in zip(slow, values):
+                    _copy_into(e.tensor, value * scale if scale != 1.0 else value)
             for e in self._copied:
                 _copy_into(e.tensor, self._copies[e.name])
         self._backup = backup
@@ -282,12 +294,19 @@ class ExponentialMovingAverage:
                 saved = self._backup.get(e.name)
                 if saved is None:
                     continue
-                view = host_view(e.tensor) if isinstance(saved, np.ndarray) else None
+                view = self._host_view(e) if isinstance(saved, np.ndarray) else None
                 if view is not None:
-                    np.copyto(view, saved)
+                    np.copyto(view, saved.reshape(view.shape))
                 else:
                     _copy_into(e.tensor, saved if not isinstance(saved, np.ndarray) else saved.reshape(e.tensor.shape))
         self._backup = None
+
+    def _store_values(self, indices: List[int]) -> List[paddle.Tensor]:
+        """float32 Paddle tensors of the listed shadow tensors (only those are converted)."""
+        if isinstance(self.store, NumpyStore):
+            return [paddle.to_tensor(self.store.view(i).reshape(self.store.shapes[i])) for i in indices]
+        values = self.store.tensor_values()
+        return [values[i] for i in indices]
 
     def backup_numpy(self) -> Dict[str, np.ndarray]:
         """The raw values kept aside while EMA weights are applied (empty when not applied)."""

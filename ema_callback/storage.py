@@ -20,6 +20,7 @@ scratch buffer). Measured on ResNet50 with paddle 3.3.1 on this project's 2-core
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -44,6 +45,8 @@ class ShadowStore:
         self.sizes = [int(np.prod(s)) if len(s) else 1 for s in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.numel = int(self.offsets[-1])
+
+    check_finite = True  # the NaN/Inf guard (EMA.nan_guard)
 
     def lerp_(self, sources: Sequence[paddle.Tensor], weight: float, reset: bool = False) -> bool:
         raise NotImplementedError
@@ -83,19 +86,25 @@ SMALL = 4096  # tensors below this many elements are gathered with one np.concat
 
 
 def host_view(tensor: paddle.Tensor) -> Optional[np.ndarray]:
-    """A flat, *writable* numpy view of a CPU float32 tensor's memory, or None for any other tensor.
+    """A *writable* numpy view (the tensor's shape and strides) of a CPU float32 tensor, else None.
 
     DLPack imports are read-only in numpy; the swap needs to write EMA values in place (the same memory
-    the optimizer updates in place), so the view is made from the tensor's data pointer. The view is only
-    used inside one call, while the tensor is alive.
+    the optimizer updates in place), so the view is made from the tensor's data pointer. Strided tensors
+    (e.g. a transposed positional-encoding buffer) get a strided view: numpy copies those far faster than
+    Paddle's strided assign. The view is only used while the tensor is alive.
     """
-    if not (_is_cpu(tensor) and tensor.dtype == paddle.float32 and tensor.is_contiguous()):
+    if not (_is_cpu(tensor) and tensor.dtype == paddle.float32):
         return None
-    size = int(np.prod(tensor.shape)) if len(tensor.shape) else 1
-    if size == 0:
-        return np.zeros(0, np.float32)
+    shape = list(tensor.shape)
+    if math.prod(shape) == 0:
+        return np.zeros(shape, np.float32)
+    strides = list(tensor.strides) if not tensor.is_contiguous() else None
+    extent = (sum((n - 1) * st for n, st in zip(shape, strides)) + 1) if strides else math.prod(shape)
     pointer = ctypes.cast(tensor.data_ptr(), ctypes.POINTER(ctypes.c_float))
-    return np.ctypeslib.as_array(pointer, shape=(size,))
+    base = np.ctypeslib.as_array(pointer, shape=(extent,))
+    if strides is None:
+        return base.reshape(shape)
+    return np.lib.stride_tricks.as_strided(base, shape=shape, strides=[4 * st for st in strides])
 
 
 class NumpyStore(ShadowStore):
@@ -123,6 +132,7 @@ class NumpyStore(ShadowStore):
         self._scratch = np.empty(min(CHUNK, max(self.numel, 1)), dtype=np.float32)
         self._source_ptrs: Optional[List[int]] = None
         self._source_views: List[np.ndarray] = []
+        self._strided: List[int] = []
 
     def view(self, i: int) -> np.ndarray:
         """The flat float32 shadow of tensor ``i`` (a view into the store)."""
@@ -130,11 +140,16 @@ class NumpyStore(ShadowStore):
 
     def _pairs(self, sources: Sequence[paddle.Tensor]):
         """(shadow, source) flat float32 array pairs to update: each big tensor, then the small segment."""
-        if all(_is_cpu(s) and s.dtype == paddle.float32 for s in sources):
-            ptrs = [s.data_ptr() for s in sources]
-            if ptrs != self._source_ptrs:  # a tensor was re-allocated (set_state_dict, to(), ...)
+        ptrs = [s.data_ptr() for s in sources]
+        if ptrs == self._source_ptrs or all(_is_cpu(s) and s.dtype == paddle.float32 for s in sources):
+            if ptrs != self._source_ptrs:  # new or re-allocated tensors (set_state_dict, to(), ...)
+                # zero-copy views of contiguous tensors stay valid while the allocation does; a strided
+                # tensor flattens to a copy, so those are re-read every step
+                self._strided = [i for i, s in enumerate(sources) if not s.is_contiguous()]
                 self._source_views = [np.from_dlpack(s.detach()).reshape(-1) for s in sources]
                 self._source_ptrs = ptrs
+            for i in self._strided:
+                self._source_views[i] = np.from_dlpack(sources[i].detach()).reshape(-1)
             views = self._source_views
             pairs = [(self._views[i], views[i]) for i in self.big]
             if self.small:
@@ -163,7 +178,7 @@ class NumpyStore(ShadowStore):
 
     def lerp_(self, sources: Sequence[paddle.Tensor], weight: float, reset: bool = False) -> bool:
         pairs = self._pairs(sources)
-        if not self._all_finite([source for _, source in pairs]):
+        if self.check_finite and not self._all_finite([source for _, source in pairs]):
             return False
         take = np.float32(weight)
         scratch = self._scratch
@@ -229,7 +244,7 @@ class PaddleStore(ShadowStore):
     def lerp_(self, sources: Sequence[paddle.Tensor], weight: float, reset: bool = False) -> bool:
         with paddle.no_grad():
             w = self._gather(sources)
-            if not bool(paddle.isfinite(w).all()):
+            if self.check_finite and not bool(paddle.isfinite(w).all()):
                 return False
             if reset:
                 new = w * weight if weight != 1.0 else w
@@ -282,7 +297,7 @@ class ReferenceStore(ShadowStore):
     def lerp_(self, sources: Sequence[paddle.Tensor], weight: float, reset: bool = False) -> bool:
         with paddle.no_grad():
             ws = [s.detach().astype(paddle.float64).cpu() for s in sources]
-            if not all(bool(paddle.isfinite(w).all()) for w in ws):
+            if self.check_finite and not all(bool(paddle.isfinite(w).all()) for w in ws):
                 return False
             d = 1.0 - weight
             for i, w in enumerate(ws):

@@ -114,3 +114,30 @@ def write_det_dataset(folder: str, count: int, seed: int, size: int = 160, boxes
     with open(label_file, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     return label_file
+
+
+def write_coco_dataset(folder: str, count: int, seed: int, size: int = 64, split: str = "train") -> str:
+    """``count`` ``size x size`` images with 1-2 filled rectangles (one class, "box") and a COCO
+    annotation file ``{split}.json`` (bbox as x, y, w, h); returns the annotation file's path."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    images, annotations = [], []
+    for i in range(count):
+        canvas = Image.new("RGB", (size, size), color=tuple(int(v) for v in rng.integers(0, 90, size=3)))
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(int(rng.integers(1, 3))):
+            w, h = (int(v) for v in rng.integers(size // 5, size // 2, size=2))
+            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=tuple(int(v) for v in rng.integers(160, 256, size=3)))
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+        name = f"{split}_{i:05d}.png"
+        canvas.save(os.path.join(folder, "images", name))
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+    path = os.path.join(folder, f"{split}.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"images": images, "annotations": annotations,
+                   "categories": [{"id": 1, "name": "box", "supercategory": "box"}]}, handle)
+    return path

@@ -56,6 +56,7 @@ CASES = [
     dict(schedule="constant", decay=0.97, buffers="copy"),
     dict(schedule="constant", decay=0.97, buffers="skip"),
     dict(schedule="exponential", decay=0.99, tau=20.0, buffers="copy", update_every=5),
+    dict(schedule="threshold", decay=0.99, nan_guard=False),
 ]
 
 
@@ -178,6 +179,18 @@ def test_nan_step_is_skipped(trajectory, path, caplog):
     assert all(after[k].tobytes() == shadow[k].tobytes() for k in shadow)
     model.set_state_dict(trajectory[1][31])
     assert ema.step() is True and np.isfinite(ema.averaged_numpy()["4.weight"]).all()
+
+
+def test_without_nan_guard_a_nan_step_poisons_only_its_positions(trajectory):
+    """nan_guard: false trades the exact skip for one less read of the weights (documented)."""
+    model, ema = run_engine(trajectory, steps=30, decay=0.9, nan_guard=False)
+    poisoned = dict(trajectory[1][30])
+    poisoned["4.weight"] = poisoned["4.weight"].copy()
+    poisoned["4.weight"].flat[3] = np.nan
+    model.set_state_dict(poisoned)
+    assert ema.step() is True and ema.num_skipped == 0
+    values = ema.averaged_numpy()["4.weight"]
+    assert np.isnan(values.flat[3]) and np.isfinite(np.delete(values.reshape(-1), 3)).all()
 
 
 def test_shadow_has_no_grad_node(trajectory):
@@ -326,3 +339,22 @@ def test_static_graph_is_refused():
             ExponentialMovingAverage(model)
     finally:
         paddle.disable_static()
+
+
+def test_strided_buffer_swaps_and_restores_bit_exactly():
+    """A transposed (non-contiguous) buffer, like PP-OCRv4's positional encoding, goes through the host views."""
+    model = make_net()
+    base = paddle.to_tensor(np.random.default_rng(0).normal(size=(4, 5)).astype("float32"))
+    model.register_buffer("pe", base.T)  # a strided view of base's memory
+    assert not model.pe.is_contiguous()
+    ema = ExponentialMovingAverage(model, EMAConfig(decay=0.5, schedule="constant"))
+    before = model.pe.numpy().copy()
+    base.scale_(3.0)  # in place: the strided buffer now holds 3x its values, still strided
+    assert not model.pe.is_contiguous()
+    raw = model.pe.numpy().copy()
+    np.testing.assert_allclose(raw, 3 * before, rtol=1e-6)
+    ema.step()  # must read the current values, not a copy taken at construction
+    with ema.swapped(model):
+        np.testing.assert_allclose(model.pe.numpy(), 0.5 * before + 0.5 * raw, atol=1e-6)
+        assert not model.pe.is_contiguous()
+    assert model.pe.numpy().tobytes() == raw.tobytes()

@@ -1,0 +1,282 @@
+"""PaddleDetection: the ``EMA:`` section driving ppdet's own ``Trainer`` on our engine.
+
+    ema-callback det-train -c cfg.yml [-o key=val ...] [--eval] [-r ckpt] [--amp] [--paddledet-root DIR]
+
+runs the checkout's own ``tools/train.py`` with ``ppdet.engine.Trainer`` replaced by ``EMATrainer``, a
+subclass that puts our engine in the place of ``trainer.ema`` (the seam ppdet's loop already calls:
+``ema.update()`` after every iteration, ``ema.apply()`` before each snapshot's save and evaluation,
+``ema.resume()`` from ``load_weight``). Everything else is ppdet's: the loop, the evaluation, the
+Checkpointer and its file convention (``.pdparams`` = EMA weights, so ppdet's ``tools/eval.py``,
+``tools/export_model.py`` and ``tools/infer.py`` use them; ``.pdema`` = raw weights). Our update count,
+shadow and settings ride in the ``.pdema`` under ``ema_callback_state``, so ``-r`` resumes exactly.
+
+What differs from ppdet's ``ModelEMA`` (``ppdet/optimizer/ema.py``), on purpose:
+
+* resume is exact (ppdet feeds its bias-corrected ``.pdparams`` back as the uncorrected average: with
+  ``ema_decay_type: normal`` the resumed EMA comes back ~1/(1-d^step) too large, ~50x at step 100);
+* excluded (``ema_black_list``) parameters keep training: ``apply()`` returns copies and never sets
+  ``stop_gradient`` (ppdet sets it on the live parameters, which then stop training);
+* the shadow is float32 under AMP O2 (ppdet's is float16 and freezes), and from the fp32 master weights;
+* ``cycle_epoch`` counts epochs (ppdet counts snapshots);
+* a step the AMP GradScaler skipped is not an update.
+
+ppdet's flat keys (``use_ema``, ``ema_decay``, ``ema_decay_type``, ``cycle_epoch``, ``ema_black_list``,
+``ema_filter_no_grad``) without an ``EMA:`` block run on this engine with the equivalent settings; a config
+with both is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import runpy
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from .config import (SECTION, EMAConfig, EMAConfigError, apply_overrides, load_suite_yaml, read_block_file,
+                     read_yaml, split_overrides)
+
+logger = logging.getLogger("ema_callback")
+
+ROOT_ENV = "PADDLEDET_ROOT"
+STATE_KEY = "ema_callback_state"
+FLAT_KEYS = ("use_ema", "ema_decay", "ema_decay_type", "cycle_epoch", "ema_black_list", "ema_filter_no_grad")
+DET_ONLY_UNSUPPORTED = {"eval_raw": False, "save_as": "ema"}
+
+
+# ---------------------------------------------------------------------------- configuration
+def load_ppdet_yaml(path: str, _seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """A ppdet config with its ``_BASE_`` files merged (later files and the file itself win)."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise EMAConfigError(f"{path}: _BASE_ includes itself")
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise EMAConfigError(f"{path}: expected a YAML mapping")
+    merged: Dict[str, Any] = {}
+    for base in data.get("_BASE_", []) or []:
+        _deep_merge(merged, load_ppdet_yaml(os.path.join(os.path.dirname(path), base), _seen + (path,)))
+    _deep_merge(merged, {k: v for k, v in data.items() if k != "_BASE_"})
+    return merged
+
+
+def _deep_merge(into: Dict[str, Any], other: Mapping[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def from_ppdet_flat_keys(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The ``EMA:`` block equivalent to ppdet's flat ``use_ema`` keys."""
+    kind = cfg.get("ema_decay_type", "threshold")
+    schedules = {"threshold": {"schedule": "threshold"}, "exponential": {"schedule": "exponential", "tau": 2000.0},
+                 "normal": {"schedule": "constant", "bias_correction": True}}
+    if kind not in schedules:
+        raise EMAConfigError(f"ema_decay_type: expected one of threshold, exponential, normal, got {kind!r}")
+    block: Dict[str, Any] = {"decay": cfg.get("ema_decay", 0.9998), **schedules[kind]}
+    black = cfg.get("ema_black_list") or []
+    if black:
+        block["exclude"] = [re.escape(str(name)) for name in black]  # ppdet matches substrings
+    return block
+
+
+def resolve_det_config(suite: Mapping[str, Any], block_file: Optional[str], overrides) -> Tuple[EMAConfig, Dict]:
+    """(EMAConfig, extra) from ``EMA:`` (block file < suite section < -o) or from ppdet's flat keys."""
+    flat = {k: suite[k] for k in FLAT_KEYS if k in suite}
+    has_block = SECTION in suite or block_file or overrides
+    extra = {"cycle_epoch": int(flat.get("cycle_epoch", -1) or -1),
+             "filter_no_grad": bool(flat.get("ema_filter_no_grad", False))}
+    if has_block and flat.get("use_ema"):
+        raise EMAConfigError(f"use_ema and {SECTION}: both set; use the {SECTION}: block "
+                             f"(and remove {', '.join(sorted(flat))})")
+    if has_block:
+        merged = read_block_file(block_file) if block_file else {}
+        own = suite.get(SECTION) or {}
+        if not isinstance(own, Mapping):
+            raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, got {own!r}")
+        merged.update(own)
+        config = EMAConfig.from_block(apply_overrides(merged, overrides))
+    elif flat.get("use_ema"):
+        config = EMAConfig.from_block(from_ppdet_flat_keys(flat))
+    else:
+        return EMAConfig(enable=False), extra
+    for key, supported in DET_ONLY_UNSUPPORTED.items():
+        if getattr(config, key) != supported:
+            raise EMAConfigError(f"{SECTION}.{key}: det-train keeps ppdet's convention ({key}: {supported!r}); "
+                                 f"got {getattr(config, key)!r}")
+    return config, extra
+
+
+# ---------------------------------------------------------------------------- ppdet glue
+class PpdetEMA:
+    """ppdet's ``ModelEMA`` interface (``update``, ``apply``, ``resume``) over ``ExponentialMovingAverage``."""
+
+    def __init__(self, model, config: EMAConfig, optimizer=None, cycle_epoch: int = -1,
+                 resume_path: Optional[str] = None):
+        from .engine import ExponentialMovingAverage
+        from .watch import OptimizerStepCounter
+
+        self.engine = ExponentialMovingAverage(model, config, optimizer=optimizer)
+        self.model = model
+        self.optimizer = optimizer
+        self.cycle_epoch = cycle_epoch
+        self.resume_path = resume_path
+        self.epoch = 0
+        self.counter = OptimizerStepCounter(optimizer) if optimizer is not None else None
+
+    @property
+    def step(self) -> int:  # ppdet's attribute name
+        return self.engine.num_updates
+
+    def update(self, model=None) -> None:
+        """Called by ppdet after every iteration: one EMA step per real optimizer update since the last call."""
+        count = self.counter.pop() if self.counter is not None else 1
+        for _ in range(count):
+            self.engine.step()
+
+    def apply(self) -> Dict[str, Any]:
+        """The EMA state dict ppdet puts into the model for saving and evaluation (copies; nothing aliased)."""
+        import paddle
+
+        if self.engine.num_steps < self.engine.config.eval_start_step:
+            values = {k: paddle.to_tensor(v.numpy()) for k, v in self.model.state_dict().items()}
+        else:
+            values = {k: paddle.to_tensor(v) for k, v in self.engine.ema_state_dict(self.model).items()}
+        if self.cycle_epoch > 0 and (self.epoch + 1) % self.cycle_epoch == 0:
+            logger.info("EMA: cycle_epoch %d reached at epoch %d: the EMA restarts from the current weights",
+                        self.cycle_epoch, self.epoch + 1)
+            self.engine.reset()
+        return values
+
+    def resume(self, state_dict, step: int = 0) -> None:
+        """From ppdet's ``load_weight``: our exact state when the ``.pdema`` carries it, else the saved EMA weights."""
+        from .files import checked_load
+
+        state = None
+        if self.resume_path:
+            prefix = re.sub(r"\.(pdparams|pdema|pdopt)$", "", self.resume_path)
+            if os.path.exists(prefix + ".pdema"):
+                state = checked_load(prefix + ".pdema").get(STATE_KEY)
+                source = prefix + ".pdema"
+        if state is not None:
+            self.engine.set_state_dict(state, source=source)
+            logger.info("EMA: resumed from %s at optimizer step %d (%d updates)", source, self.engine.num_steps,
+                        self.engine.num_updates)
+            return
+        self.engine.load_average({k: v.numpy() if hasattr(v, "numpy") else v for k, v in state_dict.items()},
+                                 num_steps=int(step))
+        logger.warning("EMA: %s has no %s entry (a checkpoint of ppdet's own EMA): starting from its EMA "
+                       "weights at step %d", self.resume_path, STATE_KEY, step)
+
+
+def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
+    from ppdet.engine import Trainer
+    from ppdet.engine.callbacks import Callback, ComposeCallback
+
+    class EMAStateCallback(Callback):
+        """Before ppdet's Checkpointer: put our state into the raw-weights dict it saves as ``.pdema``."""
+
+        def on_epoch_begin(self, status):
+            if status.get("mode") == "train":
+                self.model.ema.epoch = status["epoch_id"]
+
+        def on_epoch_end(self, status):
+            weight = status.get("weight")
+            if isinstance(weight, dict) and isinstance(self.model.ema, PpdetEMA):
+                weight[STATE_KEY] = self.model.ema.engine.state_dict()
+
+    class EMATrainer(Trainer):
+        """ppdet's Trainer with our engine as ``trainer.ema``."""
+
+        def __init__(self, cfg, mode="train"):
+            if mode == "train" and config.enable:
+                cfg["use_ema"] = True  # take ppdet's EMA code paths (apply at snapshots, .pdema files)
+            super().__init__(cfg, mode=mode)
+            self._resume_path = None
+            if mode == "train" and config.enable:
+                ema_config = config
+                if extra.get("filter_no_grad"):
+                    frozen = [re.escape(n) for n, p in self.model.named_parameters()
+                              if p.stop_gradient and not n.endswith(("_mean", "_variance"))]
+                    ema_config = config.replace(exclude=list(config.exclude) + [f"^{n}$" for n in frozen])
+                self.ema = PpdetEMA(self.model, ema_config, optimizer=self.optimizer,
+                                    cycle_epoch=extra.get("cycle_epoch", -1))
+                self._callbacks.insert(0, EMAStateCallback(self))
+                self._compose_callback = ComposeCallback(self._callbacks)
+                logger.info("EMA: %s", ", ".join(f"{k}: {v}" for k, v in ema_config.to_block().items()))
+
+        def resume_weights(self, weights):
+            if isinstance(getattr(self, "ema", None), PpdetEMA):
+                self.ema.resume_path = weights
+            return super().resume_weights(weights)
+
+        def train(self, validate=False):
+            result = super().train(validate)
+            if isinstance(getattr(self, "ema", None), PpdetEMA):
+                logger.info("EMA: finished: %s", self.ema.engine.summary())
+                if self.ema.counter is not None:
+                    self.ema.counter.close()
+            return result
+
+    return EMATrainer
+
+
+# ---------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ema-callback det-train",
+                                description="PaddleDetection's tools/train.py with EMA from the EMA: section.")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-o", "--opt", nargs="+", action="extend", default=[], metavar="key=value")
+    p.add_argument("--paddledet-root", default=None, help=f"PaddleDetection checkout (default: ${ROOT_ENV})")
+    p.add_argument("--ema-config", default=None, help="a ready EMA: block merged under the YAML's own section")
+    return p
+
+
+def resolve_root(explicit: Optional[str]) -> str:
+    root = explicit or os.environ.get(ROOT_ENV)
+    if not root:
+        try:
+            import ppdet  # an installed ppdet (its tools/ are not in the wheel)
+            root = os.path.dirname(os.path.dirname(os.path.abspath(ppdet.__file__)))
+        except ImportError:
+            raise EMAConfigError(f"--paddledet-root / ${ROOT_ENV}: not set and no ppdet installed") from None
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise EMAConfigError(f"--paddledet-root {root}: no such folder")
+    missing = [p for p in ("tools/train.py", "ppdet/engine/trainer.py") if not os.path.exists(os.path.join(root, p))]
+    if missing:
+        raise EMAConfigError(f"--paddledet-root {root}: not a PaddleDetection checkout (missing {', '.join(missing)})")
+    return root
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args, passthrough = build_parser().parse_known_args(argv)
+    root = resolve_root(args.paddledet_root)
+    suite = load_ppdet_yaml(args.config)
+    ema_overrides, det_overrides = split_overrides(args.opt)
+    flat_overrides = [(k, v) for k, v in (o.split("=", 1) for o in det_overrides) if k in FLAT_KEYS]
+    for key, raw in flat_overrides:
+        suite[key] = load_suite_yaml(raw)
+    config, extra = resolve_det_config(suite, args.ema_config, ema_overrides)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import ppdet.engine
+
+    if os.path.realpath(os.path.dirname(os.path.dirname(ppdet.engine.__file__))) != os.path.realpath(
+            os.path.join(root, "ppdet")):
+        raise EMAConfigError(f"--paddledet-root {root}: imported ppdet from {ppdet.__file__} instead")
+    train_script = os.path.join(root, "tools", "train.py")
+    saved_argv, original = sys.argv, ppdet.engine.Trainer
+    opts = list(det_overrides) + (["use_ema=false"] if not config.enable and suite.get("use_ema") else [])
+    sys.argv = [train_script, "-c", args.config] + passthrough + (["-o", *opts] if opts else [])
+    try:
+        if config.enable:
+            ppdet.engine.Trainer = _make_trainer_class(config, extra)
+        runpy.run_path(train_script, run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+        ppdet.engine.Trainer = original
+    return 0

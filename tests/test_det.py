@@ -1,0 +1,234 @@
+"""PaddleDetection: our engine in ppdet's Trainer, against ppdet's own ModelEMA, end to end (CPU)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+from ema_callback import EMAConfig
+from ema_callback.config import EMAConfigError
+from ema_callback.engine import ExponentialMovingAverage
+from ema_callback.synth import write_coco_dataset
+
+from conftest import PADDLEDET_ROOT, make_net, snapshot
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "ppdet", "tiny_picodet_xs.yml")
+TIMEOUT = 420  # ppdet's loader hangs if a transform raises: every run is bounded
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(PADDLEDET_ROOT),
+                                                   reason="no PaddleDetection checkout")]
+
+
+def ppdet():
+    if PADDLEDET_ROOT not in sys.path:
+        sys.path.insert(0, PADDLEDET_ROOT)
+    import ppdet.optimizer.ema as ema_module
+    from ppdet.core.workspace import create, load_config
+    return ema_module, create, load_config
+
+
+@pytest.fixture(scope="module")
+def picodet():
+    """A real ppdet model: PicoDet-XS built from the checkout's own config."""
+    _, create, load_config = ppdet()
+    paddle.seed(0)
+    cfg = load_config(os.path.join(PADDLEDET_ROOT, "configs", "picodet", "picodet_xs_320_coco_lcnet.yml"))
+    return create(cfg.architecture)
+
+
+def perturb(model, rng, scale=0.01):
+    with paddle.no_grad():
+        for t in model.state_dict().values():
+            if t.dtype == paddle.float32:
+                t.set_value(t.numpy() + scale * rng.normal(size=t.shape).astype("float32"))
+
+
+@pytest.mark.parametrize("kind,decay,steps", [("threshold", 0.9, 300), ("exponential", 0.9998, 200)])
+def test_our_ema_equals_ppdet_model_ema_where_ppdet_is_right(picodet, kind, decay, steps):
+    ema_module, _, _ = ppdet()
+    from ema_callback.det import from_ppdet_flat_keys
+    rng = np.random.default_rng(0)
+    theirs = ema_module.ModelEMA(picodet, decay=decay, ema_decay_type=kind)
+    ours = ExponentialMovingAverage(picodet, EMAConfig.from_block(
+        from_ppdet_flat_keys({"ema_decay": decay, "ema_decay_type": kind})))
+    for _ in range(steps):
+        perturb(picodet, rng)
+        theirs.update()
+        ours.step()
+    expected = {k: v.numpy() for k, v in theirs.apply().items()}
+    got = ours.ema_state_dict(picodet)
+    # float32 over hundreds of steps: compare relative to the magnitude (BatchNorm variances reach ~10)
+    worst = max(float((np.abs(got[k] - expected[k]) / np.maximum(1.0, np.abs(expected[k]))).max()) for k in expected)
+    assert worst <= 1e-6, worst
+
+
+def test_ppdet_normal_resume_is_50x_too_large_and_ours_is_exact():
+    ema_module, _, _ = ppdet()
+    from ema_callback.det import from_ppdet_flat_keys
+    rng = np.random.default_rng(1)
+    model = make_net()
+    theirs = ema_module.ModelEMA(model, decay=0.9998, ema_decay_type="normal")
+    cfg = EMAConfig.from_block(from_ppdet_flat_keys({"ema_decay": 0.9998, "ema_decay_type": "normal"}))
+    ours = ExponentialMovingAverage(model, cfg)
+    for _ in range(100):
+        perturb(model, rng)
+        theirs.update()
+        ours.step()
+    saved_theirs = {k: v.clone() for k, v in theirs.apply().items()}  # what ppdet writes to .pdparams
+    saved_ours = ours.state_dict()
+    perturb(model, rng)
+    theirs.update()
+    ours.step()
+    straight = ours.averaged_numpy()["8.weight"]
+    resumed_theirs = ema_module.ModelEMA(model, decay=0.9998, ema_decay_type="normal")
+    resumed_theirs.resume(saved_theirs, step=100)  # ppdet's load_weight -> ema.resume(.pdparams, step)
+    resumed_theirs.update()
+    resumed_ours = ExponentialMovingAverage(model, cfg)
+    resumed_ours.set_state_dict(saved_ours)
+    resumed_ours.decay_product, resumed_ours.num_updates = saved_ours["decay_product"], 100
+    resumed_ours.num_steps = 100
+    resumed_ours.step()
+    ratio = np.abs(resumed_theirs.apply()["8.weight"].numpy()).mean() / np.abs(straight).mean()
+    assert 40 < ratio < 60  # ppdet's failure: about 1 / (1 - 0.9998**101)
+    np.testing.assert_array_equal(resumed_ours.averaged_numpy()["8.weight"], straight)
+
+
+def test_ppdet_black_list_stops_training_and_ours_does_not():
+    ema_module, _, _ = ppdet()
+    from ema_callback.det import PpdetEMA
+
+    def train(model, steps, seed):
+        opt = paddle.optimizer.SGD(learning_rate=0.1, parameters=model.parameters())
+        rng = np.random.default_rng(seed)
+        for _ in range(steps):
+            model(paddle.to_tensor(rng.normal(size=(4, 3, 8, 8)).astype("float32"))).mean().backward()
+            opt.step()
+            opt.clear_grad()
+        return opt
+
+    results = {}
+    for who in ("ppdet", "ours"):
+        model = make_net()
+        if who == "ppdet":
+            ema = ema_module.ModelEMA(model, decay=0.9, ema_black_list=["8.bias"])
+        else:
+            ema = PpdetEMA(model, EMAConfig(decay=0.9, exclude=[re.escape("8.bias")]))
+        train(model, 3, 0)
+        ema.update()
+        model.set_dict(ema.apply())  # ppdet's snapshot: apply the EMA weights
+        before = model[8].bias.numpy().copy()
+        train(model, 3, 1)
+        results[who] = (model[8].bias.stop_gradient, np.array_equal(before, model[8].bias.numpy()))
+    assert results["ppdet"] == (True, True)  # ppdet's failure: the black-listed bias stopped training
+    assert results["ours"] == (False, False)  # ours keeps training it
+
+
+def test_flat_keys_translate_and_both_is_an_error():
+    from ema_callback.det import resolve_det_config
+    cfg, extra = resolve_det_config({"use_ema": True, "ema_decay": 0.9998, "ema_decay_type": "exponential",
+                                     "ema_black_list": ["head.conv"], "cycle_epoch": 5}, None, [])
+    assert (cfg.decay, cfg.schedule, cfg.tau, cfg.exclude, extra["cycle_epoch"]) == (
+        0.9998, "exponential", 2000.0, [re.escape("head.conv")], 5)
+    with pytest.raises(EMAConfigError, match=r"^use_ema and EMA: both set"):
+        resolve_det_config({"use_ema": True, "EMA": {"decay": 0.99}}, None, [])
+    with pytest.raises(EMAConfigError, match=r"^EMA.eval_raw: det-train keeps ppdet's convention"):
+        resolve_det_config({"EMA": {"eval_raw": True}}, None, [])
+    assert resolve_det_config({"use_ema": False}, None, [])[0].enable is False
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("det")
+    write_coco_dataset(str(root / "dataset" / "tiny_coco"), 16, seed=5, split="train")
+    write_coco_dataset(str(root / "dataset" / "tiny_coco"), 8, seed=6, split="val")
+    return root
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=REPO, PADDLEDET_ROOT=PADDLEDET_ROOT, PYTHONUNBUFFERED="1")
+
+
+def det_train(cwd, *args):
+    cmd = [sys.executable, "-m", "ema_callback.cli", "det-train", "-c", TINY, *args]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    return done.returncode, done.stdout + done.stderr
+
+
+def ppdet_tool(cwd, tool, *args):
+    cmd = [sys.executable, os.path.join(PADDLEDET_ROOT, "tools", tool), "-c", TINY, *args]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    return done.returncode, done.stdout + done.stderr
+
+
+AP = r"Average Precision  \(AP\) @\[ IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = ([-\d.]+)"
+
+
+def detections(path):
+    return sorted((d["image_id"], round(d["score"], 6), tuple(round(v, 3) for v in d["bbox"]))
+                  for d in json.load(open(path)))
+
+
+def test_det_train_end_to_end(coco):
+    """--eval on EMA weights: ppdet's own eval.py on the saved .pdparams gives the same detections and mAP."""
+    cwd = str(coco)
+    rc, log = det_train(cwd, "--eval", "-o", "save_dir=output/straight", "EMA.exclude=['head.head_reg']")
+    assert rc == 0, log[-4000:]
+    aps = [float(v) for v in re.findall(AP, log)]
+    assert len(aps) == 3, log[-4000:]
+    shutil.copy(coco / "bbox.json", coco / "train_bbox.json")  # the last evaluation during training
+    out = coco / "output" / "straight"
+    final = paddle.load(str(out / "model_final.pdema"), return_numpy=True)
+    state = final.pop("ema_callback_state")
+    assert state["num_steps"] == 12 and state["num_updates"] == 12
+    rc, eval_log = ppdet_tool(cwd, "eval.py", "-o", f"weights={out}/model_final")
+    assert rc == 0, eval_log[-4000:]
+    assert float(re.findall(AP, eval_log)[-1]) == aps[-1]
+    assert detections(coco / "bbox.json") == detections(coco / "train_bbox.json")
+    # ... and those are not the raw weights' detections
+    paddle.save(final, str(coco / "raw.pdparams"))
+    rc, raw_log = ppdet_tool(cwd, "eval.py", "-o", f"weights={coco}/raw")
+    assert rc == 0, raw_log[-4000:]
+    assert detections(coco / "bbox.json") != detections(coco / "train_bbox.json")
+    # .pdparams = EMA weights, .pdema = raw weights (ppdet's convention); the excluded head follows the raw
+    ema_weights = paddle.load(str(out / "model_final.pdparams"), return_numpy=True)
+    name = next(k for k in final if k.startswith("head.head_reg") and k.endswith("weight"))
+    other = next(k for k in final if k.startswith("backbone") and np.asarray(final[k]).ndim == 4)
+    np.testing.assert_array_equal(ema_weights[name], final[name])
+    assert not np.array_equal(ema_weights[other], final[other])
+    # the excluded (black-listed) trainable parameter kept training after the first snapshot
+    first = paddle.load(str(out / "0.pdema"), return_numpy=True)
+    assert not np.array_equal(first[name], final[name])
+
+
+def test_det_resume_continues_the_update_count(coco):
+    cwd = str(coco)
+    rc, log = det_train(cwd, "-o", "save_dir=output/part")
+    assert rc == 0, log[-4000:]
+    straight = paddle.load(str(coco / "output/part/model_final.pdema"), return_numpy=True)
+    rc, log = det_train(cwd, "-r", "output/part/1", "-o", "save_dir=output/part2")
+    assert rc == 0, log[-4000:]
+    assert "EMA: resumed from" in log and "at optimizer step 8 (8 updates)" in log
+    resumed = paddle.load(str(coco / "output/part2/model_final.pdema"), return_numpy=True)
+    a, b = straight["ema_callback_state"], resumed["ema_callback_state"]
+    assert a["num_steps"] == b["num_steps"] == 12 and a["num_updates"] == b["num_updates"] == 12
+    worst = max(float(np.abs(np.asarray(a["shadow"][k]) - np.asarray(b["shadow"][k])).max()) for k in a["shadow"])
+    assert worst == 0.0, worst  # ppdet is deterministic here (no random transforms), so the EMA is bit-exact
+
+
+def test_det_bad_input_is_a_one_line_error(coco, tmp_path):
+    bad = tmp_path / "bad.yml"
+    text = re.sub(r"_BASE_: \[.*\]", f"_BASE_: ['{PADDLEDET_ROOT}/configs/picodet/picodet_xs_320_coco_lcnet.yml']",
+                  open(TINY).read())
+    bad.write_text(text.replace("  decay: 0.9\n", "  decya: 0.9\n"))
+    cmd = [sys.executable, "-m", "ema_callback.cli", "det-train", "-c", str(bad)]
+    done = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == "ema-callback: error: EMA.decya: unknown key, did you mean 'decay'?"
+    assert not (tmp_path / "output").exists()
