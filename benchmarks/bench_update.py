@@ -87,6 +87,11 @@ MODELS = {
 
 
 # ---------------------------------------------------------------------------- timing
+def _sync():
+    if not paddle.device.get_device().startswith("cpu"):
+        paddle.device.synchronize()
+
+
 def alternate(fns, reps):
     """Median seconds of each function, running them in turn ``reps`` times (after one warm-up each)."""
     for fn in fns.values():
@@ -94,8 +99,10 @@ def alternate(fns, reps):
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             times[k].append(time.perf_counter() - start)
     return {k: float(np.median(v)) for k, v in times.items()}
 
@@ -162,7 +169,8 @@ def bench_model(name, reps):
 
     fns["swap_in_restore"], fns["plain_copy"] = swap, plain_copy
     times = alternate(fns, reps)
-    floor = min(times["floor_paddle"], times["floor_numpy"])
+    on_cpu = paddle.device.get_device().startswith("cpu")
+    floor = min(times["floor_paddle"], times["floor_numpy"]) if on_cpu else times["floor_paddle"]
     memory = {}
     for dtype in ("float32", "float16"):
         for device in ("same", "cpu"):

@@ -224,16 +224,10 @@ class EMACallback(paddle.callbacks.Callback):
             self.raw_metrics = {"__copy__": True} if self.config.eval_raw else {}
             self._extend_metric_names(logs)
             return
-        if self.ema.num_updates == 0:
-            logger.warning("EMA: evaluating before the first EMA update (optimizer step %d); the EMA still "
-                           "equals a copy of the weights", self.ema.num_steps)
         if self.config.eval_raw:
             self.raw_metrics = self._evaluate_raw()
             self._extend_metric_names(logs)
-        drift = self.ema.drift()
-        (logger.warning if drift != drift else logger.info)(
-            "EMA: evaluating EMA weights (optimizer step %d, %d updates, relative drift ||ema-w||/||w|| = %.3g)",
-            self.ema.num_steps, self.ema.num_updates, drift)
+        self.ema.log_before_eval()
         self.ema.apply_to(self.network)
 
     def _extend_metric_names(self, logs) -> None:

@@ -88,8 +88,9 @@ OPTIONS: Tuple[Option, ...] = (
 OPTION_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
 
 
-def _key(name: str) -> str:
-    return f"{SECTION}.{name}"
+def _key(name: Any) -> str:
+    plain = isinstance(name, str) and name and name.isprintable() and name.strip() == name and " " not in name
+    return f"{SECTION}.{name}" if plain else f"{SECTION}[{name!r}]"
 
 
 def _check_value(opt: Option, value: Any) -> Any:
@@ -198,12 +199,14 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
         raise EMAConfigError(f"-o {text!r}: expected KEY=VALUE, e.g. EMA.decay=0.9999")
     key, raw = text.split("=", 1)
     key = key.strip()
-    if not key or any(not part for part in key.split(".")):
+    if not key or any(not part for part in key.split(".")) or not key.isprintable():
         raise EMAConfigError(f"-o {text!r}: expected KEY=VALUE with a dotted key, e.g. EMA.decay=0.9999")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise EMAConfigError(f"-o {key}: value {raw!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise EMAConfigError(f"-o {key!r}: value {raw!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except (ValueError, OverflowError, TypeError) as exc:  # e.g. an impossible date: 2024-13-45
+        raise EMAConfigError(f"-o {key!r}: value {raw!r} cannot be read ({exc})") from None
     return key.split("."), value
 
 
@@ -223,6 +226,8 @@ def apply_overrides(block: Optional[Mapping[str, Any]], overrides: Iterable[Tupl
     """Apply parsed ``EMA.*`` overrides to a block (a copy); works when the YAML had no ``EMA:`` section."""
     merged: Dict[str, Any] = dict(block or {})
     for parts, value in overrides:
+        if parts[0] != SECTION:
+            raise EMAConfigError(f"-o {'.'.join(parts)!r}: not an {SECTION}.* key")
         if parts == [SECTION]:
             if not isinstance(value, Mapping):
                 raise EMAConfigError(f"-o {SECTION}: expected a mapping, got {value!r}")
@@ -230,7 +235,7 @@ def apply_overrides(block: Optional[Mapping[str, Any]], overrides: Iterable[Tupl
         elif len(parts) == 2:
             merged[parts[1]] = value
         else:
-            raise EMAConfigError(f"-o {'.'.join(parts)}: EMA keys are one level deep, e.g. EMA.decay")
+            raise EMAConfigError(f"-o {'.'.join(parts)!r}: EMA keys are one level deep, e.g. EMA.decay")
     return merged
 
 

@@ -236,6 +236,25 @@ class ExponentialMovingAverage:
         return (f"optimizer step {self.num_steps}, {self.num_updates} updates, {self.num_skipped} skipped for "
                 f"NaN/Inf, shadow sha1 {self.fingerprint()[:16]} (rank {paddle.distributed.get_rank()})")
 
+    def log_before_eval(self) -> float:
+        """Log what a user needs before trusting an EMA evaluation; returns the relative drift.
+
+        Warns when the EMA was never updated, when the drift is NaN, and when the shadow still equals the
+        weights after 100+ updates with decay < 1 (an EMA that is not averaging anything).
+        """
+        drift = self.drift()
+        if self.num_updates == 0:
+            logger.warning("EMA: evaluating before the first EMA update (optimizer step %d, start_step %d): "
+                           "the EMA still equals a copy of the weights", self.num_steps, self.config.start_step)
+        elif drift != drift:
+            logger.warning("EMA: the drift between EMA and raw weights is NaN (optimizer step %d)", self.num_steps)
+        elif drift == 0.0 and self.num_updates >= 100:
+            logger.warning("EMA: after %d updates the EMA equals the raw weights: nothing is being averaged "
+                           "(check include/exclude and that the weights change)", self.num_updates)
+        logger.info("EMA: evaluating EMA weights at optimizer step %d (%d updates, %d skipped for NaN/Inf), "
+                    "relative drift ||ema-w||/||w|| = %.4g", self.num_steps, self.num_updates, self.num_skipped, drift)
+        return drift
+
     def drift(self, model: Optional[paddle.nn.Layer] = None) -> float:
         """Relative drift ``||ema - w|| / ||w||`` over the averaged tensors (NaN if either is not finite)."""
         averaged = self.averaged_numpy()

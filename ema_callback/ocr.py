@@ -157,15 +157,8 @@ class PaddleOCRHooks:
                 self._told_raw_eval = True
             metric = original(model, *args, **kwargs)
             return dict(metric, **{f"{k}_raw": v for k, v in metric.items()}) if c.eval_raw else metric
-        if self.ema.num_updates == 0:
-            logger.warning("EMA: evaluating before the first EMA update (step %d); the EMA still equals a copy "
-                           "of the weights", self.ema.num_steps)
         raw_metric = original(model, *args, **kwargs) if c.eval_raw else {}
-        drift = self.ema.drift()
-        (logger.warning if drift != drift else logger.info)(
-            "EMA: evaluating EMA weights at optimizer step %d (%d updates, %d skipped for NaN/Inf), "
-            "relative drift ||ema-w||/||w|| = %.4g", self.ema.num_steps, self.ema.num_updates,
-            self.ema.num_skipped, drift)
+        self.ema.log_before_eval()
         with self.ema.swapped(model):
             metric = original(model, *args, **kwargs)
         metric = dict(metric)

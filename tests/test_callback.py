@@ -221,3 +221,19 @@ def test_bad_arguments_are_one_line_errors():
         EMACallback(decya=0.9)
     with pytest.raises(EMAConfigError, match="final_weights"):
         EMACallback(final_weights="best")
+
+
+def test_visualdl_records_both_metric_sets(tmp_path):
+    visualdl = pytest.importorskip("visualdl")
+    train, evald = loaders()
+    model = make_model()
+    log_dir = str(tmp_path / "vdl")
+    model.fit(train, evald, epochs=2, verbose=0,
+              callbacks=[paddle.callbacks.VisualDL(log_dir), EMACallback(decay=0.8, eval_raw=True)])
+    files = [os.path.join(log_dir, f) for f in os.listdir(log_dir)]
+    reader = visualdl.LogReader(file_path=files[0])
+    tags = reader.get_tags()["scalar"]
+    assert {"eval/acc", "eval/acc_raw", "eval/loss", "eval/loss_raw"} <= set(tags)
+    ema_acc = [r.value for r in reader.get_data("scalar", "eval/acc")]
+    raw_acc = [r.value for r in reader.get_data("scalar", "eval/acc_raw")]
+    assert len(ema_acc) == len(raw_acc) == 2

@@ -91,7 +91,7 @@ def test_overrides_work_without_an_ema_section():
         resolve_block({}, None, [parse_override("EMA.decay=2")])
     with pytest.raises(EMAConfigError, match=r"^-o 'EMA.decay': expected KEY=VALUE"):
         parse_override("EMA.decay")
-    with pytest.raises(EMAConfigError, match=r"^-o EMA.decay.x: EMA keys are one level deep"):
+    with pytest.raises(EMAConfigError, match=r"^-o 'EMA.decay.x': EMA keys are one level deep"):
         apply_overrides({}, [parse_override("EMA.decay.x=1")])
 
 

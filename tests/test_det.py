@@ -232,3 +232,22 @@ def test_det_bad_input_is_a_one_line_error(coco, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "ema-callback: error: EMA.decya: unknown key, did you mean 'decay'?"
     assert not (tmp_path / "output").exists()
+
+
+@pytest.mark.parametrize("name", ["picodet_s_416_ema.yml", "ppyoloe_plus_s_ema.yml", "tiny_picodet_xs.yml"])
+def test_overlays_resolve_their_base_and_give_a_valid_ema(name):
+    from ema_callback.det import load_ppdet_yaml, resolve_det_config
+    cfg = load_ppdet_yaml(os.path.join(REPO, "configs", "ppdet", name))
+    assert "architecture" in cfg and cfg["use_ema"] is False  # the real config's chain, ppdet's EMA off
+    ema, _ = resolve_det_config(cfg, None, [])
+    assert ema.enable and 0 < ema.decay < 1
+    # the same file with ppdet's flat keys still on is refused
+    with pytest.raises(EMAConfigError, match="use_ema and EMA: both set"):
+        resolve_det_config(dict(cfg, use_ema=True), None, [])
+
+
+def test_flat_use_ema_config_runs_on_our_engine_with_the_ppdet_black_list():
+    from ema_callback.det import load_ppdet_yaml, resolve_det_config
+    cfg = load_ppdet_yaml(os.path.join(PADDLEDET_ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_80e_coco.yml"))
+    ema, _ = resolve_det_config(cfg, None, [])
+    assert (ema.decay, ema.schedule, ema.exclude) == (0.9998, "threshold", [re.escape("proj_conv.weight")])

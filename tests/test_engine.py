@@ -358,3 +358,21 @@ def test_strided_buffer_swaps_and_restores_bit_exactly():
         np.testing.assert_allclose(model.pe.numpy(), 0.5 * before + 0.5 * raw, atol=1e-6)
         assert not model.pe.is_contiguous()
     assert model.pe.numpy().tobytes() == raw.tobytes()
+
+
+def test_silent_failures_are_said_out_loud(trajectory, caplog):
+    init, states = trajectory
+    model = make_net()
+    model.set_state_dict(init)
+    never = ExponentialMovingAverage(model, EMAConfig(decay=0.9, start_step=1000))
+    frozen = ExponentialMovingAverage(model, EMAConfig(decay=0.9, include=["^8\\\\.bias$"]))
+    with caplog.at_level("INFO", logger="ema_callback"):
+        for _ in range(120):  # weights that never change: the EMA averages nothing
+            never.step()
+            frozen.step()
+        never.log_before_eval()
+        drift = frozen.log_before_eval()
+    text = caplog.text
+    assert "before the first EMA update" in text and "start_step 1000" in text
+    assert drift == 0.0 and "after 120 updates the EMA equals the raw weights" in text
+    assert "relative drift" in text
