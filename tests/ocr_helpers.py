@@ -55,3 +55,12 @@ def logged_metrics(log, prefix):
         if m:
             rows.append({k: float(v) for k, v in re.findall(r"(\w+): ([-\d.e]+)", m.group(1))})
     return rows
+
+
+def assert_eval_reproduces_best(cfg, data, kind, out, cwd, log, keys):
+    """PaddleOCR's own tools/eval.py on ``out/best_accuracy`` gives exactly the best metric the training logged."""
+    best = logged_metrics(log, "best metric")[-1]
+    rc, eval_log = paddleocr_tool("eval.py", cfg, data, kind, [f"Global.checkpoints={out}/best_accuracy"], cwd)
+    assert rc == 0, eval_log[-3000:]
+    reproduced = {k: float(v) for k, v in re.findall(r"(\w+):([-\d.e]+)", eval_log) if k in keys}
+    assert all(reproduced[k] == best[k] for k in keys), (reproduced, best)

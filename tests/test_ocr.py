@@ -13,8 +13,8 @@ import pytest
 from ema_callback.synth import write_det_dataset, write_rec_dataset
 
 from conftest import PADDLEOCR_ROOT
-from ocr_helpers import (DET_CFG, REC_CFG, REPO, data_overrides, env, logged_metrics, ocr_train,
-                         paddleocr_tool, run)
+from ocr_helpers import (DET_CFG, REC_CFG, REPO, assert_eval_reproduces_best, data_overrides, logged_metrics,
+                         ocr_train, paddleocr_tool, run)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(PADDLEOCR_ROOT),
                                                    reason="no PaddleOCR checkout")]
@@ -79,13 +79,8 @@ def test_rec_eval_metric_is_the_ema_metric_and_tools_use_the_ema_weights(tmp_pat
         "\n".join(str(r) for r in rows)
     for name in ("latest", "best_accuracy", "iter_epoch_2", "best_model/model"):
         assert os.path.exists(out / f"{name}.pdema"), name
-    best = logged_metrics(log, "best metric")[-1]
     # PaddleOCR's own eval.py on the saved best checkpoint reproduces the logged (EMA) metric exactly
-    rc, eval_log = paddleocr_tool("eval.py", REC_CFG, data, "rec", [f"Global.checkpoints={out}/best_accuracy"],
-                                  str(tmp_path))
-    assert rc == 0, eval_log[-3000:]
-    reproduced = {k: float(v) for k, v in re.findall(r"(acc|norm_edit_dis):([-\d.e]+)", eval_log)}
-    assert reproduced["acc"] == best["acc"] and reproduced["norm_edit_dis"] == best["norm_edit_dis"]
+    assert_eval_reproduces_best(REC_CFG, data, "rec", out, str(tmp_path), log, ("acc", "norm_edit_dis"))
     # .pdparams hold the EMA weights, .pdema the raw ones
     state = paddle.load(str(out / "latest.pdema"), return_numpy=True)
     saved = params(str(out / "latest.pdparams"))
@@ -112,12 +107,7 @@ def test_det_eval_metric_is_the_ema_metric(tmp_path, data):
     assert rc == 0, log[-3000:]
     rows = logged_metrics(log, "cur metric")
     assert len(rows) == 2 and all("hmean_raw" in r for r in rows)
-    best = logged_metrics(log, "best metric")[-1]
-    rc, eval_log = paddleocr_tool("eval.py", DET_CFG, data, "det", [f"Global.checkpoints={out}/best_accuracy"],
-                                  str(tmp_path))
-    assert rc == 0, eval_log[-3000:]
-    reproduced = {k: float(v) for k, v in re.findall(r"(precision|recall|hmean):([-\d.e]+)", eval_log)}
-    assert reproduced["hmean"] == best["hmean"] and reproduced["precision"] == best["precision"]
+    assert_eval_reproduces_best(DET_CFG, data, "det", out, str(tmp_path), log, ("precision", "recall", "hmean"))
 
 
 def test_resume_continues_the_update_count_and_the_ema(tmp_path, data):
