@@ -27,7 +27,7 @@ import paddle
 
 from .config import SECTION, EMAConfig, EMAConfigError, read_yaml
 from .engine import ExponentialMovingAverage
-from .files import checked_load
+from .files import StagedWrite, checked_load
 from .watch import OptimizerStepCounter
 
 logger = logging.getLogger("ema_callback")
@@ -133,16 +133,21 @@ class EMACallback(paddle.callbacks.Callback):
         return None
 
     def _install_save_hook(self) -> None:
-        """Every ``Model.save(path)`` (training=True) also writes ``path.pdema``."""
+        """Every ``Model.save(path)`` (training=True) also writes ``path.pdema``; the whole set is staged."""
         model = self.model
         if getattr(model.save, "_ema_callback", None) is self:
             return
         original = getattr(model.save, "__wrapped__", model.save)
 
         def save(path, training=True):
-            result = original(path, training)
-            if training and self.ema is not None and _is_rank0():
-                self.save_state(path + ".pdema")
+            if not training:
+                return original(path, training)
+            folder, name = os.path.split(os.path.abspath(path))
+            with StagedWrite(folder) as stage:  # every file complete before it gets its final name
+                result = original(stage.path(name), training)
+                if self.ema is not None and _is_rank0():
+                    self.save_state(stage.path(name + ".pdema"))
+                stage.publish(last=(name + ".pdema",))
             return result
 
         save._ema_callback = self

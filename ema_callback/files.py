@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import tempfile
 from typing import Any
 
@@ -75,3 +76,40 @@ def checked_load(path: str) -> Any:
             ImportError, RuntimeError, OSError, MemoryError, UnicodeDecodeError) as exc:
         detail = " ".join(str(exc).split())[:120]
         raise EMAFileError(f"{path}: truncated or corrupt file ({type(exc).__name__}: {detail})") from None
+
+
+class StagedWrite:
+    """Write a checkpoint *set* into a hidden staging folder, then move each finished file to its final name.
+
+    ``with StagedWrite(folder) as stage: write(stage.path("x.pdparams")); stage.publish(last=["x.pdema"])``.
+    A crash while writing leaves only the staging folder (``.ema-staging-*``, never a final name), and the files
+    of the previous set untouched; files named in ``last`` are moved last, so their presence marks a complete set.
+    """
+
+    PREFIX = ".ema-staging-"
+
+    def __init__(self, folder: str):
+        self.folder = os.path.abspath(folder)
+        os.makedirs(self.folder, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=self.PREFIX, dir=self.folder)
+
+    def path(self, relative: str) -> str:
+        target = os.path.join(self.tmp, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        return target
+
+    def publish(self, last: tuple = ()) -> None:
+        files = []
+        for root, _, names in os.walk(self.tmp):
+            files += [os.path.relpath(os.path.join(root, n), self.tmp) for n in names if not n.endswith(".tmp")]
+        for relative in sorted(files, key=lambda r: (r in last, r)):
+            target = os.path.join(self.folder, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(os.path.join(self.tmp, relative), target)
+
+    def __enter__(self) -> "StagedWrite":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return False

@@ -32,6 +32,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .config import EMAConfig, EMAConfigError, has_ema_request, read_yaml, resolve_block, split_overrides
+from .files import StagedWrite
 from .guard import OutputGuard
 
 logger = logging.getLogger("ema_callback")
@@ -171,27 +172,25 @@ class PaddleOCRHooks:
         if self.ema is None:
             return original(model, optimizer, model_path, logger_, config, is_best=is_best, prefix=prefix, **kwargs)
         from .callback import _is_rank0
-
-        base = os.path.join(model_path, prefix)
-        os.makedirs(model_path, exist_ok=True)
         raw = {k: v.numpy() for k, v in _unwrapped(model).state_dict().items()}
-        targets = [base] + ([os.path.join(model_path, "best_model", "model")] if prefix == "best_accuracy" else [])
-        if _is_rank0():
-            for target in targets:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                self.ema.save(target + ".pdema", extra={"raw_weights": raw})
-                logger.info("EMA: saved %s.pdema (%s)", target, self.ema.summary())
-        if self.config.save_as == "raw":
-            result = original(model, optimizer, model_path, logger_, config, is_best=is_best, prefix=prefix, **kwargs)
+        relatives = [prefix] + ([os.path.join("best_model", "model")] if prefix == "best_accuracy" else [])
+        with StagedWrite(model_path) as stage:  # a crash never leaves a partial file under a final name
+            if self.config.save_as == "raw" or self.ema.num_steps < self.config.eval_start_step:
+                # raw: PaddleOCR's files untouched; before eval_start_step the best model is chosen on raw weights
+                result = original(model, optimizer, stage.tmp, logger_, config, is_best=is_best, prefix=prefix,
+                                  **kwargs)
+            else:
+                with self.ema.swapped(model):
+                    result = original(model, optimizer, stage.tmp, logger_, config, is_best=is_best, prefix=prefix,
+                                      **kwargs)
             if _is_rank0():
-                for target in targets:
-                    self.ema.export(target + ".ema.pdparams", _unwrapped(model))
-            return result
-        evaluating_raw = self.ema.num_steps < self.config.eval_start_step
-        if evaluating_raw:  # before eval_start_step the best model is chosen on raw weights: save those
-            return original(model, optimizer, model_path, logger_, config, is_best=is_best, prefix=prefix, **kwargs)
-        with self.ema.swapped(model):
-            return original(model, optimizer, model_path, logger_, config, is_best=is_best, prefix=prefix, **kwargs)
+                for relative in relatives:
+                    self.ema.save(stage.path(relative + ".pdema"), extra={"raw_weights": raw})
+                    if self.config.save_as == "raw":
+                        self.ema.export(stage.path(relative + ".ema.pdparams"), _unwrapped(model))
+                logger.info("EMA: saved %s.pdema (%s)", os.path.join(model_path, prefix), self.ema.summary())
+            stage.publish(last=tuple(r + ".pdema" for r in relatives))
+        return result
 
 
 def _unwrapped(model):

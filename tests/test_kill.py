@@ -1,0 +1,115 @@
+"""SIGKILL at random points, checkpoint writes included: nothing under a final name is ever corrupt, and resuming
+from the newest complete set reaches the same EMA as a run that was never killed."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import paddle
+import pytest
+
+from ema_callback import EMACallback
+
+import kill_fit_script as script
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KILLS = 20
+
+
+def final_files(folder):
+    return [p for p in glob.glob(os.path.join(folder, "*")) if os.path.isfile(p)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    callback = EMACallback(decay=0.9, final_weights="raw")
+    script.fit(script.build(), callback, script.EPOCHS)
+    return callback.ema.state_dict()
+
+
+def test_model_fit_survives_sigkill_anywhere(tmp_path, uninterrupted):
+    rng = np.random.default_rng(2026)
+    corrupt, resumed, report = 0, 0, []
+    for kill in range(KILLS):
+        folder = str(tmp_path / f"run{kill}")
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "kill_fit_script.py"), folder],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # wait for the first checkpoint, then kill at a random point of the following epochs
+        deadline = time.time() + 120
+        while not glob.glob(os.path.join(folder, "0.pdema")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0.0, 1.5)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        for path in final_files(folder):  # every file under a final name loads
+            try:
+                paddle.load(path, return_numpy=True)
+            except Exception:
+                corrupt += 1
+        complete = sorted(int(os.path.basename(p)[:-6]) for p in glob.glob(os.path.join(folder, "*.pdema"))
+                          if os.path.basename(p)[:-6].isdigit())
+        assert complete == list(range(len(complete))), complete  # no earlier set lost
+        newest = complete[-1]
+        for ext in (".pdparams", ".pdopt"):
+            assert os.path.exists(os.path.join(folder, f"{newest}{ext}"))
+        model = script.build()
+        model.load(os.path.join(folder, str(newest)))
+        callback = EMACallback(decay=0.9, resume=os.path.join(folder, str(newest)), final_weights="raw")
+        script.fit(model, callback, script.EPOCHS - newest - 1)
+        state = callback.ema.state_dict()
+        same = state["num_steps"] == uninterrupted["num_steps"] and all(
+            state["shadow"][k].tobytes() == uninterrupted["shadow"][k].tobytes() for k in state["shadow"])
+        resumed += same
+        report.append((newest, len(glob.glob(os.path.join(folder, ".ema-staging-*")))))
+    print(f"\nkill points: {KILLS}, corrupt files: {corrupt}, exact resumes: {resumed}, "
+          f"(newest complete epoch, staging folders left): {report}")
+    assert corrupt == 0 and resumed == KILLS
+
+
+@pytest.mark.soak
+def test_paddleocr_launcher_survives_sigkill_anywhere(tmp_path):
+    """make soak: 20 kill points of ema-callback ocr-train (several minutes)."""
+    from ema_callback.synth import write_rec_dataset
+    from ocr_helpers import REC_CFG, env, ocr_train
+
+    data = str(tmp_path / "data")
+    write_rec_dataset(os.path.join(data, "rec_train"), 128, seed=1, min_len=1, max_len=3)
+    write_rec_dataset(os.path.join(data, "rec_val"), 16, seed=2, min_len=1, max_len=3)
+    common = ["Train.loader.shuffle=false", "Global.eval_batch_step=[0,8]", "Global.save_epoch_step=1",
+              "Global.epoch_num=6"]
+    rc, log = ocr_train(REC_CFG, str(tmp_path / "straight"), data, "rec", common)
+    assert rc == 0, log[-3000:]
+    reference = paddle.load(str(tmp_path / "straight" / "latest.pdema"), return_numpy=True)
+    rng = np.random.default_rng(7)
+    corrupt = resumed = 0
+    for kill in range(KILLS):
+        out = str(tmp_path / f"kill{kill}")
+        opts = [f"Global.save_model_dir={out}/", *common] + __import__("ocr_helpers").data_overrides(data, "rec")
+        proc = subprocess.Popen([sys.executable, "-m", "ema_callback.cli", "ocr-train", "-c", REC_CFG, "-o", *opts],
+                                cwd=str(tmp_path), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not os.path.exists(os.path.join(out, "iter_epoch_1.pdema")) and proc.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0.0, 6.0)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        for path in glob.glob(os.path.join(out, "*.pd*")) + glob.glob(os.path.join(out, "best_model", "*.pd*")):
+            try:
+                paddle.load(path, return_numpy=True)
+            except Exception:
+                corrupt += 1
+        epochs = sorted(int(p.split("iter_epoch_")[1][:-6]) for p in glob.glob(os.path.join(out, "iter_epoch_*.pdema")))
+        assert epochs == list(range(1, len(epochs) + 1)), epochs
+        rc, log = ocr_train(REC_CFG, out, data, "rec",
+                            [*common, f"Global.checkpoints={out}/iter_epoch_{epochs[-1]}"], cwd=str(tmp_path))
+        assert rc == 0, log[-3000:]
+        state = paddle.load(os.path.join(out, "latest.pdema"), return_numpy=True)
+        resumed += state["num_steps"] == reference["num_steps"] and all(
+            np.asarray(state["shadow"][k]).tobytes() == np.asarray(reference["shadow"][k]).tobytes()
+            for k in reference["shadow"])
+    print(f"\nPaddleOCR kill points: {KILLS}, corrupt files: {corrupt}, exact resumes: {resumed}")
+    assert corrupt == 0 and resumed == KILLS
