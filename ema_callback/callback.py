@@ -33,6 +33,7 @@ from .watch import OptimizerStepCounter
 logger = logging.getLogger("ema_callback")
 
 RAW_SUFFIX = "_raw"
+DRIFT = "ema_drift"  # relative drift ||ema - w|| / ||w|| at each evaluation
 
 
 def _is_rank0() -> bool:
@@ -231,16 +232,19 @@ class EMACallback(paddle.callbacks.Callback):
             return
         if self.config.eval_raw:
             self.raw_metrics = self._evaluate_raw()
-            self._extend_metric_names(logs)
-        self.ema.log_before_eval()
+        self.raw_metrics[DRIFT] = self.ema.log_before_eval()  # to the logs, ProgBarLogger and VisualDL
+        self._extend_metric_names(logs)
         self.ema.apply_to(self.network)
 
     def _extend_metric_names(self, logs) -> None:
         names = (logs or {}).get("metrics")
         if isinstance(names, list):
-            for name in list(names):
-                if not name.endswith(RAW_SUFFIX) and name + RAW_SUFFIX not in names:
-                    names.append(name + RAW_SUFFIX)
+            if self.config.eval_raw:
+                for name in list(names):
+                    if not name.endswith(RAW_SUFFIX) and name != DRIFT and name + RAW_SUFFIX not in names:
+                        names.append(name + RAW_SUFFIX)
+            if DRIFT in self.raw_metrics and DRIFT not in names:
+                names.append(DRIFT)
 
     def _evaluate_raw(self) -> Dict[str, Any]:
         """Evaluate the raw weights on fit's eval loader, leaving fit's own state as it was."""
@@ -264,7 +268,7 @@ class EMACallback(paddle.callbacks.Callback):
             return
         if self.raw_metrics.get("__copy__"):
             logs.update({k + RAW_SUFFIX: v for k, v in list(logs.items())
-                         if k not in ("step", "batch_size") and not k.endswith(RAW_SUFFIX)})
+                         if k not in ("step", "batch_size", DRIFT) and not k.endswith(RAW_SUFFIX)})
         else:
             logs.update(self.raw_metrics)
 

@@ -257,9 +257,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     root = resolve_root(args.paddledet_root)
     suite = load_ppdet_yaml(args.config)
     ema_overrides, det_overrides = split_overrides(args.opt)
-    flat_overrides = [(k, v) for k, v in (o.split("=", 1) for o in det_overrides) if k in FLAT_KEYS]
-    for key, raw in flat_overrides:
-        suite[key] = load_suite_yaml(raw)
+    for text in det_overrides:  # ppdet's flat EMA keys given with -o decide the EMA too
+        key, _, raw = text.partition("=")
+        if key.strip() in FLAT_KEYS:
+            suite[key.strip()] = load_suite_yaml(raw)
     config, extra = resolve_det_config(suite, args.ema_config, ema_overrides)
     if root not in sys.path:
         sys.path.insert(0, root)

@@ -78,6 +78,16 @@ def checked_load(path: str) -> Any:
         raise EMAFileError(f"{path}: truncated or corrupt file ({type(exc).__name__}: {detail})") from None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class StagedWrite:
     """Write a checkpoint *set* into a hidden staging folder, then move each finished file to its final name.
 
@@ -91,7 +101,17 @@ class StagedWrite:
     def __init__(self, folder: str):
         self.folder = os.path.abspath(folder)
         os.makedirs(self.folder, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=self.PREFIX, dir=self.folder)
+        self._remove_orphans()
+        self.tmp = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=self.folder)
+
+    def _remove_orphans(self) -> None:
+        """Staging folders whose writer process is gone (killed mid-save) are removed."""
+        for name in os.listdir(self.folder):
+            if not name.startswith(self.PREFIX):
+                continue
+            pid = name[len(self.PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
 
     def path(self, relative: str) -> str:
         target = os.path.join(self.tmp, relative)

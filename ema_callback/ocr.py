@@ -159,11 +159,12 @@ class PaddleOCRHooks:
             metric = original(model, *args, **kwargs)
             return dict(metric, **{f"{k}_raw": v for k, v in metric.items()}) if c.eval_raw else metric
         raw_metric = original(model, *args, **kwargs) if c.eval_raw else {}
-        self.ema.log_before_eval()
+        drift = self.ema.log_before_eval()
         with self.ema.swapped(model):
             metric = original(model, *args, **kwargs)
         metric = dict(metric)
         metric.update({f"{k}_raw": v for k, v in raw_metric.items()})
+        metric["ema_drift"] = drift  # PaddleOCR logs it and hands it to its W&B/VisualDL writer
         return metric
 
     # ---------------------------------------------------------------- save

@@ -196,7 +196,7 @@ def test_num_iters_eval_freq_and_visualdl_see_both_metric_sets(tmp_path):
     assert cb.ema.num_steps == Steps.count == 27
     a, b = weights(plain.network), cb.raw_state_dict()
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
-    assert seen_names == [["acc", "acc_raw", "loss", "loss_raw"]] * 2
+    assert seen_names == [["acc", "acc_raw", "ema_drift", "loss", "loss_raw"]] * 2
 
 
 def test_static_graph_model_gets_a_clear_error():
@@ -233,7 +233,9 @@ def test_visualdl_records_both_metric_sets(tmp_path):
     files = [os.path.join(log_dir, f) for f in os.listdir(log_dir)]
     reader = visualdl.LogReader(file_path=files[0])
     tags = reader.get_tags()["scalar"]
-    assert {"eval/acc", "eval/acc_raw", "eval/loss", "eval/loss_raw"} <= set(tags)
+    assert {"eval/acc", "eval/acc_raw", "eval/loss", "eval/loss_raw", "eval/ema_drift"} <= set(tags)
+    drift = [r.value for r in reader.get_data("scalar", "eval/ema_drift")]
+    assert len(drift) == 2 and all(0 < d < 1 for d in drift)
     ema_acc = [r.value for r in reader.get_data("scalar", "eval/acc")]
     raw_acc = [r.value for r in reader.get_data("scalar", "eval/acc_raw")]
     assert len(ema_acc) == len(raw_acc) == 2

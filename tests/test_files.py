@@ -68,3 +68,19 @@ def test_export_into_a_directory_path_is_refused(tmp_path):
     with pytest.raises(EMAFileError, match="is a directory"):
         ema.export(str(tmp_path / "ema.pdparams"), make_net())
     assert np.isfinite(ema.averaged_numpy()["0.weight"]).all()
+
+
+def test_staging_folders_of_dead_writers_are_removed(tmp_path):
+    from ema_callback.files import StagedWrite
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tmp_path / f"{StagedWrite.PREFIX}{dead.pid}-abc"
+    orphan.mkdir()
+    (orphan / "half.pdparams").write_bytes(b"partial")
+    live = tmp_path / f"{StagedWrite.PREFIX}{os.getpid()}-xyz"
+    live.mkdir()
+    with StagedWrite(str(tmp_path)) as stage:
+        open(stage.path("a.pdema"), "wb").write(b"x")
+        stage.publish()
+    assert not orphan.exists() and live.exists() and (tmp_path / "a.pdema").read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "a.pdema"])
