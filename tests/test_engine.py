@@ -376,3 +376,23 @@ def test_silent_failures_are_said_out_loud(trajectory, caplog):
     assert "before the first EMA update" in text and "start_step 1000" in text
     assert drift == 0.0 and "after 120 updates the EMA equals the raw weights" in text
     assert "relative drift" in text
+
+
+def test_update_count_past_int32_saves_loads_and_keeps_counting(trajectory, tmp_path):
+    model, ema = run_engine(trajectory, steps=3, decay=0.9, schedule="threshold")
+    ema.num_steps = ema.num_updates = 2**31 + 5  # a Python int: no int32 wrap
+    ema.step()
+    path = str(tmp_path / "big.pdema")
+    ema.save(path)
+    other = ExponentialMovingAverage(model, EMAConfig(decay=0.9, schedule="threshold"))
+    other.load(path)
+    assert other.num_steps == other.num_updates == 2**31 + 6
+    assert other.decay_for_next_update() == 0.9  # threshold's warm-up long over
+
+
+@pytest.mark.parametrize("schedule", ["constant", "threshold", "exponential", "power"])
+def test_schedules_at_their_extremes_stay_in_range(schedule):
+    for decay in (1e-12, 0.5, 1 - 1e-12):
+        for t in (0, 1, 10**6, 10**15, 2**63):
+            d = decay_at(t, schedule, decay, tau=1e-9 if t % 2 else 1e9, inv_gamma=1e-9, power=50.0, min_decay=0.0)
+            assert 0.0 <= d <= decay and d == d, (schedule, decay, t, d)
