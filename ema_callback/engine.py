@@ -204,12 +204,6 @@ class ExponentialMovingAverage:
         out.update({name: v.copy() for name, v in self._copies.items()})
         return out
 
-    def _averaged_tensors(self) -> Dict[str, paddle.Tensor]:
-        scale = self._correction()
-        out = {e.name: (v * scale if scale != 1.0 else v) for e, v in zip(self._averaged, self.store.tensor_values())}
-        out.update({name: paddle.to_tensor(v) for name, v in self._copies.items()})
-        return out
-
     def ema_state_dict(self, model: paddle.nn.Layer) -> Dict[str, np.ndarray]:
         """A complete ``state_dict`` of ``model`` with EMA values (``follow`` tensors as they are live)."""
         averaged = self.averaged_numpy()
@@ -297,7 +291,7 @@ class ExponentialMovingAverage:
                 else:
                     np.copyto(view, self.store.view(index).reshape(view.shape))
             if slow:
-                values = self._store_values([index for index, _ in slow])
+                values = self.store.tensor_values([index for index, _ in slow])
                 for (_, e), value in zip(slow, values):
                     _copy_into(e.tensor, value * scale if scale != 1.0 else value)
             for e in self._copied:
@@ -319,13 +313,6 @@ class ExponentialMovingAverage:
                 else:
                     _copy_into(e.tensor, saved if not isinstance(saved, np.ndarray) else saved.reshape(e.tensor.shape))
         self._backup = None
-
-    def _store_values(self, indices: List[int]) -> List[paddle.Tensor]:
-        """float32 Paddle tensors of the listed shadow tensors (only those are converted)."""
-        if isinstance(self.store, NumpyStore):
-            return [paddle.to_tensor(self.store.view(i).reshape(self.store.shapes[i])) for i in indices]
-        values = self.store.tensor_values()
-        return [values[i] for i in indices]
 
     def backup_numpy(self) -> Dict[str, np.ndarray]:
         """The raw values kept aside while EMA weights are applied (empty when not applied)."""

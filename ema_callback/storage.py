@@ -73,9 +73,10 @@ class ShadowStore:
     def set_numpy_values(self, values: Sequence[np.ndarray]) -> None:
         raise NotImplementedError
 
-    def tensor_values(self) -> List[paddle.Tensor]:
-        """The shadow tensors as float32 Paddle tensors (on the store's device)."""
-        return [paddle.to_tensor(v) for v in self.numpy_values()]
+    def tensor_values(self, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
+        """The shadow tensors (all, or the listed ones) as float32 Paddle tensors (on the store's device)."""
+        values = self.numpy_values()
+        return [paddle.to_tensor(values[i]) for i in _selected(indices, len(values))]
 
     @property
     def nbytes(self) -> int:
@@ -213,8 +214,9 @@ class NumpyStore(ShadowStore):
         for view, value in zip(self._views, values):
             view[...] = np.asarray(value, dtype=np.float32).reshape(-1)
 
-    def tensor_values(self) -> List[paddle.Tensor]:
-        return [paddle.to_tensor(v.reshape(shape), place=paddle.CPUPlace()) for v, shape in zip(self._views, self.shapes)]
+    def tensor_values(self, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
+        return [paddle.to_tensor(self._views[i].reshape(self.shapes[i]), place=paddle.CPUPlace())
+                for i in _selected(indices, len(self._views))]
 
     @property
     def nbytes(self) -> int:
@@ -277,10 +279,10 @@ class PaddleStore(ShadowStore):
         with paddle.no_grad():
             paddle.assign(paddle.to_tensor(host).astype(self.dtype).to(self.flat.place), output=self.flat)
 
-    def tensor_values(self) -> List[paddle.Tensor]:
+    def tensor_values(self, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
         flat = _as_fp32(self.flat)
         pieces = paddle.split(flat, self.sizes) if len(self.sizes) > 1 else [flat]
-        return [p.reshape(shape) for p, shape in zip(pieces, self.shapes)]
+        return [pieces[i].reshape(self.shapes[i]) for i in _selected(indices, len(pieces))]
 
     @property
     def nbytes(self) -> int:
@@ -312,12 +314,16 @@ class ReferenceStore(ShadowStore):
         self.tensors = [paddle.to_tensor(np.asarray(v, dtype=np.float64).reshape(shape))
                         for v, shape in zip(values, self.shapes)]
 
-    def tensor_values(self) -> List[paddle.Tensor]:
-        return [t.astype(paddle.float32) for t in self.tensors]
+    def tensor_values(self, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
+        return [self.tensors[i].astype(paddle.float32) for i in _selected(indices, len(self.tensors))]
 
     @property
     def nbytes(self) -> int:
         return 8 * self.numel
+
+
+def _selected(indices: Optional[Sequence[int]], count: int) -> Sequence[int]:
+    return range(count) if indices is None else indices
 
 
 def _same_place(tensor: paddle.Tensor, place) -> bool:
