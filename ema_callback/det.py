@@ -34,6 +34,7 @@ import runpy
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from .checkout import check_checkout
 from .config import (SECTION, EMAConfig, EMAConfigError, apply_overrides, load_suite_yaml, read_block_file,
                      read_yaml, split_overrides)
 
@@ -243,13 +244,7 @@ def resolve_root(explicit: Optional[str]) -> str:
             root = os.path.dirname(os.path.dirname(os.path.abspath(ppdet.__file__)))
         except ImportError:
             raise EMAConfigError(f"--paddledet-root / ${ROOT_ENV}: not set and no ppdet installed") from None
-    root = os.path.abspath(root)
-    if not os.path.isdir(root):
-        raise EMAConfigError(f"--paddledet-root {root}: no such folder")
-    missing = [p for p in ("tools/train.py", "ppdet/engine/trainer.py") if not os.path.exists(os.path.join(root, p))]
-    if missing:
-        raise EMAConfigError(f"--paddledet-root {root}: not a PaddleDetection checkout (missing {', '.join(missing)})")
-    return root
+    return check_checkout(root, "--paddledet-root", "PaddleDetection", ("tools/train.py", "ppdet/engine/trainer.py"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -31,6 +31,7 @@ import runpy
 import sys
 from typing import Any, Dict, List, Optional
 
+from .checkout import check_checkout
 from .config import EMAConfig, EMAConfigError, has_ema_request, read_yaml, resolve_block, split_overrides
 from .files import StagedWrite
 from .guard import OutputGuard
@@ -58,14 +59,8 @@ def resolve_root(explicit: Optional[str]) -> str:
     if not root:
         raise EMAConfigError(f"--paddleocr-root / ${ROOT_ENV}: not set; point it at a PaddleOCR git checkout "
                              "(the pip wheel lacks the training code)")
-    root = os.path.abspath(root)
-    missing = [p for p in ("tools/train.py", "tools/program.py", "ppocr/__init__.py")
-               if not os.path.exists(os.path.join(root, p))]
-    if not os.path.isdir(root):
-        raise EMAConfigError(f"--paddleocr-root {root}: no such folder")
-    if missing:
-        raise EMAConfigError(f"--paddleocr-root {root}: not a PaddleOCR checkout (missing {', '.join(missing)})")
-    return root
+    return check_checkout(root, "--paddleocr-root", "PaddleOCR",
+                          ("tools/train.py", "tools/program.py", "ppocr/__init__.py"))
 
 
 def import_program(root: str):
