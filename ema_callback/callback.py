@@ -69,7 +69,8 @@ class EMACallback(paddle.callbacks.Callback):
         self.resume = resume if resume is not None else ("auto" if save_dir else None)
         self.update_path = update_path
         self.ema: Optional[ExponentialMovingAverage] = None
-        self.raw_metrics: Dict[str, Any] = {}
+        self.extra_logs: Dict[str, Any] = {}  # added to the evaluation logs: <metric>_raw, ema_drift
+        self._raw_copies_metrics = False  # raw-weight evaluation (before eval_start_step): <metric>_raw = <metric>
         self._counter: Optional[OptimizerStepCounter] = None
         self._in_fit = False
         self._told_raw_eval = False
@@ -212,7 +213,7 @@ class EMACallback(paddle.callbacks.Callback):
 
     # ------------------------------------------------------------------ evaluation events
     def on_eval_begin(self, logs=None) -> None:
-        self.raw_metrics = {}
+        self.extra_logs, self._raw_copies_metrics = {}, False
         if not self.config.enable:
             return
         if self.ema is None:
@@ -227,12 +228,12 @@ class EMACallback(paddle.callbacks.Callback):
                 logger.info("EMA: evaluating raw weights until optimizer step %d (eval_start_step)",
                             self.config.eval_start_step)
                 self._told_raw_eval = True
-            self.raw_metrics = {"__copy__": True} if self.config.eval_raw else {}
+            self._raw_copies_metrics = self.config.eval_raw
             self._extend_metric_names(logs)
             return
         if self.config.eval_raw:
-            self.raw_metrics = self._evaluate_raw()
-        self.raw_metrics[DRIFT] = self.ema.log_before_eval()  # to the logs, ProgBarLogger and VisualDL
+            self.extra_logs.update(self._evaluate_raw())
+        self.extra_logs[DRIFT] = self.ema.log_before_eval()  # to the logs, ProgBarLogger and VisualDL
         self._extend_metric_names(logs)
         self.ema.apply_to(self.network)
 
@@ -243,7 +244,7 @@ class EMACallback(paddle.callbacks.Callback):
                 for name in list(names):
                     if not name.endswith(RAW_SUFFIX) and name != DRIFT and name + RAW_SUFFIX not in names:
                         names.append(name + RAW_SUFFIX)
-            if DRIFT in self.raw_metrics and DRIFT not in names:
+            if DRIFT in self.extra_logs and DRIFT not in names:
                 names.append(DRIFT)
 
     def _evaluate_raw(self) -> Dict[str, Any]:
@@ -263,19 +264,18 @@ class EMACallback(paddle.callbacks.Callback):
                 del model.num_iters
         return {k + RAW_SUFFIX: v for k, v in result.items()}
 
-    def _add_raw_metrics(self, logs) -> None:
-        if logs is None or not self.raw_metrics:
+    def _add_to_logs(self, logs) -> None:
+        if logs is None:
             return
-        if self.raw_metrics.get("__copy__"):
+        if self._raw_copies_metrics:
             logs.update({k + RAW_SUFFIX: v for k, v in list(logs.items())
                          if k not in ("step", "batch_size", DRIFT) and not k.endswith(RAW_SUFFIX)})
-        else:
-            logs.update(self.raw_metrics)
+        logs.update(self.extra_logs)
 
     def on_eval_batch_end(self, step, logs=None) -> None:
-        self._add_raw_metrics(logs)  # the same dict reaches every on_eval_end, whatever the order
+        self._add_to_logs(logs)  # the same dict reaches every on_eval_end, whatever the order
 
     def on_eval_end(self, logs=None) -> None:
-        self._add_raw_metrics(logs)
+        self._add_to_logs(logs)
         if not self._in_fit and self.ema is not None and self.ema.applied and self.final_weights == "raw":
             self._restore_raw()  # standalone evaluate(): leave the model as it was
