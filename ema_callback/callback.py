@@ -23,9 +23,9 @@ import os
 from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
-import paddle
 
 from .config import SECTION, EMAConfig, EMAConfigError, read_yaml
+from .paddle_compat import paddle
 from .engine import ExponentialMovingAverage
 from .files import StagedWrite, checked_load
 from .watch import OptimizerStepCounter

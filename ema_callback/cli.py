@@ -13,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from .config import EMAConfigError, split_overrides
+from .errors import UnsupportedPaddleError
 
 
 def _script_path(argv: List[str]) -> int:
@@ -81,6 +82,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(commands[argv[0]](argv[1:]) or 0)
     except EMAConfigError as exc:
         print(f"ema-callback: error: {exc}", file=sys.stderr)
+        return 2
+    except UnsupportedPaddleError as exc:
+        print(str(exc), file=sys.stderr)
         return 2
 
 

@@ -16,13 +16,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from .errors import EMAConfigError  # re-exported: ema_callback.config.EMAConfigError
 from .schedules import SCHEDULES
 
 SECTION = "EMA"
-
-
-class EMAConfigError(ValueError):
-    """A bad ``EMA:`` block, override or EMA file; the message is one line naming the key or file."""
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def greedy_decode(logits: np.ndarray) -> List[List[int]]:
 
 def _modules():
     """The paddle parts, imported on first use so ``ema-callback --help`` stays fast."""
-    import paddle
+    from .paddle_compat import paddle
     from paddle import nn
 
     class TextLines(paddle.io.Dataset):

@@ -249,6 +249,7 @@ def resolve_root(explicit: Optional[str]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
+    from . import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
     root = resolve_root(args.paddledet_root)
     suite = load_ppdet_yaml(args.config)
     ema_overrides, det_overrides = split_overrides(args.opt)

@@ -26,13 +26,13 @@ import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
-import paddle
 
 from .config import EMAConfig
 from .files import FORMAT, EMAFileError, atomic_save, checked_load
+from .paddle_compat import cast_rounded, data_pointer, host_view, paddle
 from .schedules import decay_at
 from .selection import AVERAGE, COPY, FOLLOW, Entry, classify, unwrap
-from .storage import NumpyStore, ShadowStore, host_view, make_store
+from .storage import NumpyStore, ShadowStore, make_store
 
 logger = logging.getLogger("ema_callback")
 
@@ -89,7 +89,7 @@ class ExponentialMovingAverage:
 
     def _host_view(self, e: Entry) -> Optional[np.ndarray]:
         """Writable host view of a CPU float32 tensor, cached while its allocation stays the same."""
-        ptr = e.tensor.data_ptr()
+        ptr = data_pointer(e.tensor)
         cached = self._host_views.get(e.name)
         if cached is not None and cached[0] == ptr:
             return cached[1]
@@ -409,12 +409,15 @@ def _numpy_dtype(tensor: paddle.Tensor):
         tensor.dtype, tensor.numpy().dtype)
 
 
+_DTYPE_NAMES = {paddle.float16: "float16", paddle.bfloat16: "bfloat16"}
+
+
 def _copy_into(target: paddle.Tensor, value) -> None:
     """In-place copy into ``target`` (same allocation, same ``stop_gradient``), casting and moving as needed."""
     if isinstance(value, np.ndarray):
         value = paddle.to_tensor(value)
     if value.dtype != target.dtype:
-        value = value.astype(target.dtype)
+        value = cast_rounded(value, _DTYPE_NAMES.get(target.dtype, target.dtype))
     if str(value.place) != str(target.place):
         value = value.to(target.place)
     paddle.assign(value.reshape(target.shape), output=target)

@@ -25,7 +25,7 @@ class EMAFileError(EMAConfigError):
 
 def atomic_save(obj: Any, path: str) -> None:
     """``paddle.save(obj)`` to ``path`` through a temporary file and ``os.replace``."""
-    import paddle
+    from .paddle_compat import paddle
 
     buffer = io.BytesIO()
     paddle.save(obj, buffer)
@@ -61,7 +61,7 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
 
 def checked_load(path: str) -> Any:
     """``paddle.load(path)`` with one-line errors naming the file (missing, directory, truncated, corrupt)."""
-    import paddle
+    from .paddle_compat import paddle
 
     if os.path.isdir(path):
         raise EMAFileError(f"{path}: is a directory, expected a file")

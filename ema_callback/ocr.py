@@ -196,6 +196,7 @@ def _unwrapped(model):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
     root = resolve_root(args.paddleocr_root)
     suite = read_yaml(args.config)
     if not isinstance(suite, dict):

@@ -7,8 +7,9 @@ All stores hold the averaged tensors and implement the same two operations:
   when any source holds a NaN/Inf (returns ``False``); with ``reset=True`` the old ``s`` counts as 0;
 * ``copy_(sources)``: ``s = w`` (same NaN/Inf rule).
 
-``NumpyStore`` (CPU, float32): one contiguous float32 buffer; sources are read through zero-copy DLPack
-views of the live tensors and the update runs in cache-sized chunks (3 numpy ops per 64Ki elements, one
+``NumpyStore`` (CPU, float32): one contiguous float32 buffer; sources are read through zero-copy views of
+the live tensors' memory (``paddle_compat.host_view``, the same on Paddle 2.6 and 3.x) and the update runs in
+cache-sized chunks (3 numpy ops per 64Ki elements, one
 scratch buffer). Measured on ResNet50 with paddle 3.3.1 on this project's 2-core CPU: ~41 ms against
 ~129 ms for one Paddle ``lerp_`` over a flat buffer of the same size and ~390 ms for a per-tensor loop.
 
@@ -19,12 +20,11 @@ scratch buffer). Measured on ResNet50 with paddle 3.3.1 on this project's 2-core
 """
 from __future__ import annotations
 
-import ctypes
-import math
 from typing import List, Optional, Sequence
 
 import numpy as np
-import paddle
+
+from .paddle_compat import cast_rounded, data_pointer, host_flat, host_view, paddle
 
 CHUNK = 1 << 16  # elements per numpy pass: 256 KiB of float32 stays in L2
 
@@ -35,6 +35,12 @@ def _as_fp32(tensor: paddle.Tensor) -> paddle.Tensor:
 
 def _is_cpu(tensor: paddle.Tensor) -> bool:
     return tensor.place.is_cpu_place()
+
+
+def _contiguous_view(tensor: paddle.Tensor) -> bool:
+    """Whether ``host_flat`` reads the tensor without a copy (so a cached view stays current)."""
+    view = host_view(tensor)
+    return view is not None and view.flags.c_contiguous
 
 
 class ShadowStore:
@@ -86,28 +92,6 @@ class ShadowStore:
 SMALL = 4096  # tensors below this many elements are gathered with one np.concatenate per step
 
 
-def host_view(tensor: paddle.Tensor) -> Optional[np.ndarray]:
-    """A *writable* numpy view (the tensor's shape and strides) of a CPU float32 tensor, else None.
-
-    DLPack imports are read-only in numpy; the swap needs to write EMA values in place (the same memory
-    the optimizer updates in place), so the view is made from the tensor's data pointer. Strided tensors
-    (e.g. a transposed positional-encoding buffer) get a strided view: numpy copies those far faster than
-    Paddle's strided assign. The view is only used while the tensor is alive.
-    """
-    if not (_is_cpu(tensor) and tensor.dtype == paddle.float32):
-        return None
-    shape = list(tensor.shape)
-    if math.prod(shape) == 0:
-        return np.zeros(shape, np.float32)
-    strides = list(tensor.strides) if not tensor.is_contiguous() else None
-    extent = (sum((n - 1) * st for n, st in zip(shape, strides)) + 1) if strides else math.prod(shape)
-    pointer = ctypes.cast(tensor.data_ptr(), ctypes.POINTER(ctypes.c_float))
-    base = np.ctypeslib.as_array(pointer, shape=(extent,))
-    if strides is None:
-        return base.reshape(shape)
-    return np.lib.stride_tricks.as_strided(base, shape=shape, strides=[4 * st for st in strides])
-
-
 class NumpyStore(ShadowStore):
     """float32 shadow in host memory, updated with chunked numpy passes over DLPack views.
 
@@ -134,6 +118,7 @@ class NumpyStore(ShadowStore):
         self._source_ptrs: Optional[List[int]] = None
         self._source_views: List[np.ndarray] = []
         self._strided: List[int] = []
+        self._gathered: Optional[paddle.Tensor] = None
 
     def view(self, i: int) -> np.ndarray:
         """The flat float32 shadow of tensor ``i`` (a view into the store)."""
@@ -141,16 +126,16 @@ class NumpyStore(ShadowStore):
 
     def _pairs(self, sources: Sequence[paddle.Tensor]):
         """(shadow, source) flat float32 array pairs to update: each big tensor, then the small segment."""
-        ptrs = [s.data_ptr() for s in sources]
+        ptrs = [data_pointer(s) for s in sources]
         if ptrs == self._source_ptrs or all(_is_cpu(s) and s.dtype == paddle.float32 for s in sources):
             if ptrs != self._source_ptrs:  # new or re-allocated tensors (set_state_dict, to(), ...)
-                # zero-copy views of contiguous tensors stay valid while the allocation does; a strided
-                # tensor flattens to a copy, so those are re-read every step
-                self._strided = [i for i, s in enumerate(sources) if not s.is_contiguous()]
-                self._source_views = [np.from_dlpack(s.detach()).reshape(-1) for s in sources]
+                # zero-copy views of contiguous tensors stay valid while the allocation does (the pointers are
+                # compared every step); a strided tensor flattens to a copy, so those are re-read every step
+                self._strided = [i for i, s in enumerate(sources) if not _contiguous_view(s)]
+                self._source_views = [host_flat(s.detach()) for s in sources]
                 self._source_ptrs = ptrs
             for i in self._strided:
-                self._source_views[i] = np.from_dlpack(sources[i].detach()).reshape(-1)
+                self._source_views[i] = host_flat(sources[i].detach())
             views = self._source_views
             pairs = [(self._views[i], views[i]) for i in self.big]
             if self.small:
@@ -158,7 +143,8 @@ class NumpyStore(ShadowStore):
         else:  # GPU weights or other dtypes: one concat on their device (in layout order), one copy to host
             self._source_ptrs = None
             flat = paddle.concat([_as_fp32(sources[i].detach()).reshape([-1]) for i in self.layout]).cpu()
-            host = np.from_dlpack(flat)
+            self._gathered = flat  # the host view below reads its memory: keep it alive while pairs are used
+            host = host_flat(flat)
             pairs, start = [], 0
             for i in self.big:
                 pairs.append((self._views[i], host[start:start + self.sizes[i]]))
@@ -253,7 +239,7 @@ class PaddleStore(ShadowStore):
             else:
                 old = _as_fp32(self.flat)
                 new = old + (w - old) * weight
-            paddle.assign(new.astype(self.dtype) if self.dtype != "float32" else new, output=self.flat)
+            paddle.assign(cast_rounded(new, self.dtype) if self.dtype != "float32" else new, output=self.flat)
         return True
 
     def numpy_values(self) -> List[np.ndarray]:
@@ -270,14 +256,15 @@ class PaddleStore(ShadowStore):
         with paddle.no_grad():
             for i in indices:
                 a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-                self.flat[a:b] = paddle.to_tensor(flat[start:start + self.sizes[i]]).astype(self.dtype).to(self.flat.place)
+                piece = cast_rounded(paddle.to_tensor(flat[start:start + self.sizes[i]]), self.dtype)
+                self.flat[a:b] = piece.to(self.flat.place)
                 start += self.sizes[i]
 
     def set_numpy_values(self, values: Sequence[np.ndarray]) -> None:
         host = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in values]) if values else \
             np.zeros(0, np.float32)
         with paddle.no_grad():
-            paddle.assign(paddle.to_tensor(host).astype(self.dtype).to(self.flat.place), output=self.flat)
+            paddle.assign(cast_rounded(paddle.to_tensor(host), self.dtype).to(self.flat.place), output=self.flat)
 
     def tensor_values(self, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
         flat = _as_fp32(self.flat)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import paddle
+from .paddle_compat import paddle
 
 
 def _found_inf(optimizer) -> bool:

@@ -4,7 +4,7 @@ import re
 import subprocess
 import sys
 
-from conftest import PADDLEOCR_ROOT
+from conftest import PADDLEOCR_ROOT, tool_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REC_CFG = os.path.join(REPO, "configs", "paddleocr", "tiny_rec_ctc.yml")
@@ -37,13 +37,12 @@ def ocr_train(cfg, out, data, kind, extra=(), cwd=None, launcher=True):
     if launcher:
         cmd = [sys.executable, "-m", "ema_callback.cli", "ocr-train", "-c", cfg, "-o", *opts]
     else:
-        cmd = [sys.executable, os.path.join(PADDLEOCR_ROOT, "tools", "train.py"), "-c", cfg, "-o", *opts]
+        cmd = tool_command(os.path.join(PADDLEOCR_ROOT, "tools", "train.py")) + ["-c", cfg, "-o", *opts]
     return run(cmd, cwd or out.rsplit("/", 1)[0])
 
 
 def paddleocr_tool(tool, cfg, data, kind, opts, cwd):
-    cmd = [sys.executable, os.path.join(PADDLEOCR_ROOT, "tools", tool), "-c", cfg, "-o",
-           *data_overrides(data, kind), *opts]
+    cmd = tool_command(os.path.join(PADDLEOCR_ROOT, "tools", tool)) + ["-c", cfg, "-o", *data_overrides(data, kind), *opts]
     return run(cmd, cwd)
 
 

@@ -15,7 +15,7 @@ from ema_callback.config import EMAConfigError
 from ema_callback.engine import ExponentialMovingAverage
 from ema_callback.synth import write_coco_dataset
 
-from conftest import PADDLEDET_ROOT, make_net, snapshot
+from conftest import PADDLEDET_ROOT, make_net, snapshot, tool_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "ppdet", "tiny_picodet_xs.yml")
@@ -162,7 +162,7 @@ def det_train(cwd, *args):
 
 
 def ppdet_tool(cwd, tool, *args):
-    cmd = [sys.executable, os.path.join(PADDLEDET_ROOT, "tools", tool), "-c", TINY, *args]
+    cmd = tool_command(os.path.join(PADDLEDET_ROOT, "tools", tool)) + ["-c", TINY, *args]
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT, env=env())
     return done.returncode, done.stdout + done.stderr
 
