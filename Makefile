@@ -9,7 +9,7 @@ BIN26 := $(VENV26)/bin
 PADDLE26_PKG ?= paddlepaddle==2.6.2
 # What `make test` runs under Paddle 2.6: the engine and Model.fit tests, and one end-to-end run per suite.
 PADDLE26_TESTS ?= tests/test_engine.py tests/test_callback.py tests/test_config.py tests/test_files.py \
-	tests/test_watch.py tests/test_examples.py tests/test_paddle_support.py \
+	tests/test_watch.py tests/test_examples.py tests/test_paddle_support.py tests/test_checkpoint_files.py \
 	tests/test_ocr.py::test_rec_eval_metric_is_the_ema_metric_and_tools_use_the_ema_weights \
 	tests/test_det.py::test_det_train_end_to_end
 export PADDLEOCR_ROOT ?= $(abspath ../shared/third_party/PaddleOCR-2.10)
@@ -56,9 +56,10 @@ test-paddle26: $(VENV26)/.test-installed
 soak: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q -m soak -o addopts="" tests
 
-# Paddle 3.3.1 on every model, then the Paddle 2.6 update path on the large models.
+# Paddle 3.3.1 on every model, checkpoint bytes per setting, then the Paddle 2.6 update path on the large models.
 bench: $(VENV)/.test-installed $(VENV26)/.test-installed
 	$(BIN)/python benchmarks/bench_update.py $(ARGS)
+	$(BIN)/python benchmarks/checkpoint_sizes.py
 	$(BIN26)/python benchmarks/bench_update.py --models resnet50,pp-ocrv4-rec --no-training --out bench_output/paddle26
 
 clean:

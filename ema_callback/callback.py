@@ -24,10 +24,12 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from .config import SECTION, EMAConfig, EMAConfigError, read_yaml
+from .config import SECTION, EMAConfig, EMAConfigError, check_section_name, read_yaml
 from .paddle_compat import paddle
 from .engine import ExponentialMovingAverage
+from .checkpoint_set import numpy_state, restore_raw_weights, resume_ema, save_ema_state
 from .files import StagedWrite, checked_load
+from .state_file import read_state
 from .watch import OptimizerStepCounter
 
 logger = logging.getLogger("ema_callback")
@@ -74,12 +76,14 @@ class EMACallback(paddle.callbacks.Callback):
         self._counter: Optional[OptimizerStepCounter] = None
         self._in_fit = False
         self._told_raw_eval = False
+        self._told_off = False
 
     @classmethod
     def from_config(cls, source: Union[EMAConfig, Mapping[str, Any], str], **kwargs: Any) -> "EMACallback":
         """From an ``EMAConfig``, an ``EMA:`` mapping, or a YAML file with a top-level ``EMA:`` section."""
         if isinstance(source, str):
             data = read_yaml(source)
+            check_section_name(data, source)
             if not isinstance(data, Mapping) or SECTION not in data:
                 raise EMAConfigError(f"{source}: expected a YAML file with a top-level '{SECTION}:' section")
             source = data[SECTION] or {}
@@ -100,36 +104,29 @@ class EMACallback(paddle.callbacks.Callback):
         if self.resume:
             self._resume(self.resume)
 
+    def _resume_file(self, where: str) -> Optional[str]:
+        return self._find_resume_file() if where == "auto" else where
+
     def _resume(self, where: str) -> None:
-        path = self._find_resume_file() if where == "auto" else where
-        if path is None:
-            return
-        if not path.endswith(".pdema"):
-            path = path[: -len(".pdparams")] if path.endswith(".pdparams") else path
-            path += ".pdema"
-        state = self.ema.load(path)
-        raw = state.get("raw_weights")
-        if raw:
-            self.network.set_state_dict(raw)
-        logger.info("EMA: resumed from %s at optimizer step %d (%d updates)", path, self.ema.num_steps,
-                    self.ema.num_updates)
+        path = self._resume_file(where)
+        if path is not None:
+            resume_ema(self.ema, path, self.network)
 
     def _find_resume_file(self) -> Optional[str]:
-        """The ``.pdema`` in ``save_dir`` whose raw or EMA weights equal the network's current weights."""
+        """The ``.pdema`` in ``save_dir`` whose ``.pdparams`` or raw weights equal the network's current weights
+        (the checkpoint just passed to ``Model.load``), newest first; files are read with the restricted loader."""
         if not self.save_dir or not os.path.isdir(self.save_dir):
             return None
-        current = {k: v.numpy() for k, v in self.network.state_dict().items()}
+        current = numpy_state(self.network)
         for path in sorted(glob.glob(os.path.join(self.save_dir, "*.pdema")), key=os.path.getmtime, reverse=True):
+            params = path[: -len(".pdema")] + ".pdparams"
             try:
-                state = checked_load(path)
+                candidates = [checked_load(params) if os.path.exists(params) else {}]
+                candidates.append(read_state(path).get("raw_weights") or {})
             except EMAConfigError:
                 continue
-            candidates = [state.get("raw_weights") or {}]
-            params = path[: -len(".pdema")] + ".pdparams"
-            if os.path.exists(params):
-                candidates.append(paddle.load(params, return_numpy=True))
             for weights in candidates:
-                if weights and set(weights) == set(current) and all(
+                if isinstance(weights, dict) and weights and set(weights) == set(current) and all(
                         np.array_equal(np.asarray(weights[k]), current[k]) for k in current):
                     return path
         return None
@@ -147,8 +144,9 @@ class EMACallback(paddle.callbacks.Callback):
             folder, name = os.path.split(os.path.abspath(path))
             with StagedWrite(folder) as stage:  # every file complete before it gets its final name
                 result = original(stage.path(name), training)
-                if self.ema is not None and _is_rank0():
-                    self.save_state(stage.path(name + ".pdema"))
+                if self.ema is not None and _is_rank0():  # .pdparams hold what the network holds now
+                    save_ema_state(self.ema, stage.path(name), self.network, self.raw_state_dict(),
+                                   numpy_state(self.network))
                 stage.publish(last=(name + ".pdema",))
             return result
 
@@ -164,7 +162,7 @@ class EMACallback(paddle.callbacks.Callback):
         return live
 
     def save_state(self, path: str) -> None:
-        """Write the EMA state, its update count and the raw weights to ``path`` (atomic)."""
+        """Write the EMA state, its update count and the raw weights to ``path`` (atomic, self-contained)."""
         self.ema.save(path, extra={"raw_weights": self.raw_state_dict()})
 
     def _restore_raw(self) -> None:
@@ -179,6 +177,7 @@ class EMACallback(paddle.callbacks.Callback):
     # ------------------------------------------------------------------ training events
     def on_train_begin(self, logs=None) -> None:
         if not self.config.enable:
+            self._start_without_ema()
             return
         self._in_fit = True
         if self.ema is None:
@@ -186,6 +185,15 @@ class EMACallback(paddle.callbacks.Callback):
         else:
             self._restore_raw()
         self._counter = OptimizerStepCounter(self.model._optimizer)
+
+    def _start_without_ema(self) -> None:
+        """EMA off: say so once; a resumed checkpoint saved with EMA continues from its raw weights."""
+        if not self._told_off:
+            logger.info("EMA: off for this run (EMACallback enable=False)")
+            self._told_off = True
+        path = self._resume_file(self.resume) if self.resume else None
+        if path is not None:
+            restore_raw_weights(path, self.network, "pass enable=True to continue the EMA as well")
 
     def on_epoch_begin(self, epoch=None, logs=None) -> None:
         self._restore_raw()

@@ -1,10 +1,14 @@
-"""The ``ema-callback`` command: a thin entry point over the package's modules.
+"""ema-callback: exponential moving average of model weights for PaddlePaddle training.
 
+commands:
     ema-callback demo [--steps N --decay D --out DIR --seed S]
     ema-callback merge-config SUITE.yml BLOCK.yml -o OUT.yml [--set EMA.key=value ...]
     ema-callback ocr-train -c cfg.yml [-o Key=val ...] [--paddleocr-root DIR] [--ema-config BLOCK.yml]
     ema-callback det-train -c cfg.yml [-o key=val ...] [--eval] [-r ckpt] [--paddledet-root DIR]
     ema-callback script-path ocr|det     (the script form for python -m paddle.distributed.launch)
+    ema-callback --version
+
+Run ema-callback COMMAND --help for the options of each command.
 """
 from __future__ import annotations
 
@@ -19,10 +23,14 @@ from .errors import UnsupportedPaddleError
 def _script_path(argv: List[str]) -> int:
     """``ema-callback script-path ocr|det``: the script to give ``python -m paddle.distributed.launch``."""
     import os
+
+    parser = argparse.ArgumentParser(prog="ema-callback script-path",
+                                     description="Print the path of the script form of ocr-train or det-train, "
+                                                 "for python -m paddle.distributed.launch (which takes a script path).")
+    parser.add_argument("command", choices=("ocr", "det"), help="ocr (ocr-train) or det (det-train)")
+    args = parser.parse_args(argv)
     names = {"ocr": "launch_ocr.py", "det": "launch_det.py"}
-    if len(argv) != 1 or argv[0] not in names:
-        raise EMAConfigError("script-path: expected 'ocr' or 'det'")
-    print(os.path.join(os.path.dirname(os.path.abspath(__file__)), names[argv[0]]))
+    print(os.path.join(os.path.dirname(os.path.abspath(__file__)), names[args.command]))
     return 0
 
 
@@ -30,16 +38,18 @@ def _merge_config(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="ema-callback merge-config",
                                      description="Write SUITE.yml with BLOCK.yml merged as its EMA: section "
                                                  "(the suite's own EMA: keys win; --set wins over both).")
-    parser.add_argument("suite")
-    parser.add_argument("block")
+    parser.add_argument("suite", help="the suite's YAML (PaddleOCR or PaddleDetection); it is only read")
+    parser.add_argument("block", help="a ready EMA: block file, e.g. configs/ema/default.yml")
     parser.add_argument("-o", "--out", required=True, help="the merged YAML to write")
-    parser.add_argument("--set", nargs="+", default=[], metavar="EMA.key=value")
+    parser.add_argument("--set", nargs="+", default=[], metavar="EMA.key=value",
+                        help="EMA keys to set in the merged section (win over the block and the suite's section)")
     args = parser.parse_args(argv)
     overrides, rest = split_overrides(args.set)
     if rest:
         raise EMAConfigError(f"--set {rest[0]!r}: only EMA.* keys can be set here")
     from .merge import merge_config_files
-    merge_config_files(args.suite, args.block, args.out, overrides)
+    for note in merge_config_files(args.suite, args.block, args.out, overrides):
+        print(f"merge-config: {note}")
     print(f"wrote {args.out}")
     return 0
 
@@ -75,9 +85,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         "det-train": lambda rest: __import__("ema_callback.det", fromlist=["main"]).main(rest),
         "script-path": _script_path,
     }
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
+    if argv[0] == "--version":
+        from . import __version__
+        print(f"ema-callback {__version__}")
+        return 0
+    if argv[0] not in commands:
+        print(f"ema-callback: error: unknown command {argv[0]!r}; expected one of {', '.join(commands)} "
+              "(ema-callback --help)", file=sys.stderr)
+        return 2
     try:
         return int(commands[argv[0]](argv[1:]) or 0)
     except EMAConfigError as exc:

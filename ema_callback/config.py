@@ -296,3 +296,26 @@ def resolve_block(suite_config: Mapping[str, Any], block_file: Optional[str] = N
 def has_ema_request(suite_config: Mapping[str, Any], block_file: Optional[str], overrides: Sequence) -> bool:
     """Whether the user asked for EMA at all (a section, a block file or an ``EMA.*`` override)."""
     return bool(block_file) or bool(overrides) or (isinstance(suite_config, Mapping) and SECTION in suite_config)
+
+
+def check_section_name(suite_config: Mapping[str, Any], source: str) -> None:
+    """A top-level ``ema:``/``Ema:`` is not read: one line pointing at ``EMA:`` instead of silently ignoring it."""
+    if not isinstance(suite_config, Mapping):
+        return
+    for key in suite_config:
+        if isinstance(key, str) and key != SECTION and key.upper() == SECTION:
+            raise EMAConfigError(f"{source}: top-level '{key}:' is not read; the section is '{SECTION}:' (upper case)")
+
+
+def why_disabled(suite_config: Mapping[str, Any], block_file: Optional[str], overrides: Sequence,
+                 source: str) -> str:
+    """Where an ``EMA.enable: false`` (or the absence of any EMA request) came from, for the one 'off' line."""
+    for parts, value in reversed(list(overrides)):
+        if parts == [SECTION, "enable"] or (parts == [SECTION] and isinstance(value, Mapping) and "enable" in value):
+            return "-o EMA.enable=false"
+    own = suite_config.get(SECTION) if isinstance(suite_config, Mapping) else None
+    if isinstance(own, Mapping) and own.get("enable") is False:
+        return f"EMA.enable: false in {source}"
+    if block_file:
+        return f"EMA.enable: false in {block_file}"
+    return f"no {SECTION}: section in {source}, no --ema-config and no -o {SECTION}.* option"

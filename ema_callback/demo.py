@@ -1,7 +1,7 @@
 """``ema-callback demo``: what EMA does to a real training run, in a few minutes on a CPU.
 
 Trains a small CRNN-style text recognizer (convolutional encoder, BiLSTM sequence head, CTC loss) on
-synthetic digit-string images rendered with Pillow, with ``paddle.Model.fit``, twice from the same
+synthetic text-line images (characters 0-9A-Z) rendered with Pillow, with ``paddle.Model.fit``, twice from the same
 initial weights and data order: without EMA, and with ``EMACallback(eval_raw=True)``. Prints a table
 of final/best validation accuracy and of how much the validation curve jumps between evaluations,
 and writes ``results.json`` and ``curves.png`` to ``--out``.

@@ -35,13 +35,16 @@ import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .checkout import check_checkout
-from .config import (SECTION, EMAConfig, EMAConfigError, apply_overrides, load_suite_yaml, read_block_file,
-                     read_yaml, split_overrides)
+from .checkpoint_set import (STATE_KEY, describe_start_weights, ema_file, numpy_state, restore_raw_weights)
+from .config import (SECTION, EMAConfig, EMAConfigError, apply_overrides, check_section_name, load_suite_yaml,
+                     read_block_file, read_yaml, split_overrides, why_disabled)
+from .files import checked_load
+from .state_file import resolve, store_once
+from .suite_errors import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
 
 ROOT_ENV = "PADDLEDET_ROOT"
-STATE_KEY = "ema_callback_state"
 FLAT_KEYS = ("use_ema", "ema_decay", "ema_decay_type", "cycle_epoch", "ema_black_list", "ema_filter_no_grad")
 DET_ONLY_UNSUPPORTED = {"eval_raw": False, "save_as": "ema"}
 
@@ -57,7 +60,12 @@ def load_ppdet_yaml(path: str, _seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
         raise EMAConfigError(f"{path}: expected a YAML mapping")
     merged: Dict[str, Any] = {}
     for base in data.get("_BASE_", []) or []:
-        _deep_merge(merged, load_ppdet_yaml(os.path.join(os.path.dirname(path), base), _seen + (path,)))
+        base_path = os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(base_path):
+            raise EMAConfigError(f"{path}: _BASE_ entry {base!r} resolves to {os.path.abspath(base_path)}, which does "
+                                 "not exist; _BASE_ paths are relative to the file that names them: fix the path "
+                                 "(an absolute path into your PaddleDetection checkout works from anywhere)")
+        _deep_merge(merged, load_ppdet_yaml(base_path, _seen + (path,)))
     _deep_merge(merged, {k: v for k, v in data.items() if k != "_BASE_"})
     return merged
 
@@ -154,14 +162,12 @@ class PpdetEMA:
 
     def resume(self, state_dict, step: int = 0) -> None:
         """From ppdet's ``load_weight``: our exact state when the ``.pdema`` carries it, else the saved EMA weights."""
-        from .files import checked_load
-
         state = None
         if self.resume_path:
-            prefix = re.sub(r"\.(pdparams|pdema|pdopt)$", "", self.resume_path)
-            if os.path.exists(prefix + ".pdema"):
-                state = checked_load(prefix + ".pdema").get(STATE_KEY)
-                source = prefix + ".pdema"
+            source = ema_file(self.resume_path)
+            data = checked_load(source) if os.path.exists(source) else {}
+            if isinstance(data, dict) and STATE_KEY in data:
+                state = resolve(data[STATE_KEY], source)
         if state is not None:
             self.engine.set_state_dict(state, source=source)
             logger.info("EMA: resumed from %s at optimizer step %d (%d updates)", source, self.engine.num_steps,
@@ -187,7 +193,9 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
         def on_epoch_end(self, status):
             weight = status.get("weight")
             if isinstance(weight, dict) and isinstance(self.model.ema, PpdetEMA):
-                weight[STATE_KEY] = self.model.ema.engine.state_dict()
+                # the Checkpointer saves the network (EMA weights now) as .pdparams: the shadow refers to it
+                weight[STATE_KEY] = store_once(self.model.ema.engine.state_dict(),
+                                               {".pdparams": numpy_state(self.model.model)})
 
     class EMATrainer(Trainer):
         """ppdet's Trainer with our engine as ``trainer.ema``."""
@@ -212,7 +220,11 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
         def resume_weights(self, weights):
             if isinstance(getattr(self, "ema", None), PpdetEMA):
                 self.ema.resume_path = weights
-            return super().resume_weights(weights)
+                return super().resume_weights(weights)
+            result = super().resume_weights(weights)  # EMA off: ppdet loads the .pdparams (EMA weights, if any)
+            restore_raw_weights(weights, self.model, "drop EMA.enable=false (or use -o EMA.enable=true) to continue "
+                                "the EMA as well")
+            return result
 
         def train(self, validate=False):
             result = super().train(validate)
@@ -227,13 +239,49 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
 
 # ---------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ema-callback det-train",
-                                description="PaddleDetection's tools/train.py with EMA from the EMA: section.")
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("-o", "--opt", nargs="+", action="extend", default=[], metavar="key=value")
+    p = argparse.ArgumentParser(prog="ema-callback det-train", add_help=False,
+                                description="PaddleDetection's tools/train.py with EMA from the EMA: section. "
+                                            "Every other argument (--eval, -r/--resume, --amp, ...) is ppdet's own, "
+                                            "passed to its tools/train.py: they are listed below.")
+    p.add_argument("-h", "--help", action="store_true", help="this help, then ppdet's own arguments")
+    p.add_argument("-c", "--config", required=True, help="ppdet YAML config (its _BASE_ files are followed)")
+    p.add_argument("-o", "--opt", nargs="+", action="extend", default=[], metavar="key=value",
+                   help="overrides, as tools/train.py takes them; EMA.* keys work without an EMA: section")
     p.add_argument("--paddledet-root", default=None, help=f"PaddleDetection checkout (default: ${ROOT_ENV})")
     p.add_argument("--ema-config", default=None, help="a ready EMA: block merged under the YAML's own section")
     return p
+
+
+def _print_help(root_option: Optional[str]) -> int:
+    """Our arguments, then ppdet's own (its tools/train.py's --help), where a checkout can be found."""
+    build_parser().print_help()
+    try:
+        root = resolve_root(root_option)
+    except EMAConfigError as exc:
+        print(f"\nppdet's own arguments: not shown ({exc})")
+        return 0
+    print(f"\nppdet's own arguments ({os.path.join(root, 'tools', 'train.py')}), passed through:", flush=True)
+    saved = sys.argv
+    sys.argv = [os.path.join(root, "tools", "train.py"), "--help"]
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit:
+        pass
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _option_value(args: List[str], *names: str) -> Optional[str]:
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
 
 
 def resolve_root(explicit: Optional[str]) -> str:
@@ -248,16 +296,26 @@ def resolve_root(explicit: Optional[str]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        return _print_help(_option_value(argv, "--paddledet-root"))
     args, passthrough = build_parser().parse_known_args(argv)
     from . import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
     root = resolve_root(args.paddledet_root)
     suite = load_ppdet_yaml(args.config)
+    check_section_name(suite, args.config)
     ema_overrides, det_overrides = split_overrides(args.opt)
     for text in det_overrides:  # ppdet's flat EMA keys given with -o decide the EMA too
         key, _, raw = text.partition("=")
-        if key.strip() in FLAT_KEYS:
+        if key.strip() in FLAT_KEYS + ("pretrain_weights",):
             suite[key.strip()] = load_suite_yaml(raw)
     config, extra = resolve_det_config(suite, args.ema_config, ema_overrides)
+    if not config.enable:
+        logger.info("EMA: off for this run (%s)", why_disabled(suite, args.ema_config, ema_overrides, args.config)
+                    if not suite.get("use_ema") else "use_ema overridden")
+    resume = _option_value(passthrough, "-r", "--resume")
+    if isinstance(suite.get("pretrain_weights"), str) and not resume:
+        describe_start_weights(suite["pretrain_weights"], "pretrain_weights")
     if root not in sys.path:
         sys.path.insert(0, root)
     import ppdet.engine
@@ -270,9 +328,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     opts = list(det_overrides) + (["use_ema=false"] if not config.enable and suite.get("use_ema") else [])
     sys.argv = [train_script, "-c", args.config] + passthrough + (["-o", *opts] if opts else [])
     try:
-        if config.enable:
+        if config.enable or resume:  # with EMA off, only a resume needs our Trainer (raw weights back)
             ppdet.engine.Trainer = _make_trainer_class(config, extra)
-        runpy.run_path(train_script, run_name="__main__")
+        with suite_errors_named(root, "PaddleDetection"):
+            runpy.run_path(train_script, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code == 2:  # argparse: a mistyped or unknown ppdet argument
+            print("ema-callback det-train: the error above is from PaddleDetection's tools/train.py argument parser; "
+                  "`ema-callback det-train --help` lists its arguments", file=sys.stderr)
+        raise
     finally:
         sys.argv = saved_argv
         ppdet.engine.Trainer = original

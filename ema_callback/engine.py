@@ -28,10 +28,11 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 import numpy as np
 
 from .config import EMAConfig
-from .files import FORMAT, EMAFileError, atomic_save, checked_load
-from .paddle_compat import cast_rounded, data_pointer, host_view, paddle
+from .files import EMAFileError, atomic_save
+from .paddle_compat import cast_rounded, data_pointer, host_view, move_to, paddle
 from .schedules import decay_at
 from .selection import AVERAGE, COPY, FOLLOW, Entry, classify, unwrap
+from .state_file import FORMAT, READABLE_FORMATS, read_state, store_once
 from .storage import NumpyStore, ShadowStore, make_store
 
 logger = logging.getLogger("ema_callback")
@@ -349,7 +350,7 @@ class ExponentialMovingAverage:
 
     def set_state_dict(self, state: Mapping[str, Any], source: str = "state dict") -> None:
         """Load a ``state_dict()``; a mismatch with the model raises ``EMAFileError`` listing the keys."""
-        if not isinstance(state, Mapping) or state.get("format") != FORMAT:
+        if not isinstance(state, Mapping) or state.get("format") not in READABLE_FORMATS:
             found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
             raise EMAFileError(f"{source}: not an ema-callback state (format {found!r}, expected {FORMAT!r})")
         shadow = state.get("shadow") or {}
@@ -381,11 +382,18 @@ class ExponentialMovingAverage:
         self.decay_product = float(state["decay_product"])
         self.last_decay = state.get("last_decay")
 
-    def save(self, path: str, extra: Optional[Mapping[str, Any]] = None) -> None:
-        """Write ``state_dict()`` (plus ``extra`` entries, e.g. raw weights) to ``path`` atomically."""
+    def save(self, path: str, extra: Optional[Mapping[str, Any]] = None,
+             companions: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None) -> None:
+        """Write ``state_dict()`` (plus ``extra`` entries, e.g. raw weights) to ``path`` atomically.
+
+        ``companions`` (suffix -> arrays, e.g. ``{".pdparams": what the suite saved}``): tensors those files hold
+        bit for bit are stored as references to them (``state_file.store_once``).
+        """
         state = self.state_dict()
         if extra:
             state.update(extra)
+        if companions:
+            state = store_once(state, companions)
         atomic_save(state, path)
 
     def load(self, path: str) -> Dict[str, Any]:
@@ -393,7 +401,7 @@ class ExponentialMovingAverage:
 
         Nothing is changed when the file is unreadable or does not match the model.
         """
-        state = checked_load(path)
+        state = read_state(path)
         self.set_state_dict(state, source=path)
         return state
 
@@ -418,8 +426,7 @@ def _copy_into(target: paddle.Tensor, value) -> None:
         value = paddle.to_tensor(value)
     if value.dtype != target.dtype:
         value = cast_rounded(value, _DTYPE_NAMES.get(target.dtype, target.dtype))
-    if str(value.place) != str(target.place):
-        value = value.to(target.place)
+    value = move_to(value, target.place)
     paddle.assign(value.reshape(target.shape), output=target)
 
 

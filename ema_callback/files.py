@@ -16,9 +16,6 @@ from typing import Any
 
 from .config import EMAConfigError
 
-FORMAT = "ema-callback/1"
-
-
 class EMAFileError(EMAConfigError):
     """An EMA file that cannot be written, read or does not match the model; one line naming the file."""
 
@@ -50,6 +47,7 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
         os.replace(tmp, path)
         tmp = None
     except OSError as exc:
@@ -59,9 +57,19 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
             os.unlink(tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def checked_load(path: str) -> Any:
-    """``paddle.load(path)`` with one-line errors naming the file (missing, directory, truncated, corrupt)."""
-    from .paddle_compat import paddle
+    """A ``paddle.save`` file read through the restricted unpickler (``safe_pickle``), tensors as numpy arrays.
+
+    One-line errors naming the file: missing, directory, empty, truncated or corrupt, or a file that names a
+    global plain data never needs (it would run code when loaded): nothing of it is executed.
+    """
+    from .safe_pickle import RefusedGlobal, safe_loads
 
     if os.path.isdir(path):
         raise EMAFileError(f"{path}: is a directory, expected a file")
@@ -71,7 +79,10 @@ def checked_load(path: str) -> Any:
         raise EMAFileError(f"{path}: empty file")
     try:
         with open(path, "rb") as handle:
-            return paddle.load(io.BytesIO(handle.read()), return_numpy=True)
+            return safe_loads(handle.read())
+    except RefusedGlobal as exc:
+        raise EMAFileError(f"{path}: refused to load: it names the global {exc}, which a file of weights never "
+                           "needs (loading it would run code); nothing of it was executed") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             ImportError, RuntimeError, OSError, MemoryError, UnicodeDecodeError) as exc:
         detail = " ".join(str(exc).split())[:120]

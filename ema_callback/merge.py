@@ -1,42 +1,94 @@
 """Merge a ready ``EMA:`` block into a suite YAML without editing the suite file.
 
 Precedence, lowest first: the ready block < the suite's own ``EMA:`` section < ``-o EMA.*`` overrides.
-``merge_yaml_text`` keeps the suite text (its keys, order and comments) verbatim and only appends or
-rewrites the top-level ``EMA:`` section.
+``merge_yaml_text`` keeps the suite text (its keys, order and comments) verbatim and edits only the top-level
+``EMA:`` section, line by line: the section keeps block style and its comments (the ready block's, when the suite
+has none), a key set with ``--set`` replaces its value in place (keeping a trailing comment) or is appended, and
+block keys the suite's section lacks are appended. The result is parsed back and checked against the merged
+values. A ppdet config whose own ``use_ema: true`` (or its ``_BASE_``'s) would run ppdet's EMA beside ours gets
+``use_ema: false`` written into the merged file, and the command says so.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
-from .config import SECTION, EMAConfig, EMAConfigError, apply_overrides, load_suite_yaml, read_block_file
+from .config import (SECTION, EMAConfig, EMAConfigError, apply_overrides, check_section_name, load_suite_yaml,
+                     read_block_file)
 
 _TOP_LEVEL_KEY = re.compile(r"^[^\s#-][^:]*:")
 
 
-def _section_span(lines: List[str]) -> Optional[Tuple[int, int]]:
-    """Line range [start, end) of the top-level ``EMA:`` section, or None."""
+def _section_span(lines: List[str], name: str = SECTION) -> Optional[Tuple[int, int]]:
+    """Line range [start, end) of the top-level ``name:`` section, or None (trailing comments stay outside)."""
     start = None
     for i, line in enumerate(lines):
-        if start is None and re.match(rf"^{SECTION}\s*:", line):
+        if start is None and re.match(rf"^{re.escape(name)}\s*:", line):
             start = i
         elif start is not None and _TOP_LEVEL_KEY.match(line):
-            return start, i
+            end = i
+            while end - 1 > start and lines[end - 1].lstrip().startswith("#"):
+                end -= 1  # a comment right above the next key belongs to that key
+            return start, end
     return (start, len(lines)) if start is not None else None
 
 
-def _dump_section(block: Mapping[str, Any]) -> str:
-    return yaml.safe_dump({SECTION: dict(block)}, default_flow_style=None, sort_keys=False)
+def _flow(value: Any) -> str:
+    """A value as one YAML flow token (``0.999``, ``[a, b]``, ``'x: y'``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10 ** 6)
+    if text.endswith("\n...\n"):  # a plain scalar document
+        text = text[: -len("...\n")]
+    return text.strip()
+
+
+def _child_indent(section: List[str]) -> int:
+    for line in section[1:]:
+        if line.strip() and not line.lstrip().startswith("#"):
+            return len(line) - len(line.lstrip())
+    return 2
+
+
+def _set_key(section: List[str], key: str, value: Any) -> List[str]:
+    """The section's lines with ``key`` set to ``value``: replaced in place (trailing comment kept) or appended."""
+    indent = _child_indent(section)
+    pattern = re.compile(rf"^( {{{indent}}}){re.escape(key)}\s*:(?P<value>[^#\n]*?)(?P<comment>\s+#.*)?$")
+    out = list(section)
+    for i in range(1, len(out)):
+        match = pattern.match(out[i].rstrip("\n"))
+        if not match:
+            continue
+        end = i + 1  # a multi-line value (a block list) continues on more-indented lines
+        while end < len(out) and (not out[end].strip() or len(out[end]) - len(out[end].lstrip()) > indent) \
+                and not out[end].lstrip().startswith("#"):
+            end += 1
+        out[i:end] = [f"{' ' * indent}{key}: {_flow(value)}{match.group('comment') or ''}\n"]
+        return out
+    last = len(out)
+    while last > 1 and not out[last - 1].strip():
+        last -= 1
+    if not out[last - 1].endswith("\n"):
+        out[last - 1] += "\n"
+    out.insert(last, f"{' ' * indent}{key}: {_flow(value)}\n")
+    return out
+
+
+def _section_lines(text: str) -> List[str]:
+    lines = text.splitlines(keepends=True)
+    span = _section_span(lines)
+    return lines[span[0]:span[1]] if span else [f"{SECTION}:\n"]
 
 
 def merge_yaml_text(suite_text: str, block: Mapping[str, Any], block_text: Optional[str] = None,
                     overrides: Iterable[Tuple[List[str], Any]] = ()) -> str:
     """Suite YAML text with the merged ``EMA:`` section (validated)."""
+    overrides = list(overrides)
     suite = load_suite_yaml(suite_text) or {}
     if not isinstance(suite, Mapping):
         raise EMAConfigError("suite config: expected a YAML mapping at the top level")
+    check_section_name(suite, "suite config")
     own = suite.get(SECTION) or {}
     if not isinstance(own, Mapping):
         raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, got {own!r}")
@@ -46,20 +98,53 @@ def merge_yaml_text(suite_text: str, block: Mapping[str, Any], block_text: Optio
     EMAConfig.from_block(merged)
     lines = suite_text.splitlines(keepends=True)
     span = _section_span(lines)
-    if span is None and not list(overrides) and block_text is not None:
-        body = block_text  # no section of its own: append the ready block with its comments
+    if span is None:  # the ready block's own section (with its comments), or a fresh one
+        section = _section_lines(block_text) if block_text is not None else [f"{SECTION}:\n"]
+        keys_present = dict(load_suite_yaml("".join(section)).get(SECTION) or {})
     else:
-        body = _dump_section(merged)
+        section, keys_present = lines[span[0]:span[1]], dict(own)
+    for key, value in merged.items():
+        if key not in keys_present or keys_present[key] != value:
+            section = _set_key(section, key, value)
+    body = "".join(section)
     if span is None:
         head = suite_text if suite_text.endswith("\n") or not suite_text else suite_text + "\n"
-        return head + "\n" + body
-    start, end = span
-    return "".join(lines[:start]) + body + "".join(lines[end:])
+        comments = block_text[: block_text.find(SECTION + ":")] if block_text and SECTION + ":" in block_text else ""
+        result = head + "\n" + comments + body
+    else:
+        result = "".join(lines[:span[0]]) + body + "".join(lines[span[1]:])
+    if dict(load_suite_yaml(result).get(SECTION) or {}) != merged:  # the line edit must mean what was asked
+        raise EMAConfigError(f"{SECTION}: could not rewrite the section in place; merged values {merged}")
+    return result
+
+
+def _ppdet_uses_its_own_ema(suite_path: str, suite: Mapping[str, Any]) -> bool:
+    if suite.get("use_ema") is True:
+        return True
+    if not suite.get("_BASE_"):
+        return False
+    from .det import load_ppdet_yaml  # follows _BASE_ like ppdet (no paddle import)
+
+    return load_ppdet_yaml(suite_path).get("use_ema") is True
+
+
+def _set_top_level(text: str, key: str, value: Any) -> str:
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        match = re.match(rf"^{re.escape(key)}\s*:[^#\n]*?(?P<comment>\s+#.*)?$", line.rstrip("\n"))
+        if match:
+            lines[i] = f"{key}: {_flow(value)}{match.group('comment') or ''}\n"
+            return "".join(lines)
+    span = _section_span(lines)
+    at = span[0] if span else len(lines)
+    lines.insert(at, f"{key}: {_flow(value)}  # set by ema-callback merge-config: the {SECTION}: section replaces "
+                     "ppdet's own EMA\n")
+    return "".join(lines)
 
 
 def merge_config_files(suite_path: str, block_path: str, out_path: str,
-                       overrides: Iterable[Tuple[List[str], Any]] = ()) -> None:
-    """``ema-callback merge-config SUITE.yml BLOCK.yml -o OUT.yml``."""
+                       overrides: Iterable[Tuple[List[str], Any]] = ()) -> List[str]:
+    """``ema-callback merge-config SUITE.yml BLOCK.yml -o OUT.yml``; returns notes to print."""
     block = read_block_file(block_path)
     with open(block_path, "r", encoding="utf-8") as handle:
         block_text = handle.read()
@@ -68,9 +153,16 @@ def merge_config_files(suite_path: str, block_path: str, out_path: str,
             suite_text = handle.read()
     except OSError as exc:
         raise EMAConfigError(f"{suite_path}: cannot be read ({exc.strerror})") from None
+    notes = []
     try:
         merged = merge_yaml_text(suite_text, block, block_text, list(overrides))
+        suite = load_suite_yaml(suite_text) or {}
     except yaml.YAMLError as exc:
         raise EMAConfigError(f"{suite_path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if isinstance(suite, Mapping) and _ppdet_uses_its_own_ema(os.path.abspath(suite_path), suite):
+        merged = _set_top_level(merged, "use_ema", False)
+        notes.append(f"set use_ema: false in {out_path}: ppdet's own EMA (use_ema: true in {suite_path} or its "
+                     f"_BASE_) would otherwise run beside the {SECTION}: section, which det-train refuses")
     from .files import atomic_write_text
     atomic_write_text(merged, out_path)
+    return notes

@@ -32,9 +32,13 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .checkout import check_checkout
-from .config import EMAConfig, EMAConfigError, has_ema_request, read_yaml, resolve_block, split_overrides
+from .checkpoint_set import (describe_start_weights, numpy_state, restore_raw_weights, resume_ema,
+                             save_ema_state)
+from .config import (SECTION, EMAConfig, EMAConfigError, check_section_name, has_ema_request, load_suite_yaml, read_yaml,
+                     resolve_block, split_overrides, why_disabled)
 from .files import StagedWrite
 from .guard import OutputGuard
+from .suite_errors import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
 
@@ -77,13 +81,46 @@ def import_program(root: str):
     return program
 
 
-class PaddleOCRHooks:
-    """The four wrapped seams of ``tools.program``; ``install()`` / ``uninstall()`` (a context manager)."""
+def unwrap(model):
+    from .selection import unwrap as _unwrap  # imports paddle: not at module import (fast --help)
 
-    def __init__(self, program, config: EMAConfig, guard: Optional[OutputGuard] = None):
+    return _unwrap(model)
+
+
+class _FinalPathLogger:
+    """PaddleOCR's logger, with the staging folder of a checkpoint set replaced by its final folder in messages."""
+
+    def __init__(self, log, staging: str, final: str):
+        self._log, self._staging, self._final = log, staging, final
+
+    def __getattr__(self, name):
+        method = getattr(self._log, name)
+        if name not in ("debug", "info", "warning", "error"):
+            return method
+
+        def rewritten(message, *args, **kwargs):
+            if isinstance(message, str):
+                message = message.replace(self._staging, self._final)
+            return method(message, *args, **kwargs)
+
+        return rewritten
+
+
+class PaddleOCRHooks:
+    """The wrapped seams of ``tools.program``, installed for the run by ``installed()`` (a context manager).
+
+    Always (even with EMA off): ``program.train`` checks what the run starts from (a resumed checkpoint saved
+    with EMA gets its raw weights back, a pretrained model of an EMA run gets one line). With an ``EMA:`` request:
+    ``program.merge_config`` puts the resolved block into the config PaddleOCR saves as ``config.yml``. With EMA
+    on: ``train`` builds and resumes the engine, ``eval`` and ``save_model`` as in the module docstring.
+    """
+
+    def __init__(self, program, config: EMAConfig, guard: Optional[OutputGuard] = None,
+                 resolved_block: Optional[Dict[str, Any]] = None):
         self.program = program
         self.config = config
         self.guard = guard
+        self.resolved_block = resolved_block
         self.ema = None
         self.model = None
         self.counter = None
@@ -92,7 +129,12 @@ class PaddleOCRHooks:
 
     @contextlib.contextmanager
     def installed(self):
-        for name, wrapper in (("train", self._train), ("eval", self._eval), ("save_model", self._save_model)):
+        seams = [("train", self._train)]
+        if self.resolved_block is not None:
+            seams.append(("merge_config", self._merge_config))
+        if self.config.enable:
+            seams += [("eval", self._eval), ("save_model", self._save_model)]
+        for name, wrapper in seams:
             self._originals[name] = getattr(self.program, name)
             setattr(self.program, name, wrapper)
         try:
@@ -103,42 +145,46 @@ class PaddleOCRHooks:
             if self.counter is not None:
                 self.counter.close()
 
+    # ---------------------------------------------------------------- config.yml
+    def _merge_config(self, config, opts, *args, **kwargs):
+        """PaddleOCR's merge of ``-o`` options, then the resolved ``EMA:`` block (``-o EMA.*`` and
+        ``--ema-config`` included): ``preprocess`` saves this config as ``config.yml``, so
+        ``-c output/<run>/config.yml`` resumes with the EMA as it was."""
+        merged = self._originals["merge_config"](config, opts, *args, **kwargs)
+        merged[SECTION] = dict(self.resolved_block)
+        return merged
+
     # ---------------------------------------------------------------- train
     def _train(self, config, train_dataloader, valid_dataloader, device, model, loss_class, optimizer,
                lr_scheduler, post_process_class, eval_class, pre_best_model_dict, logger_, *args, **kwargs):
+        global_config = config.get("Global") or {}
+        checkpoints, pretrained = global_config.get("checkpoints"), global_config.get("pretrained_model")
+        if not checkpoints and pretrained:
+            describe_start_weights(pretrained, "Global.pretrained_model", logger_)
+        if self.config.enable:
+            self._start_ema(model, optimizer, checkpoints, logger_)
+        elif checkpoints:
+            restore_raw_weights(checkpoints, unwrap(model), "add -o EMA.enable=true (or resume with the run's own "
+                                "config.yml) to continue the EMA as well", logger_)
+        result = self._originals["train"](config, train_dataloader, valid_dataloader, device, model, loss_class,
+                                          optimizer, lr_scheduler, post_process_class, eval_class,
+                                          pre_best_model_dict, logger_, *args, **kwargs)
+        if self.ema is not None:
+            logger.info("EMA: finished: %s", self.ema.summary())
+        return result
+
+    def _start_ema(self, model, optimizer, checkpoints, logger_) -> None:
         from .engine import ExponentialMovingAverage
         from .watch import OptimizerStepCounter
 
         self.model = model
         self.ema = ExponentialMovingAverage(model, self.config, optimizer=optimizer)
-        checkpoints = (config.get("Global") or {}).get("checkpoints")
         if checkpoints:
-            self._resume(checkpoints, model, logger_)
+            resume_ema(self.ema, checkpoints, unwrap(model), logger_)
         if self.guard is not None:
             self.guard.release()  # the EMA is set up: from here on the run's files are the run's
         self.counter = OptimizerStepCounter(optimizer, on_update=self.ema.step)
         logger_.info("EMA: %s", ", ".join(f"{k}: {v}" for k, v in self.config.to_block().items()))
-        result = self._originals["train"](config, train_dataloader, valid_dataloader, device, model, loss_class,
-                                          optimizer, lr_scheduler, post_process_class, eval_class,
-                                          pre_best_model_dict, logger_, *args, **kwargs)
-        logger.info("EMA: finished: %s", self.ema.summary())
-        return result
-
-    def _resume(self, checkpoints: str, model, logger_) -> None:
-        prefix = checkpoints[: -len(".pdparams")] if checkpoints.endswith(".pdparams") else checkpoints
-        path = prefix + ".pdema"
-        if not os.path.exists(path):
-            logger_.warning("EMA: no EMA state at %s; the EMA starts from the loaded weights at update 0%s", path,
-                            " (with save_as: ema those are EMA weights: the raw weights of that run are lost)"
-                            if self.config.save_as == "ema" else "")
-            return
-        state = self.ema.load(path)
-        raw = state.get("raw_weights")
-        if raw:
-            from .selection import unwrap
-            unwrap(model).set_state_dict(raw)
-        logger_.info("EMA: resumed from %s at optimizer step %d (%d updates); raw weights %s", path,
-                     self.ema.num_steps, self.ema.num_updates, "restored from it" if raw else "from the checkpoint")
 
     # ---------------------------------------------------------------- eval
     def _eval(self, model, *args, **kwargs):
@@ -168,30 +214,25 @@ class PaddleOCRHooks:
         if self.ema is None:
             return original(model, optimizer, model_path, logger_, config, is_best=is_best, prefix=prefix, **kwargs)
         from .callback import _is_rank0
-        raw = {k: v.numpy() for k, v in _unwrapped(model).state_dict().items()}
+        raw = numpy_state(unwrap(model))
         relatives = [prefix] + ([os.path.join("best_model", "model")] if prefix == "best_accuracy" else [])
         with StagedWrite(model_path) as stage:  # a crash never leaves a partial file under a final name
+            log = _FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
             if self.config.save_as == "raw" or self.ema.num_steps < self.config.eval_start_step:
                 # raw: PaddleOCR's files untouched; before eval_start_step the best model is chosen on raw weights
-                result = original(model, optimizer, stage.tmp, logger_, config, is_best=is_best, prefix=prefix,
-                                  **kwargs)
+                result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix, **kwargs)
+                held = raw
             else:
                 with self.ema.swapped(model):
-                    result = original(model, optimizer, stage.tmp, logger_, config, is_best=is_best, prefix=prefix,
+                    result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix,
                                       **kwargs)
+                    held = numpy_state(model)
             if _is_rank0():
                 for relative in relatives:
-                    self.ema.save(stage.path(relative + ".pdema"), extra={"raw_weights": raw})
-                    if self.config.save_as == "raw":
-                        self.ema.export(stage.path(relative + ".ema.pdparams"), _unwrapped(model))
+                    save_ema_state(self.ema, stage.path(relative), unwrap(model), raw, held, self.config.save_as)
                 logger.info("EMA: saved %s.pdema (%s)", os.path.join(model_path, prefix), self.ema.summary())
             stage.publish(last=tuple(r + ".pdema" for r in relatives))
         return result
-
-
-def _unwrapped(model):
-    from .selection import unwrap
-    return unwrap(model)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -201,9 +242,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     suite = read_yaml(args.config)
     if not isinstance(suite, dict):
         raise EMAConfigError(f"{args.config}: expected a PaddleOCR YAML mapping")
+    check_section_name(suite, args.config)
     ema_overrides, suite_overrides = split_overrides(args.opt)
     wanted = has_ema_request(suite, args.ema_config, ema_overrides)
     config = resolve_block(suite, args.ema_config, ema_overrides) if wanted else EMAConfig(enable=False)
+    if not config.enable:
+        logger.info("EMA: off for this run (%s)", why_disabled(suite, args.ema_config, ema_overrides, args.config))
+    _check_relative_paths(suite, suite_overrides, root)
     save_dir = _save_dir(suite, suite_overrides)
     train_script = os.path.join(root, "tools", "train.py")
     argv_for_paddleocr = [train_script, "-c", args.config]
@@ -214,17 +259,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     program = import_program(root)
     saved_argv = sys.argv
     sys.argv = argv_for_paddleocr
+    guard = OutputGuard(save_dir if config.enable else None)
+    hooks = PaddleOCRHooks(program, config, guard if config.enable else None,
+                           resolved_block=config.to_block() if wanted else None)
     try:
-        if not config.enable:
-            runpy.run_path(train_script, run_name="__main__")
-            return 0
-        guard = OutputGuard(save_dir)
-        hooks = PaddleOCRHooks(program, config, guard)
-        with guard, hooks.installed():
+        with guard, hooks.installed(), suite_errors_named(root, "PaddleOCR"):
             runpy.run_path(train_script, run_name="__main__")
         return 0
     finally:
         sys.argv = saved_argv
+
+
+# Paths PaddleOCR opens relative to the working directory.
+_PATH_KEYS = (("Global", "character_dict_path"), ("Train", "dataset", "data_dir"), ("Eval", "dataset", "data_dir"),
+              ("Train", "dataset", "label_file_list"), ("Eval", "dataset", "label_file_list"))
+
+
+def _check_relative_paths(suite: Dict[str, Any], overrides: List[str], root: str) -> None:
+    """A relative path of the config that does not exist from the working directory: one line saying why."""
+    values = {}
+    for keys in _PATH_KEYS:
+        node: Any = suite
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        values[".".join(keys)] = node
+    for text in overrides:
+        key, _, raw = text.partition("=")
+        if key.strip() in values:
+            values[key.strip()] = load_suite_yaml(raw)
+    for key, value in values.items():
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, str) and path and not os.path.isabs(path) and not os.path.exists(path):
+                raise EMAConfigError(
+                    f"{key}: {path} does not exist from the working directory {os.getcwd()}; PaddleOCR opens "
+                    f"relative paths from there: run from the PaddleOCR checkout (cd {root}), as PaddleOCR's own "
+                    "docs do, or give an absolute path")
 
 
 def _save_dir(suite: Dict[str, Any], overrides: List[str]) -> Optional[str]:

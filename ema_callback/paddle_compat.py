@@ -146,3 +146,20 @@ def cast_rounded(tensor: "paddle.Tensor", dtype: str) -> "paddle.Tensor":
     bits = host.view(np.uint32).astype(np.uint64)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
     return paddle.to_tensor(rounded, dtype="bfloat16", place=paddle.CPUPlace())
+
+
+def _specific_place(place):
+    """A ``Place`` read off a tensor as the specific place class ``Tensor.to`` accepts on every version."""
+    if place.is_cpu_place():
+        return paddle.CPUPlace()
+    if place.is_gpu_place():
+        return paddle.CUDAPlace(place.gpu_device_id())
+    return place
+
+
+def move_to(tensor: "paddle.Tensor", place) -> "paddle.Tensor":
+    """``tensor`` on ``place`` (itself when already there). Paddle 2.6's ``Tensor.to`` refuses the generic
+    ``Place`` that ``tensor.place`` returns, so that one is turned into ``CPUPlace``/``CUDAPlace`` first."""
+    if str(tensor.place) == str(place):
+        return tensor
+    return tensor.to(_specific_place(place) if type(place).__name__ == "Place" else place)

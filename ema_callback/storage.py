@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .paddle_compat import cast_rounded, data_pointer, host_flat, host_view, paddle
+from .paddle_compat import cast_rounded, data_pointer, host_flat, host_view, move_to, paddle
 
 CHUNK = 1 << 16  # elements per numpy pass: 256 KiB of float32 stays in L2
 
@@ -219,15 +219,13 @@ class PaddleStore(ShadowStore):
         with paddle.no_grad():
             self.flat = paddle.zeros([self.numel], dtype=dtype)
             if place is not None:
-                self.flat = self.flat.to(place) if not _same_place(self.flat, place) else self.flat
+                self.flat = move_to(self.flat, place)
         self.flat.stop_gradient = True
 
     def _gather(self, sources: Sequence[paddle.Tensor]) -> paddle.Tensor:
         pieces = [_as_fp32(s.detach()).reshape([-1]) for s in sources]
         flat = paddle.concat(pieces) if len(pieces) > 1 else pieces[0]
-        if not _same_place(flat, self.flat.place):
-            flat = flat.to(self.flat.place)
-        return flat
+        return move_to(flat, self.flat.place)
 
     def lerp_(self, sources: Sequence[paddle.Tensor], weight: float, reset: bool = False) -> bool:
         with paddle.no_grad():
@@ -257,14 +255,14 @@ class PaddleStore(ShadowStore):
             for i in indices:
                 a, b = int(self.offsets[i]), int(self.offsets[i + 1])
                 piece = cast_rounded(paddle.to_tensor(flat[start:start + self.sizes[i]]), self.dtype)
-                self.flat[a:b] = piece.to(self.flat.place)
+                self.flat[a:b] = move_to(piece, self.flat.place)
                 start += self.sizes[i]
 
     def set_numpy_values(self, values: Sequence[np.ndarray]) -> None:
         host = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in values]) if values else \
             np.zeros(0, np.float32)
         with paddle.no_grad():
-            paddle.assign(cast_rounded(paddle.to_tensor(host), self.dtype).to(self.flat.place), output=self.flat)
+            paddle.assign(move_to(cast_rounded(paddle.to_tensor(host), self.dtype), self.flat.place), output=self.flat)
 
     def tensor_values(self, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
         flat = _as_fp32(self.flat)
@@ -311,10 +309,6 @@ class ReferenceStore(ShadowStore):
 
 def _selected(indices: Optional[Sequence[int]], count: int) -> Sequence[int]:
     return range(count) if indices is None else indices
-
-
-def _same_place(tensor: paddle.Tensor, place) -> bool:
-    return str(tensor.place) == str(place)
 
 
 def make_store(shapes: Sequence[Sequence[int]], storage_dtype: str, on_host: bool, path: str = "auto",

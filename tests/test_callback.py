@@ -8,6 +8,7 @@ import pytest
 
 from ema_callback import EMACallback
 from ema_callback.config import EMAConfigError
+from ema_callback.state_file import read_state
 
 from fit_helpers import Blobs, loaders, make_model, weights
 
@@ -96,7 +97,7 @@ def test_final_ema_weights_stay_for_save_and_evaluate(tmp_path):
     model.save(str(tmp_path / "after"))
     saved = paddle.load(str(tmp_path / "after.pdparams"))
     assert all(np.array_equal(saved[k].numpy(), ema_weights[k]) for k in ema_weights)
-    state = paddle.load(str(tmp_path / "after.pdema"), return_numpy=True)
+    state = read_state(str(tmp_path / "after.pdema"))
     raw = cb.raw_state_dict()
     assert all(np.array_equal(state["raw_weights"][k], raw[k]) for k in raw)
 
@@ -120,7 +121,7 @@ def test_early_stopping_best_model_holds_the_weights_that_produced_its_metric(tm
     assert os.path.exists(tmp_path / "best_model.pdema")
     # ModelCheckpoint's epoch files, saved before evaluation, hold the raw weights
     epoch1 = paddle.load(str(tmp_path / "1.pdparams"))
-    state1 = paddle.load(str(tmp_path / "1.pdema"), return_numpy=True)
+    state1 = read_state(str(tmp_path / "1.pdema"))
     assert all(np.array_equal(epoch1[k].numpy(), state1["raw_weights"][k]) for k in state1["raw_weights"])
 
 

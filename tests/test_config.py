@@ -142,6 +142,9 @@ def test_merge_config_command_writes_the_merged_yaml(tmp_path):
     assert done.returncode == 0, done.stderr
     merged = yaml.safe_load(out.read_text())
     assert merged["EMA"]["decay"] == 0.997 and merged["EMA"]["tau"] == 200
+    # block style and the ready block's comments are kept; only the value set changes
+    block_text = open(os.path.join(REPO, "configs", "ema", "short_run.yml")).read()
+    assert out.read_text().endswith(block_text.replace("  decay: 0.998\n", "  decay: 0.997\n"))
     assert merged["Global"] == yaml.safe_load(open(OCR_CONFIG))["Global"]
     bad = tmp_path / "bad.yml"
     bad.write_text("EMA:\n  decya: 0.9\n")
@@ -150,6 +153,15 @@ def test_merge_config_command_writes_the_merged_yaml(tmp_path):
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"ema-callback: error: EMA.decya: unknown key, did you mean 'decay'?"]
     assert not (tmp_path / "never.yml").exists()
+
+
+def test_merge_keeps_the_sections_lines_and_comments():
+    suite = ("Global:\n  epoch_num: 3\nEMA:\n  decay: 0.95  # the suite's choice\n  exclude:\n    - head\n"
+             "    - neck\n  # a note\n  eval_raw: true\nOptimizer:\n  name: Adam\n")
+    overrides = [parse_override("EMA.decay=0.9"), parse_override("EMA.exclude=[fc]"), parse_override("EMA.tau=50")]
+    merged = merge_yaml_text(suite, {"schedule": "constant"}, None, overrides)
+    assert merged == ("Global:\n  epoch_num: 3\nEMA:\n  decay: 0.9  # the suite's choice\n  exclude: [fc]\n"
+                      "  # a note\n  eval_raw: true\n  schedule: constant\n  tau: 50\nOptimizer:\n  name: Adam\n")
 
 
 def test_block_file_errors_name_the_file(tmp_path):

@@ -10,6 +10,8 @@ import numpy as np
 import paddle
 import pytest
 
+from ema_callback.state_file import read_state
+
 from ema_callback import EMAConfig
 from ema_callback.config import EMAConfigError
 from ema_callback.engine import ExponentialMovingAverage
@@ -184,7 +186,7 @@ def test_det_train_end_to_end(coco):
     assert len(aps) == 3, log[-4000:]
     shutil.copy(coco / "bbox.json", coco / "train_bbox.json")  # the last evaluation during training
     out = coco / "output" / "straight"
-    final = paddle.load(str(out / "model_final.pdema"), return_numpy=True)
+    final = read_state(str(out / "model_final.pdema"), key="ema_callback_state")
     state = final.pop("ema_callback_state")
     assert state["num_steps"] == 12 and state["num_updates"] == 12
     rc, eval_log = ppdet_tool(cwd, "eval.py", "-o", f"weights={out}/model_final")
@@ -203,7 +205,7 @@ def test_det_train_end_to_end(coco):
     np.testing.assert_array_equal(ema_weights[name], final[name])
     assert not np.array_equal(ema_weights[other], final[other])
     # the excluded (black-listed) trainable parameter kept training after the first snapshot
-    first = paddle.load(str(out / "0.pdema"), return_numpy=True)
+    first = read_state(str(out / "0.pdema"), key="ema_callback_state")
     assert not np.array_equal(first[name], final[name])
 
 
@@ -211,15 +213,29 @@ def test_det_resume_continues_the_update_count(coco):
     cwd = str(coco)
     rc, log = det_train(cwd, "-o", "save_dir=output/part")
     assert rc == 0, log[-4000:]
-    straight = paddle.load(str(coco / "output/part/model_final.pdema"), return_numpy=True)
+    straight = read_state(str(coco / "output/part/model_final.pdema"), key="ema_callback_state")
     rc, log = det_train(cwd, "-r", "output/part/1", "-o", "save_dir=output/part2")
     assert rc == 0, log[-4000:]
     assert "EMA: resumed from" in log and "at optimizer step 8 (8 updates)" in log
-    resumed = paddle.load(str(coco / "output/part2/model_final.pdema"), return_numpy=True)
+    resumed = read_state(str(coco / "output/part2/model_final.pdema"), key="ema_callback_state")
     a, b = straight["ema_callback_state"], resumed["ema_callback_state"]
     assert a["num_steps"] == b["num_steps"] == 12 and a["num_updates"] == b["num_updates"] == 12
     worst = max(float(np.abs(np.asarray(a["shadow"][k]) - np.asarray(b["shadow"][k])).max()) for k in a["shadow"])
     assert worst == 0.0, worst  # ppdet is deterministic here (no random transforms), so the EMA is bit-exact
+    # the EMA forgotten on resume (-r with EMA off): ppdet would load the EMA weights of 1.pdparams as raw; the
+    # run goes on from the raw weights in 1.pdema instead, and ends on the raw weights of the uninterrupted run
+    rc, log = det_train(cwd, "-r", "output/part/1", "-o", "save_dir=output/forgot", "EMA.enable=false")
+    assert rc == 0, log[-4000:]
+    assert "EMA: off for this run (-o EMA.enable=false)" in log
+    assert "training continues from the raw weights in output/part/1.pdema" in log, log[-4000:]
+    raw = {k: v for k, v in straight.items() if k != "ema_callback_state"}
+    final = paddle.load(str(coco / "output/forgot/model_final.pdparams"), return_numpy=True)
+    assert set(final) == set(raw) and all(np.asarray(final[k]).tobytes() == raw[k].tobytes() for k in raw)
+    # a new run from an EMA run's weights says which weights it starts from
+    rc, log = det_train(cwd, "-o", "save_dir=output/ft", "epoch=1", "pretrain_weights=output/part/model_final")
+    assert rc == 0, log[-4000:]
+    assert "EMA: pretrain_weights=output/part/model_final: this run starts from the EMA weights of that run " \
+           "(model_final.pdparams; its raw weights are in model_final.pdema)" in log
 
 
 def test_det_bad_input_is_a_one_line_error(coco, tmp_path):
@@ -232,6 +248,51 @@ def test_det_bad_input_is_a_one_line_error(coco, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "ema-callback: error: EMA.decya: unknown key, did you mean 'decay'?"
     assert not (tmp_path / "output").exists()
+
+
+def test_det_train_messages(coco, tmp_path):
+    # --help shows ppdet's own arguments after ours
+    cmd = [sys.executable, "-m", "ema_callback.cli", "det-train", "--help"]
+    done = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    assert done.returncode == 0 and "--ema-config" in done.stdout and "ppdet's own arguments" in done.stdout
+    assert all(flag in done.stdout.split("), passed through:")[1] for flag in ("--eval", "--resume", "--amp"))
+    # a mistyped ppdet argument: ppdet's argparse line, then ours saying where it came from
+    rc, log = det_train(str(coco), "--evl")
+    assert rc == 2 and "unrecognized arguments: --evl" in log and log.strip().splitlines()[-1] == (
+        "ema-callback det-train: the error above is from PaddleDetection's tools/train.py argument parser; "
+        "`ema-callback det-train --help` lists its arguments")
+    # an overlay copied away from its base
+    moved = tmp_path / "picodet_s_416_ema.yml"
+    moved.write_text(open(os.path.join(REPO, "configs", "ppdet", "picodet_s_416_ema.yml")).read())
+    cmd = [sys.executable, "-m", "ema_callback.cli", "det-train", "-c", str(moved)]
+    done = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith(f"ema-callback: error: {moved}: _BASE_ entry ") and \
+        "_BASE_ paths are relative to the file that names them" in last, last
+    # a lowercase section
+    lower = tmp_path / "lower.yml"
+    lower.write_text(f"_BASE_: ['{TINY}']\nema:\n  decay: 0.9\n")
+    cmd = [sys.executable, "-m", "ema_callback.cli", "det-train", "-c", str(lower)]
+    done = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == \
+        f"ema-callback: error: {lower}: top-level 'ema:' is not read; the section is 'EMA:' (upper case)"
+
+
+def test_merge_into_a_ppdet_config_with_its_own_ema_turns_that_off(tmp_path):
+    from ema_callback.det import load_ppdet_yaml, resolve_det_config
+    suite = os.path.join(PADDLEDET_ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_80e_coco.yml")  # use_ema in _BASE_
+    out = tmp_path / "ppyoloe_plus_crn_s_80e_coco.yml"  # beside nothing: its _BASE_ must still resolve
+    overlay = tmp_path / "overlay.yml"
+    overlay.write_text(f"_BASE_: ['{suite}']\n")
+    cmd = [sys.executable, "-m", "ema_callback.cli", "merge-config", str(overlay),
+           os.path.join(REPO, "configs", "ema", "ppdet_threshold.yml"), "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env())
+    assert done.returncode == 0, done.stderr
+    assert f"merge-config: set use_ema: false in {out}" in done.stdout
+    merged = load_ppdet_yaml(str(out))
+    assert merged["use_ema"] is False
+    ema, _ = resolve_det_config(merged, None, [])  # what det-train does with it: no "both set" refusal
+    assert ema.enable
 
 
 @pytest.mark.parametrize("name", ["picodet_s_416_ema.yml", "ppyoloe_plus_s_ema.yml", "tiny_picodet_xs.yml"])

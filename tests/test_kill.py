@@ -12,6 +12,7 @@ import paddle
 import pytest
 
 from ema_callback import EMACallback
+from ema_callback.state_file import read_state
 
 import kill_fit_script as script
 
@@ -82,7 +83,7 @@ def test_paddleocr_launcher_survives_sigkill_anywhere(tmp_path):
               "Global.epoch_num=6"]
     rc, log = ocr_train(REC_CFG, str(tmp_path / "straight"), data, "rec", common)
     assert rc == 0, log[-3000:]
-    reference = paddle.load(str(tmp_path / "straight" / "latest.pdema"), return_numpy=True)
+    reference = read_state(str(tmp_path / "straight" / "latest.pdema"))
     rng = np.random.default_rng(7)
     corrupt = resumed = 0
     for kill in range(KILLS):
@@ -107,7 +108,7 @@ def test_paddleocr_launcher_survives_sigkill_anywhere(tmp_path):
         rc, log = ocr_train(REC_CFG, out, data, "rec",
                             [*common, f"Global.checkpoints={out}/iter_epoch_{epochs[-1]}"], cwd=str(tmp_path))
         assert rc == 0, log[-3000:]
-        state = paddle.load(os.path.join(out, "latest.pdema"), return_numpy=True)
+        state = read_state(os.path.join(out, "latest.pdema"))
         resumed += state["num_steps"] == reference["num_steps"] and all(
             np.asarray(state["shadow"][k]).tobytes() == np.asarray(reference["shadow"][k]).tobytes()
             for k in reference["shadow"])

@@ -3,14 +3,17 @@ import glob
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import paddle
 import pytest
+import yaml
 
 from ema_callback.synth import write_det_dataset, write_rec_dataset
+from ema_callback.state_file import read_state
 
 from conftest import PADDLEOCR_ROOT
 from ocr_helpers import (DET_CFG, REC_CFG, REPO, assert_eval_reproduces_best, data_overrides, logged_metrics,
@@ -62,6 +65,8 @@ def test_disabled_ema_is_bit_identical_to_plain_train(tmp_path, data, kind, cfg)
     assert rc == 0, log[-3000:]
     rc, log = ocr_train(cfg, str(tmp_path / "off"), data, kind, ["Global.epoch_num=1", "EMA.enable=false"])
     assert rc == 0, log[-3000:]
+    assert log.count("EMA: off for this run (-o EMA.enable=false)") == 1
+    assert "enable: false" in open(tmp_path / "off" / "config.yml").read()  # a resume with it stays off
     assert ".pdema" not in " ".join(os.listdir(tmp_path / "off"))
     assert same_tensors(params(str(tmp_path / "plain" / "latest.pdparams")),
                         params(str(tmp_path / "off" / "latest.pdparams")))
@@ -82,7 +87,7 @@ def test_rec_eval_metric_is_the_ema_metric_and_tools_use_the_ema_weights(tmp_pat
     # PaddleOCR's own eval.py on the saved best checkpoint reproduces the logged (EMA) metric exactly
     assert_eval_reproduces_best(REC_CFG, data, "rec", out, str(tmp_path), log, ("acc", "norm_edit_dis"))
     # .pdparams hold the EMA weights, .pdema the raw ones
-    state = paddle.load(str(out / "latest.pdema"), return_numpy=True)
+    state = read_state(str(out / "latest.pdema"))
     saved = params(str(out / "latest.pdparams"))
     assert not same_tensors(saved, {k: np.asarray(v) for k, v in state["raw_weights"].items()})
     assert state["num_steps"] == 16 and state["num_updates"] == 16
@@ -110,21 +115,49 @@ def test_det_eval_metric_is_the_ema_metric(tmp_path, data):
     assert_eval_reproduces_best(DET_CFG, data, "det", out, str(tmp_path), log, ("precision", "recall", "hmean"))
 
 
-def test_resume_continues_the_update_count_and_the_ema(tmp_path, data):
-    common = ["Train.loader.shuffle=false", "Global.eval_batch_step=[0,100]", "Global.save_epoch_step=100"]
-    rc, log = ocr_train(REC_CFG, str(tmp_path / "straight"), data, "rec", ["Global.epoch_num=4", *common])
+def config_without_ema_section(folder):
+    """tiny_rec_ctc.yml without its EMA: section: a run's EMA then comes from -o EMA.* alone."""
+    cfg = yaml.safe_load(open(REC_CFG))
+    cfg.pop("EMA")
+    path = os.path.join(str(folder), "no_ema_section.yml")
+    with open(path, "w") as handle:
+        yaml.safe_dump(cfg, handle, sort_keys=False)
+    return path
+
+
+def test_resume_from_the_runs_config_continues_the_ema_and_a_forgotten_ema_keeps_the_raw_weights(tmp_path, data):
+    plain = config_without_ema_section(tmp_path)
+    ema = ["EMA.decay=0.99", "EMA.schedule=threshold"]  # the EMA comes from -o only
+    common = ["Train.loader.shuffle=false", "Global.eval_batch_step=[0,100]", "Global.save_epoch_step=2"]
+    rc, log = ocr_train(plain, str(tmp_path / "straight"), data, "rec", ["Global.epoch_num=4", *common, *ema])
     assert rc == 0, log[-3000:]
-    rc, log = ocr_train(REC_CFG, str(tmp_path / "part"), data, "rec", ["Global.epoch_num=2", *common])
+    rc, log = ocr_train(plain, str(tmp_path / "part"), data, "rec", ["Global.epoch_num=2", *common, *ema])
     assert rc == 0, log[-3000:]
-    rc, log = ocr_train(REC_CFG, str(tmp_path / "part"), data, "rec",
-                        ["Global.epoch_num=4", f"Global.checkpoints={tmp_path}/part/latest", *common])
+    # the log names the final folder, never the staging folder the set is written into
+    assert f"save model in {tmp_path}/part/latest" in log and ".ema-staging" not in log, log[-3000:]
+    saved = yaml.safe_load(open(tmp_path / "part" / "config.yml"))
+    assert saved["EMA"]["decay"] == 0.99 and saved["EMA"]["enable"] is True
+    # resume the way PaddleOCR users do: -c output/<run>/config.yml, no -o EMA.*
+    rc, log = ocr_train(str(tmp_path / "part" / "config.yml"), str(tmp_path / "part"), data, "rec",
+                        ["Global.epoch_num=4", f"Global.checkpoints={tmp_path}/part/latest"])
     assert rc == 0, log[-3000:]
     assert "EMA: resumed from" in log and "at optimizer step 16 (16 updates)" in log
-    a = paddle.load(str(tmp_path / "straight" / "latest.pdema"), return_numpy=True)
-    b = paddle.load(str(tmp_path / "part" / "latest.pdema"), return_numpy=True)
+    a = read_state(str(tmp_path / "straight" / "latest.pdema"))
+    b = read_state(str(tmp_path / "part" / "latest.pdema"))
     assert a["num_steps"] == b["num_steps"] == 32 and a["num_updates"] == b["num_updates"] == 32
     assert same_tensors(a["raw_weights"], b["raw_weights"])  # PaddleOCR itself is deterministic here
     assert same_tensors(a["shadow"], b["shadow"])  # ... and so is the EMA, bit for bit
+    # each tensor once per set: the .pdparams hold the shadow, the .pdema the raw weights and counters
+    averaged = sum(np.asarray(v).nbytes for v in b["shadow"].values())
+    assert os.path.getsize(tmp_path / "part" / "latest.pdema") <= averaged + 65536
+    # the EMA forgotten on resume: the .pdparams hold EMA weights, training goes on from the raw ones in the .pdema
+    rc, log = ocr_train(plain, str(tmp_path / "forgot"), data, "rec",
+                        ["Global.epoch_num=4", f"Global.checkpoints={tmp_path}/part/iter_epoch_2", *common])
+    assert rc == 0, log[-3000:]
+    assert "EMA: off for this run (no EMA: section in" in log
+    assert f"training continues from the raw weights in {tmp_path}/part/iter_epoch_2.pdema" in log, log[-3000:]
+    assert not os.path.exists(tmp_path / "forgot" / "latest.pdema")
+    assert same_tensors(params(str(tmp_path / "forgot" / "latest.pdparams")), a["raw_weights"])
 
 
 def test_bad_input_gives_one_line_errors_and_touches_no_file(tmp_path, data):
@@ -142,10 +175,28 @@ def test_bad_input_gives_one_line_errors_and_touches_no_file(tmp_path, data):
     assert rc == 2 and log.strip().splitlines()[-1] == \
         "ema-callback: error: EMA.eval_raww: unknown key, did you mean 'eval_raw'?"
     assert not out.exists()
+    # a lowercase section is not silently ignored
+    lower = tmp_path / "lower.yml"
+    lower.write_text(open(REC_CFG).read().replace("\nEMA:\n", "\nema:\n"))
+    rc, log = ocr_train(str(lower), str(out), data, "rec")
+    assert rc == 2 and log.strip().splitlines()[-1] == \
+        f"ema-callback: error: {lower}: top-level 'ema:' is not read; the section is 'EMA:' (upper case)"
+    # a relative path that does not exist from the working directory says where PaddleOCR looks for it
+    rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.character_dict_path=ppocr/utils/no_dict.txt"])
+    last = log.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("ema-callback: error: Global.character_dict_path: ppocr/utils/no_dict.txt does "
+                                       f"not exist from the working directory {tmp_path}") and \
+        f"run from the PaddleOCR checkout (cd {PADDLEOCR_ROOT})" in last, last
+    assert not out.exists()
+    # an error raised inside PaddleOCR's code is named as such before its traceback
+    rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Architecture.Head.name=NoSuchHead"])
+    assert rc != 0 and re.search(r"^ema-callback: error inside PaddleOCR's ppocr/modeling/heads/__init__\.py "
+                                 r"\(line \d+\), not in ema-callback; its traceback follows", log, re.M), log[-3000:]
+    shutil.rmtree(out, ignore_errors=True)
     # a resume file that does not match the model
     rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.epoch_num=1"])
     assert rc == 0, log[-3000:]
-    state = paddle.load(str(out / "latest.pdema"), return_numpy=True)
+    state = read_state(str(out / "latest.pdema"))
     first = sorted(state["shadow"])[0]
     state["shadow"]["head.extra"] = state["shadow"].pop(first)
     paddle.save(state, str(out / "latest.pdema"))

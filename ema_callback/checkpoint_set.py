@@ -1,0 +1,135 @@
+"""What the three ways in do with a suite's checkpoint set, written once: resume, and weights of EMA runs.
+
+A checkpoint set is the files of one prefix: the suite's ``<prefix>.pdparams`` (+ ``.pdopt`` ...), our
+``<prefix>.pdema`` and, with ``save_as: raw``, ``<prefix>.ema.pdparams``. What the ``.pdparams`` hold depends on
+the run that wrote them: EMA weights (``save_as: ema``, ppdet's convention) or raw weights.
+
+* ``resume_ema``: this run has EMA on and continues a checkpoint: the engine takes the ``.pdema`` state and
+  the network gets the raw weights back (the suite just loaded the ``.pdparams``, which may be EMA weights).
+* ``restore_raw_weights``: this run has EMA off but the checkpoint it resumes was saved with EMA: the
+  ``.pdparams`` may hold EMA weights, and training on from them as if they were raw would silently replace the
+  run's weights. The raw weights are taken from the ``.pdema`` and one line says so (the chosen behaviour for
+  every way in; the alternative, refusing, would make a user who dropped EMA on purpose edit files by hand).
+* ``describe_start_weights``: a *new* run starting from such weights (PaddleOCR ``Global.pretrained_model``,
+  ppdet ``pretrain_weights``): that is legitimate and usually wants the EMA weights; one line says which.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+from .files import EMAFileError, checked_load
+from .state_file import read_state
+
+logger = logging.getLogger("ema_callback")
+
+STATE_KEY = "ema_callback_state"  # our state inside a ppdet-convention .pdema (whose entries are raw weights)
+
+
+def checkpoint_prefix(path: str) -> str:
+    """``dir/latest.pdparams`` (or ``.pdema``/``.pdopt``/``.states``) -> ``dir/latest``."""
+    return re.sub(r"\.(pdparams|pdema|pdopt|states)$", "", path.rstrip("/\\"))
+
+
+def ema_file(checkpoint: str) -> str:
+    return checkpoint_prefix(checkpoint) + ".pdema"
+
+
+def raw_weights_in(path: str) -> Dict[str, np.ndarray]:
+    """The raw weights a ``.pdema`` holds: ours (``raw_weights``) or ppdet's convention (the file's tensors)."""
+    data = checked_load(path)
+    if isinstance(data, dict) and "format" in data:
+        return dict(read_state(path).get("raw_weights") or {})
+    if isinstance(data, dict) and STATE_KEY in data:  # det-train's file: ppdet's raw weights + our state
+        read_state(path, key=STATE_KEY)  # refuses a stale state (its .pdparams overwritten since)
+    if not isinstance(data, dict):
+        raise EMAFileError(f"{path}: expected a state dict of weights, found a {type(data).__name__}")
+    return {k: v for k, v in data.items() if isinstance(v, np.ndarray)}
+
+
+def _differs(model_state: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> bool:
+    return any(name in model_state and not np.array_equal(model_state[name].numpy(), weights[name])
+               for name in weights)
+
+
+def resume_ema(ema, checkpoint: str, network, log=logger) -> bool:
+    """Continue the EMA from ``<checkpoint>.pdema`` and put its raw weights into ``network``; False if absent."""
+    path = ema_file(checkpoint)
+    if not os.path.exists(path):
+        log.warning("EMA: %s has no EMA state beside it (%s): the EMA starts from the loaded weights at update 0",
+                    checkpoint_prefix(checkpoint) + ".pdparams", os.path.basename(path))
+        return False
+    state = ema.load(path)
+    raw = state.get("raw_weights")
+    if raw:
+        network.set_state_dict(raw)
+    log.info("EMA: resumed from %s at optimizer step %d (%d updates); raw weights %s", path, ema.num_steps,
+             ema.num_updates, "restored from it" if raw else "from the checkpoint")
+    return True
+
+
+def restore_raw_weights(checkpoint: str, network, how_to_keep: str, log=logger) -> bool:
+    """EMA is off, the resumed checkpoint has a ``.pdema``: train on from its raw weights, in one line."""
+    path = ema_file(checkpoint)
+    if not os.path.exists(path):
+        return False
+    raw = raw_weights_in(path)
+    if not raw:
+        return False
+    current = network.state_dict()
+    if not _differs(current, raw):
+        log.info("EMA: off for this run; %s holds the raw weights already", checkpoint_prefix(checkpoint) + ".pdparams")
+        return False
+    network.set_state_dict(raw)
+    log.warning("EMA: off for this run, but %s was saved with EMA (its .pdparams hold the EMA weights): training "
+                "continues from the raw weights in %s, not from the EMA weights; %s", checkpoint_prefix(checkpoint),
+                path, how_to_keep)
+    return True
+
+
+def describe_start_weights(weights: str, option: str, log=logger) -> Optional[str]:
+    """One line for a new run that starts from a checkpoint of an EMA run: which weights it starts from."""
+    prefix = checkpoint_prefix(weights)
+    path = prefix + ".pdema"
+    if not os.path.exists(path):
+        return None
+    try:
+        data = checked_load(path)
+    except EMAFileError:
+        return None
+    saved_as = ((data.get("config") or {}).get("save_as", "ema") if isinstance(data, dict) and "format" in data
+                else "ema")  # ppdet's convention: .pdparams = EMA weights
+    which = "EMA" if saved_as == "ema" else "raw"
+    other = "raw weights are in " + os.path.basename(path) if which == "EMA" else \
+        "EMA weights are in " + os.path.basename(prefix) + ".ema.pdparams"
+    line = (f"EMA: {option}={weights}: this run starts from the {which} weights of that run "
+            f"({os.path.basename(prefix)}.pdparams; its {other})")
+    log.info(line)
+    return which
+
+
+def save_ema_state(ema, prefix: str, network, raw: Optional[Mapping[str, np.ndarray]],
+                   held: Mapping[str, np.ndarray], save_as: str = "ema") -> None:
+    """Write ``<prefix>.pdema`` (and with ``save_as: raw`` ``<prefix>.ema.pdparams``), each tensor once.
+
+    ``held``: the arrays the suite's ``<prefix>.pdparams`` hold (what the network held when the suite saved);
+    ``raw``: the raw weights (None where the suite keeps them itself, as ppdet's ``.pdema`` does).
+    """
+    from .files import atomic_save
+
+    companions: Dict[str, Mapping[str, np.ndarray]] = {".pdparams": held}
+    if save_as == "raw":
+        ema_weights = ema.ema_state_dict(network)
+        atomic_save(ema_weights, prefix + ".ema.pdparams")
+        companions[".ema.pdparams"] = ema_weights
+    ema.save(prefix + ".pdema", extra={"raw_weights": dict(raw)} if raw is not None else None,
+             companions=companions)
+
+
+def numpy_state(network) -> Dict[str, np.ndarray]:
+    """``network.state_dict()`` as numpy copies (what ``paddle.save`` of it writes)."""
+    return {name: tensor.numpy() for name, tensor in network.state_dict().items()}
