@@ -189,6 +189,31 @@ def bench_model(name, reps):
     return row
 
 
+def bench_device_path(name, reps):
+    """The device path forced (``backend="paddle"``; on a GPU it is the default): one update against a flat
+    ``lerp_`` floor on the same device, which does only the arithmetic (no gather, no NaN/Inf test)."""
+    paddle.seed(0)
+    model = MODELS[name]()
+    model.eval()
+    numel = int(sum(t.size for t in model.state_dict().values() if t.dtype == paddle.float32))
+    ema = ExponentialMovingAverage(model, EMAConfig(decay=DECAY, schedule="constant"), backend="paddle")
+    unguarded = ExponentialMovingAverage(model, EMAConfig(decay=DECAY, schedule="constant", nan_guard=False),
+                                         backend="paddle")
+    floor, _ = floor_fns(numel)
+
+    def synced(fn):
+        def run():
+            fn()
+            _sync()
+        return run
+
+    times = alternate({"device_path": synced(ema.step), "device_path_no_guard": synced(unguarded.step),
+                       "floor_lerp": synced(floor)}, reps)
+    return {"model": name, "float32_elements": numel, "ms": {k: v * 1e3 for k, v in times.items()},
+            "over_floor": times["device_path"] / times["floor_lerp"],
+            "no_guard_over_floor": times["device_path_no_guard"] / times["floor_lerp"]}
+
+
 # ---------------------------------------------------------------------------- training-step overhead
 def _tiny_ocr_step():
     sys.path.insert(0, OCR_ROOT)
@@ -215,7 +240,7 @@ def _tiny_ocr_step():
 
 
 def _demo_step():
-    from ema_callback.demo import _modules
+    from ema_callback.demo.run import _modules
 
     _, _, TinyCRNN, CTCLoss, _, _ = _modules()
     model = TinyCRNN()
@@ -278,6 +303,14 @@ def markdown(results):
         m = r["memory"]
         lines.append(f"| {r['model']} | " + " | ".join(f"{m[k]['bytes'] / 2**20:.1f} MiB" for k in
                                                     ("float32/same", "float32/cpu", "float16/same", "float16/cpu")) + " |")
+    if results.get("device_path"):
+        lines += ["", "| device path (forced) | fp32 elements | ours ms | floor: flat lerp_ ms | ours / floor "
+                  "| nan_guard off ms (/ floor) |", "|---|---|---|---|---|---|"]
+        for r in results["device_path"]:
+            ms = r["ms"]
+            lines.append(f"| {r['model']} | {r['float32_elements'] / 1e6:.2f}M | {ms['device_path']:.2f} | "
+                         f"{ms['floor_lerp']:.2f} | {r['over_floor']:.2f} | {ms['device_path_no_guard']:.2f} "
+                         f"({r['no_guard_over_floor']:.2f}) |")
     if results.get("training"):
         lines += ["", "| training step | step ms (no EMA) | overhead update_every 1 | 4 | 16 |", "|---|---|---|---|---|"]
         for r in results["training"]:
@@ -293,6 +326,8 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--out", default="bench_output")
     p.add_argument("--no-training", action="store_true")
+    p.add_argument("--device-models", default="resnet50,pp-ocrv4-rec",
+                   help="models for the forced device-path rows ('' for none)")
     args = p.parse_args(argv)
     paddle.set_device(os.environ.get("BENCH_DEVICE", "cpu"))
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {paddle.device.get_device()}, "
@@ -300,6 +335,10 @@ def main(argv=None):
     for name in args.models.split(","):
         print(f"measuring {name} ...", flush=True)
         results["update"].append(bench_model(name, args.reps))
+    results["device_path"] = []
+    for name in filter(None, args.device_models.split(",")):
+        print(f"measuring {name} on the device path ...", flush=True)
+        results["device_path"].append(bench_device_path(name, args.reps))
     if not args.no_training:
         print("measuring training-step overhead ...", flush=True)
         results["training"] = bench_training_step(args.reps)

@@ -2,8 +2,8 @@
 
     python benchmarks/checkpoint_sizes.py [--model pp-ocrv4-rec] [--out bench_output]
 
-Writes the files PaddleOCR's ``save_model`` and our ``.pdema`` make for one checkpoint (``checkpoint_set.
-save_ema_state``, the function ``ocr-train``'s save hook calls), once the way the first release stored them
+Writes the files PaddleOCR's ``save_model`` and our ``.pdema`` make for one checkpoint (``integrations.
+checkpoints.save_ema_state``, the function ``ocr-train``'s save hook calls), once the way the first release stored them
 (``.pdema`` = shadow + raw weights, self-contained) and once with each tensor stored once (``state_file``), and
 prints the sizes. ``.pdopt`` is the suite's and the same in both, so it is left out.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, HERE)
 from bench_update import MODELS, paddle  # noqa: E402  (paddle through ema_callback.paddle_compat)
 
 from ema_callback import EMAConfig  # noqa: E402
-from ema_callback.checkpoint_set import numpy_state, save_ema_state  # noqa: E402
+from ema_callback.integrations.checkpoints import numpy_state, save_ema_state  # noqa: E402
 from ema_callback.engine import ExponentialMovingAverage  # noqa: E402
 
 SETTINGS = {

@@ -23,7 +23,7 @@ import paddle  # noqa: E402
 
 from ema_callback import EMAConfig  # noqa: E402
 from ema_callback.engine import ExponentialMovingAverage  # noqa: E402
-from ema_callback.watch import OptimizerStepCounter  # noqa: E402
+from ema_callback.optimizer_steps import OptimizerStepCounter  # noqa: E402
 
 
 def build(root, batch):

@@ -1,7 +1,7 @@
 """ema-callback: an exponential moving average of model weights for PaddlePaddle training.
 
 The engine (``ExponentialMovingAverage``) knows nothing of any training loop; ``EMACallback`` plugs it
-into ``paddle.Model.fit``, and ``ema_callback.ocr`` / ``ema_callback.det`` into PaddleOCR and
+into ``paddle.Model.fit``, and ``ema_callback.integrations.paddleocr`` / ``.paddledet`` into PaddleOCR and
 PaddleDetection.
 """
 from .config import EMAConfig, EMAConfigError
@@ -17,6 +17,6 @@ def __getattr__(name):  # keep `import ema_callback` free of paddle until the en
         from .engine import ExponentialMovingAverage
         return ExponentialMovingAverage
     if name == "EMACallback":
-        from .callback import EMACallback
+        from .integrations.model_fit import EMACallback
         return EMACallback
     raise AttributeError(name)

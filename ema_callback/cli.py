@@ -16,8 +16,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .config import EMAConfigError, split_overrides
-from .errors import UnsupportedPaddleError
+from .errors import EMAError, UnsupportedPaddleError
+from .config_files import split_overrides
 
 
 def _script_path(argv: List[str]) -> int:
@@ -30,7 +30,7 @@ def _script_path(argv: List[str]) -> int:
     parser.add_argument("command", choices=("ocr", "det"), help="ocr (ocr-train) or det (det-train)")
     args = parser.parse_args(argv)
     names = {"ocr": "launch_ocr.py", "det": "launch_det.py"}
-    print(os.path.join(os.path.dirname(os.path.abspath(__file__)), names[args.command]))
+    print(os.path.join(os.path.dirname(os.path.abspath(__file__)), "integrations", names[args.command]))
     return 0
 
 
@@ -46,7 +46,7 @@ def _merge_config(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     overrides, rest = split_overrides(args.set)
     if rest:
-        raise EMAConfigError(f"--set {rest[0]!r}: only EMA.* keys can be set here")
+        raise EMAError(f"--set {rest[0]!r}: only EMA.* keys can be set here")
     from .merge import merge_config_files
     for note in merge_config_files(args.suite, args.block, args.out, overrides):
         print(f"merge-config: {note}")
@@ -79,10 +79,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     commands = {
-        "demo": lambda rest: __import__("ema_callback.demo", fromlist=["main"]).main(rest),
+        "demo": lambda rest: __import__("ema_callback.demo.run", fromlist=["main"]).main(rest),
         "merge-config": _merge_config,
-        "ocr-train": lambda rest: __import__("ema_callback.ocr", fromlist=["main"]).main(rest),
-        "det-train": lambda rest: __import__("ema_callback.det", fromlist=["main"]).main(rest),
+        "ocr-train": lambda rest: __import__("ema_callback.integrations.paddleocr", fromlist=["main"]).main(rest),
+        "det-train": lambda rest: __import__("ema_callback.integrations.paddledet", fromlist=["main"]).main(rest),
         "script-path": _script_path,
     }
     if not argv or argv[0] in ("-h", "--help"):
@@ -98,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(commands[argv[0]](argv[1:]) or 0)
-    except EMAConfigError as exc:
+    except EMAError as exc:
         print(f"ema-callback: error: {exc}", file=sys.stderr)
         return 2
     except UnsupportedPaddleError as exc:

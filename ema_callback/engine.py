@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 
 from .config import EMAConfig
-from .files import EMAFileError, atomic_save
+from .device_counters import DeviceCounters
+from .checkpoint_io import atomic_save
+from .errors import EMAError, EMAFileError
 from .paddle_compat import cast_rounded, data_pointer, host_view, move_to, paddle
 from .schedules import decay_at
 from .selection import AVERAGE, COPY, FOLLOW, Entry, classify, unwrap
@@ -38,6 +39,25 @@ from .storage import NumpyStore, ShadowStore, make_store
 logger = logging.getLogger("ema_callback")
 
 
+class _Counter:
+    """An update counter: a Python value on the host path, read from ``DeviceCounters`` on the device path (a host
+    synchronisation, so only when the run logs, evaluates, saves or a caller asks)."""
+
+    def __init__(self, device_name: str):
+        self.device_name = device_name
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.host_name = "_" + name
+
+    def __get__(self, engine, owner=None):
+        if engine is None:
+            return self
+        return getattr(engine._device, self.device_name) if engine._device else getattr(engine, self.host_name)
+
+    def __set__(self, engine, value) -> None:
+        setattr(engine._device, self.device_name, value) if engine._device else setattr(engine, self.host_name, value)
+
+
 class ExponentialMovingAverage:
     """Exponential moving average of a model's weights (see the module docstring for the formula).
 
@@ -45,11 +65,19 @@ class ExponentialMovingAverage:
         model: the layer to average (``paddle.DataParallel`` is unwrapped).
         config: an ``EMAConfig``; keyword arguments (``decay=0.999``, ...) override its fields.
         optimizer: under AMP O2, the optimizer whose ``_master_weights`` hold the fp32 copies.
-        update_path: ``auto`` (fastest), ``numpy``, ``paddle`` or ``reference`` (the simple loop, for tests).
+        backend: the store that runs the update: ``auto`` (fastest for the case), ``numpy`` (host, float32),
+            ``paddle`` (flat device tensor; forced here to run the device path on a CPU) or ``reference``
+            (the textbook loop, for tests). ``update_path`` is its former name, still accepted.
     """
 
+    num_updates = _Counter("updates")  # EMA updates applied
+    num_skipped = _Counter("skipped")  # updates skipped for NaN/Inf weights (or a GradScaler-skipped step)
+    decay_product = _Counter("product")  # prod(d_i), for bias correction
+    last_decay = _Counter("last")  # the decay of the last update (None before the first)
+
     def __init__(self, model: paddle.nn.Layer, config: Optional[EMAConfig] = None,
-                 optimizer: Optional[paddle.optimizer.Optimizer] = None, update_path: str = "auto",
+                 optimizer: Optional[paddle.optimizer.Optimizer] = None, backend: str = "auto",
+                 update_path: Optional[str] = None,
                  **overrides: Any):
         if not paddle.in_dynamic_mode():
             raise RuntimeError("ExponentialMovingAverage needs dynamic-graph mode; call paddle.disable_static() "
@@ -57,24 +85,25 @@ class ExponentialMovingAverage:
         config = config or EMAConfig()
         self.config = config.replace(**overrides) if overrides else config
         self.optimizer = optimizer
-        self.update_path = update_path
+        self.backend = update_path or backend
+        self.model = unwrap(model)
         self.entries: List[Entry] = classify(model, self.config.include, self.config.exclude, self.config.buffers)
         self._averaged = [e for e in self.entries if e.role == AVERAGE]
         self._copied = [e for e in self.entries if e.role == COPY]
         self._buffer_indices = [i for i, e in enumerate(self._averaged) if e.is_buffer]
         self.num_steps = 0  # optimizer steps seen by step()
-        self.num_updates = 0  # EMA updates applied
-        self.num_skipped = 0  # updates skipped for NaN/Inf weights
-        self.decay_product = 1.0  # prod(d_i), for bias correction
-        self.last_decay: Optional[float] = None
+        self._num_updates, self._num_skipped = 0, 0  # the host path's counters (see the _Counter attributes)
+        self._decay_product, self._last_decay = 1.0, None
         self._backup: Optional[Dict[str, paddle.Tensor]] = None
         self._warned_nonfinite = False
         on_host = self.config.device == "cpu" or all(e.tensor.place.is_cpu_place() for e in self._averaged)
         place = self._averaged[0].tensor.place if self._averaged else None
         self.store: ShadowStore = make_store([e.tensor.shape for e in self._averaged], self.config.storage_dtype,
-                                             on_host=on_host, path=update_path, place=place)
+                                             on_host=on_host, backend=self.backend, place=place)
         self.store.check_finite = self.config.nan_guard
-        self._copies: Dict[str, np.ndarray] = {}
+        self.deferred = bool(getattr(self.store, "deferred", False))  # the device path: no host read in step()
+        self._device = DeviceCounters(self.store.flat.place) if self.deferred else None
+        self._copies: Dict[str, Any] = {}  # numpy arrays (host path) or device tensors (device path)
         self._host_views: Dict[str, Any] = {}
         with paddle.no_grad():
             self.store.copy_(self._sources())
@@ -98,9 +127,18 @@ class ExponentialMovingAverage:
         self._host_views[e.name] = (ptr, view)
         return view
 
-    def _snapshot_copies(self) -> None:
+    def _snapshot_copies(self, ok=None) -> None:
+        """Copied tensors take the live values (on the device path where ``ok``, with no host read)."""
         for e in self._copied:
-            self._copies[e.name] = e.tensor.numpy().copy()
+            if not self.deferred:
+                self._copies[e.name] = e.tensor.numpy().copy()
+            elif ok is None or e.name not in self._copies:
+                self._copies[e.name] = e.tensor.detach().clone()
+            else:
+                self._copies[e.name] = paddle.where(ok, e.tensor.detach(), self._copies[e.name])
+
+    def _copies_numpy(self) -> Dict[str, np.ndarray]:
+        return {k: (v.numpy() if isinstance(v, paddle.Tensor) else v).copy() for k, v in self._copies.items()}
 
     def decay_for_next_update(self) -> float:
         """``decay_at(t) ** update_every`` for the next update (t = ``num_updates * update_every``)."""
@@ -114,10 +152,19 @@ class ExponentialMovingAverage:
         c = self.config
         return step > c.start_step and (step - c.start_step) % c.update_every == 0
 
-    def step(self) -> bool:
-        """Account for one optimizer step; returns True when the shadow was averaged this step."""
+    def step(self, found_inf=None) -> Optional[bool]:
+        """Account for one optimizer step; returns True when the shadow was averaged this step, False when not.
+
+        ``found_inf``: the AMP GradScaler's flag for this step (None without AMP); a skipped step is not an
+        update. On the device path (``deferred``) nothing is read back: the decision stays on the device, the
+        call returns None and the counters say what happened when read.
+        """
         if self._backup is not None:
             raise RuntimeError("EMA.step() while EMA weights are applied; call restore(model) first")
+        if self.deferred:
+            return self._step_on_device(found_inf)
+        if found_inf is not None and bool(found_inf):  # not an optimizer update (host path: reading it is free)
+            return False
         self.num_steps += 1
         with paddle.no_grad():
             if self.num_steps <= self.config.start_step:
@@ -135,10 +182,32 @@ class ExponentialMovingAverage:
                 return False
             self._snapshot_copies()
             self._sync_buffers_across_ranks()
-        self.num_updates += 1
-        self.decay_product *= d
-        self.last_decay = d
+        self._num_updates += 1
+        self._decay_product *= d
+        self._last_decay = d
         return True
+
+    def _step_on_device(self, found_inf) -> None:
+        """``step`` on the device path: the same rules, every decision a device op, no host synchronisation.
+
+        ``num_steps`` counts calls (a GradScaler-skipped call included: its update is skipped on the device), the
+        schedule counts real updates on the device (``DeviceCounters``)."""
+        self.num_steps += 1
+        with paddle.no_grad():
+            if self.num_steps <= self.config.start_step:
+                ok = self.store.copy_(self._sources(), skip=found_inf)
+                self._device.record(ok)
+                self._snapshot_copies(ok)
+                return None
+            if not self.will_update_at(self.num_steps):
+                return None
+            d = self._device.decay(self.config)
+            reset = self._device.first_update() if self.config.bias_correction else False
+            ok = self.store.lerp_(self._sources(), 1.0 - d, reset=reset, skip=found_inf)
+            self._device.record(ok, d)
+            self._snapshot_copies(ok)
+            self._sync_buffers_across_ranks()
+        return None
 
     def _sync_buffers_across_ranks(self) -> None:
         """Average the buffer part of the shadow (BatchNorm statistics) over data-parallel ranks.
@@ -151,6 +220,9 @@ class ExponentialMovingAverage:
         copied = [e.name for e in self._copied if e.is_buffer]
         if world <= 1 or not (self._buffer_indices or copied):
             return
+        if self.deferred:
+            self._sync_buffers_on_device(world, copied)
+            return
         shadow = self.store.read_segments(self._buffer_indices)
         pieces = [shadow] + [self._copies[name].astype(np.float32).reshape(-1) for name in copied]
         flat = paddle.to_tensor(np.concatenate(pieces))
@@ -162,6 +234,25 @@ class ExponentialMovingAverage:
             size = self._copies[name].size
             self._copies[name] = mean[start:start + size].reshape(self._copies[name].shape).astype(
                 self._copies[name].dtype)
+            start += size
+
+    def _sync_buffers_on_device(self, world: int, copied: List[str]) -> None:
+        """The same mean over ranks with device ops only (one all-reduce of the small buffer part)."""
+        flat, offsets = self.store.flat, self.store.offsets
+        spans = [(int(offsets[i]), int(offsets[i + 1])) for i in self._buffer_indices]
+        pieces = [flat[a:b].astype("float32") for a, b in spans]
+        pieces += [self._copies[name].astype("float32").reshape([-1]) for name in copied]
+        joined = paddle.concat(pieces)
+        paddle.distributed.all_reduce(joined)
+        joined.scale_(1.0 / world)
+        start = 0
+        for a, b in spans:
+            flat[a:b] = joined[start:start + b - a].astype(flat.dtype)
+            start += b - a
+        for name in copied:
+            old = self._copies[name]
+            size = int(np.prod(old.shape)) if old.shape else 1
+            self._copies[name] = joined[start:start + size].reshape(old.shape).astype(old.dtype)
             start += size
 
     update = step
@@ -202,7 +293,7 @@ class ExponentialMovingAverage:
         scale = np.float32(self._correction())
         out = {e.name: (v * scale if scale != 1 else v)
                for e, v in zip(self._averaged, self.store.numpy_values())}
-        out.update({name: v.copy() for name, v in self._copies.items()})
+        out.update(self._copies_numpy())
         return out
 
     def ema_state_dict(self, model: paddle.nn.Layer) -> Dict[str, np.ndarray]:
@@ -222,9 +313,10 @@ class ExponentialMovingAverage:
         for e, value in zip(self._averaged, self.store.numpy_values()):
             digest.update(e.name.encode())
             digest.update(np.ascontiguousarray(value).tobytes())
-        for name in sorted(self._copies):
+        copies = self._copies_numpy()
+        for name in sorted(copies):
             digest.update(name.encode())
-            digest.update(np.ascontiguousarray(self._copies[name]).tobytes())
+            digest.update(np.ascontiguousarray(copies[name]).tobytes())
         return digest.hexdigest()
 
     def summary(self) -> str:
@@ -250,8 +342,15 @@ class ExponentialMovingAverage:
                     "relative drift ||ema-w||/||w|| = %.4g", self.num_steps, self.num_updates, self.num_skipped, drift)
         return drift
 
+    def _check_model(self, model: Optional[paddle.nn.Layer]) -> None:
+        """``model`` (optional everywhere) must be the layer this EMA averages (``DataParallel`` unwrapped)."""
+        if model is not None and unwrap(model) is not self.model:
+            raise EMAError(f"{type(model).__name__}: not the model this EMA was built for "
+                           f"({type(self.model).__name__}); build an ExponentialMovingAverage for it")
+
     def drift(self, model: Optional[paddle.nn.Layer] = None) -> float:
         """Relative drift ``||ema - w|| / ||w||`` over the averaged tensors (NaN if either is not finite)."""
+        self._check_model(model)
         averaged = self.averaged_numpy()
         num = den = 0.0
         for e in self._averaged:
@@ -271,6 +370,7 @@ class ExponentialMovingAverage:
         CPU float32 tensors are swapped with plain memory copies through host views; others with
         ``paddle.assign`` (casting to the tensor's dtype, e.g. float16 under AMP O2).
         """
+        self._check_model(model)
         if self._backup is not None:
             raise RuntimeError("EMA weights are already applied; call restore(model) first")
         targets = [e for e in self.entries if e.role != FOLLOW]
@@ -301,6 +401,7 @@ class ExponentialMovingAverage:
 
     def restore(self, model: Optional[paddle.nn.Layer] = None) -> None:
         """Put the raw values back, bit for bit."""
+        self._check_model(model)
         if self._backup is None:
             raise RuntimeError("restore() without apply_to(); the model already holds its raw weights")
         with paddle.no_grad():
@@ -345,7 +446,7 @@ class ExponentialMovingAverage:
             "last_decay": self.last_decay,
             "config": self.config.to_block(),
             "shadow": {e.name: v for e, v in zip(self._averaged, self.store.numpy_values())},
-            "copies": {k: v.copy() for k, v in self._copies.items()},
+            "copies": self._copies_numpy(),
         }
 
     def set_state_dict(self, state: Mapping[str, Any], source: str = "state dict") -> None:
@@ -375,7 +476,10 @@ class ExponentialMovingAverage:
                 logger.info("EMA: %s was %r in %s, now %r", key, saved_config[key], source, getattr(self.config, key))
         self.store.set_numpy_values([shadow[e.name] for e in self._averaged])
         copies = state.get("copies") or {}
-        self._copies.update({k: np.asarray(v) for k, v in copies.items() if k in self._copies})
+        for name, value in copies.items():
+            if name in self._copies:
+                self._copies[name] = (move_to(paddle.to_tensor(np.asarray(value)), self.store.flat.place)
+                                      if self.deferred else np.asarray(value))
         self.num_steps = int(state["num_steps"])
         self.num_updates = int(state["num_updates"])
         self.num_skipped = int(state.get("num_skipped", 0))

@@ -1,9 +1,25 @@
-"""The package's exceptions; paddle-free, so the command line can catch them before Paddle is imported."""
+"""The package's exceptions, one hierarchy; paddle-free, so the command line can catch them before Paddle loads.
+
+``EMAError`` is the base of every error the package raises for bad input: each message is one line naming the
+key, file or option and what was expected, and the command line prints it as ``ema-callback: error: ...``.
+"""
 from __future__ import annotations
 
 
-class EMAConfigError(ValueError):
-    """A bad ``EMA:`` block, override or EMA file; the message is one line naming the key or file."""
+class EMAError(ValueError):
+    """Bad input to ema-callback; the message is one line naming the key, file or option."""
+
+
+class EMAConfigError(EMAError):
+    """A bad ``EMA:`` block, override or option."""
+
+
+class EMAFileError(EMAError):
+    """An EMA file that cannot be written or read, or does not match the model."""
+
+
+class CheckoutError(EMAError):
+    """A PaddleOCR / PaddleDetection checkout that is missing or not the one imported."""
 
 
 class UnsupportedPaddleError(ImportError):

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
-from .config import (SECTION, EMAConfig, EMAConfigError, apply_overrides, check_section_name, load_suite_yaml,
-                     read_block_file)
+from .config import SECTION, EMAConfig, EMAConfigError
+from .config_files import check_section_name, load_suite_yaml, merged_block, read_block_file
 
 _TOP_LEVEL_KEY = re.compile(r"^[^\s#-][^:]*:")
 
@@ -89,13 +89,9 @@ def merge_yaml_text(suite_text: str, block: Mapping[str, Any], block_text: Optio
     if not isinstance(suite, Mapping):
         raise EMAConfigError("suite config: expected a YAML mapping at the top level")
     check_section_name(suite, "suite config")
-    own = suite.get(SECTION) or {}
-    if not isinstance(own, Mapping):
-        raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, got {own!r}")
-    merged: Dict[str, Any] = dict(block)
-    merged.update(own)
-    merged = apply_overrides(merged, overrides)
+    merged = merged_block(block, suite.get(SECTION), overrides)
     EMAConfig.from_block(merged)
+    own = suite.get(SECTION) or {}
     lines = suite_text.splitlines(keepends=True)
     span = _section_span(lines)
     if span is None:  # the ready block's own section (with its comments), or a fresh one
@@ -123,7 +119,7 @@ def _ppdet_uses_its_own_ema(suite_path: str, suite: Mapping[str, Any]) -> bool:
         return True
     if not suite.get("_BASE_"):
         return False
-    from .det import load_ppdet_yaml  # follows _BASE_ like ppdet (no paddle import)
+    from .integrations.paddledet import load_ppdet_yaml  # follows _BASE_ like ppdet (no paddle import)
 
     return load_ppdet_yaml(suite_path).get("use_ema") is True
 
@@ -163,6 +159,6 @@ def merge_config_files(suite_path: str, block_path: str, out_path: str,
         merged = _set_top_level(merged, "use_ema", False)
         notes.append(f"set use_ema: false in {out_path}: ppdet's own EMA (use_ema: true in {suite_path} or its "
                      f"_BASE_) would otherwise run beside the {SECTION}: section, which det-train refuses")
-    from .files import atomic_write_text
+    from .checkpoint_io import atomic_write_text
     atomic_write_text(merged, out_path)
     return notes

@@ -124,7 +124,7 @@ def _cpu_cast_rounds_to_nearest() -> bool:
     probe = paddle.to_tensor(np.array([1.0 + 6e-4, 1.0 + 3 * 2.0 ** -9], np.float32), place=paddle.CPUPlace())
     half = probe.astype("float16").astype("float32").numpy()[0]
     brain = probe.astype("bfloat16").astype("float32").numpy()[1]
-    return bool(half == np.float32(np.float16(1.0 + 6e-4)) and brain == np.float32(1.0 + 2.0 ** -6))
+    return bool(half == np.float32(np.float16(1.0 + 6e-4)) and brain == np.float32(1.0 + 2.0 ** -7))
 
 
 CPU_CAST_ROUNDS_TO_NEAREST = _cpu_cast_rounds_to_nearest()

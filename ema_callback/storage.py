@@ -10,11 +10,11 @@ All stores hold the averaged tensors and implement the same two operations:
 ``NumpyStore`` (CPU, float32): one contiguous float32 buffer; sources are read through zero-copy views of
 the live tensors' memory (``paddle_compat.host_view``, the same on Paddle 2.6 and 3.x) and the update runs in
 cache-sized chunks (3 numpy ops per 64Ki elements, one
-scratch buffer). Measured on ResNet50 with paddle 3.3.1 on this project's 2-core CPU: ~41 ms against
-~129 ms for one Paddle ``lerp_`` over a flat buffer of the same size and ~390 ms for a per-tensor loop.
+scratch buffer). Measured by ``benchmarks/bench_update.py`` on ResNet50 (paddle 3.3.1, this project's 2-core
+CPU, medians of 9): 49.3 ms per update with the NaN/Inf guard, 1.45x a flat float32 update of the same size.
 
-``PaddleStore`` (GPU, or float16/bfloat16 storage): one flat Paddle tensor per store; each update is one
-``concat`` of the sources, one fused arithmetic pass and a ``where`` that keeps the old shadow on NaN/Inf.
+``PaddleStore`` (the device path: weights on a GPU, or float16/bfloat16 storage): one flat Paddle tensor; an update
+makes no host synchronisation (see the class docstring for its passes, bytes and allocations).
 
 ``ReferenceStore``: the textbook per-tensor loop ``s = d*s + (1-d)*w``; kept for tests to compare against.
 """
@@ -210,7 +210,29 @@ class NumpyStore(ShadowStore):
 
 
 class PaddleStore(ShadowStore):
-    """One flat Paddle tensor of ``dtype`` on ``place``; arithmetic in float32."""
+    """The device path: one flat Paddle tensor of ``dtype`` on ``place``; arithmetic in float32.
+
+    An update makes **no host synchronisation**: every decision stays on the device. ``lerp_`` returns a 0-d
+    device bool ``ok`` (all sources finite and, under AMP, the step not skipped by the GradScaler) instead of a
+    Python bool, and a skipped update leaves the shadow bit-identical through ``where_``. Per update, on the
+    gathered float32 temporary ``t`` (the one full-size float32 allocation) and the shadow ``s``::
+
+        t = concat(w)                      gather (4 B/element, the only full-size float32 temporary)
+        mask = isfinite(t); ok = mask.all() & ~skip; mask &= ok
+                                           one full-size bool (1 B/element): the exact NaN/Inf test, and-ed
+                                           in place with ok so that where_ needs no broadcast copy
+        s *= 1 - first*ok                  only with bias_correction (the first update starts from 0)
+        t.lerp_(s, d)                      in place, one fused pass: t + d*(s - t) = s + (1-d)*(w - s)
+        where_(mask, t, s); s <- t         in place; then t becomes the shadow (no copy pass)
+
+    About 41 bytes move per element against the 12 of one flat ``lerp_`` (the floor): 8 for the gather, 8 for
+    the mask and its reductions, 12 for the lerp, 13 for the where. With ``nan_guard: false`` and no AMP there is
+    no mask and no where: 20 bytes. With float16/bfloat16 storage the float32 view of the shadow and the rounded
+    cast back are two more temporaries (4 and 2 B/element). The allocation counts are asserted by
+    ``tests/test_device_path.py``; the CPU timings by ``benchmarks/bench_update.py`` (device-path rows).
+    """
+
+    deferred = True  # lerp_/copy_ answer with a device bool, read on the host only when asked
 
     def __init__(self, shapes: Sequence[Sequence[int]], dtype: str = "float32", place=None):
         super().__init__(shapes)
@@ -224,21 +246,62 @@ class PaddleStore(ShadowStore):
 
     def _gather(self, sources: Sequence[paddle.Tensor]) -> paddle.Tensor:
         pieces = [_as_fp32(s.detach()).reshape([-1]) for s in sources]
-        flat = paddle.concat(pieces) if len(pieces) > 1 else pieces[0]
+        flat = paddle.concat(pieces) if len(pieces) > 1 else pieces[0].clone()
         return move_to(flat, self.flat.place)
 
-    def lerp_(self, sources: Sequence[paddle.Tensor], weight: float, reset: bool = False) -> bool:
+    def _decision(self, gathered: paddle.Tensor, skip):
+        """(ok, condition): ``ok`` a 0-d device bool; ``condition`` the full-size bool for ``where_`` (the NaN/Inf
+        mask itself, and-ed in place with ``ok``, so no broadcast copy), or None when nothing can skip."""
+        if not self.check_finite:
+            if skip is None:
+                return None, None
+            ok = paddle.logical_not(move_to(skip.reshape([]), gathered.place))
+            return ok, ok
+        mask = paddle.isfinite(gathered)
+        ok = mask.all()
+        if skip is not None:
+            ok = paddle.logical_and(ok, paddle.logical_not(move_to(skip.reshape([]), ok.place)))
+        mask.logical_and_(ok)  # all true where the update goes through, all false where it is skipped
+        return ok, mask
+
+    def _write(self, new: paddle.Tensor) -> None:
+        """The new shadow: float32 takes ``new``'s allocation (no copy pass); other dtypes a rounded cast into it."""
+        if self.dtype == "float32":
+            new.stop_gradient = True
+            self.flat = new
+        else:
+            paddle.assign(cast_rounded(new, self.dtype), output=self.flat)
+
+    def lerp_(self, sources: Sequence[paddle.Tensor], weight, reset=False, skip=None):
+        """``s += weight * (w - s)`` unless a source is NaN/Inf or ``skip`` (a device bool) is set; with ``reset``
+        (a bool or device bool) the old ``s`` counts as 0. ``weight`` is a float or a 0-d device tensor. Returns
+        the device bool ``ok`` (or None when neither the NaN/Inf guard nor ``skip`` can skip the update)."""
         with paddle.no_grad():
-            w = self._gather(sources)
-            if self.check_finite and not bool(paddle.isfinite(w).all()):
-                return False
-            if reset:
-                new = w * weight if weight != 1.0 else w
-            else:
-                old = _as_fp32(self.flat)
-                new = old + (w - old) * weight
-            paddle.assign(cast_rounded(new, self.dtype) if self.dtype != "float32" else new, output=self.flat)
-        return True
+            t = self._gather(sources)
+            ok, condition = self._decision(t, skip)
+            shadow = self.flat if self.dtype == "float32" else self.flat.astype("float32")
+            if reset is True and isinstance(weight, float) and weight == 1.0:  # a plain copy: no arithmetic
+                if condition is not None:
+                    paddle.where_(condition, t, shadow)
+                self._write(t)
+                return ok
+            if reset is not False:  # zero the shadow where this update is the first one (and goes through)
+                first = reset if ok is None else (paddle.logical_and(ok, reset) if isinstance(reset, paddle.Tensor)
+                                                  else ok)
+                if isinstance(first, paddle.Tensor):
+                    shadow.multiply_(1.0 - first.astype("float32"))
+                else:
+                    shadow.zero_()
+            keep = (1.0 - weight).astype("float32") if isinstance(weight, paddle.Tensor) else \
+                paddle.full_like(t[:1], 1.0 - weight).reshape([])
+            t.lerp_(shadow, keep)  # t + d*(s - t) = s + (1-d)*(w - s): one fused pass
+            if condition is not None:
+                paddle.where_(condition, t, shadow)  # a skipped update keeps s bit for bit
+            self._write(t)
+        return ok
+
+    def copy_(self, sources: Sequence[paddle.Tensor], skip=None) -> paddle.Tensor:
+        return self.lerp_(sources, 1.0, reset=True, skip=skip)
 
     def numpy_values(self) -> List[np.ndarray]:
         host = _as_fp32(self.flat).numpy()
@@ -311,12 +374,12 @@ def _selected(indices: Optional[Sequence[int]], count: int) -> Sequence[int]:
     return range(count) if indices is None else indices
 
 
-def make_store(shapes: Sequence[Sequence[int]], storage_dtype: str, on_host: bool, path: str = "auto",
+def make_store(shapes: Sequence[Sequence[int]], storage_dtype: str, on_host: bool, backend: str = "auto",
                place=None) -> ShadowStore:
-    """Choose the store: ``path`` is ``auto`` (fastest for the case), ``numpy``, ``paddle`` or ``reference``."""
-    if path == "reference":
+    """Choose the store: ``backend`` is ``auto`` (fastest for the case), ``numpy``, ``paddle`` or ``reference``."""
+    if backend == "reference":
         return ReferenceStore(shapes)
-    if path == "numpy" or (path == "auto" and on_host and storage_dtype == "float32"):
+    if backend == "numpy" or (backend == "auto" and on_host and storage_dtype == "float32"):
         if storage_dtype != "float32":
             raise ValueError("the numpy update path stores float32 only")
         return NumpyStore(shapes)

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 : "${PADDLEOCR_ROOT:=$(cd ../shared/third_party/PaddleOCR-2.10 && pwd)}"
 export PADDLEOCR_ROOT
 PY=${PY:-.venv/bin/python}
-$PY -c "from ema_callback.synth import write_rec_dataset as w; w('train_data/tiny_rec', 128, 1, min_len=1, max_len=3); w('train_data/tiny_rec_val', 32, 2, min_len=1, max_len=3)"
+$PY -c "from ema_callback.demo.text_lines import write_rec_dataset as w; w('train_data/tiny_rec', 128, 1, min_len=1, max_len=3); w('train_data/tiny_rec_val', 32, 2, min_len=1, max_len=3)"
 # 1. train with EMA (the YAML has an EMA: section; -o EMA.* works even without one)
 $PY -m ema_callback.cli ocr-train -c configs/paddleocr/tiny_rec_ctc.yml -o Global.epoch_num=3 EMA.decay=0.95
 # 2. PaddleOCR's own tools use the EMA weights saved in output/tiny_rec_ctc/best_accuracy.pdparams

@@ -25,6 +25,22 @@ def tool_command(script):
     return [sys.executable, script]
 
 
+def has_gpu():
+    import paddle
+
+    return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where a GPU is (benchmarks/gpu_check.sh runs them); skipped, and said so, elsewhere."""
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (paddlepaddle-gpu and a CUDA device): run benchmarks/gpu_check.sh there")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_net(seed=0, num_classes=3):
     """A real layer stack with BatchNorm: Conv-BN-ReLU-Conv-BN-ReLU-Pool-Linear."""
     import paddle

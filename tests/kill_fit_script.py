@@ -4,7 +4,6 @@ import sys
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
-import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from ema_callback import EMACallback  # noqa: E402

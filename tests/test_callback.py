@@ -10,7 +10,7 @@ from ema_callback import EMACallback
 from ema_callback.config import EMAConfigError
 from ema_callback.state_file import read_state
 
-from fit_helpers import Blobs, loaders, make_model, weights
+from fit_helpers import loaders, make_model, weights
 
 
 class Recorder(paddle.callbacks.Callback):
@@ -66,7 +66,7 @@ def test_eval_metric_comes_from_ema_weights(tmp_path):
     assert logs["acc_raw"] == manual_accuracy(weights(model.network), evald)
     for k, v in exported.items():
         np.testing.assert_array_equal(seen_weights[k], v.numpy())
-    assert "loss_raw" in logs and logs["acc"] != logs["acc_raw"] or logs["loss"] != logs["loss_raw"]
+    assert "loss_raw" in logs and (logs["acc"] != logs["acc_raw"] or logs["loss"] != logs["loss_raw"])
 
 
 def test_final_raw_weights_equal_a_run_without_the_callback():
@@ -240,3 +240,22 @@ def test_visualdl_records_both_metric_sets(tmp_path):
     ema_acc = [r.value for r in reader.get_data("scalar", "eval/acc")]
     raw_acc = [r.value for r in reader.get_data("scalar", "eval/acc_raw")]
     assert len(ema_acc) == len(raw_acc) == 2
+
+
+def test_a_fit_that_raises_leaves_the_optimizers_methods_as_they_were():
+    train, _ = loaders()
+    model = make_model()
+    opt = model._optimizer
+
+    class Fails(paddle.callbacks.Callback):
+        def on_train_batch_end(self, step, logs=None):
+            if step == 3:
+                assert "step" not in vars(opt) and "minimize" not in vars(opt)  # between batches: unwrapped
+                raise RuntimeError("a callback failed")
+
+    cb = EMACallback(decay=0.9)
+    with pytest.raises(RuntimeError, match="a callback failed"):
+        model.fit(train, epochs=1, verbose=0, callbacks=[cb, Fails()])
+    assert "step" not in vars(opt) and "minimize" not in vars(opt)
+    assert type(opt).step is getattr(opt.step, "__func__", None) and type(opt).minimize is opt.minimize.__func__
+    assert cb.ema.num_steps == 4  # the updates of batches 0-3 were counted before the failure

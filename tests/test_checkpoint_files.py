@@ -1,5 +1,4 @@
 """The files a run writes: modes, loading without running code, each tensor once per set, and resume rules."""
-import io
 import logging
 import os
 import pickle
@@ -11,7 +10,7 @@ import pytest
 
 from ema_callback import EMACallback, EMAConfig
 from ema_callback.engine import ExponentialMovingAverage
-from ema_callback.files import EMAFileError, atomic_save, checked_load
+from ema_callback.checkpoint_io import EMAFileError, atomic_save, checked_load
 from ema_callback.state_file import read_state
 
 from conftest import make_net, train_steps

@@ -8,10 +8,10 @@ import sys
 import pytest
 import yaml
 
-from ema_callback.config import (OPTIONS, EMAConfig, EMAConfigError, apply_overrides, parse_override,
-                                 read_block_file, resolve_block, split_overrides)
+from ema_callback.config import OPTIONS, EMAConfig, EMAConfigError
+from ema_callback.config_files import (apply_overrides, load_suite_yaml, parse_override, read_block_file, resolve_block,
+                                       split_overrides)
 from ema_callback.merge import merge_yaml_text
-from ema_callback.config import load_suite_yaml
 
 from conftest import PADDLEDET_ROOT, PADDLEOCR_ROOT
 
@@ -151,7 +151,7 @@ def test_merge_config_command_writes_the_merged_yaml(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ema_callback.cli", "merge-config", OCR_CONFIG, str(bad),
                            "-o", str(tmp_path / "never.yml")], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"ema-callback: error: EMA.decya: unknown key, did you mean 'decay'?"]
+        "ema-callback: error: EMA.decya: unknown key, did you mean 'decay'?"]
     assert not (tmp_path / "never.yml").exists()
 
 

@@ -4,13 +4,16 @@ import os
 import subprocess
 import sys
 
-from ema_callback.demo import build_parser, format_table, greedy_decode, run
 import numpy as np
+import pytest
+
+from ema_callback.demo.run import build_parser, format_table, greedy_decode, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--steps", "40", "--eval-every", "20", "--train-size", "160", "--eval-size", "48", "--batch-size", "16"]
 
 
+@pytest.mark.slow
 def test_short_demo_writes_results_and_plot(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run([sys.executable, "-m", "ema_callback.cli", "demo", *SHORT, "--out", str(out)],
@@ -24,6 +27,7 @@ def test_short_demo_writes_results_and_plot(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers():
     args = build_parser().parse_args(SHORT + ["--steps", "20"])
     first, second = run(args, progress=lambda *_: None), run(args, progress=lambda *_: None)

@@ -15,9 +15,9 @@ from ema_callback.state_file import read_state
 from ema_callback import EMAConfig
 from ema_callback.config import EMAConfigError
 from ema_callback.engine import ExponentialMovingAverage
-from ema_callback.synth import write_coco_dataset
+from datasets import write_coco_dataset
 
-from conftest import PADDLEDET_ROOT, make_net, snapshot, tool_command
+from conftest import PADDLEDET_ROOT, make_net, tool_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "ppdet", "tiny_picodet_xs.yml")
@@ -54,7 +54,7 @@ def perturb(model, rng, scale=0.01):
 @pytest.mark.parametrize("kind,decay,steps", [("threshold", 0.9, 300), ("exponential", 0.9998, 200)])
 def test_our_ema_equals_ppdet_model_ema_where_ppdet_is_right(picodet, kind, decay, steps):
     ema_module, _, _ = ppdet()
-    from ema_callback.det import from_ppdet_flat_keys
+    from ema_callback.integrations.paddledet import from_ppdet_flat_keys
     rng = np.random.default_rng(0)
     theirs = ema_module.ModelEMA(picodet, decay=decay, ema_decay_type=kind)
     ours = ExponentialMovingAverage(picodet, EMAConfig.from_block(
@@ -72,7 +72,7 @@ def test_our_ema_equals_ppdet_model_ema_where_ppdet_is_right(picodet, kind, deca
 
 def test_ppdet_normal_resume_is_50x_too_large_and_ours_is_exact():
     ema_module, _, _ = ppdet()
-    from ema_callback.det import from_ppdet_flat_keys
+    from ema_callback.integrations.paddledet import from_ppdet_flat_keys
     rng = np.random.default_rng(1)
     model = make_net()
     theirs = ema_module.ModelEMA(model, decay=0.9998, ema_decay_type="normal")
@@ -103,7 +103,7 @@ def test_ppdet_normal_resume_is_50x_too_large_and_ours_is_exact():
 
 def test_ppdet_black_list_stops_training_and_ours_does_not():
     ema_module, _, _ = ppdet()
-    from ema_callback.det import PpdetEMA
+    from ema_callback.integrations.paddledet import PpdetEMA
 
     def train(model, steps, seed):
         opt = paddle.optimizer.SGD(learning_rate=0.1, parameters=model.parameters())
@@ -132,7 +132,7 @@ def test_ppdet_black_list_stops_training_and_ours_does_not():
 
 
 def test_flat_keys_translate_and_both_is_an_error():
-    from ema_callback.det import resolve_det_config
+    from ema_callback.integrations.paddledet import resolve_det_config
     cfg, extra = resolve_det_config({"use_ema": True, "ema_decay": 0.9998, "ema_decay_type": "exponential",
                                      "ema_black_list": ["head.conv"], "cycle_epoch": 5}, None, [])
     assert (cfg.decay, cfg.schedule, cfg.tau, cfg.exclude, extra["cycle_epoch"]) == (
@@ -250,6 +250,90 @@ def test_det_bad_input_is_a_one_line_error(coco, tmp_path):
     assert not (tmp_path / "output").exists()
 
 
+COUNT_MODEL_EMA = """import os, sys
+sys.path.insert(0, os.environ["PADDLEDET_ROOT"])
+import ppdet.optimizer.ema as ema_module
+built = []
+original = ema_module.ModelEMA.__init__
+def counting(self, *args, **kwargs):
+    built.append(1)
+    original(self, *args, **kwargs)
+ema_module.ModelEMA.__init__ = counting
+from ema_callback.cli import main
+code = main(sys.argv[1:])
+print(f"ppdet ModelEMA objects built: {len(built)}")
+sys.exit(code)
+"""
+
+
+def test_cycle_epoch_counts_epochs_and_ppdet_builds_no_model_ema_of_its_own(coco):
+    """cycle_epoch 1 with snapshot_epoch 2: the EMA restarts at every epoch, not only at snapshots (ppdet's
+    apply()); det-train never lets ppdet build its own ModelEMA (a full copy of the weights)."""
+    cmd = [sys.executable, "-c", COUNT_MODEL_EMA, "det-train", "-c", TINY, "-o", "save_dir=output/cycle",
+           "cycle_epoch=1", "snapshot_epoch=2"]
+    done = subprocess.run(cmd, cwd=str(coco), capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "ppdet ModelEMA objects built: 0" in log
+    assert len(re.findall(r"EMA: cycle_epoch 1 reached after epoch (\d)", log)) == 2, log[-4000:]  # epochs 1, 2
+    for name in ("1", "model_final"):  # 4 updates an epoch: each saved state holds one epoch since its restart
+        state = read_state(str(coco / "output" / "cycle" / f"{name}.pdema"), key="ema_callback_state")
+        assert state["ema_callback_state"]["num_updates"] == 4, name
+
+
+@pytest.mark.distributed
+def test_two_process_det_train_keeps_equal_shadows_with_cycle_epoch(coco, tmp_path):
+    """2 CPU ranks, cycle_epoch 1, snapshot_epoch 2: every rank restarts its EMA at the same epochs (ppdet's own
+    restart runs on rank 0 only), so the shadows stay identical."""
+    script = os.path.join(REPO, "ema_callback", "integrations", "launch_det.py")
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "log"), script, "-c", TINY, "-o", "save_dir=output/dist", "cycle_epoch=1", "snapshot_epoch=2"]
+    done = subprocess.run(cmd, cwd=str(coco), capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    logs = {r: open(tmp_path / "log" / f"workerlog.{r}").read() for r in (0, 1)}
+    assert done.returncode == 0, done.stdout[-2000:] + logs[0][-3000:] + logs[1][-3000:]
+    finals = {r: re.findall(r"EMA: finished: optimizer step (\d+), .* shadow sha1 (\w+) \(rank (\d)\)", logs[r])
+              for r in (0, 1)}
+    (steps0, sha0, rank0), (steps1, sha1, rank1) = finals[0][-1], finals[1][-1]
+    assert (rank0, rank1) == ("0", "1") and steps0 == steps1 and sha0 == sha1
+    assert all(len(re.findall(r"EMA: cycle_epoch 1 reached after epoch", logs[r])) == 2 for r in (0, 1))
+
+
+def test_use_cot_and_ssod_configs_are_refused_not_silently_run_without_our_ema(coco):
+    rc, log = det_train(str(coco), "-o", "use_cot=true")
+    assert rc == 2 and log.strip().splitlines()[-1].startswith(
+        "ema-callback: error: use_cot: True trains through ppdet's own semi-supervised or co-tuning trainer")
+
+
+def test_ppdet_threshold_debias_approximation_differs_from_the_exact_one(picodet):
+    """ppdet's threshold EMA starts from zeros and divides by 1 - d_last**step; the exact zero-debias divides by
+    1 - prod(d_i). After 16 updates of threshold 0.99 the two differ by the relative amount README quotes."""
+    ema_module, _, _ = ppdet()
+    rng = np.random.default_rng(0)
+    theirs = ema_module.ModelEMA(picodet, decay=0.99, ema_decay_type="threshold")
+    ours = ExponentialMovingAverage(picodet, EMAConfig(decay=0.99, schedule="threshold", bias_correction=True))
+    exact = {k: np.zeros_like(v.numpy(), dtype=np.float64) for k, v in picodet.state_dict().items()
+             if v.dtype == paddle.float32}
+    product = 1.0
+    for t in range(16):
+        perturb(picodet, rng)
+        theirs.update()
+        ours.step()
+        d = min(0.99, (1 + t) / (10 + t))
+        product *= d
+        live = picodet.state_dict()
+        for k in exact:
+            exact[k] = d * exact[k] + (1 - d) * live[k].numpy().astype(np.float64)
+    exact = {k: v / (1 - product) for k, v in exact.items()}
+    got, expected = ours.ema_state_dict(picodet), {k: v.numpy() for k, v in theirs.apply().items()}
+
+    def relative(a):
+        return float(np.sqrt(sum(np.sum((a[k] - exact[k]) ** 2) for k in exact)) /
+                     np.sqrt(sum(np.sum(exact[k] ** 2) for k in exact)))
+    assert relative(got) < 1e-6  # ours is the exact zero-debias
+    print(f"ppdet threshold 0.99, 16 updates: relative difference from the exact EMA {relative(expected):.2e}")
+    assert 1e-4 < relative(expected) < 5e-3
+
+
 def test_det_train_messages(coco, tmp_path):
     # --help shows ppdet's own arguments after ours
     cmd = [sys.executable, "-m", "ema_callback.cli", "det-train", "--help"]
@@ -279,7 +363,7 @@ def test_det_train_messages(coco, tmp_path):
 
 
 def test_merge_into_a_ppdet_config_with_its_own_ema_turns_that_off(tmp_path):
-    from ema_callback.det import load_ppdet_yaml, resolve_det_config
+    from ema_callback.integrations.paddledet import load_ppdet_yaml, resolve_det_config
     suite = os.path.join(PADDLEDET_ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_80e_coco.yml")  # use_ema in _BASE_
     out = tmp_path / "ppyoloe_plus_crn_s_80e_coco.yml"  # beside nothing: its _BASE_ must still resolve
     overlay = tmp_path / "overlay.yml"
@@ -297,7 +381,7 @@ def test_merge_into_a_ppdet_config_with_its_own_ema_turns_that_off(tmp_path):
 
 @pytest.mark.parametrize("name", ["picodet_s_416_ema.yml", "ppyoloe_plus_s_ema.yml", "tiny_picodet_xs.yml"])
 def test_overlays_resolve_their_base_and_give_a_valid_ema(name):
-    from ema_callback.det import load_ppdet_yaml, resolve_det_config
+    from ema_callback.integrations.paddledet import load_ppdet_yaml, resolve_det_config
     cfg = load_ppdet_yaml(os.path.join(REPO, "configs", "ppdet", name))
     assert "architecture" in cfg and cfg["use_ema"] is False  # the real config's chain, ppdet's EMA off
     ema, _ = resolve_det_config(cfg, None, [])
@@ -308,7 +392,7 @@ def test_overlays_resolve_their_base_and_give_a_valid_ema(name):
 
 
 def test_flat_use_ema_config_runs_on_our_engine_with_the_ppdet_black_list():
-    from ema_callback.det import load_ppdet_yaml, resolve_det_config
+    from ema_callback.integrations.paddledet import load_ppdet_yaml, resolve_det_config
     cfg = load_ppdet_yaml(os.path.join(PADDLEDET_ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_80e_coco.yml"))
     ema, _ = resolve_det_config(cfg, None, [])
     assert (ema.decay, ema.schedule, ema.exclude) == (0.9998, "threshold", [re.escape("proj_conv.weight")])

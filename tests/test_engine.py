@@ -7,7 +7,7 @@ import pytest
 
 from ema_callback import EMAConfig
 from ema_callback.engine import ExponentialMovingAverage
-from ema_callback.files import EMAFileError
+from ema_callback.checkpoint_io import EMAFileError
 from ema_callback.schedules import decay_at
 
 from conftest import make_net, snapshot, train_steps
@@ -22,11 +22,11 @@ def replay(model, states, ema):
         ema.step()
 
 
-def run_engine(trajectory, steps=240, update_path="auto", **kwargs):
+def run_engine(trajectory, steps=240, backend="auto", **kwargs):
     init, states = trajectory
     model = make_net()
     model.set_state_dict(init)
-    ema = ExponentialMovingAverage(model, EMAConfig.from_kwargs(**kwargs), update_path=update_path)
+    ema = ExponentialMovingAverage(model, EMAConfig.from_kwargs(**kwargs), backend=backend)
     replay(model, states[:steps], ema)
     return model, ema
 
@@ -63,7 +63,7 @@ CASES = [
 @pytest.mark.parametrize("path", ["auto", "paddle", "reference"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_average_matches_numpy_reference(trajectory, case, path):
-    model, ema = run_engine(trajectory, update_path=path, **case)
+    model, ema = run_engine(trajectory, backend=path, **case)
     init, states = trajectory
     schedule_args = {k: case[k] for k in ("tau", "inv_gamma", "power", "min_decay") if k in case}
     expected = reference_ema(init, states, roles(ema, "average"), roles(ema, "copy"), schedule=case["schedule"],
@@ -108,7 +108,6 @@ def test_fast_path_tracks_live_training():
     init = snapshot(model)
     ema = ExponentialMovingAverage(model, EMAConfig(decay=0.9, schedule="constant"))
     assert type(ema.store).__name__ == "NumpyStore"
-    import conftest
     opt = paddle.optimizer.Momentum(learning_rate=0.05, parameters=model.parameters())
     rng = np.random.default_rng(1)
     states = []
@@ -161,24 +160,27 @@ def test_update_never_changes_weights_or_stop_gradient(trajectory):
 
 @pytest.mark.parametrize("path", ["auto", "paddle", "reference"])
 def test_nan_step_is_skipped(trajectory, path, caplog):
-    model, ema = run_engine(trajectory, steps=30, update_path=path, decay=0.9)
+    model, ema = run_engine(trajectory, steps=30, backend=path, decay=0.9)
     shadow = ema.state_dict()["shadow"]
     counters = (ema.num_updates, ema.decay_product)
     poisoned = dict(trajectory[1][30])
     poisoned["4.weight"] = poisoned["4.weight"].copy()
     poisoned["4.weight"].flat[3] = np.nan
     model.set_state_dict(poisoned)
+    skipped = None if path == "paddle" else False  # the device path decides on the device and returns None
     with caplog.at_level("WARNING", logger="ema_callback"):
-        assert ema.step() is False
+        assert ema.step() is skipped
         poisoned["8.bias"] = np.full_like(poisoned["8.bias"], np.inf)
         model.set_state_dict(poisoned)
-        assert ema.step() is False
+        assert ema.step() is skipped
+        assert ema.num_skipped == 2 and ema.num_skipped == 2
     assert sum("NaN/Inf" in r.message for r in caplog.records) == 1  # logged once, counted always
-    assert ema.num_skipped == 2 and (ema.num_updates, ema.decay_product) == counters
+    assert (ema.num_updates, ema.decay_product) == counters
     after = ema.state_dict()["shadow"]
     assert all(after[k].tobytes() == shadow[k].tobytes() for k in shadow)
     model.set_state_dict(trajectory[1][31])
-    assert ema.step() is True and np.isfinite(ema.averaged_numpy()["4.weight"]).all()
+    assert ema.step() is (None if path == "paddle" else True) and ema.num_updates == counters[0] + 1
+    assert np.isfinite(ema.averaged_numpy()["4.weight"]).all()
 
 
 def test_without_nan_guard_a_nan_step_poisons_only_its_positions(trajectory):
@@ -195,7 +197,7 @@ def test_without_nan_guard_a_nan_step_poisons_only_its_positions(trajectory):
 
 def test_shadow_has_no_grad_node(trajectory):
     for path in ("auto", "paddle", "reference"):
-        model, ema = run_engine(trajectory, steps=5, update_path=path, decay=0.9)
+        model, ema = run_engine(trajectory, steps=5, backend=path, decay=0.9)
         values = ema.store.tensor_values()
         store = ema.store
         values += getattr(store, "tensors", None) or ([store.flat] if isinstance(store.flat, paddle.Tensor) else [])
@@ -345,9 +347,19 @@ def test_reduced_storage_halves_memory_and_loses_precision(trajectory, dtype):
     assert stalled.mean() >= 0.9 and not (full.averaged_numpy()["8.weight"] == init["8.weight"]).any()
 
 
-def test_device_cpu_keeps_shadow_in_host_memory(trajectory):
-    _, ema = run_engine(trajectory, steps=20, decay=0.9, device="cpu")
-    assert type(ema.store).__name__ == "NumpyStore"
+@pytest.mark.gpu
+def test_device_cpu_keeps_the_shadow_of_gpu_weights_in_host_memory():
+    model = make_net()
+    model.to("gpu")
+    on_host = ExponentialMovingAverage(model, EMAConfig(decay=0.9, device="cpu"))
+    beside = ExponentialMovingAverage(model, EMAConfig(decay=0.9))
+    assert type(on_host.store).__name__ == "NumpyStore"  # host memory, fed by one device-to-host copy a step
+    assert type(beside.store).__name__ == "PaddleStore" and beside.store.flat.place.is_gpu_place()
+    train_steps(model, 3)
+    on_host.step()
+    beside.step()
+    for name, value in beside.averaged_numpy().items():
+        np.testing.assert_allclose(on_host.averaged_numpy()[name], value, rtol=1e-6, atol=1e-7)
 
 
 def test_static_graph_is_refused():
@@ -415,3 +427,23 @@ def test_schedules_at_their_extremes_stay_in_range(schedule):
         for t in (0, 1, 10**6, 10**15, 2**63):
             d = decay_at(t, schedule, decay, tau=1e-9 if t % 2 else 1e9, inv_gamma=1e-9, power=50.0, min_decay=0.0)
             assert 0.0 <= d <= decay and d == d, (schedule, decay, t, d)
+
+
+def test_update_path_is_still_accepted_as_the_backends_former_name():
+    model = make_net()
+    ema = ExponentialMovingAverage(model, EMAConfig(decay=0.9), update_path="reference")
+    assert ema.backend == "reference" and type(ema.store).__name__ == "ReferenceStore"
+    assert type(ExponentialMovingAverage(model, EMAConfig(decay=0.9), backend="paddle").store).__name__ == "PaddleStore"
+
+
+def test_the_model_argument_is_checked_not_ignored():
+    from ema_callback.errors import EMAError
+
+    model, other = make_net(), make_net(seed=1)
+    ema = ExponentialMovingAverage(model, EMAConfig(decay=0.9))
+    for call in (ema.apply_to, ema.drift):
+        with pytest.raises(EMAError, match="not the model this EMA was built for"):
+            call(other)
+    with ema.swapped(model):
+        pass
+    assert not ema.applied

@@ -4,11 +4,14 @@ import subprocess
 import sys
 
 import paddle
+import pytest
+
 from ema_callback.state_file import read_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_model_fit_example_runs(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(REPO, "examples", "model_fit_ema.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))

@@ -31,6 +31,7 @@ def uninterrupted():
     return callback.ema.state_dict()
 
 
+@pytest.mark.slow
 def test_model_fit_survives_sigkill_anywhere(tmp_path, uninterrupted):
     rng = np.random.default_rng(2026)
     corrupt, resumed, report = 0, 0, []
@@ -73,7 +74,7 @@ def test_model_fit_survives_sigkill_anywhere(tmp_path, uninterrupted):
 @pytest.mark.soak
 def test_paddleocr_launcher_survives_sigkill_anywhere(tmp_path):
     """make soak: 20 kill points of ema-callback ocr-train (several minutes)."""
-    from ema_callback.synth import write_rec_dataset
+    from ema_callback.demo.text_lines import write_rec_dataset
     from ocr_helpers import REC_CFG, env, ocr_train
 
     data = str(tmp_path / "data")

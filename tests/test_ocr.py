@@ -4,7 +4,6 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -12,7 +11,9 @@ import paddle
 import pytest
 import yaml
 
-from ema_callback.synth import write_det_dataset, write_rec_dataset
+from ema_callback.demo.text_lines import write_rec_dataset
+
+from datasets import write_det_dataset
 from ema_callback.state_file import read_state
 
 from conftest import PADDLEOCR_ROOT
@@ -211,7 +212,7 @@ def test_bad_input_gives_one_line_errors_and_touches_no_file(tmp_path, data):
 @pytest.mark.distributed
 def test_two_process_launch_trains_with_equal_shadows_and_only_rank0_writes(tmp_path, data):
     out = tmp_path / "dist"
-    script = os.path.join(REPO, "ema_callback", "launch_ocr.py")
+    script = os.path.join(REPO, "ema_callback", "integrations", "launch_ocr.py")
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
            str(tmp_path / "log"), script, "-c", REC_CFG, "-o", f"Global.save_model_dir={out}/",
            "Global.epoch_num=2", "Global.eval_batch_step=[0,4]", *data_overrides(data, "rec")]

@@ -34,13 +34,16 @@ import runpy
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .checkout import check_checkout
-from .checkpoint_set import (STATE_KEY, describe_start_weights, ema_file, numpy_state, restore_raw_weights)
-from .config import (SECTION, EMAConfig, EMAConfigError, apply_overrides, check_section_name, load_suite_yaml,
-                     read_block_file, read_yaml, split_overrides, why_disabled)
-from .files import checked_load
-from .state_file import resolve, store_once
-from .suite_errors import suite_errors_named
+from .suite_checkout import check_checkout
+from .checkpoints import STATE_KEY, describe_start_weights, ema_file, numpy_state, restore_raw_weights
+from .evaluation import before_eval_start
+from ..config import SECTION, EMAConfig, EMAConfigError
+from ..errors import EMAError
+from ..config_files import (check_section_name, load_suite_yaml, read_yaml, resolve_block, split_overrides,
+                            why_disabled)
+from ..checkpoint_io import checked_load
+from ..state_file import resolve, store_once
+from .suite_checkout import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
 
@@ -102,12 +105,7 @@ def resolve_det_config(suite: Mapping[str, Any], block_file: Optional[str], over
         raise EMAConfigError(f"use_ema and {SECTION}: both set; use the {SECTION}: block "
                              f"(and remove {', '.join(sorted(flat))})")
     if has_block:
-        merged = read_block_file(block_file) if block_file else {}
-        own = suite.get(SECTION) or {}
-        if not isinstance(own, Mapping):
-            raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, got {own!r}")
-        merged.update(own)
-        config = EMAConfig.from_block(apply_overrides(merged, overrides))
+        config = resolve_block(suite, block_file, overrides)
     elif flat.get("use_ema"):
         config = EMAConfig.from_block(from_ppdet_flat_keys(flat))
     else:
@@ -125,16 +123,17 @@ class PpdetEMA:
 
     def __init__(self, model, config: EMAConfig, optimizer=None, cycle_epoch: int = -1,
                  resume_path: Optional[str] = None):
-        from .engine import ExponentialMovingAverage
-        from .watch import OptimizerStepCounter
+        from ..engine import ExponentialMovingAverage
+        from ..optimizer_steps import OptimizerStepCounter
 
         self.engine = ExponentialMovingAverage(model, config, optimizer=optimizer)
         self.model = model
         self.optimizer = optimizer
         self.cycle_epoch = cycle_epoch
         self.resume_path = resume_path
-        self.epoch = 0
-        self.counter = OptimizerStepCounter(optimizer) if optimizer is not None else None
+        self.epoch = -1
+        self.counter = (OptimizerStepCounter(optimizer, read_found_inf=not self.engine.deferred)
+                        if optimizer is not None else None)
 
     @property
     def step(self) -> int:  # ppdet's attribute name
@@ -142,23 +141,31 @@ class PpdetEMA:
 
     def update(self, model=None) -> None:
         """Called by ppdet after every iteration: one EMA step per real optimizer update since the last call."""
-        count = self.counter.pop() if self.counter is not None else 1
-        for _ in range(count):
-            self.engine.step()
+        flags = self.counter.pop_flags() if self.counter is not None else [None]
+        for found_inf in flags:
+            self.engine.step(found_inf=found_inf)
 
     def apply(self) -> Dict[str, Any]:
         """The EMA state dict ppdet puts into the model for saving and evaluation (copies; nothing aliased)."""
         import paddle
 
-        if self.engine.num_steps < self.engine.config.eval_start_step:
+        if before_eval_start(self.engine, self.engine.config):
             values = {k: paddle.to_tensor(v.numpy()) for k, v in self.model.state_dict().items()}
         else:
             values = {k: paddle.to_tensor(v) for k, v in self.engine.ema_state_dict(self.model).items()}
-        if self.cycle_epoch > 0 and (self.epoch + 1) % self.cycle_epoch == 0:
-            logger.info("EMA: cycle_epoch %d reached at epoch %d: the EMA restarts from the current weights",
-                        self.cycle_epoch, self.epoch + 1)
-            self.engine.reset()
         return values
+
+    def start_epoch(self, epoch_id: int) -> None:
+        """Called on every rank as each training epoch begins (the raw weights are in the model then): after every
+        ``cycle_epoch`` epochs the EMA restarts from them. ppdet resets inside ``apply()``, which runs only on rank 0
+        and only at snapshot epochs, so its period depends on ``snapshot_epoch`` and its ranks diverge."""
+        if epoch_id == self.epoch:  # ppdet's evaluation calls on_epoch_begin again within the same epoch
+            return
+        self.epoch = epoch_id
+        if self.cycle_epoch > 0 and epoch_id > 0 and epoch_id % self.cycle_epoch == 0:
+            logger.info("EMA: cycle_epoch %d reached after epoch %d: the EMA restarts from the current weights",
+                        self.cycle_epoch, epoch_id)
+            self.engine.reset()
 
     def resume(self, state_dict, step: int = 0) -> None:
         """From ppdet's ``load_weight``: our exact state when the ``.pdema`` carries it, else the saved EMA weights."""
@@ -187,8 +194,8 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
         """Before ppdet's Checkpointer: put our state into the raw-weights dict it saves as ``.pdema``."""
 
         def on_epoch_begin(self, status):
-            if status.get("mode") == "train":
-                self.model.ema.epoch = status["epoch_id"]
+            if status.get("mode") == "train" and isinstance(self.model.ema, PpdetEMA):
+                self.model.ema.start_epoch(status["epoch_id"])
 
         def on_epoch_end(self, status):
             weight = status.get("weight")
@@ -202,10 +209,11 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
 
         def __init__(self, cfg, mode="train"):
             if mode == "train" and config.enable:
-                cfg["use_ema"] = True  # take ppdet's EMA code paths (apply at snapshots, .pdema files)
+                cfg["use_ema"] = False  # ppdet would build its own ModelEMA (a full copy) only for us to replace it
             super().__init__(cfg, mode=mode)
             self._resume_path = None
             if mode == "train" and config.enable:
+                cfg["use_ema"] = self.use_ema = True  # ppdet's EMA code paths (apply at snapshots, .pdema files)
                 ema_config = config
                 if extra.get("filter_no_grad"):
                     frozen = [re.escape(n) for n, p in self.model.named_parameters()
@@ -257,7 +265,7 @@ def _print_help(root_option: Optional[str]) -> int:
     build_parser().print_help()
     try:
         root = resolve_root(root_option)
-    except EMAConfigError as exc:
+    except EMAError as exc:
         print(f"\nppdet's own arguments: not shown ({exc})")
         return 0
     print(f"\nppdet's own arguments ({os.path.join(root, 'tools', 'train.py')}), passed through:", flush=True)
@@ -300,16 +308,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "-h" in argv or "--help" in argv:
         return _print_help(_option_value(argv, "--paddledet-root"))
     args, passthrough = build_parser().parse_known_args(argv)
-    from . import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
+    from .. import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
     root = resolve_root(args.paddledet_root)
     suite = load_ppdet_yaml(args.config)
     check_section_name(suite, args.config)
     ema_overrides, det_overrides = split_overrides(args.opt)
-    for text in det_overrides:  # ppdet's flat EMA keys given with -o decide the EMA too
+    for text in det_overrides:  # -o keys that decide the EMA (ppdet's flat keys) or what we check
         key, _, raw = text.partition("=")
-        if key.strip() in FLAT_KEYS + ("pretrain_weights",):
+        if key.strip() in FLAT_KEYS + ("pretrain_weights", "use_cot", "ssod_method"):
             suite[key.strip()] = load_suite_yaml(raw)
     config, extra = resolve_det_config(suite, args.ema_config, ema_overrides)
+    if config.enable and (suite.get("ssod_method") or suite.get("use_cot")):
+        key = "ssod_method" if suite.get("ssod_method") else "use_cot"
+        raise EMAConfigError(f"{key}: {suite[key]!r} trains through ppdet's own semi-supervised or co-tuning trainer, "
+                             "which det-train does not replace (its EMA would silently not run); train it with "
+                             "ppdet's tools/train.py and its own EMA, or remove the EMA: section")
     if not config.enable:
         logger.info("EMA: off for this run (%s)", why_disabled(suite, args.ema_config, ema_overrides, args.config)
                     if not suite.get("use_ema") else "use_ema overridden")

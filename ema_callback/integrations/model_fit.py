@@ -24,23 +24,18 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from .config import SECTION, EMAConfig, EMAConfigError, check_section_name, read_yaml
-from .paddle_compat import paddle
-from .engine import ExponentialMovingAverage
-from .checkpoint_set import numpy_state, restore_raw_weights, resume_ema, save_ema_state
-from .files import StagedWrite, checked_load
-from .state_file import read_state
-from .watch import OptimizerStepCounter
+from ..config import SECTION, EMAConfig, EMAConfigError
+from ..errors import EMAError
+from ..config_files import check_section_name, read_yaml
+from ..paddle_compat import paddle
+from ..engine import ExponentialMovingAverage
+from .checkpoints import is_rank0, numpy_state, restore_raw_weights, resume_ema, save_ema_state
+from .evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy, raw_suffixed
+from ..checkpoint_io import StagedWrite, checked_load
+from ..state_file import read_state
+from ..optimizer_steps import OptimizerStepCounter
 
 logger = logging.getLogger("ema_callback")
-
-RAW_SUFFIX = "_raw"
-DRIFT = "ema_drift"  # relative drift ||ema - w|| / ||w|| at each evaluation
-
-
-def _is_rank0() -> bool:
-    return paddle.distributed.get_rank() == 0
-
 
 class EMACallback(paddle.callbacks.Callback):
     """EMA of ``model.network`` during ``Model.fit``; evaluation runs on the EMA weights.
@@ -55,11 +50,13 @@ class EMACallback(paddle.callbacks.Callback):
         save_dir: the ``save_dir`` given to ``fit``, for ``resume="auto"``.
         final_weights: ``"ema"`` (default) leaves the EMA weights in the network after ``fit``, so
             ``model.save``/``model.evaluate``/``model.predict`` use them; ``"raw"`` leaves the raw weights.
-        update_path: the engine's update path (``auto``, ``numpy``, ``paddle``, ``reference``).
+        backend: the engine's store (``auto``, ``numpy``, ``paddle``, ``reference``; see the engine);
+            ``update_path`` is its former name, still accepted.
     """
 
     def __init__(self, config: Union[EMAConfig, Mapping[str, Any], None] = None, *, resume: Optional[str] = None,
-                 save_dir: Optional[str] = None, final_weights: str = "ema", update_path: str = "auto",
+                 save_dir: Optional[str] = None, final_weights: str = "ema", backend: str = "auto",
+                 update_path: Optional[str] = None,
                  **kwargs: Any):
         super().__init__()
         base = config if isinstance(config, EMAConfig) else EMAConfig.from_block(config)
@@ -69,13 +66,13 @@ class EMACallback(paddle.callbacks.Callback):
         self.final_weights = final_weights
         self.save_dir = save_dir
         self.resume = resume if resume is not None else ("auto" if save_dir else None)
-        self.update_path = update_path
+        self.backend = update_path or backend
         self.ema: Optional[ExponentialMovingAverage] = None
         self.extra_logs: Dict[str, Any] = {}  # added to the evaluation logs: <metric>_raw, ema_drift
         self._raw_copies_metrics = False  # raw-weight evaluation (before eval_start_step): <metric>_raw = <metric>
-        self._counter: Optional[OptimizerStepCounter] = None
+        self._pending_updates: list = []  # found_inf flags of optimizer updates counted in train_batch, not yet averaged
         self._in_fit = False
-        self._told_raw_eval = False
+        self._policy = EvaluationPolicy(self.config)
         self._told_off = False
 
     @classmethod
@@ -99,7 +96,7 @@ class EMACallback(paddle.callbacks.Callback):
             raise RuntimeError("EMACallback needs dynamic-graph mode: the model was prepared under "
                                "paddle.enable_static(); call paddle.disable_static() before building paddle.Model")
         self.ema = ExponentialMovingAverage(self.network, self.config, optimizer=getattr(self.model, "_optimizer", None),
-                                            update_path=self.update_path)
+                                            backend=self.backend)
         self._install_save_hook()
         if self.resume:
             self._resume(self.resume)
@@ -123,7 +120,7 @@ class EMACallback(paddle.callbacks.Callback):
             try:
                 candidates = [checked_load(params) if os.path.exists(params) else {}]
                 candidates.append(read_state(path).get("raw_weights") or {})
-            except EMAConfigError:
+            except EMAError:
                 continue
             for weights in candidates:
                 if isinstance(weights, dict) and weights and set(weights) == set(current) and all(
@@ -144,7 +141,7 @@ class EMACallback(paddle.callbacks.Callback):
             folder, name = os.path.split(os.path.abspath(path))
             with StagedWrite(folder) as stage:  # every file complete before it gets its final name
                 result = original(stage.path(name), training)
-                if self.ema is not None and _is_rank0():  # .pdparams hold what the network holds now
+                if self.ema is not None and is_rank0():  # .pdparams hold what the network holds now
                     save_ema_state(self.ema, stage.path(name), self.network, self.raw_state_dict(),
                                    numpy_state(self.network))
                 stage.publish(last=(name + ".pdema",))
@@ -169,10 +166,43 @@ class EMACallback(paddle.callbacks.Callback):
         if self.ema is not None and self.ema.applied:
             self.ema.restore(self.network)
 
+    def _install_batch_hook(self) -> None:
+        """Count real optimizer updates during each ``Model.train_batch`` call only (where fit steps the optimizer):
+        its ``step``/``minimize`` are wrapped for that call and put back in ``finally``, so a ``fit`` that raises
+        anywhere leaves the optimizer's methods as they were."""
+        model = self.model
+        if getattr(model.train_batch, "_ema_callback", None) is self:
+            return
+        original = getattr(model.train_batch, "__wrapped__", model.train_batch)
+
+        def train_batch(*args, **kwargs):
+            if not self._in_fit or self.ema is None:
+                return original(*args, **kwargs)
+            counter = OptimizerStepCounter(model._optimizer, read_found_inf=not self.ema.deferred)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                counter.close()
+                self._pending_updates += counter.pop_flags()
+
+        train_batch._ema_callback = self
+        train_batch.__wrapped__ = original
+        model.train_batch = train_batch
+
+    def _remove_batch_hook(self) -> None:
+        model = self.model
+        if getattr(model.train_batch, "_ema_callback", None) is not self:
+            return
+        wrapped = model.train_batch.__wrapped__
+        if getattr(wrapped, "__func__", None) is getattr(type(model), "train_batch", None):
+            del model.train_batch  # the class's own method again
+        else:
+            model.train_batch = wrapped
+
     def _flush_updates(self) -> None:
-        if self._counter is not None:
-            for _ in range(self._counter.pop()):
-                self.ema.step()
+        flags, self._pending_updates = self._pending_updates, []
+        for found_inf in flags:
+            self.ema.step(found_inf=found_inf)
 
     # ------------------------------------------------------------------ training events
     def on_train_begin(self, logs=None) -> None:
@@ -184,7 +214,8 @@ class EMACallback(paddle.callbacks.Callback):
             self._build_engine()
         else:
             self._restore_raw()
-        self._counter = OptimizerStepCounter(self.model._optimizer)
+        self._pending_updates = []
+        self._install_batch_hook()
 
     def _start_without_ema(self) -> None:
         """EMA off: say so once; a resumed checkpoint saved with EMA continues from its raw weights."""
@@ -209,9 +240,7 @@ class EMACallback(paddle.callbacks.Callback):
             return
         self._restore_raw()
         self._flush_updates()
-        if self._counter is not None:
-            self._counter.close()
-            self._counter = None
+        self._remove_batch_hook()
         self._in_fit = False
         if self.ema.num_updates == 0:
             logger.warning("EMA: no EMA update happened during fit (%d optimizer steps, start_step=%d)",
@@ -231,11 +260,7 @@ class EMACallback(paddle.callbacks.Callback):
             self._build_engine()
         if self.ema.applied:  # after fit with final_weights='ema': the EMA weights are already in
             return
-        if self.ema.num_steps < self.config.eval_start_step:
-            if not self._told_raw_eval:
-                logger.info("EMA: evaluating raw weights until optimizer step %d (eval_start_step)",
-                            self.config.eval_start_step)
-                self._told_raw_eval = True
+        if self._policy.raw_weights_now(self.ema):
             self._raw_copies_metrics = self.config.eval_raw
             self._extend_metric_names(logs)
             return
@@ -270,14 +295,13 @@ class EMACallback(paddle.callbacks.Callback):
                 setattr(model, k, v)
             if "num_iters" not in saved and hasattr(model, "num_iters"):
                 del model.num_iters
-        return {k + RAW_SUFFIX: v for k, v in result.items()}
+        return raw_suffixed(result, skip=())
 
     def _add_to_logs(self, logs) -> None:
         if logs is None:
             return
         if self._raw_copies_metrics:
-            logs.update({k + RAW_SUFFIX: v for k, v in list(logs.items())
-                         if k not in ("step", "batch_size", DRIFT) and not k.endswith(RAW_SUFFIX)})
+            logs.update(raw_suffixed(logs))
         logs.update(self.extra_logs)
 
     def on_eval_batch_end(self, step, logs=None) -> None:

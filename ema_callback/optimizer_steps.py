@@ -6,6 +6,10 @@ Training loops step an optimizer in different ways: ``optimizer.step()`` (Paddle
 GradScaler passes ``found_inf`` to the optimizer, whose kernels then skip the update: that call is
 not an update. ``OptimizerStepCounter`` wraps the optimizer *instance's* ``step`` and ``minimize``
 (nested calls count once) and counts the calls that really updated the weights.
+
+Reading ``found_inf`` is a host synchronisation. With ``read_found_inf=False`` (the engine's device path) the
+counter never reads it: every call is counted and its flag is handed on (``on_update(flag)``, ``pop_flags()``),
+so the EMA skips that update on the device.
 """
 from __future__ import annotations
 
@@ -14,9 +18,14 @@ from typing import Callable, Optional
 from .paddle_compat import paddle
 
 
-def _found_inf(optimizer) -> bool:
+def _found_inf_flag(optimizer):
+    """The GradScaler's ``found_inf`` for the last call (a tensor, a bool, or None without AMP)."""
     getter = getattr(optimizer, "_get_auxiliary_var", None)
-    flag = getter("found_inf") if getter else None
+    return getter("found_inf") if getter else None
+
+
+def _found_inf(optimizer) -> bool:
+    flag = _found_inf_flag(optimizer)
     if flag is None:
         return False
     return bool(flag.item() if isinstance(flag, paddle.Tensor) else flag)
@@ -25,13 +34,17 @@ def _found_inf(optimizer) -> bool:
 class OptimizerStepCounter:
     """Wraps ``optimizer.step`` / ``optimizer.minimize`` on the instance until ``close()``.
 
-    ``on_update`` (optional) is called after each real update; ``pop()`` returns the number of real
-    updates since the previous ``pop()``; ``skipped`` counts calls the GradScaler skipped for inf/nan.
+    ``on_update`` (optional) is called after each real update (with the call's ``found_inf`` flag when
+    ``read_found_inf`` is False); ``pop()`` returns the number of updates since the previous ``pop()`` and
+    ``pop_flags()`` their flags (None where read on the host); ``skipped`` counts calls the GradScaler skipped
+    for inf/nan (host reading only).
     """
 
-    def __init__(self, optimizer, on_update: Optional[Callable[[], None]] = None):
+    def __init__(self, optimizer, on_update: Optional[Callable[..., None]] = None, read_found_inf: bool = True):
         self.optimizer = optimizer
         self.on_update = on_update
+        self.read_found_inf = read_found_inf
+        self._flags: list = []
         self.pending = 0
         self.total = 0
         self.skipped = 0
@@ -50,21 +63,35 @@ class OptimizerStepCounter:
             finally:
                 self._depth -= 1
             if self._depth == 0:
-                if _found_inf(self.optimizer):
+                flag = _found_inf_flag(self.optimizer)
+                if not self.read_found_inf and isinstance(flag, paddle.Tensor):
+                    self._count(flag)  # decided on the device by the EMA, never read here
+                elif _found_inf(self.optimizer):
                     self.skipped += 1
                 else:
-                    self.pending += 1
-                    self.total += 1
-                    if self.on_update is not None:
-                        self.on_update()
+                    self._count(None)
             return result
 
         wrapped.__wrapped__ = original
         return wrapped
 
+    def _count(self, flag) -> None:
+        flag = flag if isinstance(flag, paddle.Tensor) else None
+        self.pending += 1
+        self.total += 1
+        self._flags.append(flag)
+        if self.on_update is not None:
+            self.on_update() if self.read_found_inf else self.on_update(flag)
+
     def pop(self) -> int:
-        count, self.pending = self.pending, 0
+        count, self.pending, self._flags = self.pending, 0, []
         return count
+
+    def pop_flags(self) -> list:
+        """The ``found_inf`` flags (device tensors, or None) of the updates since the last ``pop``/``pop_flags``."""
+        flags, self._flags = self._flags, []
+        self.pending = 0
+        return flags
 
     def close(self) -> None:
         """Put the optimizer's own methods back."""

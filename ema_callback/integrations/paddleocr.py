@@ -31,14 +31,15 @@ import runpy
 import sys
 from typing import Any, Dict, List, Optional
 
-from .checkout import check_checkout
-from .checkpoint_set import (describe_start_weights, numpy_state, restore_raw_weights, resume_ema,
+from .suite_checkout import check_checkout
+from .evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
+from .checkpoints import (describe_start_weights, is_rank0, numpy_state, restore_raw_weights, resume_ema,
                              save_ema_state)
-from .config import (SECTION, EMAConfig, EMAConfigError, check_section_name, has_ema_request, load_suite_yaml, read_yaml,
-                     resolve_block, split_overrides, why_disabled)
-from .files import StagedWrite
-from .guard import OutputGuard
-from .suite_errors import suite_errors_named
+from ..config import SECTION, EMAConfig, EMAConfigError
+from ..config_files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
+from ..checkpoint_io import StagedWrite
+from .output_rollback import OutputGuard
+from .suite_checkout import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
 
@@ -82,7 +83,7 @@ def import_program(root: str):
 
 
 def unwrap(model):
-    from .selection import unwrap as _unwrap  # imports paddle: not at module import (fast --help)
+    from ..selection import unwrap as _unwrap  # imports paddle: not at module import (fast --help)
 
     return _unwrap(model)
 
@@ -125,7 +126,7 @@ class PaddleOCRHooks:
         self.model = None
         self.counter = None
         self._originals: Dict[str, Any] = {}
-        self._told_raw_eval = False
+        self._policy = EvaluationPolicy(config)
 
     @contextlib.contextmanager
     def installed(self):
@@ -174,8 +175,8 @@ class PaddleOCRHooks:
         return result
 
     def _start_ema(self, model, optimizer, checkpoints, logger_) -> None:
-        from .engine import ExponentialMovingAverage
-        from .watch import OptimizerStepCounter
+        from ..engine import ExponentialMovingAverage
+        from ..optimizer_steps import OptimizerStepCounter
 
         self.model = model
         self.ema = ExponentialMovingAverage(model, self.config, optimizer=optimizer)
@@ -183,7 +184,7 @@ class PaddleOCRHooks:
             resume_ema(self.ema, checkpoints, unwrap(model), logger_)
         if self.guard is not None:
             self.guard.release()  # the EMA is set up: from here on the run's files are the run's
-        self.counter = OptimizerStepCounter(optimizer, on_update=self.ema.step)
+        self.counter = OptimizerStepCounter(optimizer, on_update=self.ema.step, read_found_inf=not self.ema.deferred)
         logger_.info("EMA: %s", ", ".join(f"{k}: {v}" for k, v in self.config.to_block().items()))
 
     # ---------------------------------------------------------------- eval
@@ -192,20 +193,16 @@ class PaddleOCRHooks:
         if self.ema is None:  # eval outside train (not through this launcher's train)
             return original(model, *args, **kwargs)
         c = self.config
-        if self.ema.num_steps < c.eval_start_step:
-            if not self._told_raw_eval:
-                logger.info("EMA: evaluating raw weights until optimizer step %d (eval_start_step)",
-                            c.eval_start_step)
-                self._told_raw_eval = True
+        if self._policy.raw_weights_now(self.ema):
             metric = original(model, *args, **kwargs)
-            return dict(metric, **{f"{k}_raw": v for k, v in metric.items()}) if c.eval_raw else metric
+            return dict(metric, **raw_suffixed(metric)) if c.eval_raw else metric
         raw_metric = original(model, *args, **kwargs) if c.eval_raw else {}
         drift = self.ema.log_before_eval()
         with self.ema.swapped(model):
             metric = original(model, *args, **kwargs)
         metric = dict(metric)
-        metric.update({f"{k}_raw": v for k, v in raw_metric.items()})
-        metric["ema_drift"] = drift  # PaddleOCR logs it and hands it to its W&B/VisualDL writer
+        metric.update(raw_suffixed(raw_metric))
+        metric[DRIFT] = drift  # PaddleOCR logs it and hands it to its W&B/VisualDL writer
         return metric
 
     # ---------------------------------------------------------------- save
@@ -213,12 +210,11 @@ class PaddleOCRHooks:
         original = self._originals["save_model"]
         if self.ema is None:
             return original(model, optimizer, model_path, logger_, config, is_best=is_best, prefix=prefix, **kwargs)
-        from .callback import _is_rank0
         raw = numpy_state(unwrap(model))
         relatives = [prefix] + ([os.path.join("best_model", "model")] if prefix == "best_accuracy" else [])
         with StagedWrite(model_path) as stage:  # a crash never leaves a partial file under a final name
             log = _FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
-            if self.config.save_as == "raw" or self.ema.num_steps < self.config.eval_start_step:
+            if self.config.save_as == "raw" or before_eval_start(self.ema, self.config):
                 # raw: PaddleOCR's files untouched; before eval_start_step the best model is chosen on raw weights
                 result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix, **kwargs)
                 held = raw
@@ -227,7 +223,7 @@ class PaddleOCRHooks:
                     result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix,
                                       **kwargs)
                     held = numpy_state(model)
-            if _is_rank0():
+            if is_rank0():
                 for relative in relatives:
                     save_ema_state(self.ema, stage.path(relative), unwrap(model), raw, held, self.config.save_as)
                 logger.info("EMA: saved %s.pdema (%s)", os.path.join(model_path, prefix), self.ema.summary())
@@ -237,7 +233,7 @@ class PaddleOCRHooks:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
+    from .. import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
     root = resolve_root(args.paddleocr_root)
     suite = read_yaml(args.config)
     if not isinstance(suite, dict):

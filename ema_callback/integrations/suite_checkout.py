@@ -1,13 +1,27 @@
-"""Saying which code failed when a suite's own training code raises under our launcher."""
+"""The suite checkout a launcher runs: checking it, and naming errors raised inside its code."""
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
 import traceback
-from typing import Iterator
+from typing import Iterator, Sequence
 
-from .errors import EMAConfigError
+from ..errors import CheckoutError, EMAError
+
+
+def check_checkout(root: str, option: str, suite: str, required: Sequence[str]) -> str:
+    """``root`` as an absolute path, after checking it is a folder holding every ``required`` file.
+
+    Errors are one line naming the option: ``--paddleocr-root /x: not a PaddleOCR checkout (missing ...)``.
+    """
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise CheckoutError(f"{option} {root}: no such folder")
+    missing = [p for p in required if not os.path.exists(os.path.join(root, p))]
+    if missing:
+        raise CheckoutError(f"{option} {root}: not a {suite} checkout (missing {', '.join(missing)})")
+    return root
 
 
 @contextlib.contextmanager
@@ -16,11 +30,11 @@ def suite_errors_named(root: str, suite: str) -> Iterator[None]:
 
     The traceback starts with the launcher's frames (runpy, our wrappers); the line says the error was raised
     in the suite's code, e.g. ``ema-callback: error inside PaddleDetection's ppdet/engine/trainer.py (line 312),
-    not in ema-callback; its traceback follows``. Our own errors (``EMAConfigError``) and exits pass untouched.
+    not in ema-callback; its traceback follows``. Our own errors (``EMAError``) and exits pass untouched.
     """
     try:
         yield
-    except (EMAConfigError, SystemExit, KeyboardInterrupt):
+    except (EMAError, SystemExit, KeyboardInterrupt):
         raise
     except BaseException as exc:
         frame = _deepest_owned_frame(exc, os.path.realpath(root))
@@ -34,7 +48,7 @@ def suite_errors_named(root: str, suite: str) -> Iterator[None]:
 
 def _deepest_owned_frame(exc: BaseException, root: str):
     """The deepest frame in the suite's checkout, unless a deeper one is ema-callback's own (then None)."""
-    package = os.path.dirname(os.path.realpath(__file__)) + os.sep
+    package = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         path = os.path.realpath(frame.filename)
         if path.startswith(package):

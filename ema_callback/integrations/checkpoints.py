@@ -1,4 +1,4 @@
-"""What the three ways in do with a suite's checkpoint set, written once: resume, and weights of EMA runs.
+"""What the three ways in do with a suite's checkpoint set, written once: resume, save, and weights of EMA runs.
 
 A checkpoint set is the files of one prefix: the suite's ``<prefix>.pdparams`` (+ ``.pdopt`` ...), our
 ``<prefix>.pdema`` and, with ``save_as: raw``, ``<prefix>.ema.pdparams``. What the ``.pdparams`` hold depends on
@@ -22,12 +22,19 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from .files import EMAFileError, checked_load
-from .state_file import read_state
+from ..checkpoint_io import EMAFileError, checked_load
+from ..state_file import read_state
 
 logger = logging.getLogger("ema_callback")
 
 STATE_KEY = "ema_callback_state"  # our state inside a ppdet-convention .pdema (whose entries are raw weights)
+
+
+def is_rank0() -> bool:
+    """Only rank 0 of a data-parallel run writes files."""
+    from ..paddle_compat import paddle
+
+    return paddle.distributed.get_rank() == 0
 
 
 def checkpoint_prefix(path: str) -> str:
@@ -119,7 +126,7 @@ def save_ema_state(ema, prefix: str, network, raw: Optional[Mapping[str, np.ndar
     ``held``: the arrays the suite's ``<prefix>.pdparams`` hold (what the network held when the suite saved);
     ``raw``: the raw weights (None where the suite keeps them itself, as ppdet's ``.pdema`` does).
     """
-    from .files import atomic_save
+    from ..checkpoint_io import atomic_save
 
     companions: Dict[str, Mapping[str, np.ndarray]] = {".pdparams": held}
     if save_as == "raw":

@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ema_callback.watch import OptimizerStepCounter
+from ema_callback.optimizer_steps import OptimizerStepCounter
 
 from conftest import make_net, snapshot
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .synth import ALPHANUMERIC, make_text_lines
+from .text_lines import ALPHANUMERIC, make_text_lines
 
 HEIGHT, WIDTH, MAX_LABEL = 32, 128, 8
 ALPHABET = ALPHANUMERIC
@@ -63,7 +63,7 @@ def greedy_decode(logits: np.ndarray) -> List[List[int]]:
 
 def _modules():
     """The paddle parts, imported on first use so ``ema-callback --help`` stays fast."""
-    from .paddle_compat import paddle
+    from ..paddle_compat import paddle
     from paddle import nn
 
     class TextLines(paddle.io.Dataset):
@@ -160,7 +160,7 @@ def _curve_jump(values: List[float]) -> float:
 
 def run(args: argparse.Namespace, progress=print) -> Dict:
     paddle, TextLines, TinyCRNN, CTCLoss, SequenceAccuracy, CyclingBatches = _modules()
-    from .callback import EMACallback
+    from ..integrations.model_fit import EMACallback
 
     paddle.set_device("cpu")
     if args.threads:

@@ -14,10 +14,7 @@ import tempfile
 from typing import Any
 
 
-from .config import EMAConfigError
-
-class EMAFileError(EMAConfigError):
-    """An EMA file that cannot be written, read or does not match the model; one line naming the file."""
+from .errors import EMAFileError  # re-exported: ema_callback.checkpoint_io.EMAFileError
 
 
 def atomic_save(obj: Any, path: str) -> None:

@@ -1,0 +1,154 @@
+"""Reading ``EMA:`` blocks from files and ``-o`` overrides, and their precedence (one function for every way in).
+
+Precedence, lowest first: a ready block file (``--ema-config``) < the suite YAML's own ``EMA:`` section <
+``-o EMA.*`` overrides (``merged_block``; ``resolve_block`` validates the result). ``-o EMA.decay=0.999`` works
+when the YAML has no ``EMA:`` section. Suite YAMLs are read with a safe loader that keeps suite tags
+(PaddleDetection's ``!CosineDecay``) as plain data.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from .config import SECTION, EMAConfig
+from .errors import EMAConfigError
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``'EMA.decay=0.999'`` -> ``(['EMA', 'decay'], 0.999)``; the value is read as YAML (PaddleOCR's rule)."""
+    if not isinstance(text, str) or "=" not in text:
+        raise EMAConfigError(f"-o {text!r}: expected KEY=VALUE, e.g. EMA.decay=0.9999")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")) or not key.isprintable():
+        raise EMAConfigError(f"-o {text!r}: expected KEY=VALUE with a dotted key, e.g. EMA.decay=0.9999")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise EMAConfigError(f"-o {key!r}: value {raw!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except (ValueError, OverflowError, TypeError) as exc:  # e.g. an impossible date: 2024-13-45
+        raise EMAConfigError(f"-o {key!r}: value {raw!r} cannot be read ({exc})") from None
+    return key.split("."), value
+
+
+def split_overrides(opts: Optional[Sequence[str]]) -> Tuple[List[Tuple[List[str], Any]], List[str]]:
+    """Separate ``EMA.*`` overrides (parsed) from the suite's own (kept as strings, untouched)."""
+    ema, rest = [], []
+    for text in opts or []:
+        head = text.split("=", 1)[0].strip()
+        if head == SECTION or head.startswith(SECTION + "."):
+            ema.append(parse_override(text))
+        else:
+            rest.append(text)
+    return ema, rest
+
+
+def apply_overrides(block: Optional[Mapping[str, Any]], overrides: Iterable[Tuple[List[str], Any]]) -> Dict[str, Any]:
+    """Apply parsed ``EMA.*`` overrides to a block (a copy); works when the YAML had no ``EMA:`` section."""
+    merged: Dict[str, Any] = dict(block or {})
+    for parts, value in overrides:
+        if parts[0] != SECTION:
+            raise EMAConfigError(f"-o {'.'.join(parts)!r}: not an {SECTION}.* key")
+        if parts == [SECTION]:
+            if not isinstance(value, Mapping):
+                raise EMAConfigError(f"-o {SECTION}: expected a mapping, got {value!r}")
+            merged.update(value)
+        elif len(parts) == 2:
+            merged[parts[1]] = value
+        else:
+            raise EMAConfigError(f"-o {'.'.join(parts)!r}: EMA keys are one level deep, e.g. EMA.decay")
+    return merged
+
+
+class SuiteLoader(yaml.SafeLoader):
+    """A safe loader that reads suite-specific tags (PaddleDetection's ``!CosineDecay``...) as plain data."""
+
+
+def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+SuiteLoader.add_multi_constructor("!", _construct_tagged)
+
+
+def load_suite_yaml(text: str) -> Any:
+    """Parse a suite YAML (custom tags become plain data)."""
+    return yaml.load(text, Loader=SuiteLoader)
+
+
+def read_yaml(path: str) -> Any:
+    """Load a YAML file, with one-line errors naming the file."""
+    if not os.path.isfile(path):
+        raise EMAConfigError(f"{path}: no such file")
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            return load_suite_yaml(handle.read())
+    except yaml.YAMLError as exc:
+        raise EMAConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EMAConfigError(f"{path}: cannot be read ({exc})") from None
+
+
+def read_block_file(path: str) -> Dict[str, Any]:
+    """A ready block file (``configs/ema/*.yml``): a YAML mapping with one top-level ``EMA:`` key."""
+    data = read_yaml(path)
+    if not isinstance(data, Mapping) or SECTION not in data:
+        raise EMAConfigError(f"{path}: expected a YAML file with a top-level '{SECTION}:' section")
+    extra = [k for k in data if k != SECTION]
+    if extra:
+        raise EMAConfigError(f"{path}: a block file holds only '{SECTION}:', found also {', '.join(map(str, extra))}")
+    block = data[SECTION] or {}
+    EMAConfig.from_block(block)  # validate early, naming the key
+    return dict(block)
+
+
+def merged_block(block: Optional[Mapping[str, Any]], suite_section: Any,
+                 overrides: Iterable[Tuple[List[str], Any]] = ()) -> Dict[str, Any]:
+    """The one precedence rule: ready block < the suite's own ``EMA:`` section < ``-o EMA.*`` overrides."""
+    if suite_section is not None and not isinstance(suite_section, Mapping):
+        raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, got {suite_section!r}")
+    merged: Dict[str, Any] = dict(block or {})
+    merged.update(suite_section or {})
+    return apply_overrides(merged, overrides)
+
+
+def resolve_block(suite_config: Mapping[str, Any], block_file: Optional[str] = None,
+                  overrides: Iterable[Tuple[List[str], Any]] = ()) -> EMAConfig:
+    """``merged_block`` of a block file, a suite config's section and overrides, validated."""
+    block = read_block_file(block_file) if block_file else {}
+    own = suite_config.get(SECTION) if isinstance(suite_config, Mapping) else None
+    return EMAConfig.from_block(merged_block(block, own, overrides))
+
+
+def has_ema_request(suite_config: Mapping[str, Any], block_file: Optional[str], overrides: Sequence) -> bool:
+    """Whether the user asked for EMA at all (a section, a block file or an ``EMA.*`` override)."""
+    return bool(block_file) or bool(overrides) or (isinstance(suite_config, Mapping) and SECTION in suite_config)
+
+
+def check_section_name(suite_config: Mapping[str, Any], source: str) -> None:
+    """A top-level ``ema:``/``Ema:`` is not read: one line pointing at ``EMA:`` instead of silently ignoring it."""
+    if not isinstance(suite_config, Mapping):
+        return
+    for key in suite_config:
+        if isinstance(key, str) and key != SECTION and key.upper() == SECTION:
+            raise EMAConfigError(f"{source}: top-level '{key}:' is not read; the section is '{SECTION}:' (upper case)")
+
+
+def why_disabled(suite_config: Mapping[str, Any], block_file: Optional[str], overrides: Sequence,
+                 source: str) -> str:
+    """Where an ``EMA.enable: false`` (or the absence of any EMA request) came from, for the one 'off' line."""
+    for parts, value in reversed(list(overrides)):
+        if parts == [SECTION, "enable"] or (parts == [SECTION] and isinstance(value, Mapping) and "enable" in value):
+            return "-o EMA.enable=false"
+    own = suite_config.get(SECTION) if isinstance(suite_config, Mapping) else None
+    if isinstance(own, Mapping) and own.get("enable") is False:
+        return f"EMA.enable: false in {source}"
+    if block_file:
+        return f"EMA.enable: false in {block_file}"
+    return f"no {SECTION}: section in {source}, no --ema-config and no -o {SECTION}.* option"

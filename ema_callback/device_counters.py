@@ -1,0 +1,94 @@
+"""The device path's update counters: 0-d device tensors, updated by device ops, read on the host only when asked.
+
+The decay schedule needs the number of *real* updates so far (an update skipped for NaN/Inf, or a step the AMP
+GradScaler skipped, is not one), and that decision is taken on the device (``PaddleStore.lerp_`` returns a
+device bool). Reading it back every step would stall the device queue, so the count stays on the device and the
+schedule is evaluated there (``schedules.decay_tensor``, the same formulas as ``decay_at`` in float64): exact,
+with no host read. The engine reads the counters (``.item()``) only when it logs, evaluates, saves or is asked.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from .config import EMAConfig
+from .paddle_compat import move_to, paddle
+from .schedules import decay_tensor
+
+logger = logging.getLogger("ema_callback")
+
+
+class DeviceCounters:
+    """``updates``, ``skipped``, ``product`` (prod of the decays, for bias correction) and ``last`` on ``place``."""
+
+    def __init__(self, place):
+        with paddle.no_grad():
+            self._updates = move_to(paddle.zeros([], dtype="int64"), place)
+            self._skipped = move_to(paddle.zeros([], dtype="int64"), place)
+            self._product = move_to(paddle.ones([], dtype="float64"), place)
+            self._last = move_to(paddle.zeros([], dtype="float64"), place)
+            self._has_last = move_to(paddle.zeros([], dtype="bool"), place)
+        self._warned = False
+
+    # ---------------------------------------------------------------- device side (no host read)
+    def decay(self, config: EMAConfig) -> "paddle.Tensor":
+        """``decay_at(updates * update_every) ** update_every`` as a 0-d float64 device tensor."""
+        t = self._updates.astype("float64") * float(config.update_every)
+        d = decay_tensor(t, config.schedule, config.decay, config.tau, config.inv_gamma, config.power,
+                         config.min_decay)
+        return d if config.update_every == 1 else paddle.pow(d, float(config.update_every))
+
+    def first_update(self) -> "paddle.Tensor":
+        return self._updates == 0
+
+    def record(self, ok: Optional["paddle.Tensor"], decay: Optional["paddle.Tensor"] = None) -> None:
+        """One attempted update: done where ``ok`` (None: always), skipped elsewhere (``decay`` None: a copy)."""
+        with paddle.no_grad():
+            if ok is None:  # nothing could skip it (no NaN/Inf guard, no GradScaler flag): done
+                ok = paddle.full_like(self._has_last, True)
+            done = ok.astype("int64")
+            if decay is not None:
+                self._updates.add_(done)
+                self._product = paddle.where(ok, self._product * decay, self._product)
+                self._last = paddle.where(ok, decay, self._last)
+                self._has_last = paddle.logical_or(self._has_last, ok)
+            self._skipped.add_(1 - done)
+
+    # ---------------------------------------------------------------- host side (reads: log, evaluate, save)
+    @property
+    def updates(self) -> int:
+        return int(self._updates.item())
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        self._updates.fill_(int(value))
+
+    @property
+    def skipped(self) -> int:
+        value = int(self._skipped.item())
+        if value and not self._warned:
+            logger.warning("EMA: %d update(s) skipped so far because the weights held NaN/Inf (or the AMP GradScaler "
+                           "skipped the step); the shadow kept its last finite value", value)
+            self._warned = True
+        return value
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self._skipped.fill_(int(value))
+
+    @property
+    def product(self) -> float:
+        return float(self._product.item())
+
+    @product.setter
+    def product(self, value: float) -> None:
+        self._product.fill_(float(value))
+
+    @property
+    def last(self) -> Optional[float]:
+        return float(self._last.item()) if bool(self._has_last.item()) else None
+
+    @last.setter
+    def last(self, value: Optional[float]) -> None:
+        self._has_last.fill_(value is not None)
+        self._last.fill_(float(value) if value is not None else 0.0)
