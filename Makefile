@@ -56,11 +56,16 @@ demo: $(VENV)/.demo-installed
 test: checkouts test-paddle3 test-paddle26
 	@$(MAKE) --no-print-directory skipped-suites
 
+# Two pytest workers (2 cores): each suite's module on one worker (its fixtures built once), 2-process
+# launches one at a time (xdist_group marks). PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
+
 test-paddle3: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) --durations=8 $(PYTEST_ARGS)
 
 test-paddle26: $(VENV26)/.test-installed
-	$(BIN26)/python -m pytest -q $(PADDLE26_TESTS)
+	$(BIN26)/python -m pytest -q $(XDIST) $(PADDLE26_TESTS)
 
 # Clone a suite at its pinned commit when its root is the cache folder and holds no checkout yet (a failure only
 # warns: its tests skip). A root set by the user, or ../shared, is never written to.

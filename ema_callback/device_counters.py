@@ -55,13 +55,10 @@ class DeviceCounters:
             self._skipped.add_(1 - done)
 
     # ---------------------------------------------------------------- host side (reads: log, evaluate, save)
-    @property
-    def updates(self) -> int:
-        return int(self._updates.item())
-
-    @updates.setter
-    def updates(self, value: int) -> None:
-        self._updates.fill_(int(value))
+    updates = property(lambda self: int(self._updates.item()), lambda self, value: self._updates.fill_(int(value)),
+                       doc="real updates so far (a host read)")
+    product = property(lambda self: float(self._product.item()),
+                       lambda self, value: self._product.fill_(float(value)), doc="prod of the decays (a host read)")
 
     @property
     def skipped(self) -> int:
@@ -75,14 +72,6 @@ class DeviceCounters:
     @skipped.setter
     def skipped(self, value: int) -> None:
         self._skipped.fill_(int(value))
-
-    @property
-    def product(self) -> float:
-        return float(self._product.item())
-
-    @product.setter
-    def product(self, value: float) -> None:
-        self._product.fill_(float(value))
 
     @property
     def last(self) -> Optional[float]:

@@ -23,8 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "ppdet", "tiny_picodet_xs.yml")
 TIMEOUT = 420  # ppdet's loader hangs if a transform raises: every run is bounded
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(PADDLEDET_ROOT),
-                                                   reason="no PaddleDetection checkout")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("paddledet"),  # one worker: the module's fixtures once
+              pytest.mark.skipif(not os.path.isdir(PADDLEDET_ROOT), reason="no PaddleDetection checkout")]
 
 
 def ppdet():
@@ -282,6 +282,7 @@ def test_cycle_epoch_counts_epochs_and_ppdet_builds_no_model_ema_of_its_own(coco
 
 
 @pytest.mark.distributed
+@pytest.mark.xdist_group("launch")  # 2-process launches one at a time
 def test_two_process_det_train_keeps_equal_shadows_with_cycle_epoch(coco, tmp_path):
     """2 CPU ranks, cycle_epoch 1, snapshot_epoch 2: every rank restarts its EMA at the same epochs (ppdet's own
     restart runs on rank 0 only), so the shadows stay identical."""

@@ -10,6 +10,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.distributed
+@pytest.mark.xdist_group("launch")  # 2-process launches one at a time
 def test_two_rank_fit_has_equal_shadows_and_only_rank0_writes(tmp_path):
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
            "--log_dir", str(tmp_path / "log"), os.path.join(HERE, "dist_fit_script.py"), str(tmp_path)]

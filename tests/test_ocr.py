@@ -20,8 +20,8 @@ from conftest import PADDLEOCR_ROOT
 from ocr_helpers import (DET_CFG, REC_CFG, REPO, assert_eval_reproduces_best, data_overrides, logged_metrics,
                          ocr_train, paddleocr_tool, run)
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(PADDLEOCR_ROOT),
-                                                   reason="no PaddleOCR checkout")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("paddleocr"),  # one worker: the module's fixtures once
+              pytest.mark.skipif(not os.path.isdir(PADDLEOCR_ROOT), reason="no PaddleOCR checkout")]
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +210,7 @@ def test_bad_input_gives_one_line_errors_and_touches_no_file(tmp_path, data):
 
 
 @pytest.mark.distributed
+@pytest.mark.xdist_group("launch")  # 2-process launches one at a time
 def test_two_process_launch_trains_with_equal_shadows_and_only_rank0_writes(tmp_path, data):
     out = tmp_path / "dist"
     script = os.path.join(REPO, "ema_callback", "integrations", "launch_ocr.py")
