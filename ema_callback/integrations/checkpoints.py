@@ -23,7 +23,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from ..checkpoint_io import EMAFileError, checked_load
-from ..state_file import read_state
+from ..state_file import resolve
 
 logger = logging.getLogger("ema_callback")
 
@@ -50,9 +50,9 @@ def raw_weights_in(path: str) -> Dict[str, np.ndarray]:
     """The raw weights a ``.pdema`` holds: ours (``raw_weights``) or ppdet's convention (the file's tensors)."""
     data = checked_load(path)
     if isinstance(data, dict) and "format" in data:
-        return dict(read_state(path).get("raw_weights") or {})
+        return dict(resolve(data, path).get("raw_weights") or {})
     if isinstance(data, dict) and STATE_KEY in data:  # det-train's file: ppdet's raw weights + our state
-        read_state(path, key=STATE_KEY)  # refuses a stale state (its .pdparams overwritten since)
+        resolve(data[STATE_KEY], path)  # refuses a stale state (its .pdparams overwritten since)
     if not isinstance(data, dict):
         raise EMAFileError(f"{path}: expected a state dict of weights, found a {type(data).__name__}")
     return {k: v for k, v in data.items() if isinstance(v, np.ndarray)}

@@ -115,17 +115,19 @@ class EMACallback(paddle.callbacks.Callback):
         if not self.save_dir or not os.path.isdir(self.save_dir):
             return None
         current = numpy_state(self.network)
+
+        def holds_current(weights) -> bool:
+            return isinstance(weights, dict) and set(weights) == set(current) and all(
+                np.array_equal(np.asarray(weights[k]), current[k]) for k in current)
+
         for path in sorted(glob.glob(os.path.join(self.save_dir, "*.pdema")), key=os.path.getmtime, reverse=True):
             params = path[: -len(".pdema")] + ".pdparams"
-            try:
-                candidates = [checked_load(params) if os.path.exists(params) else {}]
-                candidates.append(read_state(path).get("raw_weights") or {})
+            try:  # the .pdparams first (what Model.load read); the .pdema's raw weights only if they differ
+                if (os.path.exists(params) and holds_current(checked_load(params))) or \
+                        holds_current(read_state(path).get("raw_weights")):
+                    return path
             except EMAError:
                 continue
-            for weights in candidates:
-                if isinstance(weights, dict) and weights and set(weights) == set(current) and all(
-                        np.array_equal(np.asarray(weights[k]), current[k]) for k in current):
-                    return path
         return None
 
     def _install_save_hook(self) -> None:
