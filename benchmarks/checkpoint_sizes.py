@@ -62,7 +62,7 @@ def measure(model, settings, folder):
                 ema.export(prefix + ".ema.pdparams", model)
             ema.save(prefix + ".pdema", extra={"raw_weights": raw})
         else:
-            save_ema_state(ema, prefix, model, raw, held, settings.get("save_as", "ema"))
+            save_ema_state(ema, [prefix], model, raw, held, settings.get("save_as", "ema"))
         files = [prefix + s for s in (".pdparams", ".ema.pdparams", ".pdema") if os.path.exists(prefix + s)]
         sizes[layout] = {os.path.basename(f)[len(layout):]: os.path.getsize(f) for f in files}
     return ema.store.numel * 4, ema.store.nbytes, sizes

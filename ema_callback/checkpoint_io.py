@@ -17,13 +17,18 @@ from typing import Any
 from .errors import EMAFileError  # re-exported: ema_callback.checkpoint_io.EMAFileError
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``paddle.save(obj)`` to ``path`` through a temporary file and ``os.replace``."""
+def saved_bytes(obj: Any) -> bytes:
+    """What ``paddle.save(obj)`` writes, in memory (to write the same object under several names)."""
     from .paddle_compat import paddle
 
     buffer = io.BytesIO()
     paddle.save(obj, buffer)
-    atomic_write_bytes(buffer.getvalue(), path)
+    return buffer.getvalue()
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``paddle.save(obj)`` to ``path`` through a temporary file and ``os.replace``."""
+    atomic_write_bytes(saved_bytes(obj), path)
 
 
 def atomic_write_text(text: str, path: str) -> None:

@@ -493,12 +493,15 @@ class ExponentialMovingAverage:
         ``companions`` (suffix -> arrays, e.g. ``{".pdparams": what the suite saved}``): tensors those files hold
         bit for bit are stored as references to them (``state_file.store_once``).
         """
+        atomic_save(self.saved_state(extra, companions), path)
+
+    def saved_state(self, extra: Optional[Mapping[str, Any]] = None,
+                    companions: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None) -> Dict[str, Any]:
+        """The dict ``save`` writes: ``state_dict()`` plus ``extra``, companion tensors as references."""
         state = self.state_dict()
         if extra:
             state.update(extra)
-        if companions:
-            state = store_once(state, companions)
-        atomic_save(state, path)
+        return store_once(state, companions) if companions else state
 
     def load(self, path: str) -> Dict[str, Any]:
         """Read a ``.pdema`` file into this engine; returns the whole file's dict (for ``extra`` entries).

@@ -3,14 +3,13 @@
 All stores hold the averaged tensors and implement the same two operations:
 
 * ``lerp_(sources, weight)``: ``s = s + weight * (w - s)`` (= ``(1 - weight) * s + weight * w``, rounded once
-  per step instead of twice) for every tensor, or nothing at all
-  when any source holds a NaN/Inf (returns ``False``); with ``reset=True`` the old ``s`` counts as 0;
+  per step instead of twice) for every tensor, or nothing at all when any source holds a NaN/Inf (returns
+  ``False``; the device path returns that decision as a device bool); with ``reset=True`` the old ``s`` counts as 0;
 * ``copy_(sources)``: ``s = w`` (same NaN/Inf rule).
 
 ``NumpyStore`` (CPU, float32): one contiguous float32 buffer; sources are read through zero-copy views of
 the live tensors' memory (``paddle_compat.host_view``, the same on Paddle 2.6 and 3.x) and the update runs in
-cache-sized chunks (3 numpy ops per 64Ki elements, one
-scratch buffer). Measured by ``benchmarks/bench_update.py`` on ResNet50 (paddle 3.3.1, this project's 2-core
+cache-sized chunks (3 numpy ops per 64Ki elements, one scratch buffer). Measured by ``benchmarks/bench_update.py`` on ResNet50 (paddle 3.3.1, this project's 2-core
 CPU, medians of 9): 49.3 ms per update with the NaN/Inf guard, 1.45x a flat float32 update of the same size.
 
 ``PaddleStore`` (the device path: weights on a GPU, or float16/bfloat16 storage): one flat Paddle tensor; an update
@@ -93,7 +92,7 @@ SMALL = 4096  # tensors below this many elements are gathered with one np.concat
 
 
 class NumpyStore(ShadowStore):
-    """float32 shadow in host memory, updated with chunked numpy passes over DLPack views.
+    """float32 shadow in host memory, updated with chunked numpy passes over zero-copy views of the weights.
 
     Layout: tensors of at least ``SMALL`` elements first, each updated chunk by chunk through a zero-copy
     view of its source; then all small tensors in one contiguous segment, whose sources are gathered with

@@ -85,6 +85,9 @@ def test_rec_eval_metric_is_the_ema_metric_and_tools_use_the_ema_weights(tmp_pat
         "\n".join(str(r) for r in rows)
     for name in ("latest", "best_accuracy", "iter_epoch_2", "best_model/model"):
         assert os.path.exists(out / f"{name}.pdema"), name
+    # best_model/model gets the same state as best_accuracy, resolved against its own .pdparams
+    best, copy = read_state(str(out / "best_accuracy.pdema")), read_state(str(out / "best_model" / "model.pdema"))
+    assert same_tensors(best["shadow"], copy["shadow"]) and best["num_steps"] == copy["num_steps"]
     # PaddleOCR's own eval.py on the saved best checkpoint reproduces the logged (EMA) metric exactly
     assert_eval_reproduces_best(REC_CFG, data, "rec", out, str(tmp_path), log, ("acc", "norm_edit_dis"))
     # .pdparams hold the EMA weights, .pdema the raw ones

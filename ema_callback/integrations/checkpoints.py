@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -119,22 +119,27 @@ def describe_start_weights(weights: str, option: str, log=logger) -> Optional[st
     return which
 
 
-def save_ema_state(ema, prefix: str, network, raw: Optional[Mapping[str, np.ndarray]],
+def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[str, np.ndarray]],
                    held: Mapping[str, np.ndarray], save_as: str = "ema") -> None:
-    """Write ``<prefix>.pdema`` (and with ``save_as: raw`` ``<prefix>.ema.pdparams``), each tensor once.
+    """Write ``<prefix>.pdema`` (and with ``save_as: raw`` ``<prefix>.ema.pdparams``) for each of ``prefixes``,
+    each tensor once per set. One checkpoint saved under several names (PaddleOCR's ``best_accuracy`` and
+    ``best_model/model``) is built, fingerprinted and serialized once.
 
     ``held``: the arrays the suite's ``<prefix>.pdparams`` hold (what the network held when the suite saved);
     ``raw``: the raw weights (None where the suite keeps them itself, as ppdet's ``.pdema`` does).
     """
-    from ..checkpoint_io import atomic_save
+    from ..checkpoint_io import atomic_write_bytes, saved_bytes
 
     companions: Dict[str, Mapping[str, np.ndarray]] = {".pdparams": held}
+    files: Dict[str, bytes] = {}
     if save_as == "raw":
-        ema_weights = ema.ema_state_dict(network)
-        atomic_save(ema_weights, prefix + ".ema.pdparams")
-        companions[".ema.pdparams"] = ema_weights
-    ema.save(prefix + ".pdema", extra={"raw_weights": dict(raw)} if raw is not None else None,
-             companions=companions)
+        companions[".ema.pdparams"] = ema.ema_state_dict(network)
+        files[".ema.pdparams"] = saved_bytes(companions[".ema.pdparams"])
+    state = ema.saved_state(extra={"raw_weights": dict(raw)} if raw is not None else None, companions=companions)
+    files[".pdema"] = saved_bytes(state)
+    for prefix in prefixes:
+        for suffix, data in files.items():
+            atomic_write_bytes(data, prefix + suffix)
 
 
 def numpy_state(network) -> Dict[str, np.ndarray]:

@@ -144,7 +144,7 @@ class EMACallback(paddle.callbacks.Callback):
             with StagedWrite(folder) as stage:  # every file complete before it gets its final name
                 result = original(stage.path(name), training)
                 if self.ema is not None and is_rank0():  # .pdparams hold what the network holds now
-                    save_ema_state(self.ema, stage.path(name), self.network, self.raw_state_dict(),
+                    save_ema_state(self.ema, [stage.path(name)], self.network, self.raw_state_dict(),
                                    numpy_state(self.network))
                 stage.publish(last=(name + ".pdema",))
             return result

@@ -224,8 +224,8 @@ class PaddleOCRHooks:
                                       **kwargs)
                     held = numpy_state(model)
             if is_rank0():
-                for relative in relatives:
-                    save_ema_state(self.ema, stage.path(relative), unwrap(model), raw, held, self.config.save_as)
+                save_ema_state(self.ema, [stage.path(r) for r in relatives], unwrap(model), raw, held,
+                               self.config.save_as)
                 logger.info("EMA: saved %s.pdema (%s)", os.path.join(model_path, prefix), self.ema.summary())
             stage.publish(last=tuple(r + ".pdema" for r in relatives))
         return result
