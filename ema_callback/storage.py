@@ -10,7 +10,7 @@ All stores hold the averaged tensors and implement the same two operations:
 ``NumpyStore`` (CPU, float32): one contiguous float32 buffer; sources are read through zero-copy views of
 the live tensors' memory (``paddle_compat.host_view``, the same on Paddle 2.6 and 3.x) and the update runs in
 cache-sized chunks (3 numpy ops per 64Ki elements, one scratch buffer). Measured by ``benchmarks/bench_update.py`` on ResNet50 (paddle 3.3.1, this project's 2-core
-CPU, medians of 9): 49.3 ms per update with the NaN/Inf guard, 1.45x a flat float32 update of the same size.
+CPU, medians of 9): 47.7 ms per update with the NaN/Inf guard, 1.45x a flat float32 update of the same size.
 
 ``PaddleStore`` (the device path: weights on a GPU, or float16/bfloat16 storage): one flat Paddle tensor; an update
 makes no host synchronisation (see the class docstring for its passes, bytes and allocations).
