@@ -10,7 +10,9 @@ of alternating repetitions:
   over one flat float32 buffer of the same element count (the faster of Paddle ``lerp_`` and a chunked numpy
   pass), a naive per-tensor loop ``e = d*e + (1-d)*w``, and PaddleDetection's ``ModelEMA.update``;
 * swap in + restore (``apply_to`` + ``restore``) against one plain copy of the weights;
-* the shadow's bytes for ``storage_dtype`` float32/float16 and ``device`` same/cpu.
+* the shadow's bytes for ``storage_dtype`` float32/float16 and ``device`` same/cpu;
+* several EMAs in one pass (``decays`` of 1, 2 and 4 entries), each against one EMA measured in the same run, on
+  the numpy path and on the forced device path (target: k EMAs cost at most ``1 + 0.6 (k - 1)`` times one).
 
 Then the overhead of EMA on a real training step (the tiny PaddleOCR recognizer of configs/paddleocr and the
 demo's CRNN) with ``update_every`` 1, 4 and 16. Prints markdown tables and writes ``results.json``.
@@ -214,6 +216,34 @@ def bench_device_path(name, reps):
             "no_guard_over_floor": times["device_path_no_guard"] / times["floor_lerp"]}
 
 
+SEVERAL = (1, 2, 4)
+SEVERAL_DECAYS = [0.999, 0.9999, 0.99, 0.9995]
+
+
+def bench_several(name, reps, backend="auto"):
+    """Per-update time of k = 1, 2, 4 EMAs kept in one pass (one engine with ``decays`` of k entries), alternating,
+    each as a ratio to the one-EMA engine of the same run; the target is ``1 + 0.6 (k - 1)``."""
+    paddle.seed(0)
+    model = MODELS[name]()
+    model.eval()
+    engines = {k: ExponentialMovingAverage(model, EMAConfig(decays=SEVERAL_DECAYS[:k], schedule="constant"),
+                                           backend=backend) for k in SEVERAL}
+
+    def timed(engine):
+        def run():
+            engine.step()
+            if engine.deferred:
+                _sync()
+        return run
+
+    times = alternate({f"{k} EMA": timed(e) for k, e in engines.items()}, reps)
+    one = times["1 EMA"]
+    return {"model": name, "backend": "device path (forced)" if backend == "paddle" else "numpy (CPU default)",
+            "ms": {k: v * 1e3 for k, v in times.items()},
+            "over_one": {k: times[f"{k} EMA"] / one for k in SEVERAL},
+            "target": {k: 1 + 0.6 * (k - 1) for k in SEVERAL}}
+
+
 # ---------------------------------------------------------------------------- training-step overhead
 def _tiny_ocr_step():
     sys.path.insert(0, OCR_ROOT)
@@ -286,7 +316,14 @@ def bench_training_step(reps, block=4):
 
 
 def markdown(results):
-    lines = [f"Machine: {results['machine']}", "",
+    lines = [f"Machine: {results['machine']}"]
+    if results["update"]:
+        lines += _update_tables(results)
+    return "\n".join(lines + _other_tables(results))
+
+
+def _update_tables(results):
+    lines = ["",
              "| model | tensors | fp32 elements | ours ms | floor ms (paddle / numpy) | ours / floor "
              "| ours, nan_guard off: ms (/ floor) | naive loop ms | ppdet ModelEMA ms | ppdet / ours "
              "| swap+restore ms | plain copy ms |",
@@ -303,6 +340,11 @@ def markdown(results):
         m = r["memory"]
         lines.append(f"| {r['model']} | " + " | ".join(f"{m[k]['bytes'] / 2**20:.1f} MiB" for k in
                                                     ("float32/same", "float32/cpu", "float16/same", "float16/cpu")) + " |")
+    return lines
+
+
+def _other_tables(results):
+    lines = []
     if results.get("device_path"):
         lines += ["", "| device path (forced) | fp32 elements | ours ms | floor: flat lerp_ ms | ours / floor "
                   "| nan_guard off ms (/ floor) |", "|---|---|---|---|---|---|"]
@@ -311,13 +353,20 @@ def markdown(results):
             lines.append(f"| {r['model']} | {r['float32_elements'] / 1e6:.2f}M | {ms['device_path']:.2f} | "
                          f"{ms['floor_lerp']:.2f} | {r['over_floor']:.2f} | {ms['device_path_no_guard']:.2f} "
                          f"({r['no_guard_over_floor']:.2f}) |")
+    if results.get("several"):
+        lines += ["", "| several EMAs in one pass | path | 1 EMA ms | 2 EMAs ms (/ 1) | 4 EMAs ms (/ 1) | target 2 / 4 |",
+                  "|---|---|---|---|---|---|"]
+        for r in results["several"]:
+            ms, ratio = r["ms"], r["over_one"]
+            lines.append(f"| {r['model']} | {r['backend']} | {ms['1 EMA']:.2f} | {ms['2 EMA']:.2f} ({ratio[2]:.2f}) | "
+                         f"{ms['4 EMA']:.2f} ({ratio[4]:.2f}) | <= {r['target'][2]:.1f} / <= {r['target'][4]:.1f} |")
     if results.get("training"):
         lines += ["", "| training step | step ms (no EMA) | overhead update_every 1 | 4 | 16 |", "|---|---|---|---|---|"]
         for r in results["training"]:
             o = r["overhead_pct"]
             lines.append(f"| {r['model']} | {r['step_ms']:.1f} | {o['update_every 1']:+.1f}% | "
                          f"{o['update_every 4']:+.1f}% | {o['update_every 16']:+.1f}% |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None):
@@ -326,19 +375,26 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--out", default="bench_output")
     p.add_argument("--no-training", action="store_true")
+    p.add_argument("--several-models", default="resnet50,pp-ocrv4-rec,picodet-xs",
+                   help="models for the several-EMAs rows ('' for none)")
     p.add_argument("--device-models", default="resnet50,pp-ocrv4-rec",
                    help="models for the forced device-path rows ('' for none)")
     args = p.parse_args(argv)
     paddle.set_device(os.environ.get("BENCH_DEVICE", "cpu"))
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {paddle.device.get_device()}, "
                           f"paddle {paddle.__version__}, numpy {np.__version__}", "update": [], "training": []}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         print(f"measuring {name} ...", flush=True)
         results["update"].append(bench_model(name, args.reps))
     results["device_path"] = []
     for name in filter(None, args.device_models.split(",")):
         print(f"measuring {name} on the device path ...", flush=True)
         results["device_path"].append(bench_device_path(name, args.reps))
+    results["several"] = []
+    for name in filter(None, args.several_models.split(",")):
+        for backend in ("auto", "paddle"):
+            print(f"measuring 1/2/4 EMAs of {name} ({backend}) ...", flush=True)
+            results["several"].append(bench_several(name, args.reps, backend))
     if not args.no_training:
         print("measuring training-step overhead ...", flush=True)
         results["training"] = bench_training_step(args.reps)

@@ -16,6 +16,7 @@ from .errors import EMAConfigError  # re-exported: ema_callback.config.EMAConfig
 from .schedules import SCHEDULES
 
 SECTION = "EMA"
+LENGTH_KEYS = ("decay", "decays", "half_life_images", "half_life_epochs")  # one form of the EMA length per block
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,19 @@ OPTIONS: Tuple[Option, ...] = (
     Option("enable", True, "bool", "Turn EMA on. `false` leaves training bit-identical to a run without the plugin."),
     Option("decay", 0.9999, "float", "Target decay d in `ema = d*ema + (1-d)*w`; horizon ~ 1/(1-d) optimizer steps.",
            low=0.0, high=1.0, low_open=True, high_open=True),
+    Option("decays", None, "decay_list",
+           "Several EMAs in one pass: one shadow per decay, e.g. `[0.999, 0.9999]`; the first is the primary "
+           "(what `save_as: ema` writes and best-model selection uses unless `select: best`). Instead of `decay`."),
+    Option("half_life_images", None, "positive_or_list",
+           "EMA length as a half-life in images (a number, or a list for several EMAs): after this many training "
+           "images a weight's contribution has halved. Per optimizer step d = 0.5^(B/H), B = the measured global batch. "
+           "Instead of `decay`."),
+    Option("half_life_epochs", None, "positive_or_list",
+           "Half-life in epochs of the training set (number or list): `half_life_images` = x * dataset size. "
+           "Instead of `decay`."),
+    Option("decay_batch_size", None, "int",
+           "Global batch (images per optimizer update) that `decay`/`decays` were tuned for: the run uses "
+           "d^kappa, kappa = measured global batch / this (the EMA scaling rule, Busbridge et al. 2023).", low=1),
     Option("schedule", "threshold", "choice",
            "Decay warm-up: `constant` d; `threshold` min(d,(1+t)/(10+t)) (TF, PaddleDetection); "
            "`exponential` d(1-exp(-(t+1)/tau)) (YOLOv5, PaddleDetection); `power` 1-(1+t/inv_gamma)^-power "
@@ -73,6 +87,20 @@ OPTIONS: Tuple[Option, ...] = (
            "Check every weight for NaN/Inf before an update and skip the update if any (exact: the shadow is "
            "untouched). Costs one extra read of the weights (~30% of a CPU update); false skips the check."),
     Option("eval_raw", False, "bool", "Also evaluate the raw weights and log their metrics with a `_raw` suffix."),
+    Option("eval_all", True, "bool",
+           "With several EMAs: evaluate every one at each evaluation (`false`: only the primary, and raw with `eval_raw`)."),
+    Option("select", "primary", "choice",
+           "With several candidates: `primary` keeps the first EMA for best-model selection; `best` selects the best "
+           "evaluated candidate (raw weights included with `eval_raw`) and saves it as the best model.",
+           choices=("primary", "best")),
+    Option("recompute_bn", 0, "int",
+           "Before each EMA evaluation and save: reset every BatchNorm layer's running mean/variance and recompute "
+           "them with the EMA weights over the last N training batches (cumulative average); 0 = off.", low=0),
+    Option("switch_every", 0, "int",
+           "Switch EMA (Li et al. 2024): every N optimizer steps copy the EMA weights into the model (and AMP "
+           "master weights) and train on from them, optimizer state kept; 0 = off.", low=0),
+    Option("switch_every_epochs", 0.0, "float",
+           "Switch EMA period in epochs (optimizer steps per epoch x this, rounded); 0 = off.", low=0.0),
     Option("save_as", "ema", "choice",
            "What the suite's own weight files hold: `ema` (its eval/export/infer tools use EMA) with the raw weights "
            "in the `.pdema` file, or `raw` (suite files untouched, EMA written beside them).",
@@ -106,6 +134,8 @@ def _check_value(opt: Option, value: Any) -> Any:
         if opt.high is not None and (value >= opt.high if opt.high_open else value > opt.high):
             raise EMAConfigError(f"{key}: must be {'<' if opt.high_open else '<='} {opt.high:g}, got {value!r}")
         return value
+    if opt.kind in ("decay_list", "positive_or_list"):
+        return _check_list(opt, value)
     if opt.kind == "choice":
         if not isinstance(value, str) or value not in opt.choices:
             raise EMAConfigError(f"{key}: expected one of {', '.join(opt.choices)}, got {value!r}")
@@ -125,6 +155,46 @@ def _check_value(opt: Option, value: Any) -> Any:
     raise AssertionError(opt.kind)
 
 
+def _check_list(opt: Option, value: Any) -> Optional[List[float]]:
+    """``decays`` (a non-empty list of numbers in (0, 1)) or a half-life (a positive number or a non-empty list)."""
+    key = _key(opt.name)
+    if value is None:
+        return None
+    scalar = opt.kind == "positive_or_list" and not isinstance(value, (list, tuple))
+    items = [value] if scalar else value
+    what = "a list of decays in (0, 1), e.g. [0.999, 0.9999]" if opt.kind == "decay_list" else \
+        "a positive number or a non-empty list of them"
+    if not isinstance(items, (list, tuple)) or not items:
+        raise EMAConfigError(f"{key}: expected {what}, got {value!r}")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or item != item or \
+                item in (float("inf"), float("-inf")):
+            raise EMAConfigError(f"{key}: expected {what}, got {value!r}")
+        if opt.kind == "decay_list" and not 0.0 < item < 1.0:
+            raise EMAConfigError(f"{key}: every decay must be > 0 and < 1, got {item!r}")
+        if opt.kind == "positive_or_list" and item <= 0:
+            raise EMAConfigError(f"{key}: a half-life must be > 0, got {item!r}")
+        out.append(float(item))
+    if len(set(out)) != len(out):
+        raise EMAConfigError(f"{key}: the same value twice in {value!r}; each entry is one EMA")
+    return out[0] if scalar else out
+
+
+def _check_combination(values: Mapping[str, Any]) -> None:
+    """One form of the EMA length; ``decay_batch_size`` only with a decay; list-only keys only with a list."""
+    forms = [k for k in LENGTH_KEYS if values.get(k) is not None]
+    if len(forms) > 1:
+        raise EMAConfigError(f"{_key(forms[1])}: give the EMA length one way (decay, decays, half_life_images or "
+                             f"half_life_epochs), not both {forms[0]} and {forms[1]}")
+    if values.get("switch_every") and values.get("switch_every_epochs"):
+        raise EMAConfigError(f"{_key('switch_every_epochs')}: give the Switch EMA period one way, not both "
+                             "switch_every and switch_every_epochs")
+    if values.get("decay_batch_size") is not None and forms and forms[0] not in ("decay", "decays"):
+        raise EMAConfigError(f"{_key('decay_batch_size')}: scales a decay tuned for another batch; a half-life "
+                             f"({forms[0]}) is already in images or epochs, whatever the batch: remove one of them")
+
+
 def _unknown_key_error(name: Any) -> EMAConfigError:
     close = difflib.get_close_matches(str(name), list(OPTION_BY_NAME), n=1, cutoff=0.6)
     hint = f", did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(OPTION_BY_NAME)}"
@@ -137,6 +207,10 @@ class EMAConfig:
 
     enable: bool = True
     decay: float = 0.9999
+    decays: Optional[List[float]] = None
+    half_life_images: Any = None  # a number or a list of numbers
+    half_life_epochs: Any = None
+    decay_batch_size: Optional[int] = None
     schedule: str = "threshold"
     tau: float = 2000.0
     inv_gamma: float = 1.0
@@ -153,6 +227,11 @@ class EMAConfig:
     device: str = "same"
     nan_guard: bool = True
     eval_raw: bool = False
+    eval_all: bool = True
+    select: str = "primary"
+    recompute_bn: int = 0
+    switch_every: int = 0
+    switch_every_epochs: float = 0.0
     save_as: str = "ema"
 
     @classmethod
@@ -167,7 +246,10 @@ class EMAConfig:
             opt = OPTION_BY_NAME.get(name) if isinstance(name, str) else None
             if opt is None:
                 raise _unknown_key_error(name)
-            values[name] = _check_value(opt, value)
+            if name == "decay" and isinstance(value, (list, tuple)):
+                raise EMAConfigError(f"{_key(name)}: expected a number; several EMAs are EMA.decays: {list(value)!r}")
+            values[name] = value if value is None and opt.default is None else _check_value(opt, value)
+        _check_combination(values)
         return cls(**values)
 
     @classmethod
@@ -175,12 +257,33 @@ class EMAConfig:
         """Same validation as ``from_block`` for Python keyword arguments."""
         return cls.from_block(kwargs)
 
+    @property
+    def length_key(self) -> str:
+        """Which form states the EMA length: ``decay``, ``decays``, ``half_life_images`` or ``half_life_epochs``."""
+        return next((k for k in LENGTH_KEYS[1:] if getattr(self, k) is not None), "decay")
+
     def to_block(self) -> Dict[str, Any]:
-        """The block as plain YAML-able values."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v)
-                for f in dataclasses.fields(self)}
+        """The block as plain YAML-able values (the one length form that is set; unset optional keys left out)."""
+        block = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or (f.name in LENGTH_KEYS and f.name != self.length_key):
+                continue
+            block[f.name] = list(value) if isinstance(value, list) else value
+        return block
 
     def replace(self, **changes: Any) -> "EMAConfig":
-        block = self.to_block()
-        block.update(changes)
-        return EMAConfig.from_block(block)
+        return EMAConfig.from_block(layered(self.to_block(), changes))
+
+
+def layered(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` updated with ``top``; a length form in ``top`` replaces the one in ``base`` (``-o EMA.decays=[..]``
+    over a section with ``decay: 0.9999`` means the list, not a conflict). Within one layer two forms are an error."""
+    merged = dict(base)
+    if isinstance(top, Mapping) and any(k in LENGTH_KEYS and top[k] is not None for k in top):
+        for k in LENGTH_KEYS:
+            merged.pop(k, None)
+        if any(k in ("half_life_images", "half_life_epochs") and top[k] is not None for k in top):
+            merged.pop("decay_batch_size", None)
+    merged.update(top)
+    return merged

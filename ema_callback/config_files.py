@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import SECTION, EMAConfig
+from .config import SECTION, EMAConfig, layered
 from .errors import EMAConfigError
 
 
@@ -54,9 +54,9 @@ def apply_overrides(block: Optional[Mapping[str, Any]], overrides: Iterable[Tupl
         if parts == [SECTION]:
             if not isinstance(value, Mapping):
                 raise EMAConfigError(f"-o {SECTION}: expected a mapping, got {value!r}")
-            merged.update(value)
+            merged = layered(merged, value)
         elif len(parts) == 2:
-            merged[parts[1]] = value
+            merged = layered(merged, {parts[1]: value})
         else:
             raise EMAConfigError(f"-o {'.'.join(parts)!r}: EMA keys are one level deep, e.g. EMA.decay")
     return merged
@@ -113,8 +113,7 @@ def merged_block(block: Optional[Mapping[str, Any]], suite_section: Any,
     """The one precedence rule: ready block < the suite's own ``EMA:`` section < ``-o EMA.*`` overrides."""
     if suite_section is not None and not isinstance(suite_section, Mapping):
         raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, got {suite_section!r}")
-    merged: Dict[str, Any] = dict(block or {})
-    merged.update(suite_section or {})
+    merged = layered(dict(block or {}), suite_section or {})
     return apply_overrides(merged, overrides)
 
 

@@ -9,7 +9,7 @@ with no host read. The engine reads the counters (``.item()``) only when it logs
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import List, Optional, Sequence
 
 from .config import EMAConfig
 from .paddle_compat import move_to, paddle
@@ -19,22 +19,25 @@ logger = logging.getLogger("ema_callback")
 
 
 class DeviceCounters:
-    """``updates``, ``skipped``, ``product`` (prod of the decays, for bias correction) and ``last`` on ``place``."""
+    """``updates``, ``skipped``, and per shadow ``products`` (prod of the decays, for bias correction) and ``lasts``
+    (the last decay) on ``place``; ``decays`` are the shadows' target decays (one per EMA)."""
 
-    def __init__(self, place):
+    def __init__(self, place, decays: Sequence[float] = (0.9999,)):
+        count = len(decays)
         with paddle.no_grad():
             self._updates = move_to(paddle.zeros([], dtype="int64"), place)
             self._skipped = move_to(paddle.zeros([], dtype="int64"), place)
-            self._product = move_to(paddle.ones([], dtype="float64"), place)
-            self._last = move_to(paddle.zeros([], dtype="float64"), place)
+            self._product = move_to(paddle.ones([count], dtype="float64"), place)
+            self._last = move_to(paddle.zeros([count], dtype="float64"), place)
             self._has_last = move_to(paddle.zeros([], dtype="bool"), place)
+            self._targets = move_to(paddle.to_tensor(list(map(float, decays)), dtype="float64"), place)
         self._warned = False
 
     # ---------------------------------------------------------------- device side (no host read)
     def decay(self, config: EMAConfig) -> "paddle.Tensor":
-        """``decay_at(updates * update_every) ** update_every`` as a 0-d float64 device tensor."""
+        """``decay_at(updates * update_every) ** update_every`` per shadow, a [count] float64 device tensor."""
         t = self._updates.astype("float64") * float(config.update_every)
-        d = decay_tensor(t, config.schedule, config.decay, config.tau, config.inv_gamma, config.power,
+        d = decay_tensor(t, config.schedule, self._targets, config.tau, config.inv_gamma, config.power,
                          config.min_decay)
         return d if config.update_every == 1 else paddle.pow(d, float(config.update_every))
 
@@ -57,8 +60,17 @@ class DeviceCounters:
     # ---------------------------------------------------------------- host side (reads: log, evaluate, save)
     updates = property(lambda self: int(self._updates.item()), lambda self, value: self._updates.fill_(int(value)),
                        doc="real updates so far (a host read)")
-    product = property(lambda self: float(self._product.item()),
-                       lambda self, value: self._product.fill_(float(value)), doc="prod of the decays (a host read)")
+
+    @property
+    def products(self) -> List[float]:
+        """prod of the decays of each shadow (a host read)."""
+        return [float(v) for v in self._product.numpy().reshape(-1)]
+
+    @products.setter
+    def products(self, values: Sequence[float]) -> None:
+        with paddle.no_grad():
+            paddle.assign(move_to(paddle.to_tensor([float(v) for v in values], dtype="float64"), self._product.place),
+                          output=self._product)
 
     @property
     def skipped(self) -> int:
@@ -74,10 +86,15 @@ class DeviceCounters:
         self._skipped.fill_(int(value))
 
     @property
-    def last(self) -> Optional[float]:
-        return float(self._last.item()) if bool(self._has_last.item()) else None
+    def lasts(self) -> List[Optional[float]]:
+        if not bool(self._has_last.item()):
+            return [None] * int(self._last.shape[0])
+        return [float(v) for v in self._last.numpy().reshape(-1)]
 
-    @last.setter
-    def last(self, value: Optional[float]) -> None:
-        self._has_last.fill_(value is not None)
-        self._last.fill_(float(value) if value is not None else 0.0)
+    @lasts.setter
+    def lasts(self, values: Sequence[Optional[float]]) -> None:
+        known = [v for v in values if v is not None]
+        self._has_last.fill_(bool(known))
+        with paddle.no_grad():
+            paddle.assign(move_to(paddle.to_tensor([float(v) if v is not None else 0.0 for v in values],
+                                                   dtype="float64"), self._last.place), output=self._last)

@@ -10,6 +10,15 @@ Until ``start_step`` the shadow copies the weights. With ``bias_correction`` the
 and is read as ``ema / (1 - prod(d_i))`` (TensorFlow's ``zero_debias``). A step whose weights hold a
 NaN/Inf changes nothing and is counted in ``num_skipped``.
 
+Several EMAs of different lengths (``decays``, or a list of half-lives) are shadows of one store, updated in
+one pass (``storage``); shadow 0 is the primary, and every reading method takes ``shadow=`` (default 0). The
+decays come from the config and the run's global batch (``horizon``: ``decay_batch_size``, half-lives).
+
+With ``recompute_bn: N`` every ``apply_to`` also recomputes the BatchNorm statistics for the EMA weights over the
+last N training batches (``bn_recompute``); ``restore`` puts the raw statistics back bit for bit. With
+``switch_every`` (Switch EMA, Li et al. 2024, arXiv 2402.09240) ``step`` copies the primary EMA into the weights
+(and the AMP O2 fp32 master weights) every N optimizer steps; training continues from them, optimizer state kept.
+
 ``apply_to(model)`` swaps the averaged values into the model (raw values kept aside), ``restore(model)``
 puts the raw values back bit for bit; ``with ema.swapped(model):`` does both. ``save``/``load`` write and
 read a ``.pdema`` file atomically; ``export`` writes the averaged weights as a plain ``.pdparams``.
@@ -29,7 +38,9 @@ import numpy as np
 from .config import EMAConfig
 from .device_counters import DeviceCounters
 from .checkpoint_io import atomic_save
-from .errors import EMAError, EMAFileError
+from .errors import EMAConfigError, EMAError, EMAFileError
+from .horizon import BatchInfo, Candidate, candidates, describe, switch_period
+from . import bn_recompute
 from .paddle_compat import cast_rounded, data_pointer, host_view, move_to, paddle
 from .schedules import decay_at
 from .selection import AVERAGE, COPY, FOLLOW, Entry, classify, unwrap
@@ -72,12 +83,12 @@ class ExponentialMovingAverage:
 
     num_updates = _Counter("updates")  # EMA updates applied
     num_skipped = _Counter("skipped")  # updates skipped for NaN/Inf weights (or a GradScaler-skipped step)
-    decay_product = _Counter("product")  # prod(d_i), for bias correction
-    last_decay = _Counter("last")  # the decay of the last update (None before the first)
+    decay_products = _Counter("products")  # prod(d_i) of each shadow, for bias correction
+    last_decays = _Counter("lasts")  # the decay of each shadow's last update (None before the first)
 
     def __init__(self, model: paddle.nn.Layer, config: Optional[EMAConfig] = None,
                  optimizer: Optional[paddle.optimizer.Optimizer] = None, backend: str = "auto",
-                 update_path: Optional[str] = None,
+                 update_path: Optional[str] = None, batch: Optional[BatchInfo] = None,
                  **overrides: Any):
         if not paddle.in_dynamic_mode():
             raise RuntimeError("ExponentialMovingAverage needs dynamic-graph mode; call paddle.disable_static() "
@@ -86,6 +97,12 @@ class ExponentialMovingAverage:
         self.config = config.replace(**overrides) if overrides else config
         self.optimizer = optimizer
         self.backend = update_path or backend
+        self.batch = batch  # the measured global batch (needed by decay_batch_size and half-lives)
+        self.candidates: List[Candidate] = candidates(self.config, batch)
+        self.decays = [c.decay for c in self.candidates]  # target decay per optimizer step, one per shadow
+        self.labels = [c.label for c in self.candidates]
+        self.switch_period = switch_period(self.config, batch)  # Switch EMA: optimizer steps between switches
+        self.num_switches = 0
         self.model = unwrap(model)
         self.entries: List[Entry] = classify(model, self.config.include, self.config.exclude, self.config.buffers)
         self._averaged = [e for e in self.entries if e.role == AVERAGE]
@@ -93,21 +110,34 @@ class ExponentialMovingAverage:
         self._buffer_indices = [i for i, e in enumerate(self._averaged) if e.is_buffer]
         self.num_steps = 0  # optimizer steps seen by step()
         self._num_updates, self._num_skipped = 0, 0  # the host path's counters (see the _Counter attributes)
-        self._decay_product, self._last_decay = 1.0, None
+        self._decay_products, self._last_decays = [1.0] * len(self.decays), [None] * len(self.decays)
         self._backup: Optional[Dict[str, paddle.Tensor]] = None
+        self._applied_label: Optional[str] = None
         self._warned_nonfinite = False
         on_host = self.config.device == "cpu" or all(e.tensor.place.is_cpu_place() for e in self._averaged)
         place = self._averaged[0].tensor.place if self._averaged else None
         self.store: ShadowStore = make_store([e.tensor.shape for e in self._averaged], self.config.storage_dtype,
-                                             on_host=on_host, backend=self.backend, place=place)
+                                             on_host=on_host, backend=self.backend, place=place,
+                                             count=len(self.decays))
         self.store.check_finite = self.config.nan_guard
         self.deferred = bool(getattr(self.store, "deferred", False))  # the device path: no host read in step()
-        self._device = DeviceCounters(self.store.flat.place) if self.deferred else None
+        self._device = DeviceCounters(self.store.flat.place, self.decays) if self.deferred else None
         self._copies: Dict[str, Any] = {}  # numpy arrays (host path) or device tensors (device path)
         self._host_views: Dict[str, Any] = {}
         with paddle.no_grad():
             self.store.copy_(self._sources())
             self._snapshot_copies()
+        self.recorder: Optional[bn_recompute.BatchRecorder] = None
+        self.bn_collective = True  # average recomputed statistics over ranks (False where only rank 0 evaluates)
+        self.bn_recomputed_from = 0  # batches used by the last recomputation
+        if self.config.recompute_bn:
+            self._bn_stats = {id(t) for layer in bn_recompute.batchnorm_layers(self.model)
+                              for t in (layer._mean, layer._variance)}
+            if self._bn_stats:
+                self.recorder = bn_recompute.BatchRecorder(self.model, self.config.recompute_bn)
+            else:
+                logger.info("EMA: recompute_bn: %s has no BatchNorm layer; the option does nothing",
+                            type(self.model).__name__)
 
     # ------------------------------------------------------------------ update
     def _sources(self) -> List[paddle.Tensor]:
@@ -140,12 +170,37 @@ class ExponentialMovingAverage:
     def _copies_numpy(self) -> Dict[str, np.ndarray]:
         return {k: (v.numpy() if isinstance(v, paddle.Tensor) else v).copy() for k, v in self._copies.items()}
 
-    def decay_for_next_update(self) -> float:
-        """``decay_at(t) ** update_every`` for the next update (t = ``num_updates * update_every``)."""
+    @property
+    def decay_product(self) -> float:
+        """prod(d_i) of the primary shadow."""
+        return self.decay_products[0]
+
+    @decay_product.setter
+    def decay_product(self, value: float) -> None:
+        self.decay_products = [float(value)] * len(self.decays)
+
+    @property
+    def last_decay(self) -> Optional[float]:
+        return self.last_decays[0]
+
+    @property
+    def num_shadows(self) -> int:
+        return len(self.decays)
+
+    def describe_length(self) -> str:
+        """The start line: global batch, each EMA's decay per optimizer step and its half-life (``horizon``)."""
+        return describe(self.config, self.batch, self.candidates)
+
+    def decays_for_next_update(self) -> List[float]:
+        """``decay_at(t) ** update_every`` of each shadow for the next update (t = ``num_updates * update_every``)."""
         c = self.config
         t = self.num_updates * c.update_every
-        d = decay_at(t, c.schedule, c.decay, c.tau, c.inv_gamma, c.power, c.min_decay)
-        return d ** c.update_every
+        return [decay_at(t, c.schedule, target, c.tau, c.inv_gamma, c.power, c.min_decay) ** c.update_every
+                for target in self.decays]
+
+    def decay_for_next_update(self) -> float:
+        """The primary shadow's ``decays_for_next_update``."""
+        return self.decays_for_next_update()[0]
 
     def will_update_at(self, step: int) -> bool:
         """Whether the ``step``-th optimizer step (1-based) is an EMA update."""
@@ -175,17 +230,49 @@ class ExponentialMovingAverage:
                 return False
             if not self.will_update_at(self.num_steps):
                 return False
-            d = self.decay_for_next_update()
+            ds = self.decays_for_next_update()
             reset = self.config.bias_correction and self.num_updates == 0
-            if not self.store.lerp_(self._sources(), 1.0 - d, reset=reset):
+            weights = 1.0 - ds[0] if len(ds) == 1 else [1.0 - d for d in ds]
+            if not self.store.lerp_(self._sources(), weights, reset=reset):
                 self._note_nonfinite()
                 return False
             self._snapshot_copies()
             self._sync_buffers_across_ranks()
         self._num_updates += 1
-        self._decay_product *= d
-        self._last_decay = d
+        self._decay_products = [p * d for p, d in zip(self._decay_products, ds)]
+        self._last_decays = list(ds)
+        self._maybe_switch()
         return True
+
+    def _maybe_switch(self) -> None:
+        if self.switch_period and self.num_steps > self.config.start_step and self.num_steps % self.switch_period == 0:
+            self.switch()
+
+    def switch(self) -> float:
+        """Switch EMA: the model's weights (and AMP O2 fp32 master weights) take the primary EMA's values; the EMA
+        continues from them, the optimizer state is kept. Returns the relative drift before the switch.
+
+        Li et al. 2024 ("Switch EMA", arXiv 2402.09240), Keras ``ema_overwrite_frequency``, ema-pytorch
+        ``update_model_with_ema_every``. The drift read is a host synchronisation (once per switch)."""
+        if self._backup is not None:
+            raise RuntimeError("EMA.switch() while EMA weights are applied; call restore(model) first")
+        drift = self.drift()
+        averaged = self.averaged_numpy(0)
+        masters = getattr(self.optimizer, "_master_weights", None) or {}
+        with paddle.no_grad():
+            for e in self.entries:
+                if e.role == FOLLOW or e.name not in averaged:
+                    continue
+                value = averaged[e.name]
+                master = masters.get(e.tensor.name)
+                if master is not None:  # the fp32 copy the next step starts from (else it overwrites the switch)
+                    _copy_into(master, value.astype(np.float32))
+                _copy_into(e.tensor, value)
+        self._host_views.clear()
+        self.num_switches += 1
+        logger.info("EMA: switch %d at optimizer step %d: the weights take the EMA weights (relative drift before "
+                    "||ema-w||/||w|| = %.4g); optimizer state kept", self.num_switches, self.num_steps, drift)
+        return drift
 
     def _step_on_device(self, found_inf) -> None:
         """``step`` on the device path: the same rules, every decision a device op, no host synchronisation.
@@ -207,6 +294,7 @@ class ExponentialMovingAverage:
             self._device.record(ok, d)
             self._snapshot_copies(ok)
             self._sync_buffers_across_ranks()
+        self._maybe_switch()  # decided on the host step count; the switch itself reads the drift (one sync)
         return None
 
     def _sync_buffers_across_ranks(self) -> None:
@@ -223,13 +311,15 @@ class ExponentialMovingAverage:
         if self.deferred:
             self._sync_buffers_on_device(world, copied)
             return
-        shadow = self.store.read_segments(self._buffer_indices)
-        pieces = [shadow] + [self._copies[name].astype(np.float32).reshape(-1) for name in copied]
+        shadows = [self.store.read_segments(self._buffer_indices, j) for j in range(self.num_shadows)]
+        pieces = shadows + [self._copies[name].astype(np.float32).reshape(-1) for name in copied]
         flat = paddle.to_tensor(np.concatenate(pieces))
         paddle.distributed.all_reduce(flat)
         mean = (flat.numpy() / world).astype(np.float32)
-        self.store.write_segments(self._buffer_indices, mean[:shadow.size])
-        start = shadow.size
+        start = 0
+        for j, shadow in enumerate(shadows):
+            self.store.write_segments(self._buffer_indices, mean[start:start + shadow.size], j)
+            start += shadow.size
         for name in copied:
             size = self._copies[name].size
             self._copies[name] = mean[start:start + size].reshape(self._copies[name].shape).astype(
@@ -238,17 +328,18 @@ class ExponentialMovingAverage:
 
     def _sync_buffers_on_device(self, world: int, copied: List[str]) -> None:
         """The same mean over ranks with device ops only (one all-reduce of the small buffer part)."""
-        flat, offsets = self.store.flat, self.store.offsets
+        offsets = self.store.offsets
         spans = [(int(offsets[i]), int(offsets[i + 1])) for i in self._buffer_indices]
-        pieces = [flat[a:b].astype("float32") for a, b in spans]
+        pieces = [flat[a:b].astype("float32") for flat in self.store.flats for a, b in spans]
         pieces += [self._copies[name].astype("float32").reshape([-1]) for name in copied]
         joined = paddle.concat(pieces)
         paddle.distributed.all_reduce(joined)
         joined.scale_(1.0 / world)
         start = 0
-        for a, b in spans:
-            flat[a:b] = joined[start:start + b - a].astype(flat.dtype)
-            start += b - a
+        for flat in self.store.flats:
+            for a, b in spans:
+                flat[a:b] = joined[start:start + b - a].astype(flat.dtype)
+                start += b - a
         for name in copied:
             old = self._copies[name]
             size = int(np.prod(old.shape)) if old.shape else 1
@@ -263,15 +354,16 @@ class ExponentialMovingAverage:
             self.store.copy_(self._sources())
             self._snapshot_copies()
         self.num_steps = self.num_updates = 0
-        self.decay_product = 1.0
-        self.last_decay = None
+        self.decay_products = [1.0] * self.num_shadows
+        self.last_decays = [None] * self.num_shadows
 
     def load_average(self, values: Mapping[str, np.ndarray], num_steps: int) -> None:
         """Take ``values`` (an already bias-corrected average, e.g. another EMA's weights) as the shadow."""
         missing = [e.name for e in self._averaged if e.name not in values]
         if missing:
             raise EMAFileError(f"EMA weights: missing {_short(missing)}")
-        self.store.set_numpy_values([np.asarray(values[e.name], dtype=np.float32) for e in self._averaged])
+        for j in range(self.num_shadows):
+            self.store.set_numpy_values([np.asarray(values[e.name], dtype=np.float32) for e in self._averaged], j)
         self.num_steps = self.num_updates = int(num_steps)
         self.decay_product = 0.0  # the values are final: bias correction, if on, divides by 1
 
@@ -283,22 +375,33 @@ class ExponentialMovingAverage:
             self._warned_nonfinite = True
 
     # ------------------------------------------------------------------ reading
-    def _correction(self) -> float:
+    def _correction(self, shadow: int = 0) -> float:
         if self.config.bias_correction and self.num_updates > 0:
-            return 1.0 / (1.0 - self.decay_product)
+            return 1.0 / (1.0 - self.decay_products[shadow])
         return 1.0
 
-    def averaged_numpy(self) -> Dict[str, np.ndarray]:
+    def shadow_index(self, shadow) -> int:
+        """A shadow given by index or label (``'ema0.999'``), as an index."""
+        if isinstance(shadow, str):
+            if shadow not in self.labels:
+                raise EMAError(f"{shadow!r}: no such EMA; this engine has {', '.join(self.labels)}")
+            return self.labels.index(shadow)
+        if not 0 <= int(shadow) < self.num_shadows:
+            raise EMAError(f"shadow {shadow}: this engine has {self.num_shadows} EMA(s)")
+        return int(shadow)
+
+    def averaged_numpy(self, shadow=0) -> Dict[str, np.ndarray]:
         """The averaged tensors (float32, bias-corrected) and copied tensors, by state-dict name."""
-        scale = np.float32(self._correction())
+        j = self.shadow_index(shadow)
+        scale = np.float32(self._correction(j))
         out = {e.name: (v * scale if scale != 1 else v)
-               for e, v in zip(self._averaged, self.store.numpy_values())}
+               for e, v in zip(self._averaged, self.store.numpy_values(j))}
         out.update(self._copies_numpy())
         return out
 
-    def ema_state_dict(self, model: paddle.nn.Layer) -> Dict[str, np.ndarray]:
+    def ema_state_dict(self, model: paddle.nn.Layer, shadow=0) -> Dict[str, np.ndarray]:
         """A complete ``state_dict`` of ``model`` with EMA values (``follow`` tensors as they are live)."""
-        averaged = self.averaged_numpy()
+        averaged = self.averaged_numpy(shadow)
         by_id = {id(e.tensor): e.name for e in self.entries}
         out = {}
         for name, tensor in unwrap(model).state_dict().items():
@@ -310,9 +413,10 @@ class ExponentialMovingAverage:
     def fingerprint(self) -> str:
         """sha1 of the shadow and copied tensors (equal on every rank of a data-parallel run)."""
         digest = hashlib.sha1()
-        for e, value in zip(self._averaged, self.store.numpy_values()):
-            digest.update(e.name.encode())
-            digest.update(np.ascontiguousarray(value).tobytes())
+        for j in range(self.num_shadows):
+            for e, value in zip(self._averaged, self.store.numpy_values(j)):
+                digest.update(e.name.encode())
+                digest.update(np.ascontiguousarray(value).tobytes())
         copies = self._copies_numpy()
         for name in sorted(copies):
             digest.update(name.encode())
@@ -348,10 +452,10 @@ class ExponentialMovingAverage:
             raise EMAError(f"{type(model).__name__}: not the model this EMA was built for "
                            f"({type(self.model).__name__}); build an ExponentialMovingAverage for it")
 
-    def drift(self, model: Optional[paddle.nn.Layer] = None) -> float:
+    def drift(self, model: Optional[paddle.nn.Layer] = None, shadow=0) -> float:
         """Relative drift ``||ema - w|| / ||w||`` over the averaged tensors (NaN if either is not finite)."""
         self._check_model(model)
-        averaged = self.averaged_numpy()
+        averaged = self.averaged_numpy(shadow)
         num = den = 0.0
         for e in self._averaged:
             w = e.tensor.astype("float32").numpy().astype(np.float64)
@@ -364,8 +468,14 @@ class ExponentialMovingAverage:
     def applied(self) -> bool:
         return self._backup is not None
 
-    def apply_to(self, model: Optional[paddle.nn.Layer] = None) -> None:
-        """Put EMA values into the model's tensors in place; the raw values are kept for ``restore``.
+    @property
+    def applied_label(self) -> Optional[str]:
+        """The label of the shadow whose values are in the model (None when the raw weights are)."""
+        return self._applied_label if self._backup is not None else None
+
+    def apply_to(self, model: Optional[paddle.nn.Layer] = None, shadow=0) -> None:
+        """Put EMA values (of ``shadow``, an index or label) into the model's tensors in place; the raw values are
+        kept for ``restore``.
 
         CPU float32 tensors are swapped with plain memory copies through host views; others with
         ``paddle.assign`` (casting to the tensor's dtype, e.g. float16 under AMP O2).
@@ -373,8 +483,10 @@ class ExponentialMovingAverage:
         self._check_model(model)
         if self._backup is not None:
             raise RuntimeError("EMA weights are already applied; call restore(model) first")
-        targets = [e for e in self.entries if e.role != FOLLOW]
-        scale = self._correction()
+        j = self.shadow_index(shadow)
+        recompute = self.recorder is not None and len(self.recorder.batches) > 0
+        targets = [e for e in self.entries if e.role != FOLLOW or (recompute and id(e.tensor) in self._bn_stats)]
+        scale = self._correction(j)
         fast_store = isinstance(self.store, NumpyStore)
         backup: Dict[str, Any] = {}
         with paddle.no_grad():
@@ -388,16 +500,21 @@ class ExponentialMovingAverage:
                 if view is None:
                     slow.append((index, e))
                 elif scale != 1.0:
-                    np.multiply(self.store.view(index).reshape(view.shape), np.float32(scale), out=view)
+                    np.multiply(self.store.view(index, j).reshape(view.shape), np.float32(scale), out=view)
                 else:
-                    np.copyto(view, self.store.view(index).reshape(view.shape))
+                    np.copyto(view, self.store.view(index, j).reshape(view.shape))
             if slow:
-                values = self.store.tensor_values([index for index, _ in slow])
+                values = self.store.tensor_values([index for index, _ in slow], j)
                 for (_, e), value in zip(slow, values):
                     _copy_into(e.tensor, value * scale if scale != 1.0 else value)
             for e in self._copied:
                 _copy_into(e.tensor, self._copies[e.name])
         self._backup = backup
+        self._applied_label = self.labels[j]
+        if recompute:
+            self.bn_recomputed_from = bn_recompute.recompute(self.model, self.recorder.batches,
+                                                             collective=self.bn_collective)
+            self._host_views.clear()
 
     def restore(self, model: Optional[paddle.nn.Layer] = None) -> None:
         """Put the raw values back, bit for bit."""
@@ -426,9 +543,9 @@ class ExponentialMovingAverage:
         return out
 
     @contextlib.contextmanager
-    def swapped(self, model: Optional[paddle.nn.Layer] = None) -> Iterator["ExponentialMovingAverage"]:
+    def swapped(self, model: Optional[paddle.nn.Layer] = None, shadow=0) -> Iterator["ExponentialMovingAverage"]:
         """``with ema.swapped(model): evaluate(model)``: EMA weights inside, raw weights after."""
-        self.apply_to(model)
+        self.apply_to(model, shadow)
         try:
             yield self
         finally:
@@ -436,18 +553,33 @@ class ExponentialMovingAverage:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue exactly: counters, config and the raw (uncorrected) shadow."""
-        return {
+        """Everything needed to continue exactly: counters, config and the raw (uncorrected) shadow(s).
+
+        ``shadow`` is the primary; with several EMAs, ``shadows`` holds the others and ``decay_products``,
+        ``last_decays``, ``labels`` one entry per EMA. ``decays`` (the effective decays per optimizer step) and
+        ``batch`` (the measured global batch) make the numbers of a saved file explain themselves."""
+        products, lasts = self.decay_products, self.last_decays
+        state = {
             "format": FORMAT,
             "num_steps": self.num_steps,
             "num_updates": self.num_updates,
             "num_skipped": self.num_skipped,
-            "decay_product": self.decay_product,
-            "last_decay": self.last_decay,
+            "decay_product": products[0],
+            "last_decay": lasts[0],
             "config": self.config.to_block(),
             "shadow": {e.name: v for e, v in zip(self._averaged, self.store.numpy_values())},
             "copies": self._copies_numpy(),
+            "labels": list(self.labels),
+            "decays": list(self.decays),
+            "batch": self.batch.to_dict() if self.batch is not None else None,
+            "num_switches": self.num_switches,
+            "recompute_bn_batches": self.bn_recomputed_from,
         }
+        if self.num_shadows > 1:
+            state["shadows"] = [{e.name: v for e, v in zip(self._averaged, self.store.numpy_values(j))}
+                                for j in range(1, self.num_shadows)]
+            state["decay_products"], state["last_decays"] = products, lasts
+        return state
 
     def set_state_dict(self, state: Mapping[str, Any], source: str = "state dict") -> None:
         """Load a ``state_dict()``; a mismatch with the model raises ``EMAFileError`` listing the keys."""
@@ -470,21 +602,40 @@ class ExponentialMovingAverage:
                 parts.append("shape mismatch " + _short([f"{k} {list(np.shape(shadow[k]))}!={expected[k]}"
                                                          for k in reshaped]))
             raise EMAFileError(f"{source}: does not match the model: {'; '.join(parts)}")
+        others = list(state.get("shadows") or [])
+        if len(others) + 1 != self.num_shadows:
+            raise EMAConfigError(f"EMA.{self.config.length_key}: {source} holds {len(others) + 1} EMA(s) "
+                                 f"({', '.join(state.get('labels') or ['ema'])}), this run asks for {self.num_shadows} "
+                                 f"({', '.join(self.labels)}); resume with the same number of EMAs")
         saved_config = state.get("config") or {}
         for key in ("decay", "schedule", "update_every", "start_step", "bias_correction"):
             if key in saved_config and saved_config[key] != getattr(self.config, key):
                 logger.info("EMA: %s was %r in %s, now %r", key, saved_config[key], source, getattr(self.config, key))
+        saved_batch, saved_decays = state.get("batch") or {}, state.get("decays")
+        if saved_batch.get("global_batch") and self.batch is not None and \
+                saved_batch["global_batch"] != self.batch.global_batch:
+            logger.info("EMA: global batch was %s in %s (%s x %s ranks x %s), now %d (%d x %d ranks x %d): the "
+                        "decays continue as %s", saved_batch["global_batch"], source, saved_batch.get("per_device"),
+                        saved_batch.get("world"), saved_batch.get("accumulate"), self.batch.global_batch,
+                        self.batch.per_device, self.batch.world, self.batch.accumulate,
+                        ", ".join(f"{d:.8g}" for d in self.decays))
+        elif saved_decays and [round(d, 12) for d in saved_decays] != [round(d, 12) for d in self.decays]:
+            logger.info("EMA: decays were %s in %s, now %s", ", ".join(f"{d:.8g}" for d in saved_decays), source,
+                        ", ".join(f"{d:.8g}" for d in self.decays))
         self.store.set_numpy_values([shadow[e.name] for e in self._averaged])
+        for j, values in enumerate(others, start=1):
+            self.store.set_numpy_values([np.asarray(values[e.name]) for e in self._averaged], j)
         copies = state.get("copies") or {}
         for name, value in copies.items():
             if name in self._copies:
                 self._copies[name] = (move_to(paddle.to_tensor(np.asarray(value)), self.store.flat.place)
                                       if self.deferred else np.asarray(value))
         self.num_steps = int(state["num_steps"])
+        self.num_switches = int(state.get("num_switches", 0))
         self.num_updates = int(state["num_updates"])
         self.num_skipped = int(state.get("num_skipped", 0))
-        self.decay_product = float(state["decay_product"])
-        self.last_decay = state.get("last_decay")
+        self.decay_products = [float(v) for v in state.get("decay_products") or [state["decay_product"]]]
+        self.last_decays = list(state.get("last_decays") or [state.get("last_decay")])
 
     def save(self, path: str, extra: Optional[Mapping[str, Any]] = None,
              companions: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None) -> None:
@@ -512,9 +663,9 @@ class ExponentialMovingAverage:
         self.set_state_dict(state, source=path)
         return state
 
-    def export(self, path: str, model: paddle.nn.Layer) -> None:
+    def export(self, path: str, model: paddle.nn.Layer, shadow=0) -> None:
         """Write the EMA weights as a plain ``.pdparams`` (``layer.set_state_dict(paddle.load(path))``)."""
-        atomic_save(self.ema_state_dict(model), path)
+        atomic_save(self.ema_state_dict(model, shadow), path)
 
 
 def _numpy_dtype(tensor: paddle.Tensor):

@@ -63,17 +63,18 @@ def decay_at(t: int, schedule: str = "constant", decay: float = 0.9999, tau: flo
 def decay_tensor(t, schedule: str = "constant", decay: float = 0.9999, tau: float = 2000.0, inv_gamma: float = 1.0,
                  power: float = 2.0 / 3.0, min_decay: float = 0.0):
     """``decay_at`` for a 0-d float64 Paddle tensor ``t``: the same formulas as device ops, for the device path,
-    whose update count lives on the device (reading it would stall the device queue every step)."""
+    whose update count lives on the device (reading it would stall the device queue every step). ``decay`` is a
+    number or a float64 tensor of target decays (one per shadow: the result has its shape)."""
     import paddle
 
+    target = decay if isinstance(decay, paddle.Tensor) else paddle.full_like(t, float(decay))
     if schedule == "constant":
-        return paddle.full_like(t, float(decay))
+        return target * 1.0
     if schedule == "threshold":
-        return paddle.minimum(paddle.full_like(t, float(decay)), (1.0 + t) / (10.0 + t))
+        return paddle.minimum(target, (1.0 + t) / (10.0 + t))
     if schedule == "exponential":
-        return float(decay) * (1.0 - paddle.exp(-(t + 1.0) / float(tau)))
+        return target * (1.0 - paddle.exp(-(t + 1.0) / float(tau)))
     if schedule == "power":
         value = 1.0 - paddle.pow(1.0 + t / float(inv_gamma), -float(power))
-        return paddle.maximum(paddle.full_like(t, float(min_decay)),
-                              paddle.minimum(paddle.full_like(t, float(decay)), value))
+        return paddle.maximum(paddle.full_like(target, float(min_decay)), paddle.minimum(target, value))
     raise ValueError(f"schedule: unknown schedule {schedule!r}, expected one of {', '.join(SCHEDULES)}")

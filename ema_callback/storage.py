@@ -7,6 +7,11 @@ All stores hold the averaged tensors and implement the same two operations:
   ``False``; the device path returns that decision as a device bool); with ``reset=True`` the old ``s`` counts as 0;
 * ``copy_(sources)``: ``s = w`` (same NaN/Inf rule).
 
+A store holds ``count`` shadows (several EMAs of the same weights, ``EMA.decays``); ``weight`` is then one value per
+shadow and one pass serves them all: the sources are gathered and checked once, and each chunk of a source is read
+from memory once and applied to every shadow while it sits in cache. Shadow 0 is the primary; methods that read or
+write values take ``shadow=`` (default 0).
+
 ``NumpyStore`` (CPU, float32): one contiguous float32 buffer; sources are read through zero-copy views of
 the live tensors' memory (``paddle_compat.host_view``, the same on Paddle 2.6 and 3.x) and the update runs in
 cache-sized chunks (3 numpy ops per 64Ki elements, one scratch buffer). Measured by ``benchmarks/bench_update.py`` on ResNet50 (paddle 3.3.1, this project's 2-core
@@ -42,10 +47,22 @@ def _contiguous_view(tensor: paddle.Tensor) -> bool:
     return view is not None and view.flags.c_contiguous
 
 
-class ShadowStore:
-    """Common interface; ``shapes`` are the shapes of the averaged tensors, in order."""
+def per_shadow(weight, count: int) -> list:
+    """``weight`` (a number, a sequence, or a 0-d/[count] device tensor) as one value per shadow."""
+    if isinstance(weight, paddle.Tensor):
+        return [weight.reshape([-1])[j] for j in range(count)] if weight.ndim else [weight] * count
+    if isinstance(weight, (list, tuple, np.ndarray)):
+        if len(weight) != count:
+            raise ValueError(f"{len(weight)} weights for {count} shadows")
+        return list(weight)
+    return [weight] * count
 
-    def __init__(self, shapes: Sequence[Sequence[int]]):
+
+class ShadowStore:
+    """Common interface; ``shapes`` are the shapes of the averaged tensors, in order; ``count`` shadows of them."""
+
+    def __init__(self, shapes: Sequence[Sequence[int]], count: int = 1):
+        self.count = int(count)
         self.shapes = [list(s) for s in shapes]
         self.sizes = [int(np.prod(s)) if len(s) else 1 for s in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
@@ -53,34 +70,34 @@ class ShadowStore:
 
     check_finite = True  # the NaN/Inf guard (EMA.nan_guard)
 
-    def lerp_(self, sources: Sequence[paddle.Tensor], weight: float, reset: bool = False) -> bool:
+    def lerp_(self, sources: Sequence[paddle.Tensor], weight, reset: bool = False) -> bool:
         raise NotImplementedError
 
     def copy_(self, sources: Sequence[paddle.Tensor]) -> bool:
         return self.lerp_(sources, 1.0, reset=True)
 
-    def read_segments(self, indices: Sequence[int]) -> np.ndarray:
+    def read_segments(self, indices: Sequence[int], shadow: int = 0) -> np.ndarray:
         """The listed tensors, flattened and concatenated (float32)."""
-        values = self.numpy_values()
+        values = self.numpy_values(shadow)
         return np.concatenate([values[i].reshape(-1) for i in indices]) if indices else np.zeros(0, np.float32)
 
-    def write_segments(self, indices: Sequence[int], flat: np.ndarray) -> None:
-        values, start = self.numpy_values(), 0
+    def write_segments(self, indices: Sequence[int], flat: np.ndarray, shadow: int = 0) -> None:
+        values, start = self.numpy_values(shadow), 0
         for i in indices:
             values[i] = flat[start:start + self.sizes[i]].reshape(self.shapes[i])
             start += self.sizes[i]
-        self.set_numpy_values(values)
+        self.set_numpy_values(values, shadow)
 
-    def numpy_values(self) -> List[np.ndarray]:
+    def numpy_values(self, shadow: int = 0) -> List[np.ndarray]:
         """float32 copies of the shadow tensors, shaped like the originals."""
         raise NotImplementedError
 
-    def set_numpy_values(self, values: Sequence[np.ndarray]) -> None:
+    def set_numpy_values(self, values: Sequence[np.ndarray], shadow: int = 0) -> None:
         raise NotImplementedError
 
-    def tensor_values(self, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
+    def tensor_values(self, indices: Optional[Sequence[int]] = None, shadow: int = 0) -> List[paddle.Tensor]:
         """The shadow tensors (all, or the listed ones) as float32 Paddle tensors (on the store's device)."""
-        values = self.numpy_values()
+        values = self.numpy_values(shadow)
         return [paddle.to_tensor(values[i]) for i in _selected(indices, len(values))]
 
     @property
@@ -89,6 +106,34 @@ class ShadowStore:
 
 
 SMALL = 4096  # tensors below this many elements are gathered with one np.concatenate per step
+PARALLEL_MIN = 1 << 20  # with several shadows of at least this many elements, two threads share them
+_WORKER = None
+
+
+def _worker():
+    """One worker thread (numpy releases the GIL in its array loops): with several EMAs the odd shadows are
+    updated there while the calling thread updates the even ones."""
+    global _WORKER
+    if _WORKER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WORKER = ThreadPoolExecutor(1, thread_name_prefix="ema-callback")
+    return _WORKER
+
+
+def _lerp_chunks(pairs, indices, takes, scratch) -> None:
+    """``s += take * (w - s)`` for the shadows ``indices``, chunk by chunk: each chunk of a source is read from
+    memory once and applied to those shadows while it is in cache (3 numpy ops per chunk and shadow)."""
+    indices = list(indices)
+    for shadows, source in pairs:
+        for start in range(0, source.size, CHUNK):
+            w = source[start:start + CHUNK]
+            for j in indices:
+                s = shadows[j][start:start + CHUNK]
+                t = scratch[:s.size]
+                np.subtract(w, s, out=t)
+                t *= takes[j]
+                s += t
 
 
 class NumpyStore(ShadowStore):
@@ -100,31 +145,38 @@ class NumpyStore(ShadowStore):
     hundreds).
     """
 
-    def __init__(self, shapes: Sequence[Sequence[int]]):
-        super().__init__(shapes)
+    def __init__(self, shapes: Sequence[Sequence[int]], count: int = 1):
+        super().__init__(shapes, count)
         self.big = [i for i, n in enumerate(self.sizes) if n >= SMALL]
         self.small = [i for i, n in enumerate(self.sizes) if n < SMALL]
         self.layout = self.big + self.small
-        self.flat = np.zeros(self.numel, dtype=np.float32)
+        self.flats = [np.zeros(self.numel, dtype=np.float32) for _ in range(self.count)]
         positions, start = {}, 0
         for i in self.layout:
             positions[i] = start
             start += self.sizes[i]
         self.small_start = positions[self.small[0]] if self.small else self.numel
-        self._views = [self.flat[positions[i]:positions[i] + self.sizes[i]] for i in range(len(self.sizes))]
+        self._views_of = [[flat[positions[i]:positions[i] + self.sizes[i]] for i in range(len(self.sizes))]
+                          for flat in self.flats]
         self._small_buffer = np.empty(self.numel - self.small_start, dtype=np.float32)
         self._scratch = np.empty(min(CHUNK, max(self.numel, 1)), dtype=np.float32)
+        self._scratch2: Optional[np.ndarray] = None  # the second thread's, with several shadows
         self._source_ptrs: Optional[List[int]] = None
         self._source_views: List[np.ndarray] = []
         self._strided: List[int] = []
         self._gathered: Optional[paddle.Tensor] = None
 
-    def view(self, i: int) -> np.ndarray:
+    @property
+    def flat(self) -> np.ndarray:
+        return self.flats[0]
+
+    def view(self, i: int, shadow: int = 0) -> np.ndarray:
         """The flat float32 shadow of tensor ``i`` (a view into the store)."""
-        return self._views[i]
+        return self._views_of[shadow][i]
 
     def _pairs(self, sources: Sequence[paddle.Tensor]):
-        """(shadow, source) flat float32 array pairs to update: each big tensor, then the small segment."""
+        """(shadows, source) pairs to update, flat float32 arrays: each big tensor, then the small segment; the
+        shadows as a list (one array per EMA)."""
         ptrs = [data_pointer(s) for s in sources]
         if ptrs == self._source_ptrs or all(_is_cpu(s) and s.dtype == paddle.float32 for s in sources):
             if ptrs != self._source_ptrs:  # new or re-allocated tensors (set_state_dict, to(), ...)
@@ -136,7 +188,7 @@ class NumpyStore(ShadowStore):
             for i in self._strided:
                 self._source_views[i] = host_flat(sources[i].detach())
             views = self._source_views
-            pairs = [(self._views[i], views[i]) for i in self.big]
+            pairs = [([v[i] for v in self._views_of], views[i]) for i in self.big]
             if self.small:
                 np.concatenate([views[i] for i in self.small], out=self._small_buffer)
         else:  # GPU weights or other dtypes: one concat on their device (in layout order), one copy to host
@@ -146,11 +198,11 @@ class NumpyStore(ShadowStore):
             host = host_flat(flat)
             pairs, start = [], 0
             for i in self.big:
-                pairs.append((self._views[i], host[start:start + self.sizes[i]]))
+                pairs.append(([v[i] for v in self._views_of], host[start:start + self.sizes[i]]))
                 start += self.sizes[i]
             self._small_buffer[...] = host[start:]
         if self.small:
-            pairs.append((self.flat[self.small_start:], self._small_buffer))
+            pairs.append(([flat[self.small_start:] for flat in self.flats], self._small_buffer))
         return pairs
 
     @staticmethod
@@ -162,50 +214,58 @@ class NumpyStore(ShadowStore):
                 return False
         return True
 
-    def lerp_(self, sources: Sequence[paddle.Tensor], weight: float, reset: bool = False) -> bool:
+    def lerp_(self, sources: Sequence[paddle.Tensor], weight, reset: bool = False) -> bool:
         pairs = self._pairs(sources)
         if self.check_finite and not self._all_finite([source for _, source in pairs]):
             return False
-        take = np.float32(weight)
+        weights = per_shadow(weight, self.count)
+        takes = [np.float32(w) for w in weights]
         scratch = self._scratch
-        for shadow, source in pairs:
-            if reset and weight == 1.0:
-                np.copyto(shadow, source)
-                continue
-            if reset:
-                np.multiply(source, take, out=shadow)
-                continue
-            for start in range(0, shadow.size, CHUNK):
-                s = shadow[start:start + CHUNK]
-                t = scratch[:s.size]
-                np.subtract(source[start:start + CHUNK], s, out=t)
-                t *= take
-                s += t
+        if reset:  # the old shadow counts as 0
+            for shadows, source in pairs:
+                for shadow, w, take in zip(shadows, weights, takes):
+                    if w == 1.0:
+                        np.copyto(shadow, source)
+                    else:
+                        np.multiply(source, take, out=shadow)
+            return True
+        if self.count > 1 and self.numel >= PARALLEL_MIN:  # the odd shadows on the second core
+            if self._scratch2 is None:
+                self._scratch2 = np.empty_like(self._scratch)
+            other = _worker().submit(_lerp_chunks, pairs, range(1, self.count, 2), takes, self._scratch2)
+            try:
+                _lerp_chunks(pairs, range(0, self.count, 2), takes, scratch)
+            finally:
+                other.result()
+        else:
+            _lerp_chunks(pairs, range(self.count), takes, scratch)
         return True
 
-    def numpy_values(self) -> List[np.ndarray]:
-        return [v.reshape(shape).copy() for v, shape in zip(self._views, self.shapes)]
+    def numpy_values(self, shadow: int = 0) -> List[np.ndarray]:
+        return [v.reshape(shape).copy() for v, shape in zip(self._views_of[shadow], self.shapes)]
 
-    def read_segments(self, indices: Sequence[int]) -> np.ndarray:
-        return np.concatenate([self._views[i] for i in indices]) if indices else np.zeros(0, np.float32)
+    def read_segments(self, indices: Sequence[int], shadow: int = 0) -> np.ndarray:
+        views = self._views_of[shadow]
+        return np.concatenate([views[i] for i in indices]) if indices else np.zeros(0, np.float32)
 
-    def write_segments(self, indices: Sequence[int], flat: np.ndarray) -> None:
+    def write_segments(self, indices: Sequence[int], flat: np.ndarray, shadow: int = 0) -> None:
         start = 0
         for i in indices:
-            self._views[i][...] = flat[start:start + self.sizes[i]]
+            self._views_of[shadow][i][...] = flat[start:start + self.sizes[i]]
             start += self.sizes[i]
 
-    def set_numpy_values(self, values: Sequence[np.ndarray]) -> None:
-        for view, value in zip(self._views, values):
+    def set_numpy_values(self, values: Sequence[np.ndarray], shadow: int = 0) -> None:
+        for view, value in zip(self._views_of[shadow], values):
             view[...] = np.asarray(value, dtype=np.float32).reshape(-1)
 
-    def tensor_values(self, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
-        return [paddle.to_tensor(self._views[i].reshape(self.shapes[i]), place=paddle.CPUPlace())
-                for i in _selected(indices, len(self._views))]
+    def tensor_values(self, indices: Optional[Sequence[int]] = None, shadow: int = 0) -> List[paddle.Tensor]:
+        views = self._views_of[shadow]
+        return [paddle.to_tensor(views[i].reshape(self.shapes[i]), place=paddle.CPUPlace())
+                for i in _selected(indices, len(views))]
 
     @property
     def nbytes(self) -> int:
-        return int(self.flat.nbytes)
+        return int(sum(flat.nbytes for flat in self.flats))
 
 
 class PaddleStore(ShadowStore):
@@ -233,15 +293,22 @@ class PaddleStore(ShadowStore):
 
     deferred = True  # lerp_/copy_ answer with a device bool, read on the host only when asked
 
-    def __init__(self, shapes: Sequence[Sequence[int]], dtype: str = "float32", place=None):
-        super().__init__(shapes)
+    def __init__(self, shapes: Sequence[Sequence[int]], dtype: str = "float32", place=None, count: int = 1):
+        super().__init__(shapes, count)
         self.dtype = dtype
         self.place = place
+        self.flats = []
         with paddle.no_grad():
-            self.flat = paddle.zeros([self.numel], dtype=dtype)
-            if place is not None:
-                self.flat = move_to(self.flat, place)
-        self.flat.stop_gradient = True
+            for _ in range(self.count):
+                flat = paddle.zeros([self.numel], dtype=dtype)
+                flat = move_to(flat, place) if place is not None else flat
+                flat.stop_gradient = True
+                self.flats.append(flat)
+
+    @property
+    def flat(self) -> paddle.Tensor:
+        """The primary shadow (one flat tensor)."""
+        return self.flats[0]
 
     def _gather(self, sources: Sequence[paddle.Tensor]) -> paddle.Tensor:
         pieces = [_as_fp32(s.detach()).reshape([-1]) for s in sources]
@@ -263,110 +330,126 @@ class PaddleStore(ShadowStore):
         mask.logical_and_(ok)  # all true where the update goes through, all false where it is skipped
         return ok, mask
 
-    def _write(self, new: paddle.Tensor) -> None:
+    def _write(self, new: paddle.Tensor, shadow: int = 0) -> None:
         """The new shadow: float32 takes ``new``'s allocation (no copy pass); other dtypes a rounded cast into it."""
         if self.dtype == "float32":
             new.stop_gradient = True
-            self.flat = new
+            self.flats[shadow] = new
         else:
-            paddle.assign(cast_rounded(new, self.dtype), output=self.flat)
+            paddle.assign(cast_rounded(new, self.dtype), output=self.flats[shadow])
 
     def lerp_(self, sources: Sequence[paddle.Tensor], weight, reset=False, skip=None):
         """``s += weight * (w - s)`` unless a source is NaN/Inf or ``skip`` (a device bool) is set; with ``reset``
-        (a bool or device bool) the old ``s`` counts as 0. ``weight`` is a float or a 0-d device tensor. Returns
-        the device bool ``ok`` (or None when neither the NaN/Inf guard nor ``skip`` can skip the update)."""
+        (a bool or device bool) the old ``s`` counts as 0. ``weight`` is a float or a 0-d device tensor (one per
+        shadow: a sequence or a [count] tensor). Returns the device bool ``ok`` (or None when neither the NaN/Inf
+        guard nor ``skip`` can skip the update). The sources are gathered and checked once for all shadows; the
+        primary (shadow 0) is updated last, in the gathered buffer's allocation, each other shadow in a new one."""
         with paddle.no_grad():
             t = self._gather(sources)
             ok, condition = self._decision(t, skip)
-            shadow = self.flat if self.dtype == "float32" else self.flat.astype("float32")
-            if reset is True and isinstance(weight, float) and weight == 1.0:  # a plain copy: no arithmetic
-                if condition is not None:
-                    paddle.where_(condition, t, shadow)
-                self._write(t)
-                return ok
-            if reset is not False:  # zero the shadow where this update is the first one (and goes through)
-                first = reset if ok is None else (paddle.logical_and(ok, reset) if isinstance(reset, paddle.Tensor)
-                                                  else ok)
-                if isinstance(first, paddle.Tensor):
-                    shadow.multiply_(1.0 - first.astype("float32"))
+            copy = reset is True and not isinstance(weight, paddle.Tensor) and all(
+                w == 1.0 for w in per_shadow(weight, self.count))
+            weights = per_shadow(weight, self.count)
+            for j in reversed(range(self.count)):
+                shadow = self.flats[j] if self.dtype == "float32" else self.flats[j].astype("float32")
+                if copy:  # a plain copy: no arithmetic
+                    new = t if j == 0 else t.clone()
+                    if condition is not None:
+                        paddle.where_(condition, new, shadow)
+                    self._write(new, j)
+                    continue
+                if reset is not False:  # zero the shadow where this update is the first one (and goes through)
+                    first = reset if ok is None else (paddle.logical_and(ok, reset)
+                                                      if isinstance(reset, paddle.Tensor) else ok)
+                    if isinstance(first, paddle.Tensor):
+                        shadow.multiply_(1.0 - first.astype("float32"))
+                    else:
+                        shadow.zero_()
+                w = weights[j]
+                keep = (1.0 - w).astype("float32") if isinstance(w, paddle.Tensor) else \
+                    paddle.full_like(t[:1], 1.0 - w).reshape([])
+                if j == 0:
+                    new = t.lerp_(shadow, keep)  # t + d*(s - t) = s + (1-d)*(w - s): one fused pass, in place
                 else:
-                    shadow.zero_()
-            keep = (1.0 - weight).astype("float32") if isinstance(weight, paddle.Tensor) else \
-                paddle.full_like(t[:1], 1.0 - weight).reshape([])
-            t.lerp_(shadow, keep)  # t + d*(s - t) = s + (1-d)*(w - s): one fused pass
-            if condition is not None:
-                paddle.where_(condition, t, shadow)  # a skipped update keeps s bit for bit
-            self._write(t)
+                    new = paddle.lerp(t, shadow, keep)
+                if condition is not None:
+                    paddle.where_(condition, new, shadow)  # a skipped update keeps s bit for bit
+                self._write(new, j)
         return ok
 
     def copy_(self, sources: Sequence[paddle.Tensor], skip=None) -> paddle.Tensor:
         return self.lerp_(sources, 1.0, reset=True, skip=skip)
 
-    def numpy_values(self) -> List[np.ndarray]:
-        host = _as_fp32(self.flat).numpy()
+    def numpy_values(self, shadow: int = 0) -> List[np.ndarray]:
+        host = _as_fp32(self.flats[shadow]).numpy()
         return [host[self.offsets[i]:self.offsets[i + 1]].reshape(shape).copy()
                 for i, shape in enumerate(self.shapes)]
 
-    def read_segments(self, indices: Sequence[int]) -> np.ndarray:
-        pieces = [_as_fp32(self.flat[int(self.offsets[i]):int(self.offsets[i + 1])]) for i in indices]
+    def read_segments(self, indices: Sequence[int], shadow: int = 0) -> np.ndarray:
+        flat = self.flats[shadow]
+        pieces = [_as_fp32(flat[int(self.offsets[i]):int(self.offsets[i + 1])]) for i in indices]
         return paddle.concat(pieces).numpy() if pieces else np.zeros(0, np.float32)
 
-    def write_segments(self, indices: Sequence[int], flat: np.ndarray) -> None:
-        start = 0
+    def write_segments(self, indices: Sequence[int], flat: np.ndarray, shadow: int = 0) -> None:
+        start, target = 0, self.flats[shadow]
         with paddle.no_grad():
             for i in indices:
                 a, b = int(self.offsets[i]), int(self.offsets[i + 1])
                 piece = cast_rounded(paddle.to_tensor(flat[start:start + self.sizes[i]]), self.dtype)
-                self.flat[a:b] = move_to(piece, self.flat.place)
+                target[a:b] = move_to(piece, target.place)
                 start += self.sizes[i]
 
-    def set_numpy_values(self, values: Sequence[np.ndarray]) -> None:
+    def set_numpy_values(self, values: Sequence[np.ndarray], shadow: int = 0) -> None:
         host = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in values]) if values else \
             np.zeros(0, np.float32)
+        target = self.flats[shadow]
         with paddle.no_grad():
-            paddle.assign(move_to(cast_rounded(paddle.to_tensor(host), self.dtype), self.flat.place), output=self.flat)
+            paddle.assign(move_to(cast_rounded(paddle.to_tensor(host), self.dtype), target.place), output=target)
 
-    def tensor_values(self, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
-        flat = _as_fp32(self.flat)
+    def tensor_values(self, indices: Optional[Sequence[int]] = None, shadow: int = 0) -> List[paddle.Tensor]:
+        flat = _as_fp32(self.flats[shadow])
         pieces = paddle.split(flat, self.sizes) if len(self.sizes) > 1 else [flat]
         return [pieces[i].reshape(self.shapes[i]) for i in _selected(indices, len(pieces))]
 
     @property
     def nbytes(self) -> int:
-        return int(self.numel * self.flat.element_size())
+        return int(self.count * self.numel * self.flats[0].element_size())
 
 
 class ReferenceStore(ShadowStore):
     """Per-tensor float64 Paddle tensors and the textbook out-of-place update (slow; for tests)."""
 
-    def __init__(self, shapes: Sequence[Sequence[int]]):
-        super().__init__(shapes)
-        self.tensors = [paddle.zeros(shape if shape else [], dtype="float64") for shape in self.shapes]
+    def __init__(self, shapes: Sequence[Sequence[int]], count: int = 1):
+        super().__init__(shapes, count)
+        self.tensors_of = [[paddle.zeros(shape if shape else [], dtype="float64") for shape in self.shapes]
+                           for _ in range(self.count)]
 
-    def lerp_(self, sources: Sequence[paddle.Tensor], weight: float, reset: bool = False) -> bool:
+    def lerp_(self, sources: Sequence[paddle.Tensor], weight, reset: bool = False) -> bool:
         with paddle.no_grad():
             ws = [s.detach().astype(paddle.float64).cpu() for s in sources]
             if self.check_finite and not all(bool(paddle.isfinite(w).all()) for w in ws):
                 return False
-            d = 1.0 - weight
-            for i, w in enumerate(ws):
-                old = paddle.zeros_like(self.tensors[i]) if reset else self.tensors[i]
-                self.tensors[i] = d * old + weight * w
+            for tensors, take in zip(self.tensors_of, per_shadow(weight, self.count)):
+                d = 1.0 - take
+                for i, w in enumerate(ws):
+                    old = paddle.zeros_like(tensors[i]) if reset else tensors[i]
+                    tensors[i] = d * old + take * w
         return True
 
-    def numpy_values(self) -> List[np.ndarray]:
-        return [t.numpy().astype(np.float32) for t in self.tensors]
+    def numpy_values(self, shadow: int = 0) -> List[np.ndarray]:
+        return [t.numpy().astype(np.float32) for t in self.tensors_of[shadow]]
 
-    def set_numpy_values(self, values: Sequence[np.ndarray]) -> None:
-        self.tensors = [paddle.to_tensor(np.asarray(v, dtype=np.float64).reshape(shape))
-                        for v, shape in zip(values, self.shapes)]
+    def set_numpy_values(self, values: Sequence[np.ndarray], shadow: int = 0) -> None:
+        self.tensors_of[shadow] = [paddle.to_tensor(np.asarray(v, dtype=np.float64).reshape(shape))
+                                   for v, shape in zip(values, self.shapes)]
 
-    def tensor_values(self, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
-        return [self.tensors[i].astype(paddle.float32) for i in _selected(indices, len(self.tensors))]
+    def tensor_values(self, indices: Optional[Sequence[int]] = None, shadow: int = 0) -> List[paddle.Tensor]:
+        tensors = self.tensors_of[shadow]
+        return [tensors[i].astype(paddle.float32) for i in _selected(indices, len(tensors))]
 
     @property
     def nbytes(self) -> int:
-        return 8 * self.numel
+        return 8 * self.numel * self.count
 
 
 def _selected(indices: Optional[Sequence[int]], count: int) -> Sequence[int]:
@@ -374,12 +457,13 @@ def _selected(indices: Optional[Sequence[int]], count: int) -> Sequence[int]:
 
 
 def make_store(shapes: Sequence[Sequence[int]], storage_dtype: str, on_host: bool, backend: str = "auto",
-               place=None) -> ShadowStore:
-    """Choose the store: ``backend`` is ``auto`` (fastest for the case), ``numpy``, ``paddle`` or ``reference``."""
+               place=None, count: int = 1) -> ShadowStore:
+    """Choose the store: ``backend`` is ``auto`` (fastest for the case), ``numpy``, ``paddle`` or ``reference``;
+    ``count`` shadows (EMAs) of the same tensors."""
     if backend == "reference":
-        return ReferenceStore(shapes)
+        return ReferenceStore(shapes, count)
     if backend == "numpy" or (backend == "auto" and on_host and storage_dtype == "float32"):
         if storage_dtype != "float32":
             raise ValueError("the numpy update path stores float32 only")
-        return NumpyStore(shapes)
-    return PaddleStore(shapes, dtype=storage_dtype, place=paddle.CPUPlace() if on_host else place)
+        return NumpyStore(shapes, count)
+    return PaddleStore(shapes, dtype=storage_dtype, place=paddle.CPUPlace() if on_host else place, count=count)

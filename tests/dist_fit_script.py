@@ -24,7 +24,8 @@ def main(out):
     evald = paddle.io.DataLoader(Blobs(32, 2), batch_size=16)
     save_dir = os.path.join(out, f"save_rank{rank}")
     os.makedirs(save_dir, exist_ok=True)
-    cb = EMACallback(decay=0.9, eval_raw=True)
+    cb = EMACallback(decays=[0.9, 0.99], decay_batch_size=64, eval_raw=True,  # kappa = 8 x 2 ranks / 64
+                     recompute_bn=2)  # each rank recomputes on its own last 2 batches, averaged over ranks
     model.fit(train, evald, epochs=2, verbose=0, save_dir=save_dir, callbacks=[cb])
     shadow = cb.ema.state_dict()["shadow"]
     digest = {k: float(np.asarray(v, np.float64).sum()) for k, v in shadow.items()}
@@ -33,6 +34,12 @@ def main(out):
         json.dump({"shadow": digest, "shadow_bytes": {k: hashlib.sha1(np.asarray(v).tobytes()).hexdigest()
                                                       for k, v in shadow.items()},
                    "raw": {k: hashlib.sha1(v.tobytes()).hexdigest() for k, v in raw.items()},
+                   "others_bytes": [{k: hashlib.sha1(np.asarray(v).tobytes()).hexdigest() for k, v in other.items()}
+                                    for other in cb.ema.state_dict()["shadows"]],
+                   "global_batch": cb.ema.batch.global_batch, "decays": cb.ema.decays,
+                   "final_bn": {k: hashlib.sha1(v.numpy().tobytes()).hexdigest()  # EMA weights in after fit
+                                for k, v in model.network.state_dict().items() if "_mean" in k or "_variance" in k},
+                   "recomputed_from": cb.ema.bn_recomputed_from,
                    "num_steps": cb.ema.num_steps, "world": dist.get_world_size()}, handle)
 
 

@@ -52,7 +52,7 @@ def logged_metrics(log, prefix):
     for line in log.splitlines():
         m = re.search(prefix + r", (.*)$", line)
         if m:
-            rows.append({k: float(v) for k, v in re.findall(r"(\w+): ([-\d.e]+)", m.group(1))})
+            rows.append({k: float(v) for k, v in re.findall(r"(\w[\w.]*): ([-\d.e]+)", m.group(1))})
     return rows
 
 

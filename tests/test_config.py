@@ -1,4 +1,5 @@
 """The EMA: block: validation, overrides and merging into real suite configs."""
+import dataclasses
 import glob
 import os
 import re
@@ -67,7 +68,8 @@ def test_bad_block_gives_one_line_error_naming_the_key(block, message):
 def test_defaults_and_every_option_documented():
     cfg = EMAConfig.from_block(None)
     assert cfg == EMAConfig() and cfg.decay == 0.9999 and cfg.schedule == "threshold"
-    assert [o.name for o in OPTIONS] == list(cfg.to_block())
+    assert [o.name for o in OPTIONS if o.default is not None] == list(cfg.to_block())
+    assert [f.name for f in dataclasses.fields(EMAConfig)] == [o.name for o in OPTIONS]
     for o in OPTIONS:
         assert getattr(cfg, o.name) == o.default and o.doc
 

@@ -139,8 +139,9 @@ def test_flat_keys_translate_and_both_is_an_error():
         0.9998, "exponential", 2000.0, [re.escape("head.conv")], 5)
     with pytest.raises(EMAConfigError, match=r"^use_ema and EMA: both set"):
         resolve_det_config({"use_ema": True, "EMA": {"decay": 0.99}}, None, [])
-    with pytest.raises(EMAConfigError, match=r"^EMA.eval_raw: det-train keeps ppdet's convention"):
-        resolve_det_config({"EMA": {"eval_raw": True}}, None, [])
+    with pytest.raises(EMAConfigError, match=r"^EMA.save_as: det-train keeps ppdet's convention"):
+        resolve_det_config({"EMA": {"save_as": "raw"}}, None, [])
+    assert resolve_det_config({"EMA": {"eval_raw": True}}, None, [])[0].eval_raw  # a candidate beside the EMAs
     assert resolve_det_config({"use_ema": False}, None, [])[0].enable is False
 
 
@@ -180,7 +181,8 @@ def detections(path):
 def test_det_train_end_to_end(coco):
     """--eval on EMA weights: ppdet's own eval.py on the saved .pdparams gives the same detections and mAP."""
     cwd = str(coco)
-    rc, log = det_train(cwd, "--eval", "-o", "save_dir=output/straight", "EMA.exclude=['head.head_reg']")
+    rc, log = det_train(cwd, "--eval", "-o", "save_dir=output/straight", "EMA.exclude=['head.head_reg']",
+                        "EMA.recompute_bn=2")
     assert rc == 0, log[-4000:]
     aps = [float(v) for v in re.findall(AP, log)]
     assert len(aps) == 3, log[-4000:]
@@ -188,7 +190,7 @@ def test_det_train_end_to_end(coco):
     out = coco / "output" / "straight"
     final = read_state(str(out / "model_final.pdema"), key="ema_callback_state")
     state = final.pop("ema_callback_state")
-    assert state["num_steps"] == 12 and state["num_updates"] == 12
+    assert state["num_steps"] == 12 and state["num_updates"] == 12 and state["recompute_bn_batches"] == 2
     rc, eval_log = ppdet_tool(cwd, "eval.py", "-o", f"weights={out}/model_final")
     assert rc == 0, eval_log[-4000:]
     assert float(re.findall(AP, eval_log)[-1]) == aps[-1]
@@ -397,3 +399,26 @@ def test_flat_use_ema_config_runs_on_our_engine_with_the_ppdet_black_list():
     cfg = load_ppdet_yaml(os.path.join(PADDLEDET_ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_80e_coco.yml"))
     ema, _ = resolve_det_config(cfg, None, [])
     assert (ema.decay, ema.schedule, ema.exclude) == (0.9998, "threshold", [re.escape("proj_conv.weight")])
+
+
+def test_det_select_best_keeps_the_raw_weights_when_they_win(coco):
+    """40 epochs from scratch: an EMA of horizon 1e5 steps stays at the random start (mAP 0), the raw weights detect
+    something; select: best saves them as best_model, and ppdet's own eval.py reproduces the logged mAP."""
+    cwd = str(coco)
+    rc, log = det_train(cwd, "--eval", "-o", "save_dir=output/select", "epoch=40", "snapshot_epoch=40",
+                        "EMA.decays=[0.99999]", "EMA.schedule=constant", "EMA.eval_raw=true", "EMA.select=best")
+    assert rc == 0, log[-4000:]
+    assert "EMA: global batch 4 (4 x 1 rank x 1), decay 0.99999 per optimizer step" in log
+    picked = re.search(r"EMA: bbox_mAP at optimizer step 160: raw ([\d.e-]+), ema 0 \(select: best -> raw\)", log)
+    assert picked and float(picked.group(1)) > 0, log[-4000:]
+    out = coco / "output" / "select"
+    state = read_state(str(out / "best_model.pdema"), key="ema_callback_state")
+    assert state["ema_callback_state"]["pdparams_hold"] == "raw"
+    best = paddle.load(str(out / "best_model.pdparams"), return_numpy=True)
+    raw = read_state(str(out / "model_final.pdema"), key="ema_callback_state")
+    assert all(np.array_equal(best[k], raw[k]) for k in best)  # best_model = the raw weights at the end
+    table = json.load(open(out / "ema_candidates.json"))
+    assert table["recommended"] == "raw" and table["candidates"][1]["final"] == pytest.approx(float(picked.group(1)))
+    rc, eval_log = ppdet_tool(cwd, "eval.py", "-o", f"weights={out}/best_model")
+    assert rc == 0, eval_log[-4000:]
+    assert float(re.findall(AP, eval_log)[-1]) == round(float(picked.group(1)), 3)

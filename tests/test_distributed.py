@@ -21,7 +21,13 @@ def test_two_rank_fit_has_equal_shadows_and_only_rank0_writes(tmp_path):
     r1 = json.load(open(tmp_path / "rank1.json"))
     assert r0["world"] == r1["world"] == 2
     assert r0["num_steps"] == r1["num_steps"] == 8  # 64 samples / 2 ranks / batch 8, 2 epochs
-    assert r0["shadow_bytes"] == r1["shadow_bytes"]
+    assert r0["shadow_bytes"] == r1["shadow_bytes"] and r0["others_bytes"] == r1["others_bytes"]  # every EMA
+    # the world size is measured into the scaling rule: global batch 8 x 2 ranks = 16, decays tuned for 64
+    assert r0["global_batch"] == r1["global_batch"] == 16
+    assert r0["decays"] == pytest.approx([0.9 ** 0.25, 0.99 ** 0.25], rel=1e-15)
+    # recompute_bn: each rank ran its own batches, the statistics were averaged: identical on both ranks
+    assert r0["recomputed_from"] == r1["recomputed_from"] == 2
+    assert r0["final_bn"] and r0["final_bn"] == r1["final_bn"]
     # parameters agree on both ranks; BatchNorm statistics are per rank in Paddle's DataParallel
     params = [k for k in r0["raw"] if "_mean" not in k and "_variance" not in k]
     assert params and all(r0["raw"][k] == r1["raw"][k] for k in params)

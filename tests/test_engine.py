@@ -200,7 +200,8 @@ def test_shadow_has_no_grad_node(trajectory):
         model, ema = run_engine(trajectory, steps=5, backend=path, decay=0.9)
         values = ema.store.tensor_values()
         store = ema.store
-        values += getattr(store, "tensors", None) or ([store.flat] if isinstance(store.flat, paddle.Tensor) else [])
+        values += [t for group in getattr(store, "tensors_of", []) for t in group] or (
+            [store.flat] if isinstance(store.flat, paddle.Tensor) else [])
         assert values and all(v.stop_gradient for v in values)
         # a backward pass through the model never reaches the shadow
         out = model(paddle.randn([2, 3, 8, 8])).sum()

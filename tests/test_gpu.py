@@ -62,6 +62,36 @@ def test_amp_o2_shadow_is_float32_from_the_master_weights():
     assert max(float(np.abs(got[k] - expected[k]).max()) for k in expected) <= 1e-5
 
 
+def test_switch_under_amp_o2_sets_the_master_weights_too():
+    """Switch EMA on the device path under AMP O2: after the switch the fp32 master weights equal the EMA weights
+    bit for bit and the float16 weights are their rounding (else the next step would overwrite the switch)."""
+    paddle.set_device("gpu")
+    model = make_net()
+    opt = paddle.optimizer.AdamW(learning_rate=0.01, parameters=model.parameters(), multi_precision=True)
+    model, opt = paddle.amp.decorate(models=model, optimizers=opt, level="O2", dtype="float16")
+    scaler = paddle.amp.GradScaler(init_loss_scaling=1024)
+    ema = ExponentialMovingAverage(model, EMAConfig(decay=0.9, schedule="constant", switch_every=3), optimizer=opt)
+    assert ema.deferred
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        with paddle.amp.auto_cast(level="O2"):
+            loss = model(paddle.to_tensor(rng.normal(size=(4, 3, 8, 8)).astype("float32"))).mean()
+        scaler.scale(loss).backward()
+        scaler.minimize(opt, loss)
+        opt.clear_grad()
+        ema.step(found_inf=opt._get_auxiliary_var("found_inf"))
+    assert ema.num_switches == 1
+    averaged, masters = ema.averaged_numpy(), opt._master_weights
+    checked = 0
+    for e in ema._averaged:
+        master = masters.get(e.tensor.name)
+        if master is not None:
+            assert master.numpy().tobytes() == averaged[e.name].astype(np.float32).tobytes()
+            assert e.tensor.numpy().tobytes() == averaged[e.name].astype(np.float16).tobytes()
+            checked += 1
+    assert checked > 0
+
+
 def test_paddleocr_tiny_recognizer_on_the_gpu(tmp_path):
     from ema_callback.demo.text_lines import write_rec_dataset
 

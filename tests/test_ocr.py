@@ -77,7 +77,7 @@ def test_rec_eval_metric_is_the_ema_metric_and_tools_use_the_ema_weights(tmp_pat
     out = tmp_path / "rec"
     rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.epoch_num=2", "Global.eval_batch_step=[0,4]",
                                                          f"Global.pretrained_model={warm}", "EMA.decay=0.9",
-                                                         "Global.save_epoch_step=2"])
+                                                         "Global.save_epoch_step=2", "EMA.recompute_bn=4"])
     assert rc == 0, log[-3000:]
     rows = logged_metrics(log, "cur metric")
     assert len(rows) == 4 and all("acc_raw" in r and 0 < r["ema_drift"] < 1 for r in rows), log[-3000:]
@@ -95,6 +95,10 @@ def test_rec_eval_metric_is_the_ema_metric_and_tools_use_the_ema_weights(tmp_pat
     saved = params(str(out / "latest.pdparams"))
     assert not same_tensors(saved, {k: np.asarray(v) for k, v in state["raw_weights"].items()})
     assert state["num_steps"] == 16 and state["num_updates"] == 16
+    # recompute_bn: the saved EMA weights hold statistics recomputed over the last 4 batches, said in the .pdema
+    assert state["recompute_bn_batches"] == 4
+    bn = [k for k in saved if k.endswith("_mean")]
+    assert bn and any(not np.array_equal(saved[k], np.asarray(state["shadow"][k])) for k in bn)
     # export and inference run on the saved checkpoint
     rc, export_log = paddleocr_tool("export_model.py", REC_CFG, data, "rec",
                                     [f"Global.checkpoints={out}/best_accuracy",
@@ -179,6 +183,17 @@ def test_bad_input_gives_one_line_errors_and_touches_no_file(tmp_path, data):
     assert rc == 2 and log.strip().splitlines()[-1] == \
         "ema-callback: error: EMA.eval_raww: unknown key, did you mean 'eval_raw'?"
     assert not out.exists()
+    # several EMAs: an empty list, a list beside a scalar decay (the section has decay: 0.99)
+    rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["EMA.decays=[]"])
+    assert rc == 2 and log.strip().splitlines()[-1] == \
+        "ema-callback: error: EMA.decays: expected a list of decays in (0, 1), e.g. [0.999, 0.9999], got []"
+    both = tmp_path / "both.yml"
+    both.write_text(open(REC_CFG).read().replace("  decay: 0.99\n", "  decay: 0.99\n  decays: [0.9, 0.99]\n"))
+    rc, log = ocr_train(str(both), str(out), data, "rec")
+    assert rc == 2 and log.strip().splitlines()[-1] == ("ema-callback: error: EMA.decays: give the EMA length one way "
+                                                        "(decay, decays, half_life_images or half_life_epochs), not "
+                                                        "both decay and decays")
+    assert not out.exists()
     # a lowercase section is not silently ignored
     lower = tmp_path / "lower.yml"
     lower.write_text(open(REC_CFG).read().replace("\nEMA:\n", "\nema:\n"))
@@ -231,3 +246,32 @@ def test_two_process_launch_trains_with_equal_shadows_and_only_rank0_writes(tmp_
     assert sha0 == sha1
     assert "EMA: saved" in logs[0] and "EMA: saved" not in logs[1]
     assert os.path.exists(out / "latest.pdema") and os.path.exists(out / "best_accuracy.pdema")
+
+
+def test_several_emas_and_select_best_keep_the_raw_weights_when_they_win(tmp_path, data):
+    """From scratch, 160 steps: EMAs of horizon 1e5 and 2000 steps stay near the random start (acc 0) while the raw
+    weights get past CTC's blank phase; select: best saves raw as best_accuracy, and PaddleOCR's eval.py agrees."""
+    out = tmp_path / "rec"
+    rc, log = ocr_train(REC_CFG, str(out), data, "rec", [
+        "Global.epoch_num=20", "Global.eval_batch_step=[0,160]", "Global.save_epoch_step=1000",
+        "EMA.decays=[0.99999,0.9995]", "EMA.schedule=constant", "EMA.eval_raw=true", "EMA.select=best"])
+    assert rc == 0, log[-3000:]
+    assert "EMA: global batch 16 (16 x 1 rank x 1), ema0.99999: decay 0.99999 per optimizer step" in log
+    rows = logged_metrics(log, "cur metric")
+    assert len(rows) == 1, log[-3000:]
+    row = rows[0]
+    assert row["acc_raw"] > row["acc_ema0.99999"] and row["acc_raw"] > row["acc_ema0.9995"], row
+    assert row["acc"] == row["acc_raw"] and row["norm_edit_dis"] == row["norm_edit_dis_raw"]
+    assert re.search(r"EMA: acc at optimizer step 160: raw [\d.]+, ema0.9995 0, ema0.99999 0 \(select: best -> raw\)",
+                     log), log[-3000:]
+    assert "best_accuracy.pdparams hold raw" in log
+    state = read_state(str(out / "best_accuracy.pdema"))
+    assert state["pdparams_hold"] == "raw" and state["labels"] == ["ema0.99999", "ema0.9995"]
+    assert same_tensors(params(str(out / "best_accuracy.pdparams")),
+                        {k: np.asarray(v) for k, v in state["raw_weights"].items()})
+    # latest holds the primary EMA, as save_as: ema says
+    assert "latest.pdparams hold ema0.99999" in log
+    assert_eval_reproduces_best(REC_CFG, data, "rec", out, str(tmp_path), log, ("acc", "norm_edit_dis"))
+    table = yaml.safe_load(open(out / "ema_candidates.json"))
+    assert table["recommended"] == "raw" and [r["candidate"] for r in table["candidates"]] == [
+        "ema0.99999", "ema0.9995", "raw"]

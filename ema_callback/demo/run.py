@@ -2,9 +2,11 @@
 
 Trains a small CRNN-style text recognizer (convolutional encoder, BiLSTM sequence head, CTC loss) on
 synthetic text-line images (characters 0-9A-Z) rendered with Pillow, with ``paddle.Model.fit``, twice from the same
-initial weights and data order: without EMA, and with ``EMACallback(eval_raw=True)``. Prints a table
-of final/best validation accuracy and of how much the validation curve jumps between evaluations,
-and writes ``results.json`` and ``curves.png`` to ``--out``.
+initial weights and data order: without EMA, and with ``EMACallback`` keeping three EMAs of different lengths in
+one pass (half-lives of 1,000, 4,000 and 16,000 images) and evaluating them beside the raw weights. Prints a table
+of each candidate's final/best validation accuracy and of how much its validation curve jumps between
+evaluations, with the recommended one, and writes ``results.json``, ``curves.png`` and ``ema_candidates.json`` to
+``--out``.
 """
 from __future__ import annotations
 
@@ -26,13 +28,17 @@ DATA_STYLE = dict(alphabet=ALPHABET, min_len=4, max_len=MAX_LABEL, noise=28.0, m
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ema-callback demo", description=__doc__.split("\n\n")[1])
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (default 1000)")
-    p.add_argument("--eval-every", type=int, default=50, help="optimizer steps between evaluations (default 50)")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps per run (default 800)")
+    p.add_argument("--eval-every", type=int, default=80, help="optimizer steps between evaluations (default 80)")
     p.add_argument("--train-size", type=int, default=4000, help="synthetic training images (default 4000)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.004, help="Adam learning rate (default 0.004: a noisy run)")
-    p.add_argument("--decay", type=float, default=0.995, help="EMA decay (default 0.995, ~200-step horizon)")
-    p.add_argument("--schedule", default="threshold", help="EMA decay schedule (default threshold)")
+    p.add_argument("--half-lives", default="1000,4000,16000",
+                   help="EMA half-lives in training images, one EMA each (default 1000,4000,16000)")
+    p.add_argument("--decay", type=float, default=None, help="one EMA of this decay instead of --half-lives")
+    p.add_argument("--schedule", default="constant",
+                   help="EMA decay schedule (default constant: a threshold warm-up would cap the three EMAs at the "
+                        "same decay for most of the run, hiding their difference)")
     p.add_argument("--eval-size", type=int, default=512, help="validation images (default 512)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", default="demo_output", help="output folder (default demo_output)")
@@ -168,6 +174,7 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
     if args.steps % args.eval_every:
         raise SystemExit(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
     epochs = args.steps // args.eval_every
+    half_lives = [float(v) for v in str(args.half_lives).split(",") if v.strip()]
     started = time.time()
     images, labels = make_text_lines(args.train_size + args.eval_size, args.seed, **DATA_STYLE)
     n_train = args.train_size
@@ -196,35 +203,43 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
                 row = {k: float(np.mean(v)) for k, v in (logs or {}).items() if k not in ("step", "batch_size")}
                 row["step"] = (len(history) + 1) * args.eval_every
                 history.append(row)
-                extra = f" | raw acc {row['acc_raw']:.3f}" if "acc_raw" in row else ""
+                extra = "".join(f" | {k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("acc_"))
                 progress(f"  [{tag}] step {row['step']:5d}/{args.steps}  acc {row['acc']:.3f}{extra}  "
                          f"({time.time() - started:.0f}s)")
 
         callbacks = [Progress()]
         if with_ema:
-            callbacks.insert(0, EMACallback(decay=args.decay, schedule=args.schedule, eval_raw=True,
-                                            final_weights="raw"))
+            length = {"decay": args.decay} if args.decay is not None else {"half_life_images": half_lives}
+            callbacks.insert(0, EMACallback(schedule=args.schedule, eval_raw=True, final_weights="raw",
+                                            monitor="acc", **length))
+            callbacks[0].save_dir = getattr(args, "candidates_dir", None)  # for ema_candidates.json only
         batches = CyclingBatches(len(train), args.batch_size, args.eval_every, args.seed)
         train_loader = paddle.io.DataLoader(train, batch_sampler=batches)
         valid_loader = paddle.io.DataLoader(valid, batch_size=128, shuffle=False)
         model.fit(train_loader, valid_loader, epochs=epochs, verbose=0, callbacks=callbacks)
-        return history, {k: v.numpy() for k, v in net.state_dict().items()}
+        labels = list(callbacks[0].ema.labels) if with_ema else []
+        return history, {k: v.numpy() for k, v in net.state_dict().items()}, labels
 
     progress("run 1/2: without EMA")
-    plain, plain_weights = fit(False)
-    progress("run 2/2: with EMA (and the raw weights of the same run evaluated beside it)")
-    ema_run, ema_weights = fit(True)
+    plain, plain_weights, _ = fit(False)
+    progress("run 2/2: with EMA (each EMA and the raw weights of the same run evaluated side by side)")
+    ema_run, ema_weights, labels = fit(True)
     identical = all(plain_weights[k].tobytes() == ema_weights[k].tobytes() for k in plain_weights)
     steps = [r["step"] for r in plain]
-    curves = {"raw": [r["acc"] for r in plain], "ema": [r["acc"] for r in ema_run],
-              "raw_in_ema_run": [r["acc_raw"] for r in ema_run]}
+    curves = {"raw": [r["acc"] for r in plain], "raw_in_ema_run": [r["acc_raw"] for r in ema_run]}
+    for label in labels:
+        curves[label] = [r.get(f"acc_{label}", r["acc"]) for r in ema_run]
+    curves["ema"] = [r["acc"] for r in ema_run]  # the primary EMA
     half = len(steps) // 2
-    summary = {name: {"final_acc": vals[-1], "best_acc": max(vals), "mean_abs_change": _curve_jump(vals),
-                      "mean_abs_change_2nd_half": _curve_jump(vals[half:])}
-               for name, vals in (("raw", curves["raw"]), ("ema", curves["ema"]))}
+    names = ["raw"] + labels
+    summary = {name: {"final_acc": curves[name][-1], "best_acc": max(curves[name]),
+                      "mean_abs_change": _curve_jump(curves[name]),
+                      "mean_abs_change_2nd_half": _curve_jump(curves[name][half:])} for name in names}
+    recommended = max(names, key=lambda n: (summary[n]["best_acc"], summary[n]["final_acc"]))
     return {
-        "settings": {k: getattr(args, k) for k in ("steps", "eval_every", "batch_size", "lr", "decay", "schedule",
-                                                   "eval_size", "train_size", "seed")},
+        "settings": {k: getattr(args, k) for k in ("steps", "eval_every", "batch_size", "lr", "decay", "half_lives",
+                                                   "schedule", "eval_size", "train_size", "seed")},
+        "candidates": names, "recommended": recommended,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, paddle {paddle.__version__}",
         "steps": steps, "curves": curves, "summary": summary,
         "raw_weights_identical_with_plugin": identical,
@@ -234,20 +249,32 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
 
 def format_table(results: Dict) -> str:
     s = results["settings"]
+    length = f"EMA decay {s['decay']}" if s.get("decay") is not None else \
+        f"EMA half-lives {s['half_lives']} images"
     rows = [
         f"EMA demo: tiny CRNN + CTC on synthetic text lines (0-9A-Z, 4-8 chars), {s['steps']} steps, batch {s['batch_size']}, "
-        f"Adam lr {s['lr']}, EMA decay {s['decay']} ({s['schedule']}), seed {s['seed']}",
+        f"Adam lr {s['lr']}, {length} ({s['schedule']}), seed {s['seed']}",
         "",
         "| weights | final val acc | best val acc | mean abs change between evals | same, 2nd half of training |",
         "|---|---|---|---|---|",
     ]
-    for name, label in (("raw", "raw (no EMA)"), ("ema", "EMA")):
+    for name in results.get("candidates", ["raw", "ema"]):
         r = results["summary"][name]
+        label = "raw (no EMA)" if name == "raw" else ("EMA" if name == "ema" else f"EMA {_pretty(name)}")
         rows.append(f"| {label} | {r['final_acc']:.3f} | {r['best_acc']:.3f} | {r['mean_abs_change']:.3f} | "
                     f"{r['mean_abs_change_2nd_half']:.3f} |")
+    if results.get("recommended"):
+        rows += ["", f"recommended (best val acc): {_pretty(results['recommended'])}"]
     rows += ["", f"raw weights with the plugin == without it: {results['raw_weights_identical_with_plugin']}; "
                  f"{results['seconds']}s on {results['machine']}"]
     return "\n".join(rows)
+
+
+def _pretty(label: str) -> str:
+    """``ema_hl4000img`` -> ``half-life 4000 images``."""
+    if label.startswith("ema_hl") and label.endswith("img"):
+        return f"half-life {label[6:-3]} images"
+    return label
 
 
 def plot(results: Dict, path: str) -> Optional[str]:
@@ -259,8 +286,10 @@ def plot(results: Dict, path: str) -> Optional[str]:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(results["steps"], results["curves"]["raw"], "-o", ms=3, label="raw weights", color="#c44e52")
-    ax.plot(results["steps"], results["curves"]["ema"], "-o", ms=3, label=f"EMA (decay {results['settings']['decay']})",
-            color="#4c72b0")
+    colours = ["#4c72b0", "#55a868", "#8172b2", "#ccb974"]
+    for i, name in enumerate(n for n in results.get("candidates", ["raw", "ema"]) if n != "raw"):
+        label = f"EMA (decay {results['settings']['decay']})" if name == "ema" else f"EMA, {_pretty(name)}"
+        ax.plot(results["steps"], results["curves"][name], "-o", ms=3, label=label, color=colours[i % 4])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation sequence accuracy")
     ax.set_title("Tiny CRNN on synthetic text lines: EMA vs raw weights")
@@ -275,6 +304,7 @@ def plot(results: Dict, path: str) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    args.candidates_dir = args.out
     results = run(args)
     table = format_table(results)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:

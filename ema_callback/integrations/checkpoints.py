@@ -120,13 +120,14 @@ def describe_start_weights(weights: str, option: str, log=logger) -> Optional[st
 
 
 def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[str, np.ndarray]],
-                   held: Mapping[str, np.ndarray], save_as: str = "ema") -> None:
+                   held: Mapping[str, np.ndarray], save_as: str = "ema", candidate: Optional[str] = None) -> None:
     """Write ``<prefix>.pdema`` (and with ``save_as: raw`` ``<prefix>.ema.pdparams``) for each of ``prefixes``,
     each tensor once per set. One checkpoint saved under several names (PaddleOCR's ``best_accuracy`` and
     ``best_model/model``) is built, fingerprinted and serialized once.
 
     ``held``: the arrays the suite's ``<prefix>.pdparams`` hold (what the network held when the suite saved);
-    ``raw``: the raw weights (None where the suite keeps them itself, as ppdet's ``.pdema`` does).
+    ``raw``: the raw weights (None where the suite keeps them itself, as ppdet's ``.pdema`` does);
+    ``candidate``: which candidate the ``.pdparams`` hold (with several EMAs or ``select: best``), recorded as such.
     """
     from ..checkpoint_io import atomic_write_bytes, saved_bytes
 
@@ -135,7 +136,10 @@ def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[
     if save_as == "raw":
         companions[".ema.pdparams"] = ema.ema_state_dict(network)
         files[".ema.pdparams"] = saved_bytes(companions[".ema.pdparams"])
-    state = ema.saved_state(extra={"raw_weights": dict(raw)} if raw is not None else None, companions=companions)
+    extra: Dict[str, object] = {"raw_weights": dict(raw)} if raw is not None else {}
+    if candidate is not None:
+        extra["pdparams_hold"] = candidate
+    state = ema.saved_state(extra=extra or None, companions=companions)
     files[".pdema"] = saved_bytes(state)
     for prefix in prefixes:
         for suffix, data in files.items():

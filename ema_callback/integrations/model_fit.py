@@ -11,6 +11,13 @@ Ordering contract (holds wherever the callback stands in the list):
 * ``ModelCheckpoint`` saves at ``on_epoch_end``, before evaluation: its ``{epoch}.pdparams`` hold the raw
   weights. Every ``Model.save(path)`` during and after ``fit`` also writes ``path.pdema`` (EMA state, its
   update count and the raw weights), on rank 0 only, atomically.
+* Several EMAs (``decays``, a list of half-lives) and ``eval_raw``: the other candidates are evaluated with
+  ``Model.evaluate`` on fit's eval loader inside ``on_eval_begin``, then fit's own evaluation runs on the selected
+  one (the primary, or with ``select: best`` the best by ``monitor``, evaluated once more by fit itself so that every
+  ``on_eval_end`` sees the weights that produced its metrics). The end table goes to the log and, with
+  ``save_dir``, to ``ema_candidates.json``.
+* ``decay_batch_size`` and half-lives need the global batch: it is measured at the first ``train_batch``
+  (its inputs' first dimension x ranks x ``accumulate_grad_batches``); the engine is built then.
 * The EMA steps once per *real* optimizer update, counted on the optimizer itself: once per
   ``accumulate_grad_batches`` batches (and at an epoch's last batch), never for a step the AMP
   GradScaler skipped for inf/nan.
@@ -30,12 +37,16 @@ from ..config_files import check_section_name, read_yaml
 from ..paddle_compat import paddle
 from ..engine import ExponentialMovingAverage
 from .checkpoints import is_rank0, numpy_state, restore_raw_weights, resume_ema, save_ema_state
-from .evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy, raw_suffixed
+from .evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
+from .candidates import RAW, CandidateBoard
+from ..horizon import BatchInfo
 from ..checkpoint_io import StagedWrite, checked_load
 from ..state_file import read_state
 from ..optimizer_steps import OptimizerStepCounter
 
 logger = logging.getLogger("ema_callback")
+
+NOT_LOGGED = ("step", "batch_size", DRIFT)  # entries of evaluate()'s result that are not candidate metrics
 
 class EMACallback(paddle.callbacks.Callback):
     """EMA of ``model.network`` during ``Model.fit``; evaluation runs on the EMA weights.
@@ -52,11 +63,16 @@ class EMACallback(paddle.callbacks.Callback):
             ``model.save``/``model.evaluate``/``model.predict`` use them; ``"raw"`` leaves the raw weights.
         backend: the engine's store (``auto``, ``numpy``, ``paddle``, ``reference``; see the engine);
             ``update_path`` is its former name, still accepted.
+        monitor, mode: the metric ``select: best`` compares and its direction, as ``EarlyStopping`` takes them
+            (``mode='auto'``: higher is better when the name contains ``acc``); pass your EarlyStopping's.
+        batch: the run's ``BatchInfo`` (per-device batch, ranks, accumulation, dataset size), when it should not be
+            measured at the first batch.
     """
 
     def __init__(self, config: Union[EMAConfig, Mapping[str, Any], None] = None, *, resume: Optional[str] = None,
                  save_dir: Optional[str] = None, final_weights: str = "ema", backend: str = "auto",
-                 update_path: Optional[str] = None,
+                 update_path: Optional[str] = None, monitor: str = "loss", mode: str = "auto",
+                 batch: Optional[BatchInfo] = None,
                  **kwargs: Any):
         super().__init__()
         base = config if isinstance(config, EMAConfig) else EMAConfig.from_block(config)
@@ -64,12 +80,20 @@ class EMACallback(paddle.callbacks.Callback):
         if final_weights not in ("ema", "raw"):
             raise EMAConfigError(f"final_weights: expected 'ema' or 'raw', got {final_weights!r}")
         self.final_weights = final_weights
+        if mode not in ("auto", "min", "max"):
+            raise EMAConfigError(f"mode: expected 'auto', 'min' or 'max', got {mode!r}")
+        self.monitor = monitor
+        self.higher_is_better = mode == "max" or (mode == "auto" and "acc" in monitor)
+        self.batch = batch
+        self.board: Optional[CandidateBoard] = None
+        self._eval_results: Dict[str, Dict[str, Any]] = {}
+        self._evaluating: Optional[str] = None  # the candidate fit's own evaluation runs on
         self.save_dir = save_dir
         self.resume = resume if resume is not None else ("auto" if save_dir else None)
         self.backend = update_path or backend
         self.ema: Optional[ExponentialMovingAverage] = None
         self.extra_logs: Dict[str, Any] = {}  # added to the evaluation logs: <metric>_raw, ema_drift
-        self._raw_copies_metrics = False  # raw-weight evaluation (before eval_start_step): <metric>_raw = <metric>
+        self._copy_suffix = ""  # fit's own metrics are also logged with this suffix ("_raw" before eval_start_step)
         self._pending_updates: list = []  # found_inf flags of optimizer updates counted in train_batch, not yet averaged
         self._in_fit = False
         self._policy = EvaluationPolicy(self.config)
@@ -96,7 +120,9 @@ class EMACallback(paddle.callbacks.Callback):
             raise RuntimeError("EMACallback needs dynamic-graph mode: the model was prepared under "
                                "paddle.enable_static(); call paddle.disable_static() before building paddle.Model")
         self.ema = ExponentialMovingAverage(self.network, self.config, optimizer=getattr(self.model, "_optimizer", None),
-                                            backend=self.backend)
+                                            backend=self.backend, batch=self.batch)
+        self.board = CandidateBoard(self.ema, self.config, self.higher_is_better)
+        logger.info("EMA: %s", self.ema.describe_length())
         self._install_save_hook()
         if self.resume:
             self._resume(self.resume)
@@ -144,8 +170,10 @@ class EMACallback(paddle.callbacks.Callback):
             with StagedWrite(folder) as stage:  # every file complete before it gets its final name
                 result = original(stage.path(name), training)
                 if self.ema is not None and is_rank0():  # .pdparams hold what the network holds now
+                    held = self.ema.applied_label or RAW
                     save_ema_state(self.ema, [stage.path(name)], self.network, self.raw_state_dict(),
-                                   numpy_state(self.network))
+                                   numpy_state(self.network),
+                                   candidate=held if self.board is not None and self.board.active else None)
                 stage.publish(last=(name + ".pdema",))
             return result
 
@@ -178,6 +206,9 @@ class EMACallback(paddle.callbacks.Callback):
         original = getattr(model.train_batch, "__wrapped__", model.train_batch)
 
         def train_batch(*args, **kwargs):
+            if self._in_fit and self.ema is None and self.config.enable:
+                self._measure_batch(args[0] if args else kwargs.get("inputs"))
+                self._build_engine()
             if not self._in_fit or self.ema is None:
                 return original(*args, **kwargs)
             counter = OptimizerStepCounter(model._optimizer, read_found_inf=not self.ema.deferred)
@@ -201,6 +232,21 @@ class EMACallback(paddle.callbacks.Callback):
         else:
             model.train_batch = wrapped
 
+    def _measure_batch(self, inputs) -> None:
+        """The global batch from the first training batch: its first dimension x ranks x accumulation steps; the
+        images per epoch as fit's steps per epoch x that (what the run sees in an epoch)."""
+        if self.batch is not None:
+            return
+        first = inputs[0] if isinstance(inputs, (list, tuple)) and inputs else inputs
+        shape = getattr(first, "shape", None)
+        per_device = int(shape[0]) if shape else 0
+        world = paddle.distributed.get_world_size()
+        accumulate = int(getattr(self.model, "_accumulate", 1) or 1)
+        steps = (self.params or {}).get("steps")
+        known = isinstance(steps, int) and steps > 0
+        size = steps * per_device * world if known else None
+        self.batch = BatchInfo(per_device, world, accumulate, size, -(-steps // accumulate) if known else None)
+
     def _flush_updates(self) -> None:
         flags, self._pending_updates = self._pending_updates, []
         for found_inf in flags:
@@ -212,9 +258,9 @@ class EMACallback(paddle.callbacks.Callback):
             self._start_without_ema()
             return
         self._in_fit = True
-        if self.ema is None:
-            self._build_engine()
-        else:
+        if self.ema is None and self.batch is not None:
+            self._build_engine()  # else at the first train_batch, once the global batch is measured
+        elif self.ema is not None:
             self._restore_raw()
         self._pending_updates = []
         self._install_batch_hook()
@@ -249,10 +295,12 @@ class EMACallback(paddle.callbacks.Callback):
                            self.ema.num_steps, self.config.start_step)
         if self.final_weights == "ema":
             self.ema.apply_to(self.network)
+        if self.board is not None:
+            self.board.finish(self.save_dir, write=is_rank0())
 
     # ------------------------------------------------------------------ evaluation events
     def on_eval_begin(self, logs=None) -> None:
-        self.extra_logs, self._raw_copies_metrics = {}, False
+        self.extra_logs, self._copy_suffix, self._eval_results, self._evaluating = {}, "", {}, None
         if not self.config.enable:
             return
         if self.ema is None:
@@ -263,32 +311,62 @@ class EMACallback(paddle.callbacks.Callback):
         if self.ema.applied:  # after fit with final_weights='ema': the EMA weights are already in
             return
         if self._policy.raw_weights_now(self.ema):
-            self._raw_copies_metrics = self.config.eval_raw
+            self._copy_suffix = RAW_SUFFIX if self.config.eval_raw else ""
             self._extend_metric_names(logs)
             return
-        if self.config.eval_raw:
-            self.extra_logs.update(self._evaluate_raw())
-        self.extra_logs[DRIFT] = self.ema.log_before_eval()  # to the logs, ProgBarLogger and VisualDL
+        if not self.board.active:
+            self.extra_logs[DRIFT] = self.ema.log_before_eval()  # to the logs, ProgBarLogger and VisualDL
+            self._extend_metric_names(logs)
+            self._evaluating = self.board.primary
+            self.ema.apply_to(self.network)
+            return
+        labels = self.board.to_evaluate()
+        nested = labels if self.config.select == "best" else labels[:-1]  # fit's own evaluation runs the last
+        for label in nested:
+            if label == self.board.primary:
+                self.extra_logs[DRIFT] = self.ema.log_before_eval()
+            with self.board.weights(label, self.network):
+                self._eval_results[label] = self._evaluate_here()
+        if self.config.select == "best":
+            try:
+                chosen = self.board.pick(self._eval_results, self.monitor)
+            except KeyError as exc:
+                raise EMAConfigError(f"EMACallback(monitor={self.monitor!r}): {exc.args[0]}") from None
+        else:
+            chosen = self.board.primary
+            self.extra_logs[DRIFT] = self.ema.log_before_eval()
+            self._copy_suffix = "_" + chosen if self.board.several else ""
+        self._evaluating = chosen
+        for label, metrics in self._eval_results.items():
+            if label != chosen or self.config.select == "best":
+                self.extra_logs.update({f"{k}_{label}": v for k, v in metrics.items() if k not in NOT_LOGGED})
         self._extend_metric_names(logs)
-        self.ema.apply_to(self.network)
+        if chosen != RAW:
+            self.ema.apply_to(self.network, chosen)
 
     def _extend_metric_names(self, logs) -> None:
+        """fit's list of metric names (what ProgBarLogger and VisualDL show) gains the suffixed ones."""
         names = (logs or {}).get("metrics")
         if isinstance(names, list):
-            if self.config.eval_raw:
-                for name in list(names):
-                    if not name.endswith(RAW_SUFFIX) and name != DRIFT and name + RAW_SUFFIX not in names:
-                        names.append(name + RAW_SUFFIX)
-            if DRIFT in self.extra_logs and DRIFT not in names:
-                names.append(DRIFT)
+            plain = [n for n in names if self._plain(n)]
+            added = [n + self._copy_suffix for n in plain] if self._copy_suffix else []
+            added += [k for k in self.extra_logs if not self._plain(k) or k == DRIFT]
+            for name in added:
+                if name not in names:
+                    names.append(name)
 
-    def _evaluate_raw(self) -> Dict[str, Any]:
-        """Evaluate the raw weights on fit's eval loader, leaving fit's own state as it was."""
+    def _plain(self, name: str) -> bool:
+        """A metric name without a candidate suffix (and not the drift)."""
+        labels = (self.ema.labels if self.ema is not None else []) + [RAW]
+        return name != DRIFT and name not in NOT_LOGGED and not any(name.endswith("_" + l) for l in labels)
+
+    def _evaluate_here(self) -> Dict[str, Any]:
+        """Evaluate the network as it is on fit's eval loader, leaving fit's own state as it was."""
         model = self.model
         loader = getattr(model, "_test_dataloader", None)
         if loader is None:
-            logger.warning("EMA: eval_raw needs the evaluation DataLoader; raw metrics not computed")
-            return {}
+            raise EMAConfigError("EMA.eval_raw / several EMAs: need fit's evaluation data (eval_data) to compare "
+                                 "the candidates")
         saved = {k: getattr(model, k) for k in ("num_iters", "stop_training", "_test_dataloader") if hasattr(model, k)}
         try:
             result = model.evaluate(loader, verbose=0)
@@ -297,13 +375,14 @@ class EMACallback(paddle.callbacks.Callback):
                 setattr(model, k, v)
             if "num_iters" not in saved and hasattr(model, "num_iters"):
                 del model.num_iters
-        return raw_suffixed(result, skip=())
+        return dict(result)
 
     def _add_to_logs(self, logs) -> None:
         if logs is None:
             return
-        if self._raw_copies_metrics:
-            logs.update(raw_suffixed(logs))
+        if self._copy_suffix:
+            logs.update({k + self._copy_suffix: v for k, v in list(logs.items())
+                         if self._plain(k) and k not in self.extra_logs})
         logs.update(self.extra_logs)
 
     def on_eval_batch_end(self, step, logs=None) -> None:
@@ -311,5 +390,11 @@ class EMACallback(paddle.callbacks.Callback):
 
     def on_eval_end(self, logs=None) -> None:
         self._add_to_logs(logs)
+        if self._in_fit and self.board is not None and self._evaluating is not None and logs is not None:
+            own = {k: v for k, v in logs.items() if self._plain(k) and k not in self.extra_logs}
+            results = dict(self._eval_results)
+            results.setdefault(self._evaluating, own)
+            key = self.monitor if any(self.monitor in r for r in results.values()) else next(iter(own), "loss")
+            self.board.record(self.ema.num_steps, results, key, self._evaluating)
         if not self._in_fit and self.ema is not None and self.ema.applied and self.final_weights == "raw":
             self._restore_raw()  # standalone evaluate(): leave the model as it was

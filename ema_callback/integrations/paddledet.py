@@ -20,6 +20,12 @@ What differs from ppdet's ``ModelEMA`` (``ppdet/optimizer/ema.py``), on purpose:
 * ``cycle_epoch`` counts epochs (ppdet counts snapshots);
 * a step the AMP GradScaler skipped is not an update.
 
+Several EMAs (``decays``, half-life lists) and ``eval_raw``: at each snapshot evaluation the other candidates are
+evaluated first through ppdet's own ``_eval_with_loader`` with only a metric-reading callback (so ppdet's
+Checkpointer saves nothing for them), then ppdet's own evaluation runs on the selected candidate (the primary, or
+with ``select: best`` the best by the Checkpointer's metric), so ``best_model.pdparams`` holds it. The global batch
+is ``TrainReader.batch_size`` x ranks; the training set's size is ``len(TrainDataset)``.
+
 ppdet's flat keys (``use_ema``, ``ema_decay``, ``ema_decay_type``, ``cycle_epoch``, ``ema_black_list``,
 ``ema_filter_no_grad``) without an ``EMA:`` block run on this engine with the equivalent settings; a config
 with both is an error.
@@ -37,6 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from .suite_checkout import check_checkout
 from .checkpoints import STATE_KEY, describe_start_weights, ema_file, numpy_state, restore_raw_weights
 from .evaluation import before_eval_start
+from .candidates import RAW, CandidateBoard
 from ..config import SECTION, EMAConfig, EMAConfigError
 from ..errors import EMAError
 from ..config_files import (check_section_name, load_suite_yaml, read_yaml, resolve_block, split_overrides,
@@ -49,7 +56,7 @@ logger = logging.getLogger("ema_callback")
 
 ROOT_ENV = "PADDLEDET_ROOT"
 FLAT_KEYS = ("use_ema", "ema_decay", "ema_decay_type", "cycle_epoch", "ema_black_list", "ema_filter_no_grad")
-DET_ONLY_UNSUPPORTED = {"eval_raw": False, "save_as": "ema"}
+DET_ONLY_UNSUPPORTED = {"save_as": "ema"}
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -122,11 +129,12 @@ class PpdetEMA:
     """ppdet's ``ModelEMA`` interface (``update``, ``apply``, ``resume``) over ``ExponentialMovingAverage``."""
 
     def __init__(self, model, config: EMAConfig, optimizer=None, cycle_epoch: int = -1,
-                 resume_path: Optional[str] = None):
+                 resume_path: Optional[str] = None, batch=None):
         from ..engine import ExponentialMovingAverage
         from ..optimizer_steps import OptimizerStepCounter
 
-        self.engine = ExponentialMovingAverage(model, config, optimizer=optimizer)
+        self.engine = ExponentialMovingAverage(model, config, optimizer=optimizer, batch=batch)
+        self.engine.bn_collective = False  # ppdet evaluates and saves on rank 0 only: rank 0's batches are used
         self.model = model
         self.optimizer = optimizer
         self.cycle_epoch = cycle_epoch
@@ -152,8 +160,15 @@ class PpdetEMA:
         if before_eval_start(self.engine, self.engine.config):
             values = {k: paddle.to_tensor(v.numpy()) for k, v in self.model.state_dict().items()}
         else:
-            values = {k: paddle.to_tensor(v) for k, v in self.engine.ema_state_dict(self.model).items()}
+            values = {k: paddle.to_tensor(v) for k, v in self.weights().items()}
         return values
+
+    def weights(self, shadow=0) -> Dict[str, Any]:
+        """The EMA's full state dict (numpy); with ``recompute_bn`` its BatchNorm statistics recomputed."""
+        if self.engine.recorder is None:
+            return self.engine.ema_state_dict(self.model, shadow)
+        with self.engine.swapped(self.model, shadow):
+            return numpy_state(self.model)
 
     def start_epoch(self, epoch_id: int) -> None:
         """Called on every rank as each training epoch begins (the raw weights are in the model then): after every
@@ -191,7 +206,8 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
     from ppdet.engine.callbacks import Callback, ComposeCallback
 
     class EMAStateCallback(Callback):
-        """Before ppdet's Checkpointer: put our state into the raw-weights dict it saves as ``.pdema``."""
+        """Before ppdet's Checkpointer: put our state into the raw-weights dict it saves as ``.pdema``; read each
+        evaluation's main metric (before ppdet resets its metrics)."""
 
         def on_epoch_begin(self, status):
             if status.get("mode") == "train" and isinstance(self.model.ema, PpdetEMA):
@@ -199,6 +215,15 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
 
         def on_epoch_end(self, status):
             weight = status.get("weight")
+            if status.get("mode") == "eval":
+                self.model._ema_eval_metrics = _main_metrics(self.model)
+                board = getattr(self.model, "_ema_board", None)
+                if isinstance(weight, dict) and board is not None and board.active:
+                    # a best_model saved now holds the selected candidate: its .pdema refers to those weights
+                    state = self.model.ema.engine.state_dict()
+                    state["pdparams_hold"] = board.winner or board.primary
+                    weight[STATE_KEY] = store_once(state, {".pdparams": numpy_state(self.model.model)})
+                return
             if isinstance(weight, dict) and isinstance(self.model.ema, PpdetEMA):
                 # the Checkpointer saves the network (EMA weights now) as .pdparams: the shadow refers to it
                 weight[STATE_KEY] = store_once(self.model.ema.engine.state_dict(),
@@ -220,10 +245,44 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                               if p.stop_gradient and not n.endswith(("_mean", "_variance"))]
                     ema_config = config.replace(exclude=list(config.exclude) + [f"^{n}$" for n in frozen])
                 self.ema = PpdetEMA(self.model, ema_config, optimizer=self.optimizer,
-                                    cycle_epoch=extra.get("cycle_epoch", -1))
-                self._callbacks.insert(0, EMAStateCallback(self))
+                                    cycle_epoch=extra.get("cycle_epoch", -1), batch=_batch_info(cfg, self))
+                self._ema_board = CandidateBoard(self.ema.engine, ema_config)
+                self._ema_eval_metrics: Dict[str, float] = {}
+                self._ema_state_callback = EMAStateCallback(self)
+                self._callbacks.insert(0, self._ema_state_callback)
                 self._compose_callback = ComposeCallback(self._callbacks)
                 logger.info("EMA: %s", ", ".join(f"{k}: {v}" for k, v in ema_config.to_block().items()))
+                logger.info("EMA: %s", self.ema.engine.describe_length())
+
+        def _eval_with_loader(self, loader):
+            """At a snapshot evaluation with several candidates: the others first (quietly), then ppdet's own on the
+            selected one (the model holds the primary EMA here: ppdet applied it)."""
+            board = getattr(self, "_ema_board", None)
+            raw = self.status.get("weight")
+            if board is None or not board.active or not isinstance(raw, dict):
+                return super()._eval_with_loader(loader)
+            engine, results = self.ema.engine, {}
+            labels = board.to_evaluate()
+            nested = labels if board.config.select == "best" else labels[:-1]
+            own = self._compose_callback
+            self._compose_callback = ComposeCallback([self._ema_state_callback])  # no Checkpointer, no logger
+            try:
+                for label in nested:
+                    logger.info("EMA: evaluating candidate %s", label)
+                    self.model.set_dict(raw if label == RAW else self.ema.weights(label))
+                    super()._eval_with_loader(loader)
+                    results[label] = dict(self._ema_eval_metrics)
+            finally:
+                self._compose_callback = own
+            key = next(iter(next(iter(results.values()), {})), None) if results else None
+            chosen = board.pick(results, key) if board.config.select == "best" and key else board.primary
+            self.model.set_dict(raw if chosen == RAW else self.ema.weights(chosen))
+            board.winner = chosen
+            super()._eval_with_loader(loader)  # ppdet's own: its Checkpointer compares and saves best_model
+            results.setdefault(chosen, dict(self._ema_eval_metrics))
+            key = key or next(iter(results[chosen]), "")
+            board.record(engine.num_steps, results, key, chosen)
+            self.model.set_dict(self.ema.weights())  # ppdet restores the raw weights after this
 
         def resume_weights(self, weights):
             if isinstance(getattr(self, "ema", None), PpdetEMA):
@@ -238,11 +297,45 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
             result = super().train(validate)
             if isinstance(getattr(self, "ema", None), PpdetEMA):
                 logger.info("EMA: finished: %s", self.ema.engine.summary())
+                from .checkpoints import is_rank0
+
+                self._ema_board.finish(self.cfg.save_dir, write=is_rank0())
                 if self.ema.counter is not None:
                     self.ema.counter.close()
             return result
 
     return EMATrainer
+
+
+def _main_metrics(trainer) -> Dict[str, float]:
+    """The main metric of each of ppdet's metrics, read as its Checkpointer reads it (``bbox`` AP, ...)."""
+    out: Dict[str, float] = {}
+    for metric in getattr(trainer, "_metrics", []) or []:
+        results = metric.get_results() or {}
+        key = next((k for k in ("pose3d", "bbox", "keypoint", "mask") if k in results), None)
+        key = trainer.cfg.get("target_metrics", key)
+        if key in results:
+            value = results[key]
+            out[f"{key}_mAP" if key != "pose3d" else key] = float(value[0] if hasattr(value, "__len__") else value)
+    return out
+
+
+def _batch_info(cfg, trainer):
+    """``TrainReader.batch_size`` x ranks (ppdet has no gradient accumulation), and ``len(TrainDataset)``."""
+    import paddle
+
+    from ..horizon import BatchInfo
+
+    per_card = (cfg.get("TrainReader") or {}).get("batch_size", 0)
+    try:
+        size = len(trainer.dataset)
+    except (TypeError, AttributeError):
+        size = None
+    try:
+        steps = len(trainer.loader)
+    except (TypeError, AttributeError):
+        steps = None
+    return BatchInfo(int(per_card or 0), paddle.distributed.get_world_size(), 1, size or None, steps or None)
 
 
 # ---------------------------------------------------------------------------- command line

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional
 
 from .suite_checkout import check_checkout
 from .evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
+from .candidates import RAW, CandidateBoard
 from .checkpoints import (describe_start_weights, is_rank0, numpy_state, restore_raw_weights, resume_ema,
                              save_ema_state)
 from ..config import SECTION, EMAConfig, EMAConfigError
@@ -125,6 +126,8 @@ class PaddleOCRHooks:
         self.ema = None
         self.model = None
         self.counter = None
+        self.board: Optional[CandidateBoard] = None
+        self.save_dir: Optional[str] = None
         self._originals: Dict[str, Any] = {}
         self._policy = EvaluationPolicy(config)
 
@@ -163,7 +166,8 @@ class PaddleOCRHooks:
         if not checkpoints and pretrained:
             describe_start_weights(pretrained, "Global.pretrained_model", logger_)
         if self.config.enable:
-            self._start_ema(model, optimizer, checkpoints, logger_)
+            self.save_dir = global_config.get("save_model_dir")
+            self._start_ema(model, optimizer, checkpoints, logger_, _batch_info(config, train_dataloader))
         elif checkpoints:
             restore_raw_weights(checkpoints, unwrap(model), "add -o EMA.enable=true (or resume with the run's own "
                                 "config.yml) to continue the EMA as well", logger_)
@@ -172,14 +176,18 @@ class PaddleOCRHooks:
                                           pre_best_model_dict, logger_, *args, **kwargs)
         if self.ema is not None:
             logger.info("EMA: finished: %s", self.ema.summary())
+            self.board.finish(self.save_dir, write=is_rank0())
         return result
 
-    def _start_ema(self, model, optimizer, checkpoints, logger_) -> None:
+    def _start_ema(self, model, optimizer, checkpoints, logger_, batch) -> None:
         from ..engine import ExponentialMovingAverage
         from ..optimizer_steps import OptimizerStepCounter
 
         self.model = model
-        self.ema = ExponentialMovingAverage(model, self.config, optimizer=optimizer)
+        self.ema = ExponentialMovingAverage(model, self.config, optimizer=optimizer, batch=batch)
+        self.board = CandidateBoard(self.ema, self.config)
+        self.ema.bn_collective = False  # PaddleOCR evaluates and saves on rank 0 only: rank 0's batches are used
+        logger_.info("EMA: %s", self.ema.describe_length())
         if checkpoints:
             resume_ema(self.ema, checkpoints, unwrap(model), logger_)
         if self.guard is not None:
@@ -195,13 +203,19 @@ class PaddleOCRHooks:
         c = self.config
         if self._policy.raw_weights_now(self.ema):
             metric = original(model, *args, **kwargs)
+            self.board.winner = RAW
             return dict(metric, **raw_suffixed(metric)) if c.eval_raw else metric
-        raw_metric = original(model, *args, **kwargs) if c.eval_raw else {}
-        drift = self.ema.log_before_eval()
-        with self.ema.swapped(model):
-            metric = original(model, *args, **kwargs)
-        metric = dict(metric)
-        metric.update(raw_suffixed(raw_metric))
+        eval_class = kwargs.get("eval_class", args[2] if len(args) > 2 else None)
+        key = getattr(eval_class, "main_indicator", None)
+        results, drift = {}, None
+        for label in self.board.to_evaluate():
+            if label == self.board.primary:
+                drift = self.ema.log_before_eval()
+            with self.board.weights(label, model):
+                results[label] = dict(original(model, *args, **kwargs))
+        winner = self.board.pick(results, key) if key else self.board.primary
+        self.board.record(self.ema.num_steps, results, key or "", winner)
+        metric = self.board.logged(results, winner)
         metric[DRIFT] = drift  # PaddleOCR logs it and hands it to its W&B/VisualDL writer
         return metric
 
@@ -214,21 +228,42 @@ class PaddleOCRHooks:
         relatives = [prefix] + ([os.path.join("best_model", "model")] if prefix == "best_accuracy" else [])
         with StagedWrite(model_path) as stage:  # a crash never leaves a partial file under a final name
             log = _FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
-            if self.config.save_as == "raw" or before_eval_start(self.ema, self.config):
+            # best_accuracy holds the candidate selected at the evaluation that made it best (select: best)
+            chosen = self.board.winner if prefix == "best_accuracy" and self.board.winner else self.board.primary
+            if self.config.save_as == "raw" or before_eval_start(self.ema, self.config) or chosen == RAW:
                 # raw: PaddleOCR's files untouched; before eval_start_step the best model is chosen on raw weights
                 result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix, **kwargs)
                 held = raw
             else:
-                with self.ema.swapped(model):
+                with self.ema.swapped(model, chosen):
                     result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix,
                                       **kwargs)
                     held = numpy_state(model)
             if is_rank0():
                 save_ema_state(self.ema, [stage.path(r) for r in relatives], unwrap(model), raw, held,
-                               self.config.save_as)
-                logger.info("EMA: saved %s.pdema (%s)", os.path.join(model_path, prefix), self.ema.summary())
+                               self.config.save_as, candidate=chosen if self.board.active else None)
+                which = f"; {prefix}.pdparams hold {chosen}" if self.board.active else ""
+                logger.info("EMA: saved %s.pdema (%s%s)", os.path.join(model_path, prefix), self.ema.summary(), which)
             stage.publish(last=tuple(r + ".pdema" for r in relatives))
         return result
+
+
+def _batch_info(config: Dict[str, Any], train_dataloader):
+    """The global batch as PaddleOCR's loop keeps it: ``Train.loader.batch_size_per_card`` x ranks (PaddleOCR
+    2.x/3.x train without gradient accumulation), and the training set's size."""
+    import paddle
+
+    from ..horizon import BatchInfo
+
+    loader = ((config.get("Train") or {}).get("loader") or {})
+    per_card = loader.get("batch_size_per_card")
+    if not isinstance(per_card, int) or per_card <= 0:
+        per_card = getattr(getattr(train_dataloader, "batch_sampler", None), "batch_size", None) or 0
+    try:
+        size, steps = len(train_dataloader.dataset), len(train_dataloader)
+    except (TypeError, AttributeError):
+        size = steps = None
+    return BatchInfo(int(per_card), paddle.distributed.get_world_size(), 1, size, steps)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,105 @@
+"""BatchNorm statistics recomputed for the EMA weights (``EMA.recompute_bn: N``).
+
+Averaging BatchNorm running statistics (``buffers: average``) approximates the statistics of the averaged weights;
+the exact ones come from running data through them. As PyTorch's ``torch.optim.swa_utils.update_bn`` does for
+SWA: with the EMA weights in the network, every BatchNorm layer's running mean/variance is recomputed over ``N``
+training batches in train mode without gradients, as a **cumulative** average (batch ``i`` of ``N`` gets weight
+``1/i``: the layer's momentum is set to ``(i-1)/i`` for it, so the result is the plain mean of the ``N`` batch
+statistics; Paddle's running variance is the biased batch variance). Across data-parallel ranks the results are
+averaged (timm's ``distribute_bn``), so every rank holds the same statistics.
+
+The batches are the last ``N`` the run already drew: ``BatchRecorder`` wraps the averaged layer's ``forward`` on
+the instance and keeps references to the inputs of its last ``N`` training calls (train mode, gradients on). No
+copy and no host read is made; the cost is keeping ``N`` batches alive on their device (for a 32x3x48x320 float32
+batch, 5.6 MiB each). The data order, the optimizer and the raw weights are untouched.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any, Deque, List, Tuple
+
+from .paddle_compat import paddle
+
+logger = logging.getLogger("ema_callback")
+
+
+def batchnorm_layers(model) -> List[Any]:
+    """Every BatchNorm layer of ``model`` (``nn.BatchNorm1D/2D/3D``, ``SyncBatchNorm`` and the older
+    ``nn.BatchNorm``) that keeps running statistics."""
+    base = paddle.nn.layer.norm._BatchNormBase
+    return [layer for layer in model.sublayers(include_self=True)
+            if isinstance(layer, (base, paddle.nn.BatchNorm)) and getattr(layer, "_mean", None) is not None]
+
+
+def _detached(value):
+    if isinstance(value, paddle.Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+class BatchRecorder:
+    """The inputs of the last ``size`` training forwards of ``model`` (references, no copies)."""
+
+    def __init__(self, model, size: int):
+        self.model = model
+        self.batches: Deque[Tuple[tuple, dict]] = collections.deque(maxlen=int(size))
+        self.paused = False
+        original = model.forward
+
+        def forward(*args, **kwargs):
+            if not self.paused and model.training and paddle.is_grad_enabled():
+                self.batches.append((_detached(args), _detached(kwargs)))
+            return original(*args, **kwargs)
+
+        forward.__wrapped__ = original
+        model.forward = forward
+        self._original = original
+
+    def close(self) -> None:
+        if getattr(self.model.forward, "__wrapped__", None) is self._original:
+            del self.model.forward  # the class's forward again
+
+
+def recompute(model, batches, collective: bool = False) -> int:
+    """Recompute ``model``'s BatchNorm running statistics over ``batches`` with its current weights; returns the
+    number of batches used. ``collective``: average the results over data-parallel ranks (every rank must call)."""
+    layers = batchnorm_layers(model)
+    batches = list(batches)
+    if not layers or not batches:
+        return 0
+    momenta = [layer._momentum for layer in layers]
+    was_training = model.training
+    model.train()
+    try:
+        with paddle.no_grad():
+            for layer in layers:
+                layer._mean.zero_()
+                layer._variance.fill_(1.0)
+            for i, (args, kwargs) in enumerate(batches, start=1):
+                for layer in layers:
+                    layer._momentum = (i - 1) / i  # running = (i-1)/i * running + 1/i * batch: the plain mean
+                model(*args, **kwargs)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer._momentum = momentum
+        if not was_training:
+            model.eval()
+    world = paddle.distributed.get_world_size()
+    if collective and world > 1:
+        with paddle.no_grad():
+            flat = paddle.concat([t.astype("float32").reshape([-1]) for layer in layers
+                                  for t in (layer._mean, layer._variance)])
+            paddle.distributed.all_reduce(flat)
+            flat.scale_(1.0 / world)
+            start = 0
+            for layer in layers:
+                for t in (layer._mean, layer._variance):
+                    size = int(t.numel())
+                    paddle.assign(flat[start:start + size].reshape(t.shape).astype(t.dtype), output=t)
+                    start += size
+    return len(batches)

@@ -1,0 +1,202 @@
+"""Several candidates evaluated side by side: which weights each evaluation runs, their metric names, the winner
+under ``select: best``, and the end-of-training table (one set of rules for every way in).
+
+The candidates are the EMAs (``ema.labels``: ``ema0.9999``, ``ema_hl5000img``, ...; the primary first) and, with
+``eval_raw``, the raw weights (``raw``). At each evaluation:
+
+* ``to_evaluate()``: raw (with ``eval_raw``), the other EMAs (unless ``eval_all: false``), the primary last;
+* metric names: the selected candidate's metrics keep their plain names (what the suite logs and compares for its
+  best model); every candidate's metrics are also logged as ``<name>_<label>`` (``acc_ema0.9999``, ``acc_raw``);
+  with a single EMA only ``_raw`` is added, as before;
+* ``select: primary`` selects the primary; ``select: best`` the candidate with the best main metric (ties keep the
+  earlier of primary, other EMAs, raw), and the suite's best-model file then holds it.
+
+``finish(folder)`` prints a table of every candidate's final and best main metric with the recommendation, writes
+it as ``ema_candidates.json`` in ``folder`` and, when matplotlib is installed, ``ema_candidates.png`` (validation
+curves).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Optional
+
+from .evaluation import RAW_SUFFIX
+
+logger = logging.getLogger("ema_callback")
+
+RAW = RAW_SUFFIX.lstrip("_")  # the raw weights' candidate label: "raw"
+TABLE_FILE = "ema_candidates.json"
+PLOT_FILE = "ema_candidates.png"
+
+
+def metric_value(value: Any) -> Optional[float]:
+    """A metric as a float (``Model.evaluate`` gives ``loss`` as a one-element list); None if not a number."""
+    while isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class CandidateBoard:
+    """The candidates of one run: what to evaluate, the selection, the history and the end table.
+
+    ``higher_is_better``: whether a larger main metric is better (PaddleOCR and ppdet metrics are; a ``loss`` is
+    not)."""
+
+    def __init__(self, ema, config, higher_is_better: bool = True):
+        self.ema, self.config = ema, config
+        self.higher_is_better = higher_is_better
+        self.history: List[Dict[str, Any]] = []
+        self.winner: Optional[str] = None  # the candidate selected at the latest evaluation
+        self.key: Optional[str] = None  # the main metric
+
+    @property
+    def primary(self) -> str:
+        return self.ema.labels[0]
+
+    @property
+    def several(self) -> bool:
+        return self.ema.num_shadows > 1
+
+    @property
+    def active(self) -> bool:
+        """Whether there is more than one candidate (then each evaluation compares them and the run ends with a
+        table)."""
+        return self.several or self.config.eval_raw
+
+    def to_evaluate(self) -> List[str]:
+        """Labels to evaluate this time, the primary last."""
+        labels = [RAW] if self.config.eval_raw else []
+        if self.config.eval_all:
+            labels += self.ema.labels[1:]
+        return labels + [self.primary]
+
+    @contextlib.contextmanager
+    def weights(self, label: str, model) -> Iterator[None]:
+        """The candidate's weights in ``model`` inside the block (raw: the model as it is)."""
+        if label == RAW:
+            yield
+            return
+        with self.ema.swapped(model, label):
+            yield
+
+    def pick(self, results: Mapping[str, Mapping[str, Any]], key: str) -> str:
+        """The selected candidate: the primary, or with ``select: best`` the best ``key`` among ``results``."""
+        self.key = key
+        if self.config.select != "best":
+            return self.primary
+        order = [self.primary] + [l for l in self.ema.labels[1:] if l in results] + ([RAW] if RAW in results else [])
+        scored = [(metric_value(results[l].get(key)), l) for l in order if l in results]
+        scored = [(v, l) for v, l in scored if v is not None and v == v]
+        if not scored:
+            names = ", ".join(sorted({k for r in results.values() for k in r}))
+            raise KeyError(f"select: best compares {key!r}, which is not among the evaluation's metrics ({names})")
+        best = scored[0]
+        for value, label in scored[1:]:
+            if (value > best[0]) if self.higher_is_better else (value < best[0]):
+                best = (value, label)
+        return best[1]
+
+    def record(self, step: int, results: Mapping[str, Mapping[str, Any]], key: str, winner: str) -> None:
+        """Keep one evaluation's results; log the comparison line."""
+        self.key, self.winner = key, winner
+        clean = {label: {k: metric_value(v) for k, v in metrics.items() if metric_value(v) is not None}
+                 for label, metrics in results.items()}
+        self.history.append({"step": int(step), "results": clean, "selected": winner})
+        if self.active:
+            shown = ", ".join(f"{label} {clean[label].get(key, float('nan')):.6g}" for label in results)
+            how = f"select: best -> {winner}" if self.config.select == "best" else f"primary {self.primary}"
+            logger.info("EMA: %s at optimizer step %d: %s (%s)", key, step, shown, how)
+
+    def logged(self, results: Mapping[str, Mapping[str, Any]], winner: str) -> Dict[str, Any]:
+        """The metrics dict the suite logs: the winner's plain names, and each candidate's suffixed."""
+        out = dict(results[winner])
+        for label, metrics in results.items():
+            if label == self.primary and not self.several and self.config.select != "best":
+                continue  # a single EMA: its metrics are the plain names, as always
+            for name, value in metrics.items():
+                if not name.endswith(RAW_SUFFIX):
+                    out[f"{name}_{label}"] = value
+        return out
+
+    # ---------------------------------------------------------------- the end of training
+    def summary(self) -> Dict[str, Any]:
+        """Every candidate's final and best main metric, and the recommended one."""
+        key, rows = self.key, []
+        if not self.history or key is None:
+            return {}
+        decays = dict(zip(self.ema.labels, self.ema.decays))
+        for label in list(self.ema.labels) + [RAW]:
+            series = [(h["step"], h["results"][label][key]) for h in self.history
+                      if label in h["results"] and key in h["results"][label]]
+            if not series:
+                continue
+            pick = max if self.higher_is_better else min
+            best_step, best = pick(series, key=lambda item: item[1])
+            rows.append({"candidate": label, "decay_per_step": decays.get(label), "final": series[-1][1],
+                         "best": best, "best_step": best_step, "curve": series})
+        pick = max if self.higher_is_better else min
+        recommended = pick(rows, key=lambda r: r["best"])["candidate"] if rows else None
+        return {"metric": key, "higher_is_better": self.higher_is_better, "select": self.config.select,
+                "primary": self.primary, "candidates": rows, "recommended": recommended,
+                "selected_last": self.winner}
+
+    def table(self) -> str:
+        data = self.summary()
+        if not data:
+            return ""
+        lines = [f"EMA candidates ({data['metric']}, {'higher' if self.higher_is_better else 'lower'} is better):",
+                 f"  {'candidate':<18} {'decay/step':>12} {'final':>10} {'best':>10}  best at step"]
+        for row in data["candidates"]:
+            decay = f"{row['decay_per_step']:.8g}" if row["decay_per_step"] is not None else "-"
+            lines.append(f"  {row['candidate']:<18} {decay:>12} {row['final']:>10.5g} {row['best']:>10.5g}  "
+                         f"{row['best_step']}")
+        lines.append(f"  recommended: {data['recommended']} (best {data['metric']})")
+        return "\n".join(lines)
+
+    def finish(self, folder: Optional[str], write: bool = True) -> Optional[str]:
+        """Log the table; write ``ema_candidates.json`` (and the plot) into ``folder``; returns the JSON path."""
+        if not self.active or not self.history:
+            return None
+        text = self.table()
+        for line in text.splitlines():
+            logger.info("%s", line)
+        if not folder or not write:
+            return None
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, TABLE_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(self.summary(), handle, indent=1)
+        os.replace(tmp, path)
+        self._plot(os.path.join(folder, PLOT_FILE))
+        logger.info("EMA: candidates table written to %s", path)
+        return path
+
+    def _plot(self, path: str) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        data = self.summary()
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for row in data["candidates"]:
+            steps, values = zip(*row["curve"])
+            ax.plot(steps, values, marker="o", ms=3, label=row["candidate"],
+                    color="0.5" if row["candidate"] == RAW else None, ls="--" if row["candidate"] == RAW else "-")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(data["metric"])
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path + ".tmp.png", dpi=110)
+        plt.close(fig)
+        os.replace(path + ".tmp.png", path)

@@ -1,0 +1,247 @@
+"""The EMA length in the user's units (decay_batch_size, half-lives) and several EMAs in one pass."""
+import json
+import logging
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from ema_callback import EMACallback
+from ema_callback.config import EMAConfig, EMAConfigError
+from ema_callback.engine import ExponentialMovingAverage
+from ema_callback.horizon import BatchInfo
+from ema_callback.state_file import read_state
+
+from conftest import make_net, snapshot
+from fit_helpers import loaders, make_model
+
+
+def run_engine(trajectory, steps=60, backend="auto", batch=None, **kw):
+    init, states = trajectory
+    model = make_net()
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in init.items()})
+    ema = ExponentialMovingAverage(model, EMAConfig.from_kwargs(**kw), backend=backend, batch=batch)
+    for state in states[:steps]:
+        model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+        ema.step()
+    return model, ema
+
+
+# ---------------------------------------------------------------- the scaling rule and half-lives
+def test_decay_batch_size_follows_the_scaling_rule_in_a_real_fit():
+    """A run with global batch B and decay_batch_size 4B equals the same run with decay d**0.25 stated directly."""
+    results = []
+    for kw in ({"decay": 0.99, "decay_batch_size": 32}, {"decay": 0.99 ** 0.25}):
+        train, evald = loaders(batch_size=8)
+        model = make_model()
+        cb = EMACallback(schedule="constant", final_weights="raw", **kw)
+        model.fit(train, evald, epochs=2, verbose=0, callbacks=[cb])
+        assert cb.ema.batch.global_batch == 8 and cb.ema.num_updates == 24  # measured at the first batch
+        results.append(cb.ema.averaged_numpy())
+    assert all(np.allclose(results[0][k], results[1][k], rtol=0, atol=1e-6) for k in results[0])
+    assert any(not np.array_equal(results[0][k], snapshot(make_net())[k]) for k in results[0])
+
+
+@pytest.mark.parametrize("update_every", [1, 2])
+def test_half_life_images_halves_an_impulse_after_that_many_images(update_every):
+    """Weights 1 when the EMA starts, 0 afterwards: after H images (H/B optimizer steps) the EMA is 0.5."""
+    layer = paddle.nn.Linear(4, 4)
+    for p in layer.parameters():
+        p.set_value(np.ones(p.shape, "float32"))
+    batch = BatchInfo(per_device=16, world=2, accumulate=1)  # B = 32
+    ema = ExponentialMovingAverage(layer, EMAConfig.from_kwargs(half_life_images=3200, schedule="constant",
+                                                                update_every=update_every), batch=batch)
+    assert ema.decays[0] == pytest.approx(0.5 ** (32 / 3200), rel=1e-15)
+    for p in layer.parameters():
+        p.set_value(np.zeros(p.shape, "float32"))
+    for _ in range(3200 // 32):  # 100 optimizer steps of 32 images
+        ema.step()
+    values = ema.averaged_numpy()
+    assert all(np.allclose(v, 0.5, rtol=0, atol=1e-6) for v in values.values())
+    assert ema.num_updates == 100 // update_every
+
+
+def test_half_life_epochs_uses_the_dataset_size_and_the_start_line_says_it(caplog):
+    train, evald = loaders(batch_size=8, n_train=96)
+    model = make_model()
+    cb = EMACallback(half_life_epochs=2, schedule="constant")
+    with caplog.at_level(logging.INFO, logger="ema_callback"):
+        model.fit(train, evald, epochs=1, verbose=0, callbacks=[cb])
+    assert cb.ema.batch.dataset_size == 96 and cb.ema.decays[0] == pytest.approx(0.5 ** (8 / 192), rel=1e-15)
+    line = next(r.getMessage() for r in caplog.records if "global batch" in r.getMessage())
+    assert "global batch 8 (8 x 1 rank x 1), half-life 2 epochs x 96 images -> decay 0.97153194" in line
+    assert "(half-life 24 steps = 192 images)" in line
+
+
+def test_start_line_for_a_decay_tuned_for_another_batch():
+    layer = paddle.nn.Linear(2, 2)
+    ema = ExponentialMovingAverage(layer, EMAConfig.from_kwargs(decay=0.9999, decay_batch_size=256),
+                                   batch=BatchInfo(32))
+    assert ema.describe_length() == ("global batch 32 (32 x 1 rank x 1), decay 0.9999 tuned for 256 -> "
+                                     "0.9999^0.125 = 0.9999875 per optimizer step (half-life 55,449 steps = "
+                                     "1,774,368 images)")
+    assert ema.decays[0] == pytest.approx(0.9999 ** 0.125, rel=1e-15)
+    state = ema.state_dict()
+    assert state["batch"]["global_batch"] == 32 and state["decays"] == [pytest.approx(0.9999 ** 0.125)]
+
+
+# ---------------------------------------------------------------- several EMAs in one pass
+@pytest.mark.parametrize("backend", ["numpy", "numpy-two-threads", "paddle", "reference"])
+def test_each_shadow_equals_a_single_ema_run_with_its_decay(trajectory, backend, monkeypatch):
+    from ema_callback import storage
+
+    if backend == "numpy-two-threads":  # the odd shadows on the worker thread, as for models of 1M+ elements
+        monkeypatch.setattr(storage, "PARALLEL_MIN", 0)
+        backend = "numpy"
+    decays = [0.9, 0.99, 0.999]
+    _, several = run_engine(trajectory, backend=backend, decays=decays, schedule="threshold")
+    assert several.labels == ["ema0.9", "ema0.99", "ema0.999"]
+    for j, d in enumerate(decays):
+        _, single = run_engine(trajectory, backend=backend, decay=d, schedule="threshold")
+        a, b = several.averaged_numpy(j), single.averaged_numpy()
+        assert all(np.array_equal(a[k], b[k]) for k in b), (backend, d)  # the same arithmetic: bit for bit
+        assert several.decay_products[j] == single.decay_product
+    assert several.fingerprint() != run_engine(trajectory, backend=backend, decay=0.9)[1].fingerprint()
+    if storage.PARALLEL_MIN == 0:
+        assert storage._WORKER is not None  # the second thread did update shadow 1
+
+
+def test_a_single_decay_list_is_exactly_todays_single_ema(trajectory):
+    _, listed = run_engine(trajectory, decays=[0.99])
+    _, plain = run_engine(trajectory, decay=0.99)
+    assert listed.fingerprint() == plain.fingerprint() and listed.labels == plain.labels == ["ema"]
+    assert set(listed.state_dict()) == set(plain.state_dict())
+
+
+@pytest.mark.parametrize("backend", ["numpy", "paddle"])
+def test_one_pass_gathers_the_weights_once_whatever_the_number_of_emas(trajectory, backend, monkeypatch):
+    """Each update gathers (reads) the sources once: counted on the store's one read of the weights."""
+    from ema_callback import storage
+
+    reads = []
+    name = "_pairs" if backend == "numpy" else "_gather"
+    cls = storage.NumpyStore if backend == "numpy" else storage.PaddleStore
+    original = getattr(cls, name)
+
+    def counted(self, sources):
+        reads.append(len(sources))
+        return original(self, sources)
+
+    monkeypatch.setattr(cls, name, counted)
+    for k in (1, 4):
+        reads.clear()
+        _, ema = run_engine(trajectory, steps=10, backend=backend, decays=[0.9, 0.99, 0.995, 0.999][:k])
+        assert len(reads) == 10 + 1, (k, reads)  # 10 updates + the copy at construction
+
+
+def test_several_emas_survive_save_and_load_exactly(trajectory, tmp_path):
+    _, ema = run_engine(trajectory, steps=30, half_life_images=[100, 1000], batch=BatchInfo(4))
+    ema.save(str(tmp_path / "a.pdema"))
+    _, again = run_engine(trajectory, steps=1, half_life_images=[100, 1000], batch=BatchInfo(4))
+    again.load(str(tmp_path / "a.pdema"))
+    assert again.fingerprint() == ema.fingerprint() and again.decay_products == ema.decay_products
+    _, other = run_engine(trajectory, steps=1, decay=0.9)
+    with pytest.raises(EMAConfigError, match=r"^EMA\.decay: .* holds 2 EMA\(s\) \(ema_hl100img, ema_hl1000img\), "
+                                             r"this run asks for 1"):
+        other.load(str(tmp_path / "a.pdema"))
+
+
+# ---------------------------------------------------------------- evaluation and select: best in Model.fit
+def test_fit_logs_every_candidate_and_writes_the_table(tmp_path):
+    train, evald = loaders()
+    model = make_model()
+    cb = EMACallback(decays=[0.9, 0.5], schedule="constant", eval_raw=True, save_dir=str(tmp_path),
+                     monitor="acc")
+    seen = []
+
+    class Recorder(paddle.callbacks.Callback):
+        def on_eval_end(self, logs=None):
+            seen.append(dict(logs))
+
+    model.fit(train, evald, epochs=2, verbose=0, callbacks=[cb, Recorder()], save_dir=str(tmp_path))
+    logs = seen[-1]
+    for name in ("acc_ema0.9", "acc_ema0.5", "acc_raw", "loss_ema0.5", "ema_drift"):
+        assert name in logs, (name, logs)
+    assert logs["acc"] == logs["acc_ema0.9"]  # select: primary
+    table = json.load(open(tmp_path / "ema_candidates.json"))
+    assert [r["candidate"] for r in table["candidates"]] == ["ema0.9", "ema0.5", "raw"]
+    assert table["metric"] == "acc" and table["recommended"] in ("ema0.9", "ema0.5", "raw")
+    assert table["candidates"][2]["final"] == logs["acc_raw"]
+
+
+def test_select_best_keeps_the_raw_weights_when_they_win_and_says_so(tmp_path, caplog):
+    """A horizon far longer than the run: the EMA stays near the initial weights, raw is better; EarlyStopping's
+    best model then holds the raw weights."""
+    train, evald = loaders()
+    model = make_model()
+    cb = EMACallback(decay=0.99999, schedule="constant", eval_raw=True, select="best", monitor="acc")
+    early = paddle.callbacks.EarlyStopping(monitor="acc", mode="max", patience=10, save_best_model=True)
+    raws = []
+
+    class RawAtEval(paddle.callbacks.Callback):
+        def on_eval_begin(self, logs=None):
+            raws.append(cb.raw_state_dict())
+
+    with caplog.at_level(logging.INFO, logger="ema_callback"):
+        model.fit(train, evald, epochs=3, verbose=0, callbacks=[RawAtEval(), cb, early], save_dir=str(tmp_path))
+    picks = [r.getMessage() for r in caplog.records if "select: best ->" in r.getMessage()]
+    assert len(picks) == 3 and picks[-1].endswith("(select: best -> raw)")
+    best = paddle.load(str(tmp_path / "best_model.pdparams"))
+    best_eval = [i for i, h in enumerate(cb.board.history) if h["results"]["raw"]["acc"] == early.best_value][-1]
+    assert all(np.array_equal(best[k].numpy(), raws[best_eval][k]) for k in raws[best_eval])
+    assert read_state(str(tmp_path / "best_model.pdema"))["pdparams_hold"] == "raw"
+    h = cb.board.history[best_eval]["results"]
+    assert h["raw"]["acc"] > h["ema"]["acc"]
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("block,message", [
+    ({"decay": 0.999, "decays": [0.99, 0.999]}, r"^EMA\.decays: give the EMA length one way .* not both decay and decays$"),
+    ({"decay": [0.99, 0.999]}, r"^EMA\.decay: expected a number; several EMAs are EMA\.decays: \[0\.99, 0\.999\]$"),
+    ({"decays": []}, r"^EMA\.decays: expected a list of decays in \(0, 1\)"),
+    ({"decays": [0.9, 1.0]}, r"^EMA\.decays: every decay must be > 0 and < 1, got 1\.0$"),
+    ({"half_life_images": 0}, r"^EMA\.half_life_images: a half-life must be > 0, got 0$"),
+    ({"half_life_epochs": [2, -1]}, r"^EMA\.half_life_epochs: a half-life must be > 0, got -1$"),
+    ({"half_life_images": 100, "decay_batch_size": 64}, r"^EMA\.decay_batch_size: scales a decay"),
+    ({"decays": [0.9, 0.9]}, r"^EMA\.decays: the same value twice"),
+    ({"select": "better"}, r"^EMA\.select: expected one of primary, best"),
+])
+def test_bad_length_keys_are_one_line_errors(block, message):
+    with pytest.raises(EMAConfigError, match=message):
+        EMAConfig.from_block(block)
+
+
+def test_unknown_dataset_size_or_batch_names_the_key():
+    layer = paddle.nn.Linear(2, 2)
+    with pytest.raises(EMAConfigError, match=r"^EMA\.half_life_epochs: the training set's size is unknown .* use "
+                                             r"EMA\.half_life_images instead$"):
+        ExponentialMovingAverage(layer, EMAConfig.from_kwargs(half_life_epochs=1), batch=BatchInfo(8))
+    with pytest.raises(EMAConfigError, match=r"^EMA\.decay_batch_size: needs the run's global batch"):
+        ExponentialMovingAverage(layer, EMAConfig.from_kwargs(decay_batch_size=64))
+
+
+def test_a_later_layer_replaces_the_length_form():
+    from ema_callback.config_files import merged_block, parse_override
+
+    block = merged_block({"decay": 0.999, "decay_batch_size": 256}, {"half_life_images": 1000},
+                         [parse_override("EMA.eval_all=false")])
+    assert block == {"half_life_images": 1000, "eval_all": False}
+    cfg = EMAConfig.from_block({"decay": 0.99}).replace(decays=[0.9, 0.99])
+    assert cfg.decays == [0.9, 0.99] and "decay" not in cfg.to_block()
+
+
+def test_half_life_epochs_on_a_stream_of_unknown_length_fails_before_anything_is_written(tmp_path):
+    from fit_helpers import Blobs
+
+    class Stream(paddle.io.IterableDataset):
+        def __iter__(self):
+            blobs = Blobs(32, 1)
+            return (blobs[i] for i in range(len(blobs)))
+
+    model = make_model()
+    train = paddle.io.DataLoader(Stream(), batch_size=8)
+    with pytest.raises(EMAConfigError, match=r"^EMA\.half_life_epochs: the training set's size is unknown here"):
+        model.fit(train, epochs=1, verbose=0, save_dir=str(tmp_path / "run"),
+                  callbacks=[EMACallback(half_life_epochs=1)])
+    assert not os.path.exists(tmp_path / "run") or os.listdir(tmp_path / "run") == []
