@@ -5,6 +5,7 @@ commands:
     ema-callback merge-config SUITE.yml BLOCK.yml -o OUT.yml [--set EMA.key=value ...]
     ema-callback ocr-train -c cfg.yml [-o Key=val ...] [--paddleocr-root DIR] [--ema-config BLOCK.yml]
     ema-callback det-train -c cfg.yml [-o key=val ...] [--eval] [-r ckpt] [--paddledet-root DIR]
+    ema-callback posthoc reconstruct|sweep --snapshots DIR --sigma-rel ...   (post-hoc EMA, after training)
     ema-callback script-path ocr|det     (the script form for python -m paddle.distributed.launch)
     ema-callback --version
 
@@ -83,6 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "merge-config": _merge_config,
         "ocr-train": lambda rest: __import__("ema_callback.integrations.paddleocr", fromlist=["main"]).main(rest),
         "det-train": lambda rest: __import__("ema_callback.integrations.paddledet", fromlist=["main"]).main(rest),
+        "posthoc": lambda rest: __import__("ema_callback.posthoc_cli", fromlist=["main"]).main(rest),
         "script-path": _script_path,
     }
     if not argv or argv[0] in ("-h", "--help"):

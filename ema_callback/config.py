@@ -101,6 +101,11 @@ OPTIONS: Tuple[Option, ...] = (
            "master weights) and train on from them, optimizer state kept; 0 = off.", low=0),
     Option("switch_every_epochs", 0.0, "float",
            "Switch EMA period in epochs (optimizer steps per epoch x this, rounded); 0 = off.", low=0.0),
+    Option("posthoc", None, "posthoc",
+           "Post-hoc EMA (EDM2): a mapping turns it on: `sigma_rels` (tracked power-function profiles, default "
+           "[0.05, 0.1]), `snapshot_every` optimizer steps or `snapshot_every_epochs`, `snapshot_dtype` "
+           "(float16|float32, default float16), `dir` (default: posthoc/ beside the checkpoints). "
+           "`ema-callback posthoc` reconstructs any other length afterwards."),
     Option("save_as", "ema", "choice",
            "What the suite's own weight files hold: `ema` (its eval/export/infer tools use EMA) with the raw weights "
            "in the `.pdema` file, or `raw` (suite files untouched, EMA written beside them).",
@@ -136,6 +141,8 @@ def _check_value(opt: Option, value: Any) -> Any:
         return value
     if opt.kind in ("decay_list", "positive_or_list"):
         return _check_list(opt, value)
+    if opt.kind == "posthoc":
+        return _check_posthoc(value)
     if opt.kind == "choice":
         if not isinstance(value, str) or value not in opt.choices:
             raise EMAConfigError(f"{key}: expected one of {', '.join(opt.choices)}, got {value!r}")
@@ -179,6 +186,54 @@ def _check_list(opt: Option, value: Any) -> Optional[List[float]]:
     if len(set(out)) != len(out):
         raise EMAConfigError(f"{key}: the same value twice in {value!r}; each entry is one EMA")
     return out[0] if scalar else out
+
+
+POSTHOC_DEFAULTS = {"sigma_rels": [0.05, 0.10], "snapshot_every": 0, "snapshot_every_epochs": 0.0,
+                    "snapshot_dtype": "float16", "dir": None}
+
+
+def _check_posthoc(value: Any) -> Optional[Dict[str, Any]]:
+    """The ``posthoc:`` sub-block, with its defaults filled in (None: off)."""
+    if value is None or value is False:
+        return None
+    if not isinstance(value, Mapping):
+        raise EMAConfigError(f"EMA.posthoc: expected a mapping (sigma_rels, snapshot_every, ...), got {value!r}")
+    out = dict(POSTHOC_DEFAULTS)
+    for key, item in value.items():
+        name = f"EMA.posthoc.{key}"
+        if key not in POSTHOC_DEFAULTS:
+            close = difflib.get_close_matches(str(key), list(POSTHOC_DEFAULTS), n=1, cutoff=0.6)
+            hint = f", did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(POSTHOC_DEFAULTS)}"
+            raise EMAConfigError(f"{name}: unknown key{hint}")
+        if key == "sigma_rels":
+            items = item if isinstance(item, (list, tuple)) else None
+            if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 0.2886
+                                    for v in items):
+                raise EMAConfigError(f"{name}: expected a non-empty list of relative widths in (0, 0.2886), "
+                                     f"got {item!r}")
+            if len(set(items)) != len(items):
+                raise EMAConfigError(f"{name}: the same value twice in {item!r}")
+            out[key] = [float(v) for v in items]
+        elif key == "snapshot_every":
+            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+                raise EMAConfigError(f"{name}: expected a positive number of optimizer steps, got {item!r}")
+            out[key] = item
+        elif key == "snapshot_every_epochs":
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not item >= 0 or item == float("inf"):
+                raise EMAConfigError(f"{name}: expected a positive number of epochs, got {item!r}")
+            out[key] = float(item)
+        elif key == "snapshot_dtype":
+            if item not in ("float16", "float32"):
+                raise EMAConfigError(f"{name}: expected one of float16, float32, got {item!r}")
+            out[key] = item
+        elif key == "dir":
+            if item is not None and not (isinstance(item, str) and item):
+                raise EMAConfigError(f"{name}: expected a folder path, got {item!r}")
+            out[key] = item
+    if bool(out["snapshot_every"]) == bool(out["snapshot_every_epochs"]):
+        raise EMAConfigError("EMA.posthoc.snapshot_every: give how often snapshots are taken, in optimizer steps "
+                             "(snapshot_every) or epochs (snapshot_every_epochs), one of them")
+    return out
 
 
 def _check_combination(values: Mapping[str, Any]) -> None:
@@ -232,6 +287,7 @@ class EMAConfig:
     recompute_bn: int = 0
     switch_every: int = 0
     switch_every_epochs: float = 0.0
+    posthoc: Optional[Dict[str, Any]] = None
     save_as: str = "ema"
 
     @classmethod
@@ -269,7 +325,8 @@ class EMAConfig:
             value = getattr(self, f.name)
             if value is None or (f.name in LENGTH_KEYS and f.name != self.length_key):
                 continue
-            block[f.name] = list(value) if isinstance(value, list) else value
+            block[f.name] = list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) \
+                else value
         return block
 
     def replace(self, **changes: Any) -> "EMAConfig":

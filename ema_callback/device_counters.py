@@ -22,8 +22,8 @@ class DeviceCounters:
     """``updates``, ``skipped``, and per shadow ``products`` (prod of the decays, for bias correction) and ``lasts``
     (the last decay) on ``place``; ``decays`` are the shadows' target decays (one per EMA)."""
 
-    def __init__(self, place, decays: Sequence[float] = (0.9999,)):
-        count = len(decays)
+    def __init__(self, place, decays: Sequence[float] = (0.9999,), gammas: Sequence[float] = ()):
+        count = len(decays) + len(gammas)
         with paddle.no_grad():
             self._updates = move_to(paddle.zeros([], dtype="int64"), place)
             self._skipped = move_to(paddle.zeros([], dtype="int64"), place)
@@ -31,6 +31,8 @@ class DeviceCounters:
             self._last = move_to(paddle.zeros([count], dtype="float64"), place)
             self._has_last = move_to(paddle.zeros([], dtype="bool"), place)
             self._targets = move_to(paddle.to_tensor(list(map(float, decays)), dtype="float64"), place)
+            self._gammas = move_to(paddle.to_tensor([float(g) for g in gammas], dtype="float64"), place) \
+                if gammas else None
         self._warned = False
 
     # ---------------------------------------------------------------- device side (no host read)
@@ -39,7 +41,11 @@ class DeviceCounters:
         t = self._updates.astype("float64") * float(config.update_every)
         d = decay_tensor(t, config.schedule, self._targets, config.tau, config.inv_gamma, config.power,
                          config.min_decay)
-        return d if config.update_every == 1 else paddle.pow(d, float(config.update_every))
+        d = d if config.update_every == 1 else paddle.pow(d, float(config.update_every))
+        if self._gammas is None:
+            return d
+        u = self._updates.astype("float64")  # power-function profiles: beta = (u / (u + 1))^(gamma + 1)
+        return paddle.concat([d, paddle.pow(u / (u + 1.0), self._gammas + 1.0)])
 
     def first_update(self) -> "paddle.Tensor":
         return self._updates == 0

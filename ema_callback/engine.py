@@ -39,7 +39,8 @@ from .config import EMAConfig
 from .device_counters import DeviceCounters
 from .checkpoint_io import atomic_save
 from .errors import EMAConfigError, EMAError, EMAFileError
-from .horizon import BatchInfo, Candidate, candidates, describe, switch_period
+from .horizon import BatchInfo, Candidate, candidates, describe, snapshot_period, switch_period
+from .posthoc_math import gamma_of
 from . import bn_recompute
 from .paddle_compat import cast_rounded, data_pointer, host_view, move_to, paddle
 from .schedules import decay_at
@@ -103,6 +104,13 @@ class ExponentialMovingAverage:
         self.labels = [c.label for c in self.candidates]
         self.switch_period = switch_period(self.config, batch)  # Switch EMA: optimizer steps between switches
         self.num_switches = 0
+        self.num_candidates = len(self.decays)  # the EMAs; post-hoc profile shadows follow them
+        posthoc = self.config.posthoc or {}
+        self.profile_sigma_rels: List[float] = list(posthoc.get("sigma_rels") or [])
+        self.profile_gammas: List[float] = [float(gamma_of(s)) for s in self.profile_sigma_rels]
+        self.labels += [f"phema{s:g}" for s in self.profile_sigma_rels]
+        self.posthoc_dir: Optional[str] = posthoc.get("dir")  # where snapshots go (integrations fill it in)
+        self.snapshot_period = snapshot_period(posthoc, batch) if posthoc else 0
         self.model = unwrap(model)
         self.entries: List[Entry] = classify(model, self.config.include, self.config.exclude, self.config.buffers)
         self._averaged = [e for e in self.entries if e.role == AVERAGE]
@@ -110,7 +118,7 @@ class ExponentialMovingAverage:
         self._buffer_indices = [i for i, e in enumerate(self._averaged) if e.is_buffer]
         self.num_steps = 0  # optimizer steps seen by step()
         self._num_updates, self._num_skipped = 0, 0  # the host path's counters (see the _Counter attributes)
-        self._decay_products, self._last_decays = [1.0] * len(self.decays), [None] * len(self.decays)
+        self._decay_products, self._last_decays = [1.0] * len(self.labels), [None] * len(self.labels)
         self._backup: Optional[Dict[str, paddle.Tensor]] = None
         self._applied_label: Optional[str] = None
         self._warned_nonfinite = False
@@ -118,10 +126,11 @@ class ExponentialMovingAverage:
         place = self._averaged[0].tensor.place if self._averaged else None
         self.store: ShadowStore = make_store([e.tensor.shape for e in self._averaged], self.config.storage_dtype,
                                              on_host=on_host, backend=self.backend, place=place,
-                                             count=len(self.decays))
+                                             count=len(self.labels))
         self.store.check_finite = self.config.nan_guard
         self.deferred = bool(getattr(self.store, "deferred", False))  # the device path: no host read in step()
-        self._device = DeviceCounters(self.store.flat.place, self.decays) if self.deferred else None
+        self._device = DeviceCounters(self.store.flat.place, self.decays, self.profile_gammas) if self.deferred \
+            else None
         self._copies: Dict[str, Any] = {}  # numpy arrays (host path) or device tensors (device path)
         self._host_views: Dict[str, Any] = {}
         with paddle.no_grad():
@@ -185,7 +194,12 @@ class ExponentialMovingAverage:
 
     @property
     def num_shadows(self) -> int:
-        return len(self.decays)
+        return len(self.labels)
+
+    @property
+    def candidate_labels(self) -> List[str]:
+        """The EMAs that are evaluated and selected (post-hoc profile shadows are not)."""
+        return self.labels[:self.num_candidates]
 
     def describe_length(self) -> str:
         """The start line: global batch, each EMA's decay per optimizer step and its half-life (``horizon``)."""
@@ -195,8 +209,11 @@ class ExponentialMovingAverage:
         """``decay_at(t) ** update_every`` of each shadow for the next update (t = ``num_updates * update_every``)."""
         c = self.config
         t = self.num_updates * c.update_every
-        return [decay_at(t, c.schedule, target, c.tau, c.inv_gamma, c.power, c.min_decay) ** c.update_every
-                for target in self.decays]
+        ema = [decay_at(t, c.schedule, target, c.tau, c.inv_gamma, c.power, c.min_decay) ** c.update_every
+               for target in self.decays]
+        # power-function profiles (EDM2): beta = (1 - dt/t)^(gamma+1), t = (u+1)k after this update, dt = k
+        u = self.num_updates
+        return ema + [(u / (u + 1.0)) ** (g + 1.0) for g in self.profile_gammas]
 
     def decay_for_next_update(self) -> float:
         """The primary shadow's ``decays_for_next_update``."""
@@ -242,7 +259,15 @@ class ExponentialMovingAverage:
         self._decay_products = [p * d for p, d in zip(self._decay_products, ds)]
         self._last_decays = list(ds)
         self._maybe_switch()
+        self._maybe_snapshot()
         return True
+
+    def _maybe_snapshot(self) -> None:
+        if self.snapshot_period and self.num_steps % self.snapshot_period == 0 and \
+                self.num_steps > self.config.start_step:
+            from .posthoc import write_snapshot  # (numpy only; imported when first needed)
+
+            write_snapshot(self)
 
     def _maybe_switch(self) -> None:
         if self.switch_period and self.num_steps > self.config.start_step and self.num_steps % self.switch_period == 0:
@@ -295,6 +320,7 @@ class ExponentialMovingAverage:
             self._snapshot_copies(ok)
             self._sync_buffers_across_ranks()
         self._maybe_switch()  # decided on the host step count; the switch itself reads the drift (one sync)
+        self._maybe_snapshot()  # a snapshot reads the profile shadows to the host (one sync per snapshot)
         return None
 
     def _sync_buffers_across_ranks(self) -> None:

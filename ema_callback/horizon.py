@@ -85,6 +85,17 @@ def switch_period(config: EMAConfig, batch: Optional[BatchInfo] = None) -> int:
     return max(1, int(round(config.switch_every_epochs * batch.steps_per_epoch)))
 
 
+def snapshot_period(posthoc: dict, batch: Optional[BatchInfo] = None) -> int:
+    """Optimizer steps between post-hoc snapshots: ``snapshot_every``, or ``snapshot_every_epochs`` x steps per
+    epoch, rounded (at least 1)."""
+    if posthoc.get("snapshot_every"):
+        return int(posthoc["snapshot_every"])
+    if batch is None or not batch.steps_per_epoch:
+        raise EMAConfigError("EMA.posthoc.snapshot_every_epochs: the number of optimizer steps per epoch is unknown "
+                             "here; use EMA.posthoc.snapshot_every (steps) instead")
+    return max(1, int(round(posthoc["snapshot_every_epochs"] * batch.steps_per_epoch)))
+
+
 def candidates(config: EMAConfig, batch: Optional[BatchInfo] = None) -> List[Candidate]:
     """The shadows the config asks for, first = primary. Raises ``EMAConfigError`` naming the key when the batch
     (or the dataset size) it needs is unknown."""

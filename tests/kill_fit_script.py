@@ -10,6 +10,7 @@ from ema_callback import EMACallback  # noqa: E402
 from fit_helpers import Blobs  # noqa: E402
 
 EPOCHS = 40
+POSTHOC = {"sigma_rels": [0.05, 0.10], "snapshot_every": 40, "snapshot_dtype": "float16"}  # 8 of 320 steps
 
 
 def build():
@@ -35,4 +36,5 @@ def fit(model, callback, epochs, save_dir=None):
 
 
 if __name__ == "__main__":
-    fit(build(), EMACallback(decay=0.9, final_weights="raw"), EPOCHS, save_dir=sys.argv[1])
+    fit(build(), EMACallback(decay=0.9, final_weights="raw", posthoc=POSTHOC, save_dir=sys.argv[1]), EPOCHS,
+        save_dir=sys.argv[1])

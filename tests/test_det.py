@@ -422,3 +422,23 @@ def test_det_select_best_keeps_the_raw_weights_when_they_win(coco):
     rc, eval_log = ppdet_tool(cwd, "eval.py", "-o", f"weights={out}/best_model")
     assert rc == 0, eval_log[-4000:]
     assert float(re.findall(AP, eval_log)[-1]) == round(float(picked.group(1)), 3)
+
+
+def test_posthoc_sweep_through_ppdet_eval(coco, tmp_path):
+    cwd = str(coco)
+    rc, log = det_train(cwd, "-o", "save_dir=output/posthoc",
+                        "EMA.posthoc={'sigma_rels': [0.05, 0.1], 'snapshot_every': 4, 'snapshot_dtype': 'float32'}")
+    assert rc == 0, log[-4000:]
+    folder = coco / "output" / "posthoc" / "posthoc"
+    assert sorted(os.listdir(folder)) == [f"phema-{s:09d}.npz" for s in (4, 8, 12)]
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "ema_callback.cli", "posthoc", "sweep", "--snapshots", str(folder),
+           "--sigma-rel", "0.05,0.1", "--out", str(out), "--paddledet-root", PADDLEDET_ROOT, "-c", TINY]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    table = json.load(open(out / "sweep.json"))
+    assert table["metric"] == "bbox_mAP" and [r["sigma_rel"] for r in table["rows"]] == [0.05, 0.1]
+    assert (out / "sweep.png").exists() and "3 snapshots" in done.stdout
+    rc, eval_log = ppdet_tool(cwd, "eval.py", "-o", f"weights={out}/best")
+    assert rc == 0, eval_log[-4000:]
+    assert float(re.findall(AP, eval_log)[-1]) == table["best"]["metric"]

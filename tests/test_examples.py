@@ -32,3 +32,13 @@ def test_bn_and_switch_example_runs_short(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| EMA + recompute_bn 16 |" in done.stdout and "| EMA + switch_every 250 |" in done.stdout
     assert (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_posthoc_model_fit_example_runs(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(REPO, "examples", "posthoc_model_fit.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 0.24 |" in done.stdout and "best sigma_rel" in done.stdout and "6 snapshots" in done.stdout
+    best = paddle.load(str(tmp_path / "output" / "posthoc_fit" / "best.pdparams"))
+    assert "0.weight" in best and "1._mean" in best

@@ -25,10 +25,20 @@ def final_files(folder):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted():
-    callback = EMACallback(decay=0.9, final_weights="raw")
+def uninterrupted(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("straight"))
+    callback = EMACallback(decay=0.9, final_weights="raw", posthoc=script.POSTHOC, save_dir=folder)
     script.fit(script.build(), callback, script.EPOCHS)
-    return callback.ema.state_dict()
+    state = callback.ema.state_dict()
+    state["snapshots"] = snapshot_bytes(folder)
+    return state
+
+
+def snapshot_bytes(folder):
+    from ema_callback.posthoc import load_snapshots
+
+    return {s.step: (s.profile(0).tobytes(), s.profile(1).tobytes())
+            for s in load_snapshots(os.path.join(folder, "posthoc"))}
 
 
 @pytest.mark.slow
@@ -59,11 +69,15 @@ def test_model_fit_survives_sigkill_anywhere(tmp_path, uninterrupted):
             assert os.path.exists(os.path.join(folder, f"{newest}{ext}"))
         model = script.build()
         model.load(os.path.join(folder, str(newest)))
-        callback = EMACallback(decay=0.9, resume=os.path.join(folder, str(newest)), final_weights="raw")
+        callback = EMACallback(decay=0.9, resume=os.path.join(folder, str(newest)), final_weights="raw",
+                               posthoc=script.POSTHOC, save_dir=folder)
         script.fit(model, callback, script.EPOCHS - newest - 1)
         state = callback.ema.state_dict()
+        # the post-hoc series: a write cut by the kill left at most a temporary file; resumed, the series has every
+        # step once, each snapshot as the uninterrupted run wrote it
         same = state["num_steps"] == uninterrupted["num_steps"] and all(
-            state["shadow"][k].tobytes() == uninterrupted["shadow"][k].tobytes() for k in state["shadow"])
+            state["shadow"][k].tobytes() == uninterrupted["shadow"][k].tobytes() for k in state["shadow"]) and \
+            snapshot_bytes(folder) == uninterrupted["snapshots"]
         resumed += same
         report.append((newest, len(glob.glob(os.path.join(folder, ".ema-staging-*")))))
     print(f"\nkill points: {KILLS}, corrupt files: {corrupt}, exact resumes: {resumed}, "

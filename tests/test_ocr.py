@@ -275,3 +275,35 @@ def test_several_emas_and_select_best_keep_the_raw_weights_when_they_win(tmp_pat
     table = yaml.safe_load(open(out / "ema_candidates.json"))
     assert table["recommended"] == "raw" and [r["candidate"] for r in table["candidates"]] == [
         "ema0.99999", "ema0.9995", "raw"]
+
+
+def test_posthoc_sweep_through_paddleocr_eval(tmp_path, data, warm):
+    """Track two profiles while fine-tuning, then sweep sigma_rel through PaddleOCR's own tools/eval.py; its eval.py
+    on the exported best file gives the table's metric."""
+    out = tmp_path / "rec"
+    rc, log = ocr_train(REC_CFG, str(out), data, "rec", [
+        "Global.epoch_num=2", "Global.eval_batch_step=[0,1000]", f"Global.pretrained_model={warm}",
+        "EMA.posthoc={'sigma_rels': [0.05, 0.1], 'snapshot_every': 4}"])
+    assert rc == 0, log[-3000:]
+    snaps = sorted(os.listdir(out / "posthoc"))
+    assert snaps == [f"phema-{s:09d}.npz" for s in (4, 8, 12, 16)], snaps
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "ema_callback.cli", "posthoc", "sweep", "--snapshots", str(out / "posthoc"),
+           "--sigma-rel", "0.05:0.15:0.05", "--out", str(sweep_dir), "--paddleocr-root", PADDLEOCR_ROOT,
+           "-c", REC_CFG, "-o", *data_overrides(data, "rec")]
+    rc, sweep_log = run(cmd, str(tmp_path))
+    assert rc == 0, sweep_log[-3000:]
+    assert "4 snapshots" in sweep_log and "[3/3] sigma_rel 0.1500: acc" in sweep_log, sweep_log[-3000:]
+    table = yaml.safe_load(open(sweep_dir / "sweep.json"))
+    assert [r["sigma_rel"] for r in table["rows"]] == [0.05, 0.1, 0.15] and table["metric"] == "acc"
+    assert (sweep_dir / "sweep.png").stat().st_size > 10_000 and (sweep_dir / "best.json").exists()
+    rc, eval_log = paddleocr_tool("eval.py", REC_CFG, data, "rec", [f"Global.checkpoints={sweep_dir}/best"],
+                                  str(tmp_path))
+    assert rc == 0, eval_log[-3000:]
+    assert float(re.findall(r"acc:([-\d.e]+)", eval_log)[-1]) == table["best"]["metric"]
+    # refusals: out of range, before the first snapshot, an empty folder
+    for bad, message in ((["--sigma-rel", "0.3"], "--sigma-rel 0.3: out of range"),
+                         (["--sigma-rel", "0.1", "--at-step", "2"], "--at-step 2: before the first snapshot")):
+        rc, bad_log = run([sys.executable, "-m", "ema_callback.cli", "posthoc", "reconstruct", "--snapshots",
+                           str(out / "posthoc"), "-o", str(tmp_path / "x.pdparams"), *bad], str(tmp_path))
+        assert rc == 2 and message in bad_log.strip().splitlines()[-1], bad_log[-2000:]

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EMA decay schedule (default constant: a threshold warm-up would cap the three EMAs at the "
                         "same decay for most of the run, hiding their difference)")
     p.add_argument("--eval-size", type=int, default=512, help="validation images (default 512)")
+    p.add_argument("--posthoc", action="store_true",
+                   help="also track two power-function EMA profiles (sigma_rel 0.05, 0.10) in the EMA run and sweep "
+                        "sigma_rel 0.01..0.25 after it (post-hoc EMA; adds about 40 s)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", default="demo_output", help="output folder (default demo_output)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for paddle (default: all cores)")
@@ -175,6 +178,8 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
         raise SystemExit(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
     epochs = args.steps // args.eval_every
     half_lives = [float(v) for v in str(args.half_lives).split(",") if v.strip()]
+    models: List = []
+    posthoc_dir = os.path.join(getattr(args, "candidates_dir", None) or args.out, "posthoc")
     started = time.time()
     images, labels = make_text_lines(args.train_size + args.eval_size, args.seed, **DATA_STYLE)
     n_train = args.train_size
@@ -210,6 +215,9 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
         callbacks = [Progress()]
         if with_ema:
             length = {"decay": args.decay} if args.decay is not None else {"half_life_images": half_lives}
+            if getattr(args, "posthoc", False):
+                length["posthoc"] = {"sigma_rels": [0.05, 0.10], "snapshot_every": args.eval_every,
+                                     "snapshot_dtype": "float32", "dir": posthoc_dir}
             callbacks.insert(0, EMACallback(schedule=args.schedule, eval_raw=True, final_weights="raw",
                                             monitor="acc", **length))
             callbacks[0].save_dir = getattr(args, "candidates_dir", None)  # for ema_candidates.json only
@@ -217,7 +225,8 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
         train_loader = paddle.io.DataLoader(train, batch_sampler=batches)
         valid_loader = paddle.io.DataLoader(valid, batch_size=128, shuffle=False)
         model.fit(train_loader, valid_loader, epochs=epochs, verbose=0, callbacks=callbacks)
-        labels = list(callbacks[0].ema.labels) if with_ema else []
+        labels = list(callbacks[0].ema.candidate_labels) if with_ema else []
+        models.append((model, valid_loader))
         return history, {k: v.numpy() for k, v in net.state_dict().items()}, labels
 
     progress("run 1/2: without EMA")
@@ -236,7 +245,9 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
                       "mean_abs_change": _curve_jump(curves[name]),
                       "mean_abs_change_2nd_half": _curve_jump(curves[name][half:])} for name in names}
     recommended = max(names, key=lambda n: (summary[n]["best_acc"], summary[n]["final_acc"]))
+    posthoc = _posthoc_sweep(models[-1], posthoc_dir, summary, progress) if getattr(args, "posthoc", False) else None
     return {
+        "posthoc": posthoc,
         "settings": {k: getattr(args, k) for k in ("steps", "eval_every", "batch_size", "lr", "decay", "half_lives",
                                                    "schedule", "eval_size", "train_size", "seed")},
         "candidates": names, "recommended": recommended,
@@ -245,6 +256,25 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
         "raw_weights_identical_with_plugin": identical,
         "seconds": round(time.time() - started, 1),
     }
+
+
+def _posthoc_sweep(fitted, folder: str, summary: Dict, progress) -> Dict:
+    """Post-hoc EMA after the EMA run: sigma_rel 0.01..0.25 reconstructed from the snapshots at the last step and
+    evaluated with the run's own evaluation (``Model.evaluate``), beside the EMAs and the raw weights."""
+    from ..posthoc import PostHocEMA
+
+    model, valid_loader = fitted
+    post = PostHocEMA(folder)
+    progress(f"post-hoc EMA sweep: {post.disk_use()}")
+    sigmas = [round(0.01 * i, 2) for i in range(1, 26)]
+
+    def evaluate(_network) -> float:
+        return float(np.mean(model.evaluate(valid_loader, verbose=0)["acc"]))
+
+    rows = post.sweep(model.network, evaluate, sigmas, progress=progress)
+    best = max(rows, key=lambda r: r["metric"])
+    return {"rows": rows, "best": best, "tracked_sigma_rels": post.sigma_rels, "at_step": post.steps[-1],
+            "compare_final_acc": {name: r["final_acc"] for name, r in summary.items()}}
 
 
 def format_table(results: Dict) -> str:
@@ -265,6 +295,10 @@ def format_table(results: Dict) -> str:
                     f"{r['mean_abs_change_2nd_half']:.3f} |")
     if results.get("recommended"):
         rows += ["", f"recommended (best val acc): {_pretty(results['recommended'])}"]
+    if results.get("posthoc"):
+        ph = results["posthoc"]
+        rows += ["", f"post-hoc EMA (sigma_rel 0.01..0.25 reconstructed from the 0.05/0.10 snapshots at step "
+                     f"{ph['at_step']}): best sigma_rel {ph['best']['sigma_rel']:.2f}, val acc {ph['best']['metric']:.3f}"]
     rows += ["", f"raw weights with the plugin == without it: {results['raw_weights_identical_with_plugin']}; "
                  f"{results['seconds']}s on {results['machine']}"]
     return "\n".join(rows)
@@ -310,6 +344,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
     picture = plot(results, os.path.join(args.out, "curves.png"))
+    if results.get("posthoc"):
+        from ..posthoc_cli import plot_sweep
+
+        ph = results["posthoc"]
+        extra = {("raw weights" if k == "raw" else f"EMA {_pretty(k)}"): v for k, v in ph["compare_final_acc"].items()}
+        plot_sweep(ph["rows"], ph["tracked_sigma_rels"], "validation accuracy at the last step",
+                   os.path.join(args.out, "posthoc.png"), extra)
     print()
     print(table)
     print(f"\nwrote {os.path.join(args.out, 'results.json')}" + (f" and {picture}" if picture else ""))

@@ -61,7 +61,7 @@ class CandidateBoard:
 
     @property
     def several(self) -> bool:
-        return self.ema.num_shadows > 1
+        return self.ema.num_candidates > 1
 
     @property
     def active(self) -> bool:
@@ -73,7 +73,7 @@ class CandidateBoard:
         """Labels to evaluate this time, the primary last."""
         labels = [RAW] if self.config.eval_raw else []
         if self.config.eval_all:
-            labels += self.ema.labels[1:]
+            labels += self.ema.candidate_labels[1:]
         return labels + [self.primary]
 
     @contextlib.contextmanager
@@ -90,7 +90,7 @@ class CandidateBoard:
         self.key = key
         if self.config.select != "best":
             return self.primary
-        order = [self.primary] + [l for l in self.ema.labels[1:] if l in results] + ([RAW] if RAW in results else [])
+        order = [self.primary] + [l for l in self.ema.candidate_labels[1:] if l in results] + ([RAW] if RAW in results else [])
         scored = [(metric_value(results[l].get(key)), l) for l in order if l in results]
         scored = [(v, l) for v, l in scored if v is not None and v == v]
         if not scored:
@@ -130,8 +130,8 @@ class CandidateBoard:
         key, rows = self.key, []
         if not self.history or key is None:
             return {}
-        decays = dict(zip(self.ema.labels, self.ema.decays))
-        for label in list(self.ema.labels) + [RAW]:
+        decays = dict(zip(self.ema.candidate_labels, self.ema.decays))
+        for label in list(self.ema.candidate_labels) + [RAW]:
             series = [(h["step"], h["results"][label][key]) for h in self.history
                       if label in h["results"] and key in h["results"][label]]
             if not series:

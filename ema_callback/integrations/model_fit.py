@@ -122,6 +122,8 @@ class EMACallback(paddle.callbacks.Callback):
         self.ema = ExponentialMovingAverage(self.network, self.config, optimizer=getattr(self.model, "_optimizer", None),
                                             backend=self.backend, batch=self.batch)
         self.board = CandidateBoard(self.ema, self.config, self.higher_is_better)
+        if self.ema.posthoc_dir is None and self.save_dir:
+            self.ema.posthoc_dir = os.path.join(self.save_dir, "posthoc")
         logger.info("EMA: %s", self.ema.describe_length())
         self._install_save_hook()
         if self.resume:

@@ -247,6 +247,8 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 self.ema = PpdetEMA(self.model, ema_config, optimizer=self.optimizer,
                                     cycle_epoch=extra.get("cycle_epoch", -1), batch=_batch_info(cfg, self))
                 self._ema_board = CandidateBoard(self.ema.engine, ema_config)
+                if self.ema.engine.posthoc_dir is None:
+                    self.ema.engine.posthoc_dir = os.path.join(cfg.save_dir, "posthoc")
                 self._ema_eval_metrics: Dict[str, float] = {}
                 self._ema_state_callback = EMAStateCallback(self)
                 self._callbacks.insert(0, self._ema_state_callback)

@@ -187,6 +187,8 @@ class PaddleOCRHooks:
         self.ema = ExponentialMovingAverage(model, self.config, optimizer=optimizer, batch=batch)
         self.board = CandidateBoard(self.ema, self.config)
         self.ema.bn_collective = False  # PaddleOCR evaluates and saves on rank 0 only: rank 0's batches are used
+        if self.ema.posthoc_dir is None and self.save_dir:
+            self.ema.posthoc_dir = os.path.join(self.save_dir, "posthoc")
         logger_.info("EMA: %s", self.ema.describe_length())
         if checkpoints:
             resume_ema(self.ema, checkpoints, unwrap(model), logger_)

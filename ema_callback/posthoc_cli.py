@@ -1,0 +1,160 @@
+"""``ema-callback posthoc``: choose the EMA length after training, from the snapshots of an ``EMA.posthoc`` run.
+
+    ema-callback posthoc reconstruct --snapshots DIR --sigma-rel 0.07 [--at-step N] -o weights.pdparams
+    ema-callback posthoc sweep --snapshots DIR --sigma-rel 0.02:0.25:0.01 --out DIR
+        (--paddleocr-root R | --paddledet-root R) -c cfg.yml [-o Key=value ...] [--metric NAME]
+
+``sweep`` evaluates every reconstruction through the suite's **own** ``tools/eval.py`` (PaddleOCR on the YAML's
+``Eval`` section, ppdet on its ``EvalDataset``), run as ``python tools/eval.py`` would be, then writes
+``sweep.json``, ``sweep.md``, ``sweep.png`` (metric against sigma_rel, the tracked profiles marked) and the best
+reconstruction as ``best.pdparams`` with ``best.json`` saying what it is. For ``Model.fit`` users the same is the
+Python API ``ema_callback.posthoc.PostHocEMA(folder).sweep(model, eval_fn, sigma_rels)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import List, Optional, Tuple
+
+from .errors import EMAConfigError
+from .posthoc import PostHocEMA, parse_sigma_rels
+
+ZLIB_FIRST = "import zlib, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+AP = re.compile(r"Average Precision  \(AP\) @\[ IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = ([-\d.]+)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ema-callback posthoc", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="action", required=True)
+    r = sub.add_parser("reconstruct", help="write the EMA of one sigma_rel as a plain .pdparams")
+    r.add_argument("--snapshots", required=True, help="the run's posthoc/ folder")
+    r.add_argument("--sigma-rel", required=True, type=float)
+    r.add_argument("--at-step", type=int, default=None, help="optimizer step (default: the last snapshot)")
+    r.add_argument("-o", "--out", required=True, help="the .pdparams to write")
+    s = sub.add_parser("sweep", help="evaluate many sigma_rel with the suite's own evaluation; export the best")
+    s.add_argument("--snapshots", required=True)
+    s.add_argument("--sigma-rel", required=True, help="start:stop:step or a,b,c")
+    s.add_argument("--at-step", type=int, default=None)
+    s.add_argument("--out", required=True, help="folder for sweep.json/.md/.png and best.pdparams")
+    s.add_argument("--paddleocr-root", default=None)
+    s.add_argument("--paddledet-root", default=None)
+    s.add_argument("-c", "--config", required=True, help="the suite YAML the run trained with")
+    s.add_argument("-o", "--opt", nargs="+", action="extend", default=[], help="suite overrides for tools/eval.py")
+    s.add_argument("--metric", default=None, help="PaddleOCR: the metric to maximise (default: its first, the "
+                                                  "main indicator); ppdet: bbox mAP(0.50:0.95)")
+    return p
+
+
+def _suite_eval(args, weights_prefix: str) -> Tuple[float, str]:
+    """(metric, name) from the suite's own tools/eval.py on ``weights_prefix``.pdparams."""
+    if bool(args.paddleocr_root) == bool(args.paddledet_root):
+        raise EMAConfigError("posthoc sweep: give the suite whose evaluation to use: --paddleocr-root or "
+                             "--paddledet-root")
+    root = args.paddleocr_root or args.paddledet_root
+    script = os.path.join(root, "tools", "eval.py")
+    if not os.path.isfile(script):
+        raise EMAConfigError(f"{'--paddleocr-root' if args.paddleocr_root else '--paddledet-root'} {root}: no "
+                             "tools/eval.py there")
+    weight_opt = f"Global.checkpoints={weights_prefix}" if args.paddleocr_root else f"weights={weights_prefix}"
+    cmd = [sys.executable, "-c", ZLIB_FIRST, script, "-c", args.config, "-o", weight_opt, *args.opt]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        tail = "\n".join(log.strip().splitlines()[-15:])
+        raise EMAConfigError(f"{script} failed on {weights_prefix}.pdparams (exit {done.returncode}); its last "
+                             f"lines:\n{tail}")
+    if args.paddledet_root:
+        found = AP.findall(log)
+        if not found:
+            raise EMAConfigError(f"{script}: no bbox mAP line in its output")
+        return float(found[-1]), "bbox_mAP"
+    after = log.split("metric eval ***************")[-1]
+    pairs = re.findall(r"INFO: (\w+):([-\d.e]+)\s*$", after, re.M)
+    if not pairs:
+        raise EMAConfigError(f"{script}: no metric lines after 'metric eval' in its output")
+    name = args.metric or pairs[0][0]
+    values = dict(pairs)
+    if name not in values:
+        raise EMAConfigError(f"--metric {name}: not among {', '.join(values)}")
+    return float(values[name]), name
+
+
+def sweep(args) -> int:
+    post = PostHocEMA(args.snapshots)
+    sigmas = parse_sigma_rels(args.sigma_rel)
+    print(f"post-hoc EMA: {post.disk_use()}; tracked sigma_rel {', '.join(map(str, post.sigma_rels))}; "
+          f"steps {post.steps[0]}..{post.steps[-1]}", flush=True)
+    for sigma in sigmas:
+        post.coefficients(sigma, args.at_step)  # every target checked before minutes of evaluation
+    os.makedirs(args.out, exist_ok=True)
+    rows, name = [], None
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        for i, sigma in enumerate(sigmas, start=1):
+            prefix = os.path.join(tmp, f"sigma_{sigma:.4f}".replace(".", "p"))  # ppdet splits names at dots
+            post.export(sigma, prefix + ".pdparams", args.at_step)
+            value, name = _suite_eval(args, prefix)
+            rows.append({"sigma_rel": sigma, "metric": value})
+            print(f"  [{i}/{len(sigmas)}] sigma_rel {sigma:.4f}: {name} {value:.6g}", flush=True)
+    best = max(rows, key=lambda r: r["metric"])
+    post.export(best["sigma_rel"], os.path.join(args.out, "best.pdparams"), args.at_step)
+    at = args.at_step or post.steps[-1]
+    summary = {"metric": name, "rows": rows, "best": best, "at_step": at, "tracked_sigma_rels": post.sigma_rels,
+               "snapshots": os.path.abspath(args.snapshots), "disk": post.disk_use(),
+               "evaluation": "PaddleOCR tools/eval.py" if args.paddleocr_root else "PaddleDetection tools/eval.py"}
+    with open(os.path.join(args.out, "sweep.json"), "w") as handle:
+        json.dump(summary, handle, indent=1)
+    with open(os.path.join(args.out, "best.json"), "w") as handle:
+        json.dump({"what": f"post-hoc EMA, power-function profile sigma_rel {best['sigma_rel']} at optimizer step "
+                           f"{at}, reconstructed from {len(post.snapshots)} snapshots of {post.sigma_rels}",
+                   "sigma_rel": best["sigma_rel"], name: best["metric"], "at_step": at}, handle, indent=1)
+    lines = [f"| sigma_rel | {name} |", "|---|---|"] + [f"| {r['sigma_rel']:.4f} | {r['metric']:.6g} |" for r in rows]
+    with open(os.path.join(args.out, "sweep.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"best: sigma_rel {best['sigma_rel']:.4f} ({name} {best['metric']:.6g}) -> "
+          f"{os.path.join(args.out, 'best.pdparams')}")
+    plot_sweep(rows, post.sigma_rels, name, os.path.join(args.out, "sweep.png"))
+    return 0
+
+
+def plot_sweep(rows, tracked, name: str, path: str, extra: Optional[dict] = None) -> Optional[str]:
+    """Metric against sigma_rel, the tracked profiles as dotted lines, ``extra`` {label: value} as horizontal lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ax.plot([r["sigma_rel"] for r in rows], [r["metric"] for r in rows], "-o", ms=3, label="post-hoc EMA")
+    for i, s in enumerate(tracked):
+        ax.axvline(s, ls=":", color="0.5", label="tracked profiles" if i == 0 else None)
+    for i, (label, value) in enumerate((extra or {}).items()):
+        ax.axhline(value, ls="--", color=["#c44e52", "#55a868", "#8172b2", "#ccb974"][i % 4], label=label)
+    ax.set_xlabel("sigma_rel (EMA length relative to training time)")
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def reconstruct(args) -> int:
+    post = PostHocEMA(args.snapshots)
+    post.export(args.sigma_rel, args.out, args.at_step)
+    print(f"wrote {args.out}: post-hoc EMA sigma_rel {args.sigma_rel} at optimizer step "
+          f"{args.at_step or post.steps[-1]} from {len(post.snapshots)} snapshots ({post.disk_use()})")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return sweep(args) if args.action == "sweep" else reconstruct(args)
