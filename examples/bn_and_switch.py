@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from ema_callback import EMACallback  # noqa: E402
-from ema_callback.demo.run import DATA_STYLE, HEIGHT, MAX_LABEL, WIDTH, _modules  # noqa: E402
+from ema_callback.demo.run import DATA_STYLE, _modules, prepared_model  # noqa: E402
 from ema_callback.demo.text_lines import make_text_lines  # noqa: E402
 
 VARIANTS = {"EMA": {}, "EMA + recompute_bn 16": {"recompute_bn": 16}, "EMA + switch_every 250": {"switch_every": 250}}
@@ -40,7 +40,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", default="bn_and_switch_output")
     args = p.parse_args(argv)
-    paddle, TextLines, TinyCRNN, CTCLoss, SequenceAccuracy, CyclingBatches = _modules()
+    paddle, TextLines, TinyCRNN, _, _, CyclingBatches = _modules()
     paddle.set_device("cpu")
     images, labels = make_text_lines(args.train_size + args.eval_size, args.seed, **DATA_STYLE)
     train = TextLines(images[:args.train_size], labels[:args.train_size])
@@ -49,14 +49,7 @@ def main(argv=None):
     initial = {k: v.numpy().copy() for k, v in TinyCRNN().state_dict().items()}
     results, started = {}, time.time()
     for name, extra in VARIANTS.items():
-        paddle.seed(args.seed)
-        net = TinyCRNN()
-        net.set_state_dict(initial)
-        model = paddle.Model(net, inputs=[paddle.static.InputSpec([None, 1, HEIGHT, WIDTH], "float32", "image")],
-                             labels=[paddle.static.InputSpec([None, MAX_LABEL], "int32", "label"),
-                                     paddle.static.InputSpec([None, 1], "int64", "length")])
-        model.prepare(paddle.optimizer.Adam(learning_rate=0.004, parameters=net.parameters()), CTCLoss(),
-                      SequenceAccuracy())
+        model = prepared_model(initial, args.seed, 0.004)
         rows = []
 
         class Record(paddle.callbacks.Callback):

@@ -36,12 +36,27 @@ def test_the_gpu_update_reads_nothing_back_and_matches_the_host_path():
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
 
 
-def test_amp_o2_shadow_is_float32_from_the_master_weights():
+def amp_o2_setup():
+    """The Conv-BN net on the GPU under AMP O2 (float16 weights, fp32 master weights in AdamW), with a GradScaler."""
     paddle.set_device("gpu")
     model = make_net()
     opt = paddle.optimizer.AdamW(learning_rate=0.01, parameters=model.parameters(), multi_precision=True)
     model, opt = paddle.amp.decorate(models=model, optimizers=opt, level="O2", dtype="float16")
-    scaler = paddle.amp.GradScaler(init_loss_scaling=1024)
+    return model, opt, paddle.amp.GradScaler(init_loss_scaling=1024)
+
+
+def amp_o2_step(model, opt, scaler, ema, rng):
+    """One AMP O2 optimizer step through the GradScaler, then the EMA step with its found_inf flag."""
+    with paddle.amp.auto_cast(level="O2"):
+        loss = model(paddle.to_tensor(rng.normal(size=(4, 3, 8, 8)).astype("float32"))).mean()
+    scaler.scale(loss).backward()
+    scaler.minimize(opt, loss)
+    opt.clear_grad()
+    ema.step(found_inf=opt._get_auxiliary_var("found_inf"))
+
+
+def test_amp_o2_shadow_is_float32_from_the_master_weights():
+    model, opt, scaler = amp_o2_setup()
     ema = ExponentialMovingAverage(model, EMAConfig(decay=0.9, schedule="constant"), optimizer=opt)
     masters = opt._master_weights
     assert masters and ema.store.flat.dtype == paddle.float32
@@ -49,12 +64,7 @@ def test_amp_o2_shadow_is_float32_from_the_master_weights():
                 if e.tensor.name in masters}
     rng = np.random.default_rng(0)
     for _ in range(5):
-        with paddle.amp.auto_cast(level="O2"):
-            loss = model(paddle.to_tensor(rng.normal(size=(4, 3, 8, 8)).astype("float32"))).mean()
-        scaler.scale(loss).backward()
-        scaler.minimize(opt, loss)
-        opt.clear_grad()
-        ema.step(found_inf=opt._get_auxiliary_var("found_inf"))
+        amp_o2_step(model, opt, scaler, ema, rng)
         for e in ema._averaged:
             if e.name in expected:
                 expected[e.name] = 0.9 * expected[e.name] + 0.1 * masters[e.tensor.name].numpy()
@@ -65,21 +75,12 @@ def test_amp_o2_shadow_is_float32_from_the_master_weights():
 def test_switch_under_amp_o2_sets_the_master_weights_too():
     """Switch EMA on the device path under AMP O2: after the switch the fp32 master weights equal the EMA weights
     bit for bit and the float16 weights are their rounding (else the next step would overwrite the switch)."""
-    paddle.set_device("gpu")
-    model = make_net()
-    opt = paddle.optimizer.AdamW(learning_rate=0.01, parameters=model.parameters(), multi_precision=True)
-    model, opt = paddle.amp.decorate(models=model, optimizers=opt, level="O2", dtype="float16")
-    scaler = paddle.amp.GradScaler(init_loss_scaling=1024)
+    model, opt, scaler = amp_o2_setup()
     ema = ExponentialMovingAverage(model, EMAConfig(decay=0.9, schedule="constant", switch_every=3), optimizer=opt)
     assert ema.deferred
     rng = np.random.default_rng(0)
     for _ in range(3):
-        with paddle.amp.auto_cast(level="O2"):
-            loss = model(paddle.to_tensor(rng.normal(size=(4, 3, 8, 8)).astype("float32"))).mean()
-        scaler.scale(loss).backward()
-        scaler.minimize(opt, loss)
-        opt.clear_grad()
-        ema.step(found_inf=opt._get_auxiliary_var("found_inf"))
+        amp_o2_step(model, opt, scaler, ema, rng)
     assert ema.num_switches == 1
     averaged, masters = ema.averaged_numpy(), opt._master_weights
     checked = 0

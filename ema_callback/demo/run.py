@@ -162,6 +162,20 @@ def _modules():
     return paddle, TextLines, TinyCRNN, CTCLoss, SequenceAccuracy, CyclingBatches
 
 
+def prepared_model(initial: Dict[str, np.ndarray], seed: int, lr: float):
+    """A ``paddle.Model`` of the demo's CRNN from ``initial`` weights, prepared with Adam, CTC loss and sequence
+    accuracy (the same in every run of the demo and of ``examples/bn_and_switch.py``)."""
+    paddle, _, TinyCRNN, CTCLoss, SequenceAccuracy, _ = _modules()
+    paddle.seed(seed)
+    net = TinyCRNN()
+    net.set_state_dict(initial)
+    model = paddle.Model(net, inputs=[paddle.static.InputSpec([None, 1, HEIGHT, WIDTH], "float32", "image")],
+                         labels=[paddle.static.InputSpec([None, MAX_LABEL], "int32", "label"),
+                                 paddle.static.InputSpec([None, 1], "int64", "length")])
+    model.prepare(paddle.optimizer.Adam(learning_rate=lr, parameters=net.parameters()), CTCLoss(), SequenceAccuracy())
+    return model
+
+
 def _curve_jump(values: List[float]) -> float:
     """Mean absolute change of a metric from one evaluation to the next."""
     return float(np.mean(np.abs(np.diff(values)))) if len(values) > 1 else 0.0
@@ -192,14 +206,8 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
     initial = {k: v.numpy().copy() for k, v in initial.items()}
 
     def fit(with_ema: bool):
-        paddle.seed(args.seed)
-        net = TinyCRNN()
-        net.set_state_dict(initial)
-        model = paddle.Model(net, inputs=[paddle.static.InputSpec([None, 1, HEIGHT, WIDTH], "float32", "image")],
-                             labels=[paddle.static.InputSpec([None, MAX_LABEL], "int32", "label"),
-                                     paddle.static.InputSpec([None, 1], "int64", "length")])
-        model.prepare(paddle.optimizer.Adam(learning_rate=args.lr, parameters=net.parameters()), CTCLoss(),
-                      SequenceAccuracy())
+        model = prepared_model(initial, args.seed, args.lr)
+        net = model.network
         history: List[Dict[str, float]] = []
         tag = "with EMA" if with_ema else "raw only"
 
