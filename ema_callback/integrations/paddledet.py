@@ -261,7 +261,8 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
             selected one (the model holds the primary EMA here: ppdet applied it)."""
             board = getattr(self, "_ema_board", None)
             raw = self.status.get("weight")
-            if board is None or not board.active or not isinstance(raw, dict):
+            if board is None or not board.active or not isinstance(raw, dict) or \
+                    before_eval_start(self.ema.engine, board.config):  # raw weights until eval_start_step
                 return super()._eval_with_loader(loader)
             engine, results = self.ema.engine, {}
             labels = board.to_evaluate()
