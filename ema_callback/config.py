@@ -202,9 +202,7 @@ def _check_posthoc(value: Any) -> Optional[Dict[str, Any]]:
     for key, item in value.items():
         name = f"EMA.posthoc.{key}"
         if key not in POSTHOC_DEFAULTS:
-            close = difflib.get_close_matches(str(key), list(POSTHOC_DEFAULTS), n=1, cutoff=0.6)
-            hint = f", did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(POSTHOC_DEFAULTS)}"
-            raise EMAConfigError(f"{name}: unknown key{hint}")
+            raise _unknown_key_error(key, POSTHOC_DEFAULTS, name)
         if key == "sigma_rels":
             items = item if isinstance(item, (list, tuple)) else None
             if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 0.2886
@@ -250,10 +248,11 @@ def _check_combination(values: Mapping[str, Any]) -> None:
                              f"({forms[0]}) is already in images or epochs, whatever the batch: remove one of them")
 
 
-def _unknown_key_error(name: Any) -> EMAConfigError:
-    close = difflib.get_close_matches(str(name), list(OPTION_BY_NAME), n=1, cutoff=0.6)
-    hint = f", did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(OPTION_BY_NAME)}"
-    return EMAConfigError(f"{_key(name)}: unknown key{hint}")
+def _unknown_key_error(name: Any, known=OPTION_BY_NAME, key: Optional[str] = None) -> EMAConfigError:
+    """``EMA.<name>: unknown key, did you mean ...?`` (``key``: the full name, for keys of a sub-block)."""
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    hint = f", did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    return EMAConfigError(f"{key or _key(name)}: unknown key{hint}")
 
 
 @dataclass(frozen=True)

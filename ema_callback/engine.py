@@ -186,7 +186,7 @@ class ExponentialMovingAverage:
 
     @decay_product.setter
     def decay_product(self, value: float) -> None:
-        self.decay_products = [float(value)] * len(self.decays)
+        self.decay_products = [float(value)] * self.num_shadows
 
     @property
     def last_decay(self) -> Optional[float]:
@@ -258,20 +258,21 @@ class ExponentialMovingAverage:
         self._num_updates += 1
         self._decay_products = [p * d for p, d in zip(self._decay_products, ds)]
         self._last_decays = list(ds)
-        self._maybe_switch()
-        self._maybe_snapshot()
+        self._periodic()
         return True
 
-    def _maybe_snapshot(self) -> None:
-        if self.snapshot_period and self.num_steps % self.snapshot_period == 0 and \
-                self.num_steps > self.config.start_step:
+    def _periodic(self) -> None:
+        """After an update: Switch EMA and post-hoc snapshots, each every its period in optimizer steps (counted on
+        the host, so the device path decides with no host read; each action itself reads the device once)."""
+        def due(period: int) -> bool:
+            return bool(period) and self.num_steps > self.config.start_step and self.num_steps % period == 0
+
+        if due(self.switch_period):
+            self.switch()
+        if due(self.snapshot_period):
             from .posthoc import write_snapshot  # (numpy only; imported when first needed)
 
             write_snapshot(self)
-
-    def _maybe_switch(self) -> None:
-        if self.switch_period and self.num_steps > self.config.start_step and self.num_steps % self.switch_period == 0:
-            self.switch()
 
     def switch(self) -> float:
         """Switch EMA: the model's weights (and AMP O2 fp32 master weights) take the primary EMA's values; the EMA
@@ -281,8 +282,8 @@ class ExponentialMovingAverage:
         ``update_model_with_ema_every``. The drift read is a host synchronisation (once per switch)."""
         if self._backup is not None:
             raise RuntimeError("EMA.switch() while EMA weights are applied; call restore(model) first")
-        drift = self.drift()
         averaged = self.averaged_numpy(0)
+        drift = self._drift_from(averaged)
         masters = getattr(self.optimizer, "_master_weights", None) or {}
         with paddle.no_grad():
             for e in self.entries:
@@ -319,8 +320,7 @@ class ExponentialMovingAverage:
             self._device.record(ok, d)
             self._snapshot_copies(ok)
             self._sync_buffers_across_ranks()
-        self._maybe_switch()  # decided on the host step count; the switch itself reads the drift (one sync)
-        self._maybe_snapshot()  # a snapshot reads the profile shadows to the host (one sync per snapshot)
+        self._periodic()
         return None
 
     def _sync_buffers_across_ranks(self) -> None:
@@ -481,7 +481,9 @@ class ExponentialMovingAverage:
     def drift(self, model: Optional[paddle.nn.Layer] = None, shadow=0) -> float:
         """Relative drift ``||ema - w|| / ||w||`` over the averaged tensors (NaN if either is not finite)."""
         self._check_model(model)
-        averaged = self.averaged_numpy(shadow)
+        return self._drift_from(self.averaged_numpy(shadow))
+
+    def _drift_from(self, averaged: Mapping[str, np.ndarray]) -> float:
         num = den = 0.0
         for e in self._averaged:
             w = e.tensor.astype("float32").numpy().astype(np.float64)

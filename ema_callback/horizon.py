@@ -105,10 +105,12 @@ def candidates(config: EMAConfig, batch: Optional[BatchInfo] = None) -> List[Can
         if batch is None or batch.global_batch <= 0:
             raise EMAConfigError(f"EMA.{why}: needs the run's global batch, which this way in does not know; "
                                  "pass it (batch=BatchInfo(...)) or state the length with EMA.decay")
-    if key == "decay":
-        values = [config.decay]
-    elif key == "decays":
-        values = list(config.decays)
+    if key in ("decay", "decays"):
+        values = [config.decay] if key == "decay" else list(config.decays)
+        labels = [f"ema{_number(d)}" for d in values]
+        if config.decay_batch_size is not None:
+            kappa = batch.global_batch / config.decay_batch_size
+            values = [d ** kappa for d in values]
     else:
         halves = _as_list(getattr(config, key))
         if key == "half_life_epochs":
@@ -119,11 +121,6 @@ def candidates(config: EMAConfig, batch: Optional[BatchInfo] = None) -> List[Can
         values = [0.5 ** (batch.global_batch / h) for h in halves]
         labels = [f"ema_hl{_number(v)}{'ep' if key == 'half_life_epochs' else 'img'}" for v in _as_list(
             getattr(config, key))]
-        return [Candidate(label if len(values) > 1 else "ema", d) for label, d in zip(labels, values)]
-    labels = [f"ema{_number(d)}" for d in values]
-    if config.decay_batch_size is not None:
-        kappa = batch.global_batch / config.decay_batch_size
-        values = [d ** kappa for d in values]
     return [Candidate(label if len(values) > 1 else "ema", d) for label, d in zip(labels, values)]
 
 

@@ -77,6 +77,19 @@ def _import_checked_paddle():
 
 paddle = _import_checked_paddle()
 
+# A suite's own tool (tools/train.py, eval.py, ...) as `python SCRIPT`. Under Paddle 2.6 it runs with Python's zlib
+# module imported first: the README's workaround for PaddlePaddle/Paddle#70538 (see ``_import_checked_paddle``).
+ZLIB_FIRST = "import zlib, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def suite_tool_command(script: str) -> list:
+    """The command that runs a suite's ``script`` as ``python script`` would, safely under Paddle 2.6."""
+    import sys
+
+    if paddle.__version__.startswith("2."):
+        return [sys.executable, "-c", ZLIB_FIRST, script]
+    return [sys.executable, script]
+
 HAS_POINTER_VIEWS = all(hasattr(paddle.Tensor, name) for name in ("data_ptr", "strides", "is_contiguous"))
 
 

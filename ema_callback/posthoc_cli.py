@@ -17,14 +17,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from typing import List, Optional, Tuple
 
 from .errors import EMAConfigError
+from .plots import pyplot
 from .posthoc import PostHocEMA, parse_sigma_rels
 
-ZLIB_FIRST = "import zlib, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 AP = re.compile(r"Average Precision  \(AP\) @\[ IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = ([-\d.]+)")
 
 
@@ -61,7 +60,9 @@ def _suite_eval(args, weights_prefix: str) -> Tuple[float, str]:
         raise EMAConfigError(f"{'--paddleocr-root' if args.paddleocr_root else '--paddledet-root'} {root}: no "
                              "tools/eval.py there")
     weight_opt = f"Global.checkpoints={weights_prefix}" if args.paddleocr_root else f"weights={weights_prefix}"
-    cmd = [sys.executable, "-c", ZLIB_FIRST, script, "-c", args.config, "-o", weight_opt, *args.opt]
+    from .paddle_compat import suite_tool_command
+
+    cmd = suite_tool_command(script) + ["-c", args.config, "-o", weight_opt, *args.opt]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = done.stdout + done.stderr
     if done.returncode != 0:
@@ -124,12 +125,8 @@ def sweep(args) -> int:
 
 def plot_sweep(rows, tracked, name: str, path: str, extra: Optional[dict] = None) -> Optional[str]:
     """Metric against sigma_rel, the tracked profiles as dotted lines, ``extra`` {label: value} as horizontal lines."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     ax.plot([r["sigma_rel"] for r in rows], [r["metric"] for r in rows], "-o", ms=3, label="post-hoc EMA")

@@ -1,5 +1,4 @@
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -11,18 +10,11 @@ SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared", "third_party")
 PADDLEOCR_ROOT = os.environ.get("PADDLEOCR_ROOT", os.path.join(SHARED, "PaddleOCR-2.10"))
 PADDLEDET_ROOT = os.environ.get("PADDLEDET_ROOT", os.path.join(SHARED, "PaddleDetection-develop"))
 
-# A suite's own tool (tools/train.py, eval.py, ...) as `python SCRIPT`. Under Paddle 2.6 it runs with Python's zlib
-# module imported first: the README's workaround for PaddlePaddle/Paddle#70538 (paddle 2.6.2 segfaults in
-# inflateReset2 when zlib is first imported after it, e.g. by albumentations).
-ZLIB_FIRST = "import zlib, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-
-
 def tool_command(script):
-    import paddle
+    """A suite's own tool as `python SCRIPT` (zlib imported first under Paddle 2.6: Paddle#70538)."""
+    from ema_callback.paddle_compat import suite_tool_command
 
-    if paddle.__version__.startswith("2."):
-        return [sys.executable, "-c", ZLIB_FIRST, script]
-    return [sys.executable, script]
+    return suite_tool_command(script)
 
 
 def has_gpu():

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..plots import pyplot
 from .text_lines import ALPHANUMERIC, make_text_lines
 
 HEIGHT, WIDTH, MAX_LABEL = 32, 128, 8
@@ -320,11 +321,8 @@ def _pretty(label: str) -> str:
 
 
 def plot(results: Dict, path: str) -> Optional[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(results["steps"], results["curves"]["raw"], "-o", ms=3, label="raw weights", color="#c44e52")

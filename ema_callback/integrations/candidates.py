@@ -23,6 +23,7 @@ import logging
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
+from ..plots import pyplot
 from .evaluation import RAW_SUFFIX
 
 logger = logging.getLogger("ema_callback")
@@ -179,12 +180,8 @@ class CandidateBoard:
         return path
 
     def _plot(self, path: str) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return
         data = self.summary()
         fig, ax = plt.subplots(figsize=(6, 3.6))
