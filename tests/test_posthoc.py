@@ -147,3 +147,15 @@ def test_snapshots_of_another_model_in_the_folder_are_refused(trajectory, tmp_pa
     with pytest.raises(EMAFileError, match=r"phema-000000020\.npz is of another model or other profiles than "
                                            r"phema-000000005\.npz; keep one run's snapshots per folder$"):
         load_snapshots(str(tmp_path))
+
+
+def test_load_average_sets_every_shadow_profiles_included(tmp_path):
+    """ppdet's resume from its own EMA weights (load_average) on an engine with post-hoc profiles."""
+    layer = paddle.nn.Linear(3, 3)
+    ema = ExponentialMovingAverage(layer, EMAConfig(decays=[0.9, 0.99], bias_correction=True, posthoc={
+        "sigma_rels": [0.05, 0.10], "snapshot_every": 5, "dir": str(tmp_path)}))
+    values = {k: np.full(v.shape, 2.0, "float32") for k, v in layer.state_dict().items()}
+    ema.load_average(values, num_steps=7)
+    assert ema.decay_products == [0.0] * 4
+    for j in range(ema.num_shadows):
+        assert all(np.array_equal(v, values[k]) for k, v in ema.averaged_numpy(j).items())
