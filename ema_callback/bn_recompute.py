@@ -8,8 +8,9 @@ training batches in train mode without gradients, as a **cumulative** average (b
 statistics; Paddle's running variance is the biased batch variance). Across data-parallel ranks the results are
 averaged (timm's ``distribute_bn``), so every rank holds the same statistics.
 
-The batches are the last ``N`` the run already drew: ``BatchRecorder`` wraps the averaged layer's ``forward`` on
-the instance and keeps references to the inputs of its last ``N`` training calls (train mode, gradients on). No
+The batches are the last ``N`` the run already drew: ``BatchRecorder`` (a forward pre-hook on the averaged layer;
+its ``forward`` is untouched) keeps references to the inputs of its last ``N`` training calls (train mode,
+gradients on). No
 copy and no host read is made; the cost is keeping ``N`` batches alive on their device (for a 32x3x48x320 float32
 batch, 5.6 MiB each). The data order, the optimizer and the raw weights are untouched.
 """
@@ -43,26 +44,46 @@ def _detached(value):
 
 
 class BatchRecorder:
-    """The inputs of the last ``size`` training forwards of ``model`` (references, no copies)."""
+    """The inputs of the last ``size`` training forwards of ``model`` (references, no copies).
+
+    Recorded by a forward pre-hook (``register_forward_pre_hook``, with keyword inputs where Paddle passes them to
+    hooks: ``with_kwargs``, Paddle 3.x): ``model.forward`` is left as it is, so what introspects it
+    (``paddle.Model`` reads the input names with ``inspect.getfullargspec(network.forward)``) sees the model's own
+    signature. Paddle 2.6 gives pre-hooks the positional inputs only: a keyword input there is recorded as an empty
+    call and the batch is not used (one warning says so)."""
 
     def __init__(self, model, size: int):
         self.model = model
         self.batches: Deque[Tuple[tuple, dict]] = collections.deque(maxlen=int(size))
         self.paused = False
-        original = model.forward
+        self._warned = False
+        if _hooks_take_kwargs(model):
+            self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+        else:
+            self._handle = model.register_forward_pre_hook(lambda layer, args: self._record(layer, args, None))
 
-        def forward(*args, **kwargs):
-            if not self.paused and model.training and paddle.is_grad_enabled():
-                self.batches.append((_detached(args), _detached(kwargs)))
-            return original(*args, **kwargs)
-
-        forward.__wrapped__ = original
-        model.forward = forward
-        self._original = original
+    def _record(self, layer, args, kwargs):
+        if self.paused or not layer.training or not paddle.is_grad_enabled():
+            return None
+        if kwargs is None and not args:
+            if not self._warned:
+                logger.warning("EMA: recompute_bn: %s is called with keyword inputs only, which this Paddle's "
+                               "forward pre-hooks do not see; those batches are not recorded",
+                               type(layer).__name__)
+                self._warned = True
+            return None
+        self.batches.append((_detached(tuple(args)), _detached(dict(kwargs or {}))))
+        return None
 
     def close(self) -> None:
-        if getattr(self.model.forward, "__wrapped__", None) is self._original:
-            del self.model.forward  # the class's forward again
+        self._handle.remove()
+
+
+def _hooks_take_kwargs(model) -> bool:
+    """Whether this Paddle passes keyword inputs to forward pre-hooks (``with_kwargs``, Paddle 3.x)."""
+    import inspect
+
+    return "with_kwargs" in inspect.signature(model.register_forward_pre_hook).parameters
 
 
 def recompute(model, batches, collective: bool = False) -> int:

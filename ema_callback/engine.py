@@ -543,6 +543,10 @@ class ExponentialMovingAverage:
             self.bn_recomputed_from = bn_recompute.recompute(self.model, self.recorder.batches,
                                                              collective=self.bn_collective)
             self._host_views.clear()
+            logger.info("EMA: BatchNorm statistics of %s recomputed for its weights: %d layers over the last %d "
+                        "training batches%s", self.labels[j], len(bn_recompute.batchnorm_layers(self.model)),
+                        self.bn_recomputed_from, " (averaged over ranks)" if self.bn_collective and
+                        paddle.distributed.get_world_size() > 1 else "")
 
     def restore(self, model: Optional[paddle.nn.Layer] = None) -> None:
         """Put the raw values back, bit for bit."""
