@@ -51,18 +51,21 @@ OPTIONS: Tuple[Option, ...] = (
     Option("decay_batch_size", None, "int",
            "Global batch (images per optimizer update) that `decay`/`decays` were tuned for: the run uses "
            "d^kappa, kappa = measured global batch / this (the EMA scaling rule, Busbridge et al. 2023).", low=1),
-    Option("schedule", "threshold", "choice",
-           "Decay warm-up: `constant` d; `threshold` min(d,(1+t)/(10+t)) (TF, PaddleDetection); "
+    Option("schedule", "auto", "choice",
+           "Decay warm-up: `auto` is `threshold` for `decay`/`decays`, and for a length in the user's units "
+           "(`half_life_images`, `half_life_epochs`, `decay_batch_size`) `constant` with bias correction, so that "
+           "length holds from the first update; `constant` d; `threshold` min(d,(1+t)/(10+t)) (TF, PaddleDetection); "
            "`exponential` d(1-exp(-(t+1)/tau)) (YOLOv5, PaddleDetection); `power` 1-(1+t/inv_gamma)^-power "
            "clamped to [min_decay, d] (timm, diffusers). t = optimizer steps covered by earlier updates.",
-           choices=SCHEDULES),
+           choices=("auto",) + SCHEDULES),
     Option("tau", 2000.0, "float", "Time constant of `exponential`, in optimizer steps.", low=0.0, low_open=True),
     Option("inv_gamma", 1.0, "float", "`power` schedule: steps are divided by it.", low=0.0, low_open=True),
     Option("power", 2.0 / 3.0, "float", "`power` schedule exponent (2/3 for ~100k steps, 3/4 for ~1M).",
            low=0.0, low_open=True),
     Option("min_decay", 0.0, "float", "`power` schedule: lower clamp of the decay.", low=0.0, high=1.0, high_open=True),
     Option("bias_correction", False, "bool",
-           "Start the average from zero and divide by 1-prod(d_i) (TF `zero_debias`)."),
+           "Start the average from zero and divide by 1-prod(d_i) (TF `zero_debias`); on by itself under "
+           "`schedule: auto` with a length in the user's units."),
     Option("start_step", 0, "int", "Optimizer steps before averaging starts; until then the shadow copies the weights.",
            low=0),
     Option("update_every", 1, "int",
@@ -265,7 +268,7 @@ class EMAConfig:
     half_life_images: Any = None  # a number or a list of numbers
     half_life_epochs: Any = None
     decay_batch_size: Optional[int] = None
-    schedule: str = "threshold"
+    schedule: str = "auto"
     tau: float = 2000.0
     inv_gamma: float = 1.0
     power: float = 2.0 / 3.0
@@ -311,6 +314,25 @@ class EMAConfig:
     def from_kwargs(cls, **kwargs: Any) -> "EMAConfig":
         """Same validation as ``from_block`` for Python keyword arguments."""
         return cls.from_block(kwargs)
+
+    @property
+    def in_user_units(self) -> bool:
+        """Whether the length is stated in images or epochs (``half_life_*``, or a decay with ``decay_batch_size``)."""
+        return self.decay_batch_size is not None or self.length_key.startswith("half_life")
+
+    @property
+    def effective_schedule(self) -> str:
+        """The schedule the run uses: ``schedule``, with ``auto`` resolved (``constant`` for a length in the
+        user's units, else ``threshold``, PaddleDetection's and TF's default)."""
+        if self.schedule != "auto":
+            return self.schedule
+        return "constant" if self.in_user_units else "threshold"
+
+    @property
+    def effective_bias_correction(self) -> bool:
+        """``bias_correction``, or on by itself where ``auto`` resolves to ``constant`` (the stated length then
+        holds from the first update: update i of n has weight (1-d) d^(n-i) / (1-d^n), none on the start)."""
+        return self.bias_correction or (self.schedule == "auto" and self.in_user_units)
 
     @property
     def length_key(self) -> str:

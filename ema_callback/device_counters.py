@@ -39,7 +39,7 @@ class DeviceCounters:
     def decay(self, config: EMAConfig) -> "paddle.Tensor":
         """``decay_at(updates * update_every) ** update_every`` per shadow, a [count] float64 device tensor."""
         t = self._updates.astype("float64") * float(config.update_every)
-        d = decay_tensor(t, config.schedule, self._targets, config.tau, config.inv_gamma, config.power,
+        d = decay_tensor(t, config.effective_schedule, self._targets, config.tau, config.inv_gamma, config.power,
                          config.min_decay)
         d = d if config.update_every == 1 else paddle.pow(d, float(config.update_every))
         if self._gammas is None:

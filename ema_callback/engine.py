@@ -39,7 +39,8 @@ from .config import EMAConfig
 from .device_counters import DeviceCounters
 from .checkpoint_io import atomic_save
 from .errors import EMAConfigError, EMAError, EMAFileError
-from .horizon import BatchInfo, Candidate, candidates, describe, snapshot_period, switch_period
+from .horizon import (BatchInfo, Candidate, candidates, describe, half_life_steps, length_warnings, realized,
+                      snapshot_period, switch_period)
 from .posthoc_math import gamma_of
 from . import bn_recompute
 from .paddle_compat import cast_rounded, data_pointer, host_view, move_to, paddle
@@ -202,14 +203,50 @@ class ExponentialMovingAverage:
         return self.labels[:self.num_candidates]
 
     def describe_length(self) -> str:
-        """The start line: global batch, each EMA's decay per optimizer step and its half-life (``horizon``)."""
+        """The start line: global batch, each EMA's decay per optimizer step and its half-life, the schedule and the
+        step from which the stated decay holds (``horizon``)."""
         return describe(self.config, self.batch, self.candidates)
+
+    def log_start(self, log=logger) -> None:
+        """The start line, then a warning for each length or period longer than the run (where it is known)."""
+        log.info("EMA: %s", self.describe_length())
+        for line in length_warnings(self.config, self.batch, self.candidates, self.switch_period,
+                                    self.snapshot_period):
+            log.warning(line)
+
+    def realized(self, shadow=0) -> Dict[str, Any]:
+        """What EMA ``shadow`` averaged over so far (``horizon.realized``): the last images holding half its
+        weight, and the weight still on the starting weights (a host read of the update count)."""
+        j = self.shadow_index(shadow)
+        return realized(self.config, self.decays[j], self.num_updates, self.batch)
+
+    def log_realized(self, log=logger) -> None:
+        """At the end of training: each EMA's realized horizon; a warning where more than 10% of its weight is
+        still on the starting weights, or its half-life is longer than the run."""
+        steps = self.num_updates * self.config.update_every
+        for j, label in enumerate(self.candidate_labels):
+            r = self.realized(j)
+            unit = "images" if r["half_weight_images"] is not None else "optimizer steps"
+            span = r["half_weight_images"] if r["half_weight_images"] is not None else r["half_weight_steps"]
+            half = f"half its weight on the last {span:,.0f} {unit}" if span is not None else \
+                "the starting weights hold more than half its weight"
+            log.info("EMA: %s realized over %d optimizer steps: %s, %.1f%% on the weights it started from (stated "
+                     "half-life %s optimizer steps)", label, steps, half, 100 * r["weight_on_start"],
+                     f"{half_life_steps(self.decays[j]):,.0f}")
+            if r["weight_on_start"] > 0.1:
+                log.warning("EMA: %s: %.0f%% of its weight is still on the weights it started from after %d optimizer "
+                            "steps: its evaluations measure mostly those weights; shorten the length or train longer",
+                            label, 100 * r["weight_on_start"], steps)
+            elif steps and half_life_steps(self.decays[j]) > steps:
+                log.warning("EMA: %s: its half-life (%s optimizer steps) is longer than the run (%d steps): it "
+                            "averaged the whole run, the early weights included", label,
+                            f"{half_life_steps(self.decays[j]):,.0f}", steps)
 
     def decays_for_next_update(self) -> List[float]:
         """``decay_at(t) ** update_every`` of each shadow for the next update (t = ``num_updates * update_every``)."""
         c = self.config
         t = self.num_updates * c.update_every
-        ema = [decay_at(t, c.schedule, target, c.tau, c.inv_gamma, c.power, c.min_decay) ** c.update_every
+        ema = [decay_at(t, c.effective_schedule, target, c.tau, c.inv_gamma, c.power, c.min_decay) ** c.update_every
                for target in self.decays]
         # power-function profiles (EDM2): beta = (1 - dt/t)^(gamma+1), t = (u+1)k after this update, dt = k
         u = self.num_updates
@@ -248,7 +285,7 @@ class ExponentialMovingAverage:
             if not self.will_update_at(self.num_steps):
                 return False
             ds = self.decays_for_next_update()
-            reset = self.config.bias_correction and self.num_updates == 0
+            reset = self.config.effective_bias_correction and self.num_updates == 0
             weights = 1.0 - ds[0] if len(ds) == 1 else [1.0 - d for d in ds]
             if not self.store.lerp_(self._sources(), weights, reset=reset):
                 self._note_nonfinite()
@@ -315,7 +352,7 @@ class ExponentialMovingAverage:
             if not self.will_update_at(self.num_steps):
                 return None
             d = self._device.decay(self.config)
-            reset = self._device.first_update() if self.config.bias_correction else False
+            reset = self._device.first_update() if self.config.effective_bias_correction else False
             ok = self.store.lerp_(self._sources(), 1.0 - d, reset=reset, skip=found_inf)
             self._device.record(ok, d)
             self._snapshot_copies(ok)
@@ -402,7 +439,7 @@ class ExponentialMovingAverage:
 
     # ------------------------------------------------------------------ reading
     def _correction(self, shadow: int = 0) -> float:
-        if self.config.bias_correction and self.num_updates > 0:
+        if self.config.effective_bias_correction and self.num_updates > 0:
             return 1.0 / (1.0 - self.decay_products[shadow])
         return 1.0
 

@@ -15,35 +15,56 @@ update every k steps) is:
 
 A decay's half-life in optimizer steps is ``ln 0.5 / ln d``. Warm-up schedules (``threshold``, ``exponential``,
 ``power``) keep counting optimizer updates; the scaling applies to their target ``d``.
+
+What the run realizes (``schedule_note`` at the start, ``realized`` at the end). Update ``u`` (0-based) applies
+``d_u = decay_at(u k) ** k`` (``k = update_every``); after ``n`` updates the weights it covered have weights
+``(1 - d_u) prod_{v>u} d_v`` and the weights it started from ``prod_u d_u`` (with bias correction, each is
+divided by ``1 - prod_u d_u`` and the start has none). Under ``threshold`` (``(1+t)/(10+t)``) that profile is
+about ``(u/n)^8``: half the weight on the last ``1 - 0.5^(1/9) = 7.4%`` of the updates, until the target is reached
+after ``(10 d - 1)/(1 - d)`` steps (from optimizer step 89,991 for 0.9999).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
 
 from .config import EMAConfig
 from .errors import EMAConfigError
+from .schedules import decay_array, decay_at
 
 
 @dataclass(frozen=True)
 class BatchInfo:
     """How many images one optimizer update sees, as measured by the integration (and the training set's size)."""
 
-    per_device: int
+    per_device: float  # images per optimizer step on one device (a mean where the sampler varies the batch)
     world: int = 1
     accumulate: int = 1
     dataset_size: Optional[int] = None  # images per epoch (None: unknown, e.g. an iterable dataset)
     steps_per_epoch: Optional[int] = None  # optimizer steps per epoch (None: unknown)
+    total_steps: Optional[int] = None  # optimizer steps the run is set to take (None: unknown)
+    measured: str = ""  # how per_device was measured, shown in the start line (e.g. "mean of the sampler's batches")
 
     @property
-    def global_batch(self) -> int:
-        return int(self.per_device) * int(self.world) * int(self.accumulate)
+    def global_batch(self) -> float:
+        """Images per optimizer update: per device x ranks x accumulation (an int when the per-device batch is)."""
+        value = float(self.per_device) * int(self.world) * int(self.accumulate)
+        return int(value) if value.is_integer() else value
+
+    def describe(self) -> str:
+        """``global batch 32 (32 x 1 rank x 1)``, with how the per-device batch was measured where it was."""
+        ranks = "rank" if self.world == 1 else "ranks"
+        how = f", {self.measured}" if self.measured else ""
+        return (f"global batch {_number(self.global_batch, 6)} ({_number(self.per_device, 6)} x {self.world} {ranks} "
+                f"x {self.accumulate}{how})")
 
     def to_dict(self) -> Dict[str, Any]:
         return {"per_device": self.per_device, "world": self.world, "accumulate": self.accumulate,
                 "dataset_size": self.dataset_size, "steps_per_epoch": self.steps_per_epoch,
-                "global_batch": self.global_batch}
+                "total_steps": self.total_steps, "global_batch": self.global_batch}
 
 
 @dataclass(frozen=True)
@@ -63,8 +84,8 @@ def _as_list(value: Any) -> List[float]:
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
 
 
-def _number(x: float) -> str:
-    return format(x, ".10g")
+def _number(x: float, digits: int = 10) -> str:
+    return format(x, f".{digits}g")
 
 
 def half_life_steps(decay: float) -> float:
@@ -127,11 +148,7 @@ def candidates(config: EMAConfig, batch: Optional[BatchInfo] = None) -> List[Can
 def describe(config: EMAConfig, batch: Optional[BatchInfo], chosen: List[Candidate]) -> str:
     """The one line a user checks at start, e.g. ``global batch 32 (32 x 1 rank x 1), decay 0.9999 tuned for 256 ->
     0.9999^0.125 = 0.9999875 (half-life 55,452 updates = 1,774,464 images)``."""
-    parts = []
-    if batch is not None:
-        ranks = "rank" if batch.world == 1 else "ranks"
-        parts.append(f"global batch {batch.global_batch} ({batch.per_device} x {batch.world} {ranks} x "
-                     f"{batch.accumulate})")
+    parts = [batch.describe()] if batch is not None else []
     key = config.length_key
     stated = _as_list(config.decays if key == "decays" else config.decay) if key in ("decay", "decays") \
         else _as_list(getattr(config, key))
@@ -149,4 +166,118 @@ def describe(config: EMAConfig, batch: Optional[BatchInfo], chosen: List[Candida
             what = f"half-life {_number(given)} {unit}{size} -> decay "
         label = f"{cand.label}: " if len(chosen) > 1 else ""
         parts.append(f"{label}{what}{cand.decay:.8g} per optimizer step (half-life {steps:,.0f} steps{images})")
-    return ", ".join(parts)
+    notes = list(dict.fromkeys(schedule_note(config, c.decay) for c in chosen))
+    return ", ".join(parts) + "; " + "; ".join(notes)
+
+
+def length_warnings(config: EMAConfig, batch: Optional[BatchInfo], chosen: List[Candidate],
+                    switch_steps: int = 0, snapshot_steps: int = 0) -> List[str]:
+    """At the start, where the run's length is known (``batch.total_steps``): a half-life, a Switch EMA period or a
+    post-hoc snapshot period longer than the run."""
+    total = batch.total_steps if batch is not None else None
+    if not total:
+        return []
+    out = []
+    for c in chosen:
+        steps = half_life_steps(c.decay)
+        if steps > total:
+            out.append(f"EMA: {c.label}: half-life {steps:,.0f} optimizer steps is longer than this run "
+                       f"({total:,} steps): the EMA will average the whole run, its early weights included; "
+                       "shorten the length or train longer")
+    if switch_steps and switch_steps > total:
+        out.append(f"EMA.switch_every: {switch_steps:,} optimizer steps is longer than this run ({total:,} steps): "
+                   "no switch will happen")
+    if snapshot_steps and snapshot_steps > total:
+        out.append(f"EMA.posthoc: a snapshot every {snapshot_steps:,} optimizer steps is longer than this run "
+                   f"({total:,} steps): no snapshot will be written")
+    return out
+
+
+# ---------------------------------------------------------------------------- what the run realizes
+EXPONENTIAL_WITHIN = 0.1  # exponential never reaches d: it "holds" once 1 - d_t <= 1.1 (1 - d)
+_SIMULATED_UPDATES = 2_000_000  # profiles longer than this are measured at this many updates (they are scale-free)
+
+
+def update_decays(config: EMAConfig, decay: float, count: int) -> np.ndarray:
+    """``d_u = decay_at(u k) ** k`` of updates ``u = 0 .. count-1`` (``k = update_every``), float64."""
+    k = config.update_every
+    t = np.arange(int(count), dtype=np.float64) * k
+    return decay_array(t, config.effective_schedule, decay, config.tau, config.inv_gamma, config.power,
+                       config.min_decay) ** k
+
+
+def holds_from(config: EMAConfig, decay: float) -> int:
+    """The optimizer step from which the stated decay per step is in effect (within 10% of ``1 - d`` for
+    ``exponential``, which only approaches it): the first update ``u`` with ``decay_at(u k)`` there, at step
+    ``start_step + (u + 1) k``."""
+    schedule, k = config.effective_schedule, config.update_every
+    target = decay if schedule != "exponential" else 1.0 - (1.0 + EXPONENTIAL_WITHIN) * (1.0 - decay)
+
+    def there(t: int) -> bool:
+        return decay_at(t, schedule, decay, config.tau, config.inv_gamma, config.power, config.min_decay) >= \
+            target * (1 - 1e-15)
+
+    low, high = 0, 1
+    while not there(high):
+        high *= 2
+        if high > 2 ** 62:
+            break
+    while low < high:  # the schedules are non-decreasing in t
+        mid = (low + high) // 2
+        low, high = (low, mid) if there(mid) else (mid + 1, high)
+    updates = -(-low // k)
+    return config.start_step + (updates + 1) * k
+
+
+def update_weights(decays: np.ndarray, bias_correction: bool) -> Tuple[np.ndarray, float]:
+    """(weight of each update's weights, weight left on the starting weights) after the updates ``decays``."""
+    with np.errstate(divide="ignore"):
+        logs = np.log(decays)
+    after = np.concatenate([np.cumsum(logs[::-1])[::-1][1:], [0.0]])  # sum of log d_v over v > u
+    weights = (1.0 - decays) * np.exp(after)
+    start = float(np.exp(logs.sum())) if len(decays) else 1.0
+    if bias_correction and start < 1.0:
+        return weights / (1.0 - start), 0.0
+    return weights, start
+
+
+def half_weight_updates(weights: np.ndarray) -> Optional[int]:
+    """The fewest last updates holding half of all the weight (None: the starting weights hold more than half)."""
+    tail = np.cumsum(weights[::-1])
+    reached = np.nonzero(tail >= 0.5)[0]
+    return int(reached[0]) + 1 if len(reached) else None
+
+
+def schedule_note(config: EMAConfig, decay: float) -> str:
+    """For the start line: the schedule, the optimizer step from which ``decay`` holds, and what the EMA averages
+    until then (e.g. ``threshold warm-up: 0.9999 from optimizer step 89,991; until then half the weight is on
+    about the last 7% of the steps``)."""
+    schedule = config.effective_schedule
+    if schedule == "constant":
+        if config.effective_bias_correction:
+            auto = "schedule auto -> " if config.schedule == "auto" else ""
+            return f"{auto}constant with bias correction: this length holds from the first update"
+        return "constant from the first update, no bias correction: the starting weights keep weight d^n after n steps"
+    step = holds_from(config, decay)
+    within = " (within 10% of 1-d)" if schedule == "exponential" else ""
+    updates = min(max(1, (step - config.start_step) // config.update_every), _SIMULATED_UPDATES)
+    weights, start = update_weights(update_decays(config, decay, updates), config.effective_bias_correction)
+    m = half_weight_updates(weights)
+    share = "the starting weights hold more than half the weight" if m is None else \
+        f"half the weight is on about the last {m / updates:.0%} of the steps"
+    return f"{schedule} warm-up: {_number(decay)} from optimizer step {step:,}{within}; until then {share}"
+
+
+def realized(config: EMAConfig, decay: float, num_updates: int, batch: Optional[BatchInfo]) -> Dict[str, Any]:
+    """What the EMA averaged over, after ``num_updates`` updates: ``half_weight_steps`` (the last optimizer steps
+    holding half the weight; None when the starting weights hold more), ``half_weight_images`` (that x the
+    global batch), ``weight_on_start`` (the weight still on the weights the EMA started from)."""
+    n = int(num_updates)
+    if n <= 0:
+        return {"updates": 0, "half_weight_steps": None, "half_weight_images": None, "weight_on_start": 1.0}
+    weights, start = update_weights(update_decays(config, decay, min(n, 5 * _SIMULATED_UPDATES)),
+                                    config.effective_bias_correction)
+    m = half_weight_updates(weights)
+    steps = m * config.update_every if m is not None else None
+    images = steps * batch.global_batch if steps is not None and batch is not None else None
+    return {"updates": n, "half_weight_steps": steps, "half_weight_images": images, "weight_on_start": start}

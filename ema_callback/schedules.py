@@ -60,6 +60,25 @@ def decay_at(t: int, schedule: str = "constant", decay: float = 0.9999, tau: flo
     raise ValueError(f"schedule: unknown schedule {schedule!r}, expected one of {', '.join(SCHEDULES)}")
 
 
+def decay_array(t, schedule: str = "constant", decay: float = 0.9999, tau: float = 2000.0, inv_gamma: float = 1.0,
+                power: float = 2.0 / 3.0, min_decay: float = 0.0):
+    """``decay_at`` for a numpy array of ``t`` (float64): the same formulas, vectorised (for the start line's and
+    the end report's horizon arithmetic over a whole run)."""
+    import numpy as np
+
+    t = np.asarray(t, dtype=np.float64)
+    d = float(decay)
+    if schedule == "constant":
+        return np.full_like(t, d)
+    if schedule == "threshold":
+        return np.minimum(d, (1.0 + t) / (10.0 + t))
+    if schedule == "exponential":
+        return d * (1.0 - np.exp(-(t + 1.0) / float(tau)))
+    if schedule == "power":
+        return np.clip(1.0 - (1.0 + t / float(inv_gamma)) ** (-float(power)), float(min_decay), d)
+    raise ValueError(f"schedule: unknown schedule {schedule!r}, expected one of {', '.join(SCHEDULES)}")
+
+
 def decay_tensor(t, schedule: str = "constant", decay: float = 0.9999, tau: float = 2000.0, inv_gamma: float = 1.0,
                  power: float = 2.0 / 3.0, min_decay: float = 0.0):
     """``decay_at`` for a 0-d float64 Paddle tensor ``t``: the same formulas as device ops, for the device path,

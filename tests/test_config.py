@@ -35,7 +35,7 @@ BAD_BLOCKS = [
     ({"update_every": 2.5}, "EMA.update_every: expected an integer"),
     ({"start_step": -3}, "EMA.start_step: must be >= 0"),
     ({"eval_start_step": "soon"}, "EMA.eval_start_step: expected an integer"),
-    ({"schedule": "cosine"}, "EMA.schedule: expected one of constant, threshold, exponential, power"),
+    ({"schedule": "cosine"}, "EMA.schedule: expected one of auto, constant, threshold, exponential, power"),
     ({"schedule": 3}, "EMA.schedule: expected one of"),
     ({"buffers": "mean"}, "EMA.buffers: expected one of average, copy, skip"),
     ({"include": "conv[("}, "EMA.include: bad regex 'conv[('"),
@@ -67,7 +67,12 @@ def test_bad_block_gives_one_line_error_naming_the_key(block, message):
 
 def test_defaults_and_every_option_documented():
     cfg = EMAConfig.from_block(None)
-    assert cfg == EMAConfig() and cfg.decay == 0.9999 and cfg.schedule == "threshold"
+    assert cfg == EMAConfig() and cfg.decay == 0.9999 and cfg.schedule == "auto"
+    assert cfg.effective_schedule == "threshold" and not cfg.effective_bias_correction
+    units = EMAConfig.from_block({"half_life_images": 1000})
+    assert units.effective_schedule == "constant" and units.effective_bias_correction
+    named = EMAConfig.from_block({"half_life_images": 1000, "schedule": "threshold"})
+    assert named.effective_schedule == "threshold" and not named.effective_bias_correction
     assert [o.name for o in OPTIONS if o.default is not None] == list(cfg.to_block())
     assert [f.name for f in dataclasses.fields(EMAConfig)] == [o.name for o in OPTIONS]
     for o in OPTIONS:

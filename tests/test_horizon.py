@@ -17,6 +17,17 @@ from conftest import make_net, snapshot
 from fit_helpers import loaders, make_model
 
 
+class RawWeights(paddle.callbacks.Callback):
+    """The network's (raw) weights after every optimizer step of a fit (accumulate 1: one per batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.states = []
+
+    def on_train_batch_end(self, step, logs=None):
+        self.states.append({k: v.numpy().copy() for k, v in self.model.network.state_dict().items()})
+
+
 def run_engine(trajectory, steps=60, backend="auto", batch=None, **kw):
     init, states = trajectory
     model = make_net()
@@ -80,7 +91,8 @@ def test_start_line_for_a_decay_tuned_for_another_batch():
                                    batch=BatchInfo(32))
     assert ema.describe_length() == ("global batch 32 (32 x 1 rank x 1), decay 0.9999 tuned for 256 -> "
                                      "0.9999^0.125 = 0.9999875 per optimizer step (half-life 55,449 steps = "
-                                     "1,774,368 images)")
+                                     "1,774,368 images); schedule auto -> constant with bias correction: this length "
+                                     "holds from the first update")
     assert ema.decays[0] == pytest.approx(0.9999 ** 0.125, rel=1e-15)
     state = ema.state_dict()
     assert state["batch"]["global_batch"] == 32 and state["decays"] == [pytest.approx(0.9999 ** 0.125)]
@@ -245,3 +257,99 @@ def test_half_life_epochs_on_a_stream_of_unknown_length_fails_before_anything_is
         model.fit(train, epochs=1, verbose=0, save_dir=str(tmp_path / "run"),
                   callbacks=[EMACallback(half_life_epochs=1)])
     assert not os.path.exists(tmp_path / "run") or os.listdir(tmp_path / "run") == []
+
+
+# ---------------------------------------------------------------- the length stated is the length realized (19.2)
+def bias_corrected_average(states, decay):
+    """numpy: update i of n has weight (1-d) d^(n-i) / (1 - d^n); the starting weights none."""
+    n = len(states)
+    weights = [(1 - decay) * decay ** (n - 1 - i) / (1 - decay ** n) for i in range(n)]
+    return {k: sum(w * s[k].astype(np.float64) for w, s in zip(weights, states)) for k in states[0]}
+
+
+def test_lengths_in_the_users_units_hold_from_the_first_update():
+    """Three lengths that the old default (threshold warm-up) ran on nearly the same decays for all 24 steps: each
+    is now a constant decay with exact bias correction, equal to the numpy average of the raw trajectory."""
+    lengths = {"half_life_images=64": ({"half_life_images": 64}, 0.5 ** (32 / 64)),
+               "half_life_epochs=0.5": ({"half_life_epochs": 0.5}, 0.5 ** (32 / 128)),
+               "decay 0.99 @ 8": ({"decay": 0.99, "decay_batch_size": 8}, 0.99 ** 4)}
+    results, evaluations = {}, {}
+    for name, (kw, decay) in lengths.items():
+        train, evald = loaders(batch_size=32, n_train=256)
+        model = make_model()
+        raw = RawWeights()
+        cb = EMACallback(final_weights="ema", **kw)
+        model.fit(train, evald, epochs=3, verbose=0, callbacks=[cb, raw])
+        assert cb.ema.decays[0] == pytest.approx(decay, rel=1e-12) and len(raw.states) == 24
+        expected = bias_corrected_average(raw.states, decay)
+        got = cb.ema.averaged_numpy()
+        assert all(np.allclose(got[k], expected[k], rtol=1e-5, atol=1e-6) for k in expected
+                   if not k.endswith("_variance") and not k.endswith("_mean")), name
+        realized = cb.ema.realized()
+        assert realized["weight_on_start"] == 0.0
+        results[name] = got
+        evaluations[name] = model.evaluate(evald, verbose=0)["acc"]
+    names = list(results)
+    for a, b in [(0, 1), (0, 2), (1, 2)]:  # three lengths, three different averages
+        assert any(not np.allclose(results[names[a]][k], results[names[b]][k], atol=1e-4) for k in results[names[a]])
+
+
+def test_the_start_line_names_the_schedule_and_when_the_stated_decay_holds(caplog):
+    train, evald = loaders(batch_size=8)
+    for kw, expected in [({"decay": 0.9999}, "threshold warm-up: 0.9999 from optimizer step 89,991; until then half "
+                                            "the weight is on about the last 7% of the steps"),
+                         ({"decay": 0.9999, "schedule": "exponential"}, "exponential warm-up: 0.9999 from optimizer "
+                                                                       "step 23,026 (within 10% of 1-d)"),
+                         ({"half_life_images": 64}, "schedule auto -> constant with bias correction: this length "
+                                                    "holds from the first update"),
+                         ({"decay": 0.99, "schedule": "constant"}, "constant from the first update, no bias "
+                                                                   "correction")]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ema_callback"):
+            make_model().fit(train, evald, epochs=1, verbose=0, callbacks=[EMACallback(**kw)])
+        line = next(r.getMessage() for r in caplog.records if "global batch" in r.getMessage())
+        assert expected in line, line
+
+
+def test_threshold_note_matches_the_simulated_profile():
+    """The '7%' of the start line: under threshold after 89,990 steps, the last 7.4% (1 - 0.5^(1/9): a profile of
+    about (u/n)^8) of the steps hold half the weight (numpy, independent of horizon.py)."""
+    from ema_callback.horizon import half_weight_updates, update_decays, update_weights
+
+    n = 89990
+    t = np.arange(n, dtype=np.float64)
+    d = np.minimum(0.9999, (1 + t) / (10 + t))
+    after = np.concatenate([np.cumsum(np.log(d)[::-1])[::-1][1:], [0.0]])
+    w = (1 - d) * np.exp(after)
+    m = int(np.nonzero(np.cumsum(w[::-1]) >= 0.5)[0][0]) + 1
+    assert 1 - 0.5 ** (1 / 9) - 0.001 < m / n < 1 - 0.5 ** (1 / 9) + 0.001
+    ours, start = update_weights(update_decays(EMAConfig(decay=0.9999), 0.9999, n), False)
+    assert half_weight_updates(ours) == m and start == pytest.approx(np.prod(d), rel=1e-9)
+
+
+def test_a_length_longer_than_the_run_is_said_at_the_start_and_at_the_end(tmp_path, caplog):
+    """half_life_images 100000 on 512 images: a start warning (the run's length is known in fit) and an end one;
+    with an explicit constant schedule (no bias correction) the end says how much weight is still on the start."""
+    train, evald = loaders(batch_size=32, n_train=512)
+    with caplog.at_level(logging.INFO, logger="ema_callback"):
+        make_model().fit(train, evald, epochs=1, verbose=0,
+                         callbacks=[EMACallback(half_life_images=100000, switch_every=40)])
+    text = caplog.text
+    assert "EMA: ema: half-life 3,125 optimizer steps is longer than this run (16 steps)" in text
+    assert "EMA.switch_every: 40 optimizer steps is longer than this run (16 steps): no switch will happen" in text
+    assert "EMA: ema realized over 16 optimizer steps: half its weight on the last 256 images, 0.0% on the weights " \
+           "it started from" in text
+    assert "EMA: ema: its half-life (3,125 optimizer steps) is longer than the run (16 steps)" in text
+    caplog.clear()
+    model = make_model()
+    with caplog.at_level(logging.INFO, logger="ema_callback"):
+        cb = EMACallback(half_life_images=100000, schedule="constant", eval_raw=True, save_dir=str(tmp_path))
+        model.fit(train, evald, epochs=1, verbose=0, callbacks=[cb], save_dir=str(tmp_path))
+    start = 0.5 ** (512 / 100000)
+    assert cb.ema.realized()["weight_on_start"] == pytest.approx(start, rel=1e-9)
+    assert f"EMA: ema: {100 * start:.0f}% of its weight is still on the weights it started from after 16 optimizer " \
+           "steps" in caplog.text
+    table = json.load(open(tmp_path / "ema_candidates.json"))
+    row = next(r for r in table["candidates"] if r["candidate"] == "ema")
+    assert row["weight_on_start"] == pytest.approx(start, rel=1e-9) and row["half_weight_images"] is None
+    assert "half weight on last" in caplog.text and "> run" in caplog.text

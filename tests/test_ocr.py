@@ -307,3 +307,33 @@ def test_posthoc_sweep_through_paddleocr_eval(tmp_path, data, warm):
         rc, bad_log = run([sys.executable, "-m", "ema_callback.cli", "posthoc", "reconstruct", "--snapshots",
                            str(out / "posthoc"), "-o", str(tmp_path / "x.pdparams"), *bad], str(tmp_path))
         assert rc == 2 and message in bad_log.strip().splitlines()[-1], bad_log[-2000:]
+
+
+def test_multiscale_sampler_batch_is_measured_from_the_sampler(tmp_path, data):
+    """PaddleOCR's MultiScaleSampler (the PP-OCRv4/v5 recognizers' default) yields fewer images per step than
+    batch_size_per_card at its wider scales: the global batch is the sampler's mean, so half_life_epochs: 1 is one
+    epoch of the steps the loader really takes (issue 19, item 3)."""
+    cfg = yaml.safe_load(open(REC_CFG))
+    cfg["Train"]["dataset"]["name"] = "MultiScaleDataSet"
+    cfg["Train"]["dataset"]["ds_width"] = False
+    cfg["Train"]["dataset"]["transforms"] = [t for t in cfg["Train"]["dataset"]["transforms"] if "RecResizeImg" not in t]
+    cfg["Train"]["sampler"] = {"name": "MultiScaleSampler", "scales": [[100, 32], [200, 32], [300, 32]],
+                               "first_bs": 8, "fix_bs": False, "divided_factor": [4, 32], "is_training": True}
+    cfg["Train"]["loader"]["batch_size_per_card"] = 8
+    path = tmp_path / "multiscale.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = str(tmp_path / "out")
+    rc, log = ocr_train(str(path), out, data, "rec", ["Global.epoch_num=1", "Global.eval_batch_step=[0,100000]",
+                                                      "EMA.decay=null", "EMA.schedule=auto", "EMA.half_life_epochs=1"])
+    assert rc == 0, log[-3000:]
+    line = re.search(r"EMA: global batch ([\d.]+) \(([\d.]+) x 1 rank x 1, mean of MultiScaleSampler's (\d+) batches; "
+                     r"configured 8\), half-life 1 epochs x ([\d,]+) images -> decay ([\d.]+) per optimizer step "
+                     r"\(half-life ([\d,]+) steps", log)
+    assert line, [l for l in log.splitlines() if "global batch" in l]
+    batches = int(line.group(3))
+    steps = [int(m) for m in re.findall(r"epoch: \[1/1\], global_step: (\d+)", log)]
+    assert steps and max(steps) == batches  # the steps PaddleOCR's loop took in its one epoch
+    per_step = float(line.group(2))
+    assert 128 / batches <= per_step < 8  # the sampler's mean (its last batches padded), not batch_size_per_card
+    assert int(line.group(4).replace(",", "")) == round(per_step * batches)  # the images of one epoch of steps
+    assert int(line.group(6).replace(",", "")) == batches  # half-life 1 epoch = one epoch of real steps

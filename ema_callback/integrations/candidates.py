@@ -139,8 +139,13 @@ class CandidateBoard:
                 continue
             pick = max if self.higher_is_better else min
             best_step, best = pick(series, key=lambda item: item[1])
-            rows.append({"candidate": label, "decay_per_step": decays.get(label), "final": series[-1][1],
-                         "best": best, "best_step": best_step, "curve": series})
+            row = {"candidate": label, "decay_per_step": decays.get(label), "final": series[-1][1],
+                   "best": best, "best_step": best_step, "curve": series}
+            if label != RAW:  # what the EMA averaged over (horizon.realized)
+                r = self.ema.realized(label)
+                row.update(half_weight_images=r["half_weight_images"], half_weight_steps=r["half_weight_steps"],
+                           weight_on_start=r["weight_on_start"])
+            rows.append(row)
         pick = max if self.higher_is_better else min
         recommended = pick(rows, key=lambda r: r["best"])["candidate"] if rows else None
         return {"metric": key, "higher_is_better": self.higher_is_better, "select": self.config.select,
@@ -152,16 +157,23 @@ class CandidateBoard:
         if not data:
             return ""
         lines = [f"EMA candidates ({data['metric']}, {'higher' if self.higher_is_better else 'lower'} is better):",
-                 f"  {'candidate':<18} {'decay/step':>12} {'final':>10} {'best':>10}  best at step"]
+                 f"  {'candidate':<18} {'decay/step':>12} {'final':>10} {'best':>10} {'best at step':>12} "
+                 f"{'half weight on last':>20} {'on start':>8}"]
         for row in data["candidates"]:
             decay = f"{row['decay_per_step']:.8g}" if row["decay_per_step"] is not None else "-"
-            lines.append(f"  {row['candidate']:<18} {decay:>12} {row['final']:>10.5g} {row['best']:>10.5g}  "
-                         f"{row['best_step']}")
+            span = row.get("half_weight_images") or row.get("half_weight_steps")
+            unit = " images" if row.get("half_weight_images") else " steps"
+            half = "-" if row["candidate"] == RAW else f"{span:,.0f}{unit}" if span else "> run"
+            start = f"{100 * row['weight_on_start']:.1f}%" if "weight_on_start" in row else "-"
+            lines.append(f"  {row['candidate']:<18} {decay:>12} {row['final']:>10.5g} {row['best']:>10.5g} "
+                         f"{row['best_step']:>12} {half:>20} {start:>8}")
         lines.append(f"  recommended: {data['recommended']} (best {data['metric']})")
         return "\n".join(lines)
 
     def finish(self, folder: Optional[str], write: bool = True) -> Optional[str]:
-        """Log the table; write ``ema_candidates.json`` (and the plot) into ``folder``; returns the JSON path."""
+        """The end of training: each EMA's realized horizon; with several candidates, log the table and write
+        ``ema_candidates.json`` (and the plot) into ``folder``; returns the JSON path."""
+        self.ema.log_realized()
         if not self.active or not self.history:
             return None
         text = self.table()

@@ -124,7 +124,7 @@ class EMACallback(paddle.callbacks.Callback):
         self.board = CandidateBoard(self.ema, self.config, self.higher_is_better)
         if self.ema.posthoc_dir is None and self.save_dir:
             self.ema.posthoc_dir = os.path.join(self.save_dir, "posthoc")
-        logger.info("EMA: %s", self.ema.describe_length())
+        self.ema.log_start()
         self._install_save_hook()
         if self.resume:
             self._resume(self.resume)
@@ -244,10 +244,12 @@ class EMACallback(paddle.callbacks.Callback):
         per_device = int(shape[0]) if shape else 0
         world = paddle.distributed.get_world_size()
         accumulate = int(getattr(self.model, "_accumulate", 1) or 1)
-        steps = (self.params or {}).get("steps")
+        steps, epochs = (self.params or {}).get("steps"), (self.params or {}).get("epochs")
         known = isinstance(steps, int) and steps > 0
         size = steps * per_device * world if known else None
-        self.batch = BatchInfo(per_device, world, accumulate, size, -(-steps // accumulate) if known else None)
+        per_epoch = -(-steps // accumulate) if known else None
+        total = per_epoch * epochs if per_epoch and isinstance(epochs, int) else None
+        self.batch = BatchInfo(per_device, world, accumulate, size, per_epoch, total)
 
     def _flush_updates(self) -> None:
         flags, self._pending_updates = self._pending_updates, []

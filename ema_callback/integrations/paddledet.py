@@ -254,7 +254,7 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 self._callbacks.insert(0, self._ema_state_callback)
                 self._compose_callback = ComposeCallback(self._callbacks)
                 logger.info("EMA: %s", ", ".join(f"{k}: {v}" for k, v in ema_config.to_block().items()))
-                logger.info("EMA: %s", self.ema.engine.describe_length())
+                self.ema.engine.log_start()
 
         def _eval_with_loader(self, loader):
             """At a snapshot evaluation with several candidates: the others first (quietly), then ppdet's own on the
@@ -324,12 +324,16 @@ def _main_metrics(trainer) -> Dict[str, float]:
 
 
 def _batch_info(cfg, trainer):
-    """``TrainReader.batch_size`` x ranks (ppdet has no gradient accumulation), and ``len(TrainDataset)``."""
+    """The images per step ppdet's loader yields on one card (its batch sampler's mean; ``TrainReader.batch_size``
+    where it cannot be counted) x ranks (ppdet has no gradient accumulation); ``len(TrainDataset)``; the run's
+    length."""
     import paddle
 
     from ..horizon import BatchInfo
+    from .loader_batch import per_device_batch
 
-    per_card = (cfg.get("TrainReader") or {}).get("batch_size", 0)
+    per_card, how = per_device_batch(getattr(trainer, "loader", None),
+                                     (cfg.get("TrainReader") or {}).get("batch_size", 0))
     try:
         size = len(trainer.dataset)
     except (TypeError, AttributeError):
@@ -338,7 +342,11 @@ def _batch_info(cfg, trainer):
         steps = len(trainer.loader)
     except (TypeError, AttributeError):
         steps = None
-    return BatchInfo(int(per_card or 0), paddle.distributed.get_world_size(), 1, size or None, steps or None)
+    if how and steps:  # an epoch is what the sampler yields
+        size = int(round(per_card * steps * paddle.distributed.get_world_size()))
+    epochs = cfg.get("epoch")
+    total = steps * epochs if steps and isinstance(epochs, int) else None
+    return BatchInfo(per_card, paddle.distributed.get_world_size(), 1, size or None, steps or None, total, how)
 
 
 # ---------------------------------------------------------------------------- command line

@@ -189,7 +189,7 @@ class PaddleOCRHooks:
         self.ema.bn_collective = False  # PaddleOCR evaluates and saves on rank 0 only: rank 0's batches are used
         if self.ema.posthoc_dir is None and self.save_dir:
             self.ema.posthoc_dir = os.path.join(self.save_dir, "posthoc")
-        logger_.info("EMA: %s", self.ema.describe_length())
+        self.ema.log_start(logger_)
         if checkpoints:
             resume_ema(self.ema, checkpoints, unwrap(model), logger_)
         if self.guard is not None:
@@ -251,21 +251,29 @@ class PaddleOCRHooks:
 
 
 def _batch_info(config: Dict[str, Any], train_dataloader):
-    """The global batch as PaddleOCR's loop keeps it: ``Train.loader.batch_size_per_card`` x ranks (PaddleOCR
-    2.x/3.x train without gradient accumulation), and the training set's size."""
+    """The global batch: the images per step the loader yields on one card (the batch sampler's mean: PaddleOCR's
+    ``MultiScaleSampler`` yields fewer than ``Train.loader.batch_size_per_card`` at its larger scales) x ranks
+    (PaddleOCR 2.x/3.x train without gradient accumulation); the training set's size and the run's length."""
     import paddle
 
     from ..horizon import BatchInfo
+    from .loader_batch import per_device_batch
 
     loader = ((config.get("Train") or {}).get("loader") or {})
-    per_card = loader.get("batch_size_per_card")
-    if not isinstance(per_card, int) or per_card <= 0:
-        per_card = getattr(getattr(train_dataloader, "batch_sampler", None), "batch_size", None) or 0
+    configured = loader.get("batch_size_per_card")
+    if not isinstance(configured, int) or configured <= 0:
+        configured = getattr(getattr(train_dataloader, "batch_sampler", None), "batch_size", None) or 0
+    per_card, how = per_device_batch(train_dataloader, configured)
     try:
         size, steps = len(train_dataloader.dataset), len(train_dataloader)
     except (TypeError, AttributeError):
         size = steps = None
-    return BatchInfo(int(per_card), paddle.distributed.get_world_size(), 1, size, steps)
+    world = paddle.distributed.get_world_size()
+    if how and steps:  # an epoch is what the sampler yields (MultiScaleSampler pads its last batches)
+        size = int(round(per_card * steps * world))
+    epochs = (config.get("Global") or {}).get("epoch_num")
+    total = steps * epochs if steps and isinstance(epochs, int) else None
+    return BatchInfo(per_card, world, 1, size, steps, total, how)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
