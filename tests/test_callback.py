@@ -10,6 +10,7 @@ from ema_callback import EMACallback
 from ema_callback.config import EMAConfigError
 from ema_callback.state_file import read_state
 
+from conftest import make_net
 from fit_helpers import loaders, make_model, weights
 
 
@@ -259,3 +260,57 @@ def test_a_fit_that_raises_leaves_the_optimizers_methods_as_they_were():
     assert "step" not in vars(opt) and "minimize" not in vars(opt)
     assert type(opt).step is getattr(opt.step, "__func__", None) and type(opt).minimize is opt.minimize.__func__
     assert cb.ema.num_steps == 4  # the updates of batches 0-3 were counted before the failure
+
+
+# ---------------------------------------------------------------- issue 19: start-time errors, the default monitor
+def test_posthoc_snapshots_go_beside_fits_save_dir_and_without_a_folder_fit_fails_before_training(tmp_path):
+    train, evald = loaders()
+    model = make_model()
+    cb = EMACallback(decay=0.9, posthoc={"snapshot_every": 4})
+    model.fit(train, evald, epochs=1, verbose=0, callbacks=[cb], save_dir=str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path / "run" / "posthoc")) == [f"phema-{s:09d}.npz" for s in (4, 8, 12)]
+    model = make_model()
+    before = weights(model.network)
+    with pytest.raises(EMAConfigError) as err:
+        model.fit(train, evald, epochs=1, verbose=0, callbacks=[EMACallback(decay=0.9, posthoc={"snapshot_every": 4})])
+    assert str(err.value) == ("EMA.posthoc.dir: no folder for the snapshots; pass model.fit(save_dir=...) or "
+                              "EMACallback(save_dir=...), or set EMA.posthoc.dir")
+    after = weights(model.network)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # not one optimizer step was taken
+
+
+def test_a_monitor_fit_does_not_report_fails_at_the_start():
+    train, evald = loaders()
+    model = make_model()
+    before = weights(model.network)
+    with pytest.raises(EMAConfigError, match=r"^EMACallback\(monitor='accuracy'\): not among the metrics fit reports "
+                                             r"\(loss, acc\)$"):
+        model.fit(train, evald, epochs=1, verbose=0,
+                  callbacks=[EMACallback(decay=0.9, eval_raw=True, select="best", monitor="accuracy")])
+    assert all(np.array_equal(before[k], v) for k, v in weights(model.network).items())
+
+
+def test_the_default_monitor_is_the_first_prepared_metric_else_the_mean_loss():
+    train, evald = loaders(batch_size=8, n_eval=48)
+    model = make_model()
+    cb = EMACallback(decay=0.9, eval_raw=True, select="best")
+    model.fit(train, evald, epochs=1, verbose=0, callbacks=[cb])
+    assert cb.monitor == "acc" and cb.board.key == "acc" and cb.higher_is_better
+    # no metric in model.prepare: the mean loss over the evaluation (hapi's own is the last batch's)
+    with paddle.utils.unique_name.guard():
+        net = make_net(0)
+    model = paddle.Model(net)
+    model.prepare(paddle.optimizer.Momentum(0.05, parameters=net.parameters()), paddle.nn.CrossEntropyLoss())
+    cb = EMACallback(decay=0.9, schedule="constant")
+    model.fit(train, evald, epochs=1, verbose=0, callbacks=[cb])
+    assert cb.monitor == "loss" and not cb.higher_is_better
+    net.eval()
+    losses, sizes = [], []
+    with paddle.no_grad():  # the final EMA weights are in the network: what the last evaluation measured
+        for x, y in evald:
+            losses.append(float(paddle.nn.functional.cross_entropy(net(x), y)))
+            sizes.append(x.shape[0])
+    mean = float(np.average(losses, weights=sizes))
+    recorded = cb.board.history[-1]["results"]["ema"]["loss"]
+    assert recorded == pytest.approx(mean, rel=1e-5)
+    assert abs(losses[-1] - mean) > 1e-3  # the last batch's loss is another number

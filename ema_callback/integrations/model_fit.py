@@ -63,15 +63,18 @@ class EMACallback(paddle.callbacks.Callback):
             ``model.save``/``model.evaluate``/``model.predict`` use them; ``"raw"`` leaves the raw weights.
         backend: the engine's store (``auto``, ``numpy``, ``paddle``, ``reference``; see the engine);
             ``update_path`` is its former name, still accepted.
-        monitor, mode: the metric ``select: best`` compares and its direction, as ``EarlyStopping`` takes them
-            (``mode='auto'``: higher is better when the name contains ``acc``); pass your EarlyStopping's.
+        monitor, mode: the metric the candidates table's recommendation and ``select: best`` compare, and its
+            direction, as ``EarlyStopping`` takes them. Default: the first metric given to ``model.prepare``
+            (higher is better), else ``loss`` as the mean over the evaluation's batches (``Model.evaluate`` itself
+            reports the last batch's; lower is better). ``mode='auto'``: lower is better for a name containing
+            ``loss`` or ``err``, higher otherwise.
         batch: the run's ``BatchInfo`` (per-device batch, ranks, accumulation, dataset size), when it should not be
             measured at the first batch.
     """
 
     def __init__(self, config: Union[EMAConfig, Mapping[str, Any], None] = None, *, resume: Optional[str] = None,
                  save_dir: Optional[str] = None, final_weights: str = "ema", backend: str = "auto",
-                 update_path: Optional[str] = None, monitor: str = "loss", mode: str = "auto",
+                 update_path: Optional[str] = None, monitor: Optional[str] = None, mode: str = "auto",
                  batch: Optional[BatchInfo] = None,
                  **kwargs: Any):
         super().__init__()
@@ -82,8 +85,9 @@ class EMACallback(paddle.callbacks.Callback):
         self.final_weights = final_weights
         if mode not in ("auto", "min", "max"):
             raise EMAConfigError(f"mode: expected 'auto', 'min' or 'max', got {mode!r}")
-        self.monitor = monitor
-        self.higher_is_better = mode == "max" or (mode == "auto" and "acc" in monitor)
+        self.monitor, self.mode = monitor, mode
+        self.higher_is_better = True  # set with the monitor at on_train_begin (model.prepare's metrics known then)
+        self._loss_mean = _EvalLossMean()
         self.batch = batch
         self.board: Optional[CandidateBoard] = None
         self._eval_results: Dict[str, Dict[str, Any]] = {}
@@ -119,6 +123,8 @@ class EMACallback(paddle.callbacks.Callback):
         if not paddle.in_dynamic_mode():
             raise RuntimeError("EMACallback needs dynamic-graph mode: the model was prepared under "
                                "paddle.enable_static(); call paddle.disable_static() before building paddle.Model")
+        if self.monitor is None:  # evaluate() without fit
+            self._resolve_monitor()
         self.ema = ExponentialMovingAverage(self.network, self.config, optimizer=getattr(self.model, "_optimizer", None),
                                             backend=self.backend, batch=self.batch)
         self.board = CandidateBoard(self.ema, self.config, self.higher_is_better)
@@ -261,6 +267,8 @@ class EMACallback(paddle.callbacks.Callback):
         if not self.config.enable:
             self._start_without_ema()
             return
+        self._resolve_monitor()
+        self._check_posthoc_folder()
         self._in_fit = True
         if self.ema is None and self.batch is not None:
             self._build_engine()  # else at the first train_batch, once the global batch is measured
@@ -268,6 +276,29 @@ class EMACallback(paddle.callbacks.Callback):
             self._restore_raw()
         self._pending_updates = []
         self._install_batch_hook()
+
+    def _resolve_monitor(self) -> None:
+        """The metric to compare: the one given, else the first of ``model.prepare``'s metrics, else the mean loss;
+        a given one that fit does not report is an error now, not at the first evaluation."""
+        names = list((self.params or {}).get("metrics") or self.model._metrics_name())
+        if self.monitor is None:
+            self.monitor = next((n for n in names if n != "loss"), "loss")
+        elif names and self.monitor not in names:
+            raise EMAConfigError(f"EMACallback(monitor={self.monitor!r}): not among the metrics fit reports "
+                                 f"({', '.join(names)})")
+        lower = any(word in self.monitor for word in ("loss", "err"))
+        self.higher_is_better = self.mode == "max" or (self.mode == "auto" and not lower)
+
+    def _check_posthoc_folder(self) -> None:
+        """``EMA.posthoc`` needs a folder for its snapshots: ``posthoc.dir``, else ``posthoc/`` in this callback's
+        ``save_dir`` or fit's; none is an error at the start of fit, not at the first snapshot."""
+        if not self.config.posthoc or self.config.posthoc.get("dir"):
+            return
+        if self.save_dir is None:
+            self.save_dir = _fit_save_dir()
+        if self.save_dir is None:
+            raise EMAConfigError("EMA.posthoc.dir: no folder for the snapshots; pass model.fit(save_dir=...) or "
+                                 "EMACallback(save_dir=...), or set EMA.posthoc.dir")
 
     def _start_without_ema(self) -> None:
         """EMA off: say so once; a resumed checkpoint saved with EMA continues from its raw weights."""
@@ -305,6 +336,7 @@ class EMACallback(paddle.callbacks.Callback):
     # ------------------------------------------------------------------ evaluation events
     def on_eval_begin(self, logs=None) -> None:
         self.extra_logs, self._copy_suffix, self._eval_results, self._evaluating = {}, "", {}, None
+        self._loss_mean.on_eval_begin(logs)
         if not self.config.enable:
             return
         if self.ema is None:
@@ -372,14 +404,17 @@ class EMACallback(paddle.callbacks.Callback):
             raise EMAConfigError("EMA.eval_raw / several EMAs: need fit's evaluation data (eval_data) to compare "
                                  "the candidates")
         saved = {k: getattr(model, k) for k in ("num_iters", "stop_training", "_test_dataloader") if hasattr(model, k)}
+        mean = _EvalLossMean()
         try:
-            result = model.evaluate(loader, verbose=0)
+            result = dict(model.evaluate(loader, verbose=0, callbacks=[mean]))
+            if "loss" in result and mean.mean is not None:
+                result["loss"] = mean.mean
         finally:
             for k, v in saved.items():
                 setattr(model, k, v)
             if "num_iters" not in saved and hasattr(model, "num_iters"):
                 del model.num_iters
-        return dict(result)
+        return result
 
     def _add_to_logs(self, logs) -> None:
         if logs is None:
@@ -390,15 +425,58 @@ class EMACallback(paddle.callbacks.Callback):
         logs.update(self.extra_logs)
 
     def on_eval_batch_end(self, step, logs=None) -> None:
+        self._loss_mean.on_eval_batch_end(step, logs)
         self._add_to_logs(logs)  # the same dict reaches every on_eval_end, whatever the order
 
     def on_eval_end(self, logs=None) -> None:
         self._add_to_logs(logs)
         if self._in_fit and self.board is not None and self._evaluating is not None and logs is not None:
             own = {k: v for k, v in logs.items() if self._plain(k) and k not in self.extra_logs}
+            if "loss" in own and self._loss_mean.mean is not None:
+                own["loss"] = self._loss_mean.mean
             results = dict(self._eval_results)
             results.setdefault(self._evaluating, own)
             key = self.monitor if any(self.monitor in r for r in results.values()) else next(iter(own), "loss")
             self.board.record(self.ema.num_steps, results, key, self._evaluating)
         if not self._in_fit and self.ema is not None and self.ema.applied and self.final_weights == "raw":
             self._restore_raw()  # standalone evaluate(): leave the model as it was
+
+
+class _EvalLossMean(paddle.callbacks.Callback):
+    """The mean loss over an evaluation's batches, weighted by their sizes (``Model.evaluate`` reports the last
+    batch's loss): what the candidates are compared by when the monitor is ``loss``."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = self.count = 0.0
+
+    def on_eval_begin(self, logs=None) -> None:
+        self.total = self.count = 0.0
+
+    def on_eval_batch_end(self, step, logs=None) -> None:
+        from .candidates import metric_value
+
+        loss = metric_value((logs or {}).get("loss"))
+        size = (logs or {}).get("batch_size") or 1
+        if loss is not None:
+            self.total += loss * size
+            self.count += size
+
+    @property
+    def mean(self) -> Optional[float]:
+        return self.total / self.count if self.count else None
+
+
+def _fit_save_dir() -> Optional[str]:
+    """The ``save_dir`` given to the running ``Model.fit``: hapi hands it to ``ModelCheckpoint`` and
+    ``EarlyStopping`` only, so it is read from fit's own frame (its parameter of that name)."""
+    import inspect
+    import sys
+
+    code = inspect.unwrap(paddle.Model.fit).__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return frame.f_locals.get("save_dir")
+        frame = frame.f_back
+    return None
