@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import uuid
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
@@ -105,6 +106,7 @@ class ExponentialMovingAverage:
         self.labels = [c.label for c in self.candidates]
         self.switch_period = switch_period(self.config, batch)  # Switch EMA: optimizer steps between switches
         self.num_switches = 0
+        self.run_id = uuid.uuid4().hex[:12]  # a fresh run's id (a resume takes the saved one): post-hoc series
         self.num_candidates = len(self.decays)  # the EMAs; post-hoc profile shadows follow them
         posthoc = self.config.posthoc or {}
         self.profile_sigma_rels: List[float] = list(posthoc.get("sigma_rels") or [])
@@ -642,6 +644,7 @@ class ExponentialMovingAverage:
             "decays": list(self.decays),
             "batch": self.batch.to_dict() if self.batch is not None else None,
             "num_switches": self.num_switches,
+            "run_id": self.run_id,
             "recompute_bn_batches": self.bn_recomputed_from,
         }
         if self.num_shadows > 1:
@@ -701,6 +704,7 @@ class ExponentialMovingAverage:
                                       if self.deferred else np.asarray(value))
         self.num_steps = int(state["num_steps"])
         self.num_switches = int(state.get("num_switches", 0))
+        self.run_id = str(state.get("run_id") or "legacy")  # its post-hoc series continues (posthoc.LEGACY_RUN)
         self.num_updates = int(state["num_updates"])
         self.num_skipped = int(state.get("num_skipped", 0))
         self.decay_products = [float(v) for v in state.get("decay_products") or [state["decay_product"]]]

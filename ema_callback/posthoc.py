@@ -6,9 +6,13 @@ pass as the EMAs, ``beta = (u / (u + 1))^(gamma + 1)`` after ``u`` updates: time
 covering ``update_every`` of them) and every ``snapshot_every`` optimizer steps rank 0 writes
 ``<dir>/phema-<step>.npz``: the profiles' averaged tensors in ``snapshot_dtype``, the other tensors of the state
 dict once in float32, and a JSON header (step, time, sigma_rels, gammas, tensor names and shapes, a fingerprint of
-the model's names and shapes). The file is written under a temporary name and renamed, so a killed run loses at
-most the snapshot being written; a resumed run writes the next ones under their step numbers (a step written
-again holds the same values). ``np.load(allow_pickle=False)`` reads them: a snapshot cannot run code.
+the model's names and shapes, the run's id). The file is written under a temporary name and renamed, so a killed
+run loses at most the snapshot being written; a resumed run writes the next ones under their step numbers (a step
+written again holds the same values). ``np.load(allow_pickle=False)`` reads them: a snapshot cannot run code.
+
+A series belongs to one run: the engine's ``run_id`` (new for a fresh run, carried by the ``.pdema`` into a
+resume) is in every header. Before its first snapshot a run moves any other run's snapshots out of the folder into
+``<dir>-run-<their id>`` beside it (one warning says so), and ``load_snapshots`` refuses a folder that mixes runs.
 
 Bytes per snapshot = averaged elements x profiles x dtype size (+ the non-averaged tensors once).
 """
@@ -39,8 +43,42 @@ def _fingerprint(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:
     return digest.hexdigest()[:16]
 
 
+LEGACY_RUN = "legacy"  # the run of snapshots (and .pdema files) written before run ids
+
+
+def run_of(path: str) -> str:
+    """The run id in a snapshot's header (``legacy`` for files written before run ids)."""
+    return str(Snapshot(path).header.get("run") or LEGACY_RUN)
+
+
+def move_other_runs_aside(folder: str, run_id: str) -> List[str]:
+    """Move every snapshot of ``folder`` written by another run than ``run_id`` into ``<folder>-run-<its id>``;
+    returns the new folders (a fresh run into a reused folder starts its own series, nothing is deleted)."""
+    moved: Dict[str, List[str]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, PATTERN))):
+        try:
+            other = run_of(path)
+        except EMAFileError:
+            other = "unreadable"
+        if other != run_id:
+            moved.setdefault(other, []).append(path)
+    out = []
+    for other, paths in moved.items():
+        target = f"{folder.rstrip(os.sep)}-run-{other}"
+        os.makedirs(target, exist_ok=True)
+        for path in paths:
+            os.replace(path, os.path.join(target, os.path.basename(path)))
+        steps = [int(os.path.basename(p)[6:15]) for p in paths]
+        logger.warning("EMA.posthoc: %s held %d snapshot(s) of another run (run %s, steps %d..%d): moved to %s; "
+                       "this run (%s) starts its own series", folder, len(paths), other, min(steps), max(steps),
+                       target, run_id)
+        out.append(target)
+    return out
+
+
 def write_snapshot(ema) -> Optional[str]:
-    """Write the engine's profile shadows at this step (rank 0 only); returns the path."""
+    """Write the engine's profile shadows at this step (rank 0 only); returns the path. The first call of a run
+    moves other runs' snapshots aside (``move_other_runs_aside``)."""
     import paddle
 
     if paddle.distributed.get_rank() != 0:
@@ -50,6 +88,9 @@ def write_snapshot(ema) -> Optional[str]:
         raise EMAConfigError("EMA.posthoc.dir: no folder for the snapshots; set EMA.posthoc.dir (or train through "
                              "a way in that has a save folder)")
     os.makedirs(folder, exist_ok=True)
+    if getattr(ema, "_series_folder", None) != folder:
+        move_other_runs_aside(folder, ema.run_id)
+        ema._series_folder = folder
     dtype = np.float16 if (ema.config.posthoc or {}).get("snapshot_dtype", "float16") == "float16" else np.float32
     names = [e.name for e in ema._averaged]
     shapes = [list(e.tensor.shape) for e in ema._averaged]
@@ -65,7 +106,7 @@ def write_snapshot(ema) -> Optional[str]:
     header = {"format": FORMAT, "step": ema.num_steps, "time": ema.num_updates * ema.config.update_every,
               "updates": ema.num_updates, "sigma_rels": ema.profile_sigma_rels, "gammas": ema.profile_gammas,
               "names": names, "shapes": shapes, "fingerprint": _fingerprint(names, shapes),
-              "dtype": np.dtype(dtype).name}
+              "dtype": np.dtype(dtype).name, "run": ema.run_id}
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     path = os.path.join(folder, f"phema-{ema.num_steps:09d}.npz")
     tmp = path + ".tmp"
@@ -74,6 +115,8 @@ def write_snapshot(ema) -> Optional[str]:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    logger.info("EMA: post-hoc snapshot at optimizer step %d: %s (%s bytes)", ema.num_steps, path,
+                f"{os.path.getsize(path):,}")
     return path
 
 
@@ -112,6 +155,14 @@ def load_snapshots(folder: str) -> List[Snapshot]:
         raise EMAFileError(f"--snapshots {folder}: no post-hoc snapshots (phema-*.npz) in this folder; train with "
                            "an EMA.posthoc block to write them")
     snaps = [Snapshot(p) for p in paths]
+    runs: Dict[str, List[Snapshot]] = {}
+    for snap in snaps:
+        runs.setdefault(str(snap.header.get("run") or LEGACY_RUN), []).append(snap)
+    if len(runs) > 1:
+        listed = "; ".join(f"run {run}: {', '.join(os.path.basename(s.path) for s in group[:3])}"
+                           f"{f' (+{len(group) - 3} more)' if len(group) > 3 else ''}" for run, group in runs.items())
+        raise EMAFileError(f"--snapshots {folder}: snapshots of {len(runs)} runs mixed ({listed}); keep one run's "
+                           "snapshots per folder")
     first = snaps[0].header
     for snap in snaps[1:]:
         if snap.header["fingerprint"] != first["fingerprint"] or snap.header["sigma_rels"] != first["sigma_rels"]:
@@ -143,6 +194,17 @@ class PostHocEMA:
     @property
     def steps(self) -> List[int]:
         return [s.step for s in self.snapshots]
+
+    def tensor_shapes(self) -> Dict[str, List[int]]:
+        """``{name: shape}`` of every tensor a reconstruction holds (averaged ones, then the others)."""
+        out = {name: list(shape) for name, shape in zip(self.names, self.shapes)}
+        out.update({name: list(np.shape(value)) for name, value in self.snapshots[-1].others().items()})
+        return out
+
+    def extrapolated(self, sigma_rel: float) -> bool:
+        """Whether ``sigma_rel`` lies outside the tracked profiles' range (the fit then extrapolates)."""
+        tracked = [self.sigma_rels[j] for j in self.use]
+        return not min(tracked) - 1e-12 <= sigma_rel <= max(tracked) + 1e-12
 
     def disk_use(self) -> str:
         total = sum(s.nbytes for s in self.snapshots)

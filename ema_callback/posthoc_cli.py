@@ -17,6 +17,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from typing import List, Optional, Tuple
 
@@ -49,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _suite_eval(args, weights_prefix: str) -> Tuple[float, str]:
-    """(metric, name) from the suite's own tools/eval.py on ``weights_prefix``.pdparams."""
+def _suite_eval(args, weights_prefix: str, expect: str) -> Tuple[float, str]:
+    """(metric, name) from the suite's own tools/eval.py on ``weights_prefix``.pdparams; ``expect`` is a JSON file
+    of the weights' ``{name: shape}``, checked against the model the config builds before anything is evaluated
+    (``integrations.checked_suite_eval``)."""
     if bool(args.paddleocr_root) == bool(args.paddledet_root):
         raise EMAConfigError("posthoc sweep: give the suite whose evaluation to use: --paddleocr-root or "
                              "--paddledet-root")
@@ -60,11 +63,16 @@ def _suite_eval(args, weights_prefix: str) -> Tuple[float, str]:
         raise EMAConfigError(f"{'--paddleocr-root' if args.paddleocr_root else '--paddledet-root'} {root}: no "
                              "tools/eval.py there")
     weight_opt = f"Global.checkpoints={weights_prefix}" if args.paddleocr_root else f"weights={weights_prefix}"
-    from .paddle_compat import suite_tool_command
+    from .integrations.checked_suite_eval import MISMATCH_EXIT, PREFIX
 
-    cmd = suite_tool_command(script) + ["-c", args.config, "-o", weight_opt, *args.opt]
+    cmd = [sys.executable, "-m", "ema_callback.integrations.checked_suite_eval", "--expect", expect, "--suite",
+           "paddleocr" if args.paddleocr_root else "paddledet", script, "-c", args.config, "-o", weight_opt, *args.opt]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = done.stdout + done.stderr
+    if done.returncode == MISMATCH_EXIT and PREFIX in log:
+        line = next(l for l in log.splitlines() if PREFIX in l)
+        raise EMAConfigError(f"-c {args.config}: the snapshots in {args.snapshots} are not of this model: "
+                             f"{line.split(PREFIX, 1)[1]}")
     if done.returncode != 0:
         tail = "\n".join(log.strip().splitlines()[-15:])
         raise EMAConfigError(f"{script} failed on {weights_prefix}.pdparams (exit {done.returncode}); its last "
@@ -95,15 +103,20 @@ def sweep(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     rows, name = [], None
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        expect = os.path.join(tmp, "names.json")
+        with open(expect, "w", encoding="utf-8") as handle:
+            json.dump(post.tensor_shapes(), handle)
         for i, sigma in enumerate(sigmas, start=1):
             prefix = os.path.join(tmp, f"sigma_{sigma:.4f}".replace(".", "p"))  # ppdet splits names at dots
             post.export(sigma, prefix + ".pdparams", args.at_step)
-            value, name = _suite_eval(args, prefix)
-            rows.append({"sigma_rel": sigma, "metric": value})
-            print(f"  [{i}/{len(sigmas)}] sigma_rel {sigma:.4f}: {name} {value:.6g}", flush=True)
+            value, name = _suite_eval(args, prefix, expect)
+            outside = post.extrapolated(sigma)
+            rows.append({"sigma_rel": sigma, "metric": value, "extrapolated": outside})
+            print(f"  [{i}/{len(sigmas)}] sigma_rel {sigma:.4f}: {name} {value:.6g}"
+                  f"{'  (extrapolated: outside the tracked profiles)' if outside else ''}", flush=True)
     best = max(rows, key=lambda r: r["metric"])
     post.export(best["sigma_rel"], os.path.join(args.out, "best.pdparams"), args.at_step)
-    at = args.at_step or post.steps[-1]
+    at = post.coefficients(best["sigma_rel"], args.at_step)[2].step  # the snapshot the targets are at
     summary = {"metric": name, "rows": rows, "best": best, "at_step": at, "tracked_sigma_rels": post.sigma_rels,
                "snapshots": os.path.abspath(args.snapshots), "disk": post.disk_use(),
                "evaluation": "PaddleOCR tools/eval.py" if args.paddleocr_root else "PaddleDetection tools/eval.py"}
@@ -113,7 +126,11 @@ def sweep(args) -> int:
         json.dump({"what": f"post-hoc EMA, power-function profile sigma_rel {best['sigma_rel']} at optimizer step "
                            f"{at}, reconstructed from {len(post.snapshots)} snapshots of {post.sigma_rels}",
                    "sigma_rel": best["sigma_rel"], name: best["metric"], "at_step": at}, handle, indent=1)
-    lines = [f"| sigma_rel | {name} |", "|---|---|"] + [f"| {r['sigma_rel']:.4f} | {r['metric']:.6g} |" for r in rows]
+    lines = [f"| sigma_rel | {name} | |", "|---|---|---|"] + [
+        f"| {r['sigma_rel']:.4f} | {r['metric']:.6g} | {'extrapolated' if r['extrapolated'] else ''} |" for r in rows]
+    lines.append(f"\nextrapolated: sigma_rel outside the tracked profiles ({min(post.sigma_rels):g} to "
+                 f"{max(post.sigma_rels):g}); the least-squares fit cannot build a profile narrower or wider than "
+                 "those it combines, so such values are unreliable")
     with open(os.path.join(args.out, "sweep.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -146,9 +163,14 @@ def plot_sweep(rows, tracked, name: str, path: str, extra: Optional[dict] = None
 
 def reconstruct(args) -> int:
     post = PostHocEMA(args.snapshots)
+    terms, _, target = post.coefficients(args.sigma_rel, args.at_step)
     post.export(args.sigma_rel, args.out, args.at_step)
-    print(f"wrote {args.out}: post-hoc EMA sigma_rel {args.sigma_rel} at optimizer step "
-          f"{args.at_step or post.steps[-1]} from {len(post.snapshots)} snapshots ({post.disk_use()})")
+    used = sorted({snap.step for snap, _ in terms})
+    asked = f" (--at-step {args.at_step}: the last snapshot at or before it)" if args.at_step is not None and \
+        args.at_step != target.step else ""
+    outside = "; extrapolated: outside the tracked profiles, unreliable" if post.extrapolated(args.sigma_rel) else ""
+    print(f"wrote {args.out}: post-hoc EMA sigma_rel {args.sigma_rel} at optimizer step {target.step}{asked} from "
+          f"{len(used)} snapshots (steps {used[0]}..{used[-1]}){outside}; {post.disk_use()}")
     return 0
 
 

@@ -337,3 +337,26 @@ def test_multiscale_sampler_batch_is_measured_from_the_sampler(tmp_path, data):
     assert 128 / batches <= per_step < 8  # the sampler's mean (its last batches padded), not batch_size_per_card
     assert int(line.group(4).replace(",", "")) == round(per_step * batches)  # the images of one epoch of steps
     assert int(line.group(6).replace(",", "")) == batches  # half-life 1 epoch = one epoch of real steps
+
+
+def test_posthoc_sweep_refuses_snapshots_of_another_model_before_evaluating(tmp_path, data):
+    """Issue 19.5: snapshots of another model swept with a PaddleOCR config printed a 'best' of random weights
+    (PaddleOCR only warns 'not in loaded params'). The model -c builds is checked first; one line, no table."""
+    from conftest import make_net
+    from ema_callback.config import EMAConfig
+    from ema_callback.engine import ExponentialMovingAverage
+
+    net = make_net()
+    ema = ExponentialMovingAverage(net, EMAConfig(decay=0.9, posthoc={"sigma_rels": [0.05, 0.1], "snapshot_every": 2,
+                                                                      "dir": str(tmp_path / "posthoc")}))
+    for _ in range(4):
+        ema.step()
+    cmd = [sys.executable, "-m", "ema_callback.cli", "posthoc", "sweep", "--snapshots", str(tmp_path / "posthoc"),
+           "--sigma-rel", "0.05,0.1", "--out", str(tmp_path / "sweep"), "--paddleocr-root", PADDLEOCR_ROOT,
+           "-c", REC_CFG, "-o", *data_overrides(data, "rec")]
+    rc, log = run(cmd, str(tmp_path))
+    last = log.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith(f"ema-callback: error: -c {REC_CFG}: the snapshots in {tmp_path}/posthoc are "
+                                       "not of this model: "), log[-2000:]
+    assert "of the model's tensors are not in the weights (backbone." in last and "[1/2]" not in log
+    assert not (tmp_path / "sweep" / "sweep.json").exists()

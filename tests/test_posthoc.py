@@ -1,4 +1,6 @@
 """Post-hoc EMA on real training: tracked profiles, snapshots, reconstruction, resume."""
+import os
+import shutil
 
 import numpy as np
 import paddle
@@ -137,16 +139,57 @@ def test_bad_posthoc_input_is_a_one_line_error(tmp_path):
         PostHocEMA(str(tmp_path))
 
 
-def test_snapshots_of_another_model_in_the_folder_are_refused(trajectory, tmp_path):
-    track(trajectory, tmp_path, [0.05, 0.10], steps=20, every=20)
-    other = paddle.nn.Linear(3, 3)
-    ema = ExponentialMovingAverage(other, EMAConfig(posthoc={"sigma_rels": [0.05, 0.10], "snapshot_every": 5,
-                                                             "dir": str(tmp_path)}))
-    for _ in range(5):
-        ema.step()
-    with pytest.raises(EMAFileError, match=r"phema-000000020\.npz is of another model or other profiles than "
-                                           r"phema-000000005\.npz; keep one run's snapshots per folder$"):
-        load_snapshots(str(tmp_path))
+def test_a_fresh_run_starts_its_own_series_and_a_mixed_folder_is_refused(trajectory, tmp_path, caplog):
+    """Issue 19.4: a fresh run into a folder holding a 60-step run's snapshots used to rewrite steps 5-20 and keep
+    25-60 of the old run. Now the old run's snapshots are moved aside (nothing deleted), and a folder that mixes
+    runs is refused, naming the files."""
+    folder = tmp_path / "posthoc"
+    _, old = track(trajectory, folder, [0.05, 0.10], steps=60, every=5)
+    with caplog.at_level("INFO", logger="ema_callback"):
+        _, new = track(trajectory, folder, [0.05, 0.10], steps=20, every=5)
+    assert new.run_id != old.run_id
+    aside = tmp_path / f"posthoc-run-{old.run_id}"
+    assert sorted(os.listdir(folder)) == [f"phema-{s:09d}.npz" for s in (5, 10, 15, 20)]
+    assert sorted(os.listdir(aside)) == [f"phema-{s:09d}.npz" for s in range(5, 61, 5)]
+    assert f"held 12 snapshot(s) of another run (run {old.run_id}, steps 5..60): moved to {aside}" in caplog.text
+    assert f"EMA: post-hoc snapshot at optimizer step 5: {folder}/phema-000000005.npz (" in caplog.text
+    assert PostHocEMA(str(folder)).steps == [5, 10, 15, 20] and PostHocEMA(str(aside)).steps[-1] == 60
+    shutil.copy(aside / "phema-000000060.npz", folder)  # mixed by hand
+    with pytest.raises(EMAFileError, match=rf"snapshots of 2 runs mixed \(run {new.run_id}: phema-000000005.npz, "
+                                           rf"phema-000000010.npz, phema-000000015.npz \(\+1 more\); run "
+                                           rf"{old.run_id}: phema-000000060.npz\); keep one run's snapshots per folder"):
+        load_snapshots(str(folder))
+
+
+def test_a_resumed_run_continues_its_own_series(trajectory, tmp_path):
+    init, states = trajectory
+    folder = tmp_path / "posthoc"
+    model, first = track(trajectory, folder, [0.05, 0.10], steps=20, every=5)
+    state = first.state_dict()
+    second = ExponentialMovingAverage(model, EMAConfig(decay=0.99, posthoc={"sigma_rels": [0.05, 0.10],
+                                                                          "snapshot_every": 5, "dir": str(folder)}))
+    second.set_state_dict(state)
+    assert second.run_id == first.run_id
+    for s in states[20:30]:
+        model.set_state_dict({k: paddle.to_tensor(v) for k, v in s.items()})
+        second.step()
+    assert sorted(os.listdir(tmp_path)) == ["posthoc"]  # nothing moved aside
+    assert PostHocEMA(str(folder)).steps == [5, 10, 15, 20, 25, 30]
+
+
+def test_reconstruct_names_the_snapshots_it_uses_and_flags_extrapolation(trajectory, tmp_path, capsys):
+    from ema_callback.posthoc_cli import main
+
+    track(trajectory, tmp_path, [0.05, 0.10], steps=60, every=5)
+    assert main(["reconstruct", "--snapshots", str(tmp_path), "--sigma-rel", "0.07", "--at-step", "30",
+                 "-o", str(tmp_path / "a.pdparams")]) == 0
+    out = capsys.readouterr().out
+    assert "sigma_rel 0.07 at optimizer step 30 from 6 snapshots (steps 5..30);" in out
+    assert main(["reconstruct", "--snapshots", str(tmp_path), "--sigma-rel", "0.02", "--at-step", "31",
+                 "-o", str(tmp_path / "b.pdparams")]) == 0
+    out = capsys.readouterr().out
+    assert "at optimizer step 30 (--at-step 31: the last snapshot at or before it) from 6 snapshots (steps 5..30); " \
+           "extrapolated: outside the tracked profiles, unreliable;" in out
 
 
 def test_load_average_sets_every_shadow_profiles_included(tmp_path):
