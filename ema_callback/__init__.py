@@ -5,11 +5,13 @@ into ``paddle.Model.fit``, and ``ema_callback.integrations.paddleocr`` / ``.padd
 PaddleDetection.
 """
 from .config import EMAConfig, EMAConfigError
+from .horizon import BatchInfo
 from .schedules import decay_at
 
 __version__ = "0.1.0"
 
-__all__ = ["EMAConfig", "EMAConfigError", "ExponentialMovingAverage", "EMACallback", "decay_at", "__version__"]
+__all__ = ["BatchInfo", "EMAConfig", "EMAConfigError", "ExponentialMovingAverage", "EMACallback", "PostHocEMA",
+           "decay_at", "__version__"]
 
 
 def __getattr__(name):  # keep `import ema_callback` free of paddle until the engine is needed
@@ -19,4 +21,7 @@ def __getattr__(name):  # keep `import ema_callback` free of paddle until the en
     if name == "EMACallback":
         from .integrations.model_fit import EMACallback
         return EMACallback
+    if name == "PostHocEMA":
+        from .posthoc import PostHocEMA
+        return PostHocEMA
     raise AttributeError(name)

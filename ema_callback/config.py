@@ -122,8 +122,23 @@ def _key(name: Any) -> str:
     return f"{SECTION}.{name}" if plain else f"{SECTION}[{name!r}]"
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _numeric(value: Any) -> Any:
+    """A number written as a string (PyYAML 1.1 reads ``1e4`` as the string '1e4'), as a number; else unchanged."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    return value
+
+
 def _check_value(opt: Option, value: Any) -> Any:
     key = _key(opt.name)
+    if opt.kind in ("int", "float"):
+        value = _numeric(value)
+    elif opt.kind in ("decay_list", "positive_or_list"):
+        value = [_numeric(v) for v in value] if isinstance(value, (list, tuple)) else _numeric(value)
     if opt.kind == "bool":
         if not isinstance(value, bool):
             raise EMAConfigError(f"{key}: expected true or false, got {value!r}")
@@ -206,6 +221,7 @@ def _check_posthoc(value: Any) -> Optional[Dict[str, Any]]:
         name = f"EMA.posthoc.{key}"
         if key not in POSTHOC_DEFAULTS:
             raise _unknown_key_error(key, POSTHOC_DEFAULTS, name)
+        item = [_numeric(v) for v in item] if isinstance(item, (list, tuple)) else _numeric(item)
         if key == "sigma_rels":
             items = item if isinstance(item, (list, tuple)) else None
             if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 0.2886
@@ -253,6 +269,10 @@ def _check_combination(values: Mapping[str, Any]) -> None:
 
 def _unknown_key_error(name: Any, known=OPTION_BY_NAME, key: Optional[str] = None) -> EMAConfigError:
     """``EMA.<name>: unknown key, did you mean ...?`` (``key``: the full name, for keys of a sub-block)."""
+    if isinstance(name, str) and ":" in name:
+        head = key.rsplit(".", 1)[0] if key else SECTION
+        return EMAConfigError(f"{head}: YAML read {name!r} as one key with no value (no space after the colon); "
+                              f"write {name.split(':', 1)[0]}: {name.split(':', 1)[1]}")
     close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
     hint = f", did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
     return EMAConfigError(f"{key or _key(name)}: unknown key{hint}")
@@ -356,7 +376,8 @@ class EMAConfig:
 
 def layered(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
     """``base`` updated with ``top``; a length form in ``top`` replaces the one in ``base`` (``-o EMA.decays=[..]``
-    over a section with ``decay: 0.9999`` means the list, not a conflict). Within one layer two forms are an error."""
+    over a section with ``decay: 0.9999`` means the list, not a conflict). Within one layer (one YAML block, one
+    ``-o`` list) two forms are an error (``EMAConfig.from_block``, ``config_files.apply_overrides``)."""
     merged = dict(base)
     if isinstance(top, Mapping) and any(k in LENGTH_KEYS and top[k] is not None for k in top):
         for k in LENGTH_KEYS:
@@ -364,4 +385,7 @@ def layered(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
         if any(k in ("half_life_images", "half_life_epochs") and top[k] is not None for k in top):
             merged.pop("decay_batch_size", None)
     merged.update(top)
+    for k in LENGTH_KEYS:  # a length key set to null means "not this form" (the default decay if none is left)
+        if k in merged and merged[k] is None:
+            del merged[k]
     return merged

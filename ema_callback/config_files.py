@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import SECTION, EMAConfig, layered
+from .config import LENGTH_KEYS, SECTION, EMAConfig, layered
 from .errors import EMAConfigError
 
 
@@ -46,20 +46,39 @@ def split_overrides(opts: Optional[Sequence[str]]) -> Tuple[List[Tuple[List[str]
 
 
 def apply_overrides(block: Optional[Mapping[str, Any]], overrides: Iterable[Tuple[List[str], Any]]) -> Dict[str, Any]:
-    """Apply parsed ``EMA.*`` overrides to a block (a copy); works when the YAML had no ``EMA:`` section."""
+    """Apply parsed ``EMA.*`` overrides to a block (a copy); works when the YAML had no ``EMA:`` section.
+
+    The ``-o`` list is one layer: a key given twice keeps its last value, two forms of the EMA length in the list
+    are an error (as in one YAML block), and a length form in it replaces the block's (``config.layered``).
+    ``EMA.posthoc.KEY=VALUE`` sets one key of the ``posthoc`` sub-block."""
     merged: Dict[str, Any] = dict(block or {})
+    layer: Dict[str, Any] = {}
+    where: Dict[str, str] = {}
     for parts, value in overrides:
+        text = ".".join(parts)
         if parts[0] != SECTION:
-            raise EMAConfigError(f"-o {'.'.join(parts)!r}: not an {SECTION}.* key")
+            raise EMAConfigError(f"-o {text!r}: not an {SECTION}.* key")
         if parts == [SECTION]:
             if not isinstance(value, Mapping):
                 raise EMAConfigError(f"-o {SECTION}: expected a mapping, got {value!r}")
-            merged = layered(merged, value)
+            layer.update(value)
+            where.update({str(k): f"{SECTION}={{{k}: ...}}" for k in value})
         elif len(parts) == 2:
-            merged = layered(merged, {parts[1]: value})
+            layer[parts[1]] = value
+            where[parts[1]] = f"{text}=..."
+        elif len(parts) == 3 and parts[1] == "posthoc":
+            current = layer.get("posthoc", merged.get("posthoc"))
+            layer["posthoc"] = dict(current if isinstance(current, Mapping) else {}, **{parts[2]: value})
         else:
-            raise EMAConfigError(f"-o {'.'.join(parts)!r}: EMA keys are one level deep, e.g. EMA.decay")
-    return merged
+            raise EMAConfigError(f"-o {text!r}: EMA keys are one level deep (EMA.decay=0.999), except the posthoc "
+                                 f"sub-block's (EMA.posthoc.snapshot_every=5, or -o \"EMA.posthoc={{snapshot_every: "
+                                 f"5}}\")")
+    forms = [k for k in LENGTH_KEYS if layer.get(k) is not None]
+    if len(forms) > 1:
+        raise EMAConfigError(f"-o {where[forms[0]]} and -o {where[forms[1]]}: give the EMA length one way in one list "
+                             "of overrides (decay, decays, half_life_images or half_life_epochs); an override replaces "
+                             "the form of the YAML's EMA: section or --ema-config block")
+    return layered(merged, layer)
 
 
 class SuiteLoader(yaml.SafeLoader):

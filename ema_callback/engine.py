@@ -676,9 +676,19 @@ class ExponentialMovingAverage:
             raise EMAFileError(f"{source}: does not match the model: {'; '.join(parts)}")
         others = list(state.get("shadows") or [])
         if len(others) + 1 != self.num_shadows:
-            raise EMAConfigError(f"EMA.{self.config.length_key}: {source} holds {len(others) + 1} EMA(s) "
-                                 f"({', '.join(state.get('labels') or ['ema'])}), this run asks for {self.num_shadows} "
-                                 f"({', '.join(self.labels)}); resume with the same number of EMAs")
+            saved = list(state.get("labels") or ["ema"])
+            saved_emas = [l for l in saved if not l.startswith("phema")]
+            saved_profiles = [l for l in saved if l.startswith("phema")]
+            ours = self.labels[self.num_candidates:]
+
+            def listed(labels):
+                return f" ({', '.join(labels)})" if labels else ""
+
+            raise EMAConfigError(
+                f"EMA.{self.config.length_key}: {source} holds {len(saved_emas)} EMA(s){listed(saved_emas)} and "
+                f"{len(saved_profiles)} post-hoc profile(s){listed(saved_profiles)}; this run asks for "
+                f"{self.num_candidates} EMA(s){listed(self.candidate_labels)} and {len(ours)} post-hoc "
+                f"profile(s){listed(ours)}; resume with the same EMAs and EMA.posthoc.sigma_rels")
         saved_config = state.get("config") or {}
         for key in ("decay", "schedule", "update_every", "start_step", "bias_correction"):
             if key in saved_config and saved_config[key] != getattr(self.config, key):

@@ -38,7 +38,15 @@ from .schedules import decay_array, decay_at
 
 @dataclass(frozen=True)
 class BatchInfo:
-    """How many images one optimizer update sees, as measured by the integration (and the training set's size)."""
+    """How many images one optimizer update sees, as measured by the way in (or given by a caller, e.g.
+    ``EMACallback(batch=BatchInfo(32, world=2))``): what ``decay_batch_size`` and the half-lives need.
+
+    Fields: ``per_device`` images per optimizer step on one device (a mean where the sampler varies it);
+    ``world`` data-parallel ranks; ``accumulate`` batches per optimizer step (gradient accumulation);
+    ``dataset_size`` images per epoch (``half_life_epochs``; None: unknown); ``steps_per_epoch`` optimizer
+    steps per epoch (``switch_every_epochs``, ``snapshot_every_epochs``); ``total_steps`` optimizer steps of the
+    whole run (the start line's too-long warnings); ``measured`` how ``per_device`` was counted (shown in the start
+    line). ``global_batch = per_device x world x accumulate``."""
 
     per_device: float  # images per optimizer step on one device (a mean where the sampler varies the batch)
     world: int = 1

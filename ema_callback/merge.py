@@ -3,7 +3,8 @@
 Precedence, lowest first: the ready block < the suite's own ``EMA:`` section < ``-o EMA.*`` overrides.
 ``merge_yaml_text`` keeps the suite text (its keys, order and comments) verbatim and edits only the top-level
 ``EMA:`` section, line by line: the section keeps block style and its comments (the ready block's, when the suite
-has none), a key set with ``--set`` replaces its value in place (keeping a trailing comment) or is appended, and
+has none), a key set with ``--set`` replaces its value in place (keeping a trailing comment) or is appended, a key
+that another form of the EMA length replaces (``--set EMA.half_life_epochs=2`` over ``decay:``) is removed, and
 block keys the suite's section lacks are appended. The result is parsed back and checked against the merged
 values. A ppdet config whose own ``use_ema: true`` (or its ``_BASE_``'s) would run ppdet's EMA beside ours gets
 ``use_ema: false`` written into the merged file, and the command says so.
@@ -75,6 +76,22 @@ def _set_key(section: List[str], key: str, value: Any) -> List[str]:
     return out
 
 
+def _drop_key(section: List[str], key: str) -> List[str]:
+    """The section's lines without ``key`` (and its more-indented continuation lines); comment lines stay."""
+    indent = _child_indent(section)
+    pattern = re.compile(rf"^ {{{indent}}}{re.escape(key)}\s*:")
+    out = list(section)
+    for i in range(1, len(out)):
+        if pattern.match(out[i]):
+            end = i + 1
+            while end < len(out) and out[end].strip() and len(out[end]) - len(out[end].lstrip()) > indent \
+                    and not out[end].lstrip().startswith("#"):
+                end += 1
+            del out[i:end]
+            return out
+    return out
+
+
 def _section_lines(text: str) -> List[str]:
     lines = text.splitlines(keepends=True)
     span = _section_span(lines)
@@ -99,6 +116,9 @@ def merge_yaml_text(suite_text: str, block: Mapping[str, Any], block_text: Optio
         keys_present = dict(load_suite_yaml("".join(section)).get(SECTION) or {})
     else:
         section, keys_present = lines[span[0]:span[1]], dict(own)
+    for key in keys_present:
+        if key not in merged:  # replaced by another form of the EMA length (config.layered)
+            section = _drop_key(section, key)
     for key, value in merged.items():
         if key not in keys_present or keys_present[key] != value:
             section = _set_key(section, key, value)

@@ -164,3 +164,32 @@ def test_model_fit_resume_with_the_ema_off_trains_on_from_the_raw_weights(tmp_pa
     lines = [r.getMessage() for r in caplog.records]
     assert "EMA: off for this run (EMACallback enable=False)" in lines
     assert any("training continues from the raw weights in" in m and "final.pdema" in m for m in lines), lines
+
+
+def test_save_as_raw_with_a_selected_candidate_says_what_each_file_holds(tmp_path):
+    """Issue 19.10: under save_as: raw the .pdparams hold the raw weights; the .pdema said `pdparams_hold: <winner>`.
+    Now it says raw, and .ema.pdparams holds the selected EMA (recorded as ema_pdparams_hold)."""
+    import paddle
+
+    from ema_callback.checkpoint_io import checked_load
+    from ema_callback.config import EMAConfig
+    from ema_callback.engine import ExponentialMovingAverage
+    from ema_callback.integrations.checkpoints import numpy_state, save_ema_state
+    from ema_callback.state_file import read_state
+
+    from conftest import make_net, train_steps
+
+    net = make_net()
+    ema = ExponentialMovingAverage(net, EMAConfig(decays=[0.5, 0.9], schedule="constant"))
+    for state in train_steps(make_net(1), 3):
+        net.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+        ema.step()
+    raw = numpy_state(net)
+    atomic_save(raw, str(tmp_path / "best.pdparams"))  # the suite's own file (save_as: raw: the raw weights)
+    save_ema_state(ema, [str(tmp_path / "best")], net, raw, raw, "raw", candidate="ema0.9")
+    state = read_state(str(tmp_path / "best.pdema"))
+    assert state["pdparams_hold"] == "raw" and state["ema_pdparams_hold"] == "ema0.9"
+    beside = checked_load(str(tmp_path / "best.ema.pdparams"))
+    expected = ema.ema_state_dict(net, "ema0.9")
+    assert all(np.array_equal(beside[k], expected[k]) for k in expected)
+    assert not all(np.array_equal(beside[k], ema.ema_state_dict(net, 0)[k]) for k in expected)

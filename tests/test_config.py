@@ -98,7 +98,7 @@ def test_overrides_work_without_an_ema_section():
         resolve_block({}, None, [parse_override("EMA.decay=2")])
     with pytest.raises(EMAConfigError, match=r"^-o 'EMA.decay': expected KEY=VALUE"):
         parse_override("EMA.decay")
-    with pytest.raises(EMAConfigError, match=r"^-o 'EMA.decay.x': EMA keys are one level deep"):
+    with pytest.raises(EMAConfigError, match=r"^-o .EMA.decay.x.: EMA keys are one level deep \(EMA.decay=0.999\)"):
         apply_overrides({}, [parse_override("EMA.decay.x=1")])
 
 
@@ -180,3 +180,56 @@ def test_block_file_errors_name_the_file(tmp_path):
         with pytest.raises(EMAConfigError) as err:
             read_block_file(str(path))
         assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- issue 19: precedence, merge-config, YAML readings
+def test_one_precedence_rule_for_the_length_forms():
+    """Within a layer (one YAML block, one -o list) two forms are an error; a later layer's form replaces."""
+    with pytest.raises(EMAConfigError, match=r"^EMA\.half_life_images: give the EMA length one way"):
+        EMAConfig.from_block({"decay": 0.99, "half_life_images": 100})
+    with pytest.raises(EMAConfigError) as err:
+        apply_overrides({}, [parse_override("EMA.decay=0.99"), parse_override("EMA.half_life_images=100")])
+    assert str(err.value).startswith("-o EMA.decay=... and -o EMA.half_life_images=...: give the EMA length one way "
+                                     "in one list of overrides")
+    with pytest.raises(EMAConfigError, match=r"^-o EMA.decays=\.\.\. and -o EMA.half_life_epochs=\.\.\."):
+        apply_overrides({}, [parse_override("EMA.decays=[0.9, 0.99]"), parse_override("EMA.half_life_epochs=[1, 2]")])
+    across = EMAConfig.from_block(apply_overrides({"decay": 0.99, "decay_batch_size": 64},
+                                                  [parse_override("EMA.half_life_images=100")]))
+    assert across.half_life_images == 100 and across.decay_batch_size is None and across.length_key == \
+        "half_life_images"
+    again = apply_overrides({}, [parse_override("EMA.decay=0.9"), parse_override("EMA.decay=0.99")])
+    assert again == {"decay": 0.99}  # the same key twice: the last value, as for any -o key
+
+
+def test_merge_config_can_change_the_length_form_keeping_comments(tmp_path):
+    suite = "Global:\n  epoch_num: 3\nEMA:\n  # tuned for 8 GPUs\n  decay: 0.9999  # PaddleOCR's\n  eval_raw: true\n"
+    merged = merge_yaml_text(suite, {}, None, [parse_override("EMA.half_life_epochs=2")])
+    assert merged == ("Global:\n  epoch_num: 3\nEMA:\n  # tuned for 8 GPUs\n  eval_raw: true\n"
+                      "  half_life_epochs: 2\n")
+    assert EMAConfig.from_block(load_suite_yaml(merged)["EMA"]).half_life_epochs == 2
+
+
+def test_numbers_written_as_strings_and_yaml_colon_slips_and_nested_posthoc_overrides():
+    assert EMAConfig.from_block(yaml.safe_load("half_life_images: 1e4")).half_life_images == 10000.0
+    assert EMAConfig.from_block({"decays": ["9.9e-1", 0.999]}).decays == [0.99, 0.999]
+    assert EMAConfig.from_block({"update_every": "4"}).update_every == 4
+    with pytest.raises(EMAConfigError, match=r"^EMA\.decay: expected a number, got 'high'$"):
+        EMAConfig.from_block({"decay": "high"})
+    block = apply_overrides({}, [parse_override("EMA.posthoc.snapshot_every=5"),
+                                 parse_override("EMA.posthoc.sigma_rels=[0.05, 0.1]")])
+    assert EMAConfig.from_block(block).posthoc["snapshot_every"] == 5
+    with pytest.raises(EMAConfigError) as err:
+        EMAConfig.from_block(apply_overrides({}, [parse_override("EMA.posthoc={snapshot_every:0}")]))
+    assert str(err.value) == ("EMA.posthoc: YAML read 'snapshot_every:0' as one key with no value (no space after "
+                              "the colon); write snapshot_every: 0")
+    with pytest.raises(EMAConfigError, match=r"EMA keys are one level deep \(EMA.decay=0.999\), except the posthoc "
+                                             r"sub-block's \(EMA.posthoc.snapshot_every=5"):
+        apply_overrides({}, [parse_override("EMA.decay.x=1")])
+
+
+def test_batchinfo_and_posthocema_are_public():
+    import ema_callback
+
+    assert ema_callback.BatchInfo(16, world=2, accumulate=2).global_batch == 64
+    assert ema_callback.PostHocEMA.__name__ == "PostHocEMA" and "BatchInfo" in ema_callback.__all__
+    assert "Fields:" in ema_callback.BatchInfo.__doc__

@@ -3,7 +3,7 @@ import math
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ema_callback.config import OPTIONS, EMAConfig, EMAConfigError
+from ema_callback.config import _NUMBER as NUMBER, LENGTH_KEYS, OPTIONS, EMAConfig, EMAConfigError
 from ema_callback.config_files import apply_overrides, parse_override
 
 NAMES = [o.name for o in OPTIONS]
@@ -23,7 +23,12 @@ def check_loaded(cfg, block):
         if key == "posthoc" and value is False:
             assert got is None  # `posthoc: false` is the default: off
             continue
+        if isinstance(value, str) and NUMBER.match(value.strip()):
+            value = float(value)  # a number written as a string ('1e4': PyYAML 1.1 reads it so) is that number
+        if isinstance(value, list) and all(isinstance(v, str) and NUMBER.match(v.strip()) for v in value):
+            value = [float(v) for v in value]
         assert (got == value or got == [value] or (value is None and got == [])  # empty YAML list key
+                or (value is None and key in LENGTH_KEYS)  # -o EMA.decay=null: not this form of the length
                 or (isinstance(value, (int, float)) and math.isclose(got, value)))
 
 

@@ -154,9 +154,17 @@ def test_several_emas_survive_save_and_load_exactly(trajectory, tmp_path):
     again.load(str(tmp_path / "a.pdema"))
     assert again.fingerprint() == ema.fingerprint() and again.decay_products == ema.decay_products
     _, other = run_engine(trajectory, steps=1, decay=0.9)
-    with pytest.raises(EMAConfigError, match=r"^EMA\.decay: .* holds 2 EMA\(s\) \(ema_hl100img, ema_hl1000img\), "
-                                             r"this run asks for 1"):
+    with pytest.raises(EMAConfigError, match=r"^EMA\.decay: .* holds 2 EMA\(s\) \(ema_hl100img, ema_hl1000img\) "
+                                             r"and 0 post-hoc profile\(s\); this run asks for 1 EMA\(s\) \(ema\) and 0 "
+                                             r"post-hoc profile\(s\); resume with the same EMAs and "
+                                             r"EMA.posthoc.sigma_rels$"):
         other.load(str(tmp_path / "a.pdema"))
+    _, profiled = run_engine(trajectory, steps=1, half_life_images=[100, 1000], batch=BatchInfo(4),
+                             posthoc={"sigma_rels": [0.05], "snapshot_every": 100, "dir": str(tmp_path)})
+    with pytest.raises(EMAConfigError, match=r"holds 2 EMA\(s\) \(ema_hl100img, ema_hl1000img\) and 0 post-hoc "
+                                             r"profile\(s\); this run asks for 2 EMA\(s\) \(ema_hl100img, "
+                                             r"ema_hl1000img\) and 1 post-hoc profile\(s\) \(phema0.05\)"):
+        profiled.load(str(tmp_path / "a.pdema"))
 
 
 # ---------------------------------------------------------------- evaluation and select: best in Model.fit

@@ -127,17 +127,22 @@ def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[
 
     ``held``: the arrays the suite's ``<prefix>.pdparams`` hold (what the network held when the suite saved);
     ``raw``: the raw weights (None where the suite keeps them itself, as ppdet's ``.pdema`` does);
-    ``candidate``: which candidate the ``.pdparams`` hold (with several EMAs or ``select: best``), recorded as such.
+    ``candidate``: which candidate the suite selected (with several EMAs or ``select: best``): recorded as what the
+    ``.pdparams`` hold, or under ``save_as: raw`` (whose ``.pdparams`` hold the raw weights) as what
+    ``.ema.pdparams`` holds (the selected EMA, or the primary when raw won).
     """
     from ..checkpoint_io import atomic_write_bytes, saved_bytes
 
     companions: Dict[str, Mapping[str, np.ndarray]] = {".pdparams": held}
     files: Dict[str, bytes] = {}
-    if save_as == "raw":
-        companions[".ema.pdparams"] = ema.ema_state_dict(network)
-        files[".ema.pdparams"] = saved_bytes(companions[".ema.pdparams"])
     extra: Dict[str, object] = {"raw_weights": dict(raw)} if raw is not None else {}
-    if candidate is not None:
+    if save_as == "raw":  # the suite's files keep the raw weights; the selected EMA (else the primary) goes beside
+        label = candidate if candidate is not None and candidate in ema.labels else ema.labels[0]
+        companions[".ema.pdparams"] = ema.ema_state_dict(network, label)
+        files[".ema.pdparams"] = saved_bytes(companions[".ema.pdparams"])
+        if candidate is not None:
+            extra["pdparams_hold"], extra["ema_pdparams_hold"] = "raw", label
+    elif candidate is not None:
         extra["pdparams_hold"] = candidate
     state = ema.saved_state(extra=extra or None, companions=companions)
     files[".pdema"] = saved_bytes(state)
