@@ -14,7 +14,7 @@ from ema_callback.config_files import (apply_overrides, load_suite_yaml, parse_o
                                        split_overrides)
 from ema_callback.merge import merge_yaml_text
 
-from conftest import PADDLEDET_ROOT, PADDLEOCR_ROOT
+from conftest import PADDLEDET_ROOT, PADDLEOCR_ROOT, needs_paddledet, needs_paddleocr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS = sorted(os.path.join(REPO, "configs", "ema", f) for f in os.listdir(os.path.join(REPO, "configs", "ema")))
@@ -103,7 +103,8 @@ def test_overrides_work_without_an_ema_section():
 
 
 @pytest.mark.parametrize("block_path", BLOCKS, ids=os.path.basename)
-@pytest.mark.parametrize("suite_path", [OCR_CONFIG, DET_CONFIG], ids=["paddleocr", "paddledet"])
+@pytest.mark.parametrize("suite_path", [pytest.param(OCR_CONFIG, marks=needs_paddleocr, id="paddleocr"),
+                                        pytest.param(DET_CONFIG, marks=needs_paddledet, id="paddledet")])
 def test_merging_ready_blocks_into_real_suite_configs(block_path, suite_path, tmp_path):
     block = read_block_file(block_path)
     suite_text = open(suite_path, encoding="utf-8").read()
@@ -129,6 +130,7 @@ def test_merging_ready_blocks_into_real_suite_configs(block_path, suite_path, tm
 OVERLAYS = sorted(glob.glob(os.path.join(REPO, "configs", "paddleocr", "ema_*.yml")))
 
 
+@needs_paddleocr
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=os.path.basename)
 def test_paddleocr_overlays_name_a_real_config_and_merge_into_it(overlay):
     text = open(overlay).read()
@@ -140,6 +142,7 @@ def test_paddleocr_overlays_name_a_real_config_and_merge_into_it(overlay):
     assert merged["EMA"] == block and EMAConfig.from_block(merged["EMA"]).enable
 
 
+@needs_paddleocr
 def test_merge_config_command_writes_the_merged_yaml(tmp_path):
     out = tmp_path / "merged.yml"
     env = dict(os.environ, PYTHONPATH=REPO)

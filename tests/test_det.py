@@ -1,8 +1,10 @@
 """PaddleDetection: our engine in ppdet's Trainer, against ppdet's own ModelEMA, end to end (CPU)."""
+import glob
 import json
 import os
 import re
 import shutil
+import tempfile
 import subprocess
 import sys
 
@@ -17,14 +19,27 @@ from ema_callback.config import EMAConfigError
 from ema_callback.engine import ExponentialMovingAverage
 from datasets import write_coco_dataset
 
-from conftest import PADDLEDET_ROOT, make_net, tool_command
+from conftest import PADDLEDET_ROOT, make_net, needs_paddledet, tool_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "ppdet", "tiny_picodet_xs.yml")
+BASE = os.path.join(PADDLEDET_ROOT, "configs", "picodet", "picodet_xs_320_coco_lcnet.yml")
+
+
+def _write_tiny() -> str:
+    """tests/tiny_picodet_xs.yml with _BASE_ pointing at the checkout these tests use (issue 19.11: nothing
+    depends on this repository's own folder layout)."""
+    folder = tempfile.mkdtemp(prefix="tiny_picodet_")
+    path = os.path.join(folder, "tiny_picodet_xs.yml")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"_BASE_: ['{BASE}']\n" + open(os.path.join(REPO, "tests", "tiny_picodet_xs.yml")).read())
+    return path
+
+
+TINY = _write_tiny()
 TIMEOUT = 420  # ppdet's loader hangs if a transform raises: every run is bounded
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("paddledet"),  # one worker: the module's fixtures once
-              pytest.mark.skipif(not os.path.isdir(PADDLEDET_ROOT), reason="no PaddleDetection checkout")]
+              needs_paddledet]
 
 
 def ppdet():
@@ -131,14 +146,18 @@ def test_ppdet_black_list_stops_training_and_ours_does_not():
     assert results["ours"] == (False, False)  # ours keeps training it
 
 
-def test_flat_keys_translate_and_both_is_an_error():
+def test_flat_keys_translate_and_an_ema_section_replaces_them(caplog):
     from ema_callback.integrations.paddledet import resolve_det_config
-    cfg, extra = resolve_det_config({"use_ema": True, "ema_decay": 0.9998, "ema_decay_type": "exponential",
-                                     "ema_black_list": ["head.conv"], "cycle_epoch": 5}, None, [])
+    flat = {"use_ema": True, "ema_decay": 0.9998, "ema_decay_type": "exponential", "ema_black_list": ["head.conv"],
+            "cycle_epoch": 5}
+    cfg, extra = resolve_det_config(flat, None, [])
     assert (cfg.decay, cfg.schedule, cfg.tau, cfg.exclude, extra["cycle_epoch"]) == (
         0.9998, "exponential", 2000.0, [re.escape("head.conv")], 5)
-    with pytest.raises(EMAConfigError, match=r"^use_ema and EMA: both set"):
-        resolve_det_config({"use_ema": True, "EMA": {"decay": 0.99}}, None, [])
+    with caplog.at_level("INFO", logger="ema_callback"):  # the explicit EMA: request wins (issue 19.11)
+        cfg, extra = resolve_det_config(dict(flat, EMA={"decay": 0.99}), None, [])
+    assert (cfg.decay, cfg.exclude, extra["cycle_epoch"]) == (0.99, [], -1)
+    assert "EMA: the EMA: section replaces PaddleDetection's own EMA: use_ema: True, ema_decay: 0.9998, " \
+           "ema_decay_type: exponential, cycle_epoch: 5, ema_black_list: ['head.conv'] ignored" in caplog.text
     with pytest.raises(EMAConfigError, match=r"^EMA.save_as: det-train keeps ppdet's convention"):
         resolve_det_config({"EMA": {"save_as": "raw"}}, None, [])
     assert resolve_det_config({"EMA": {"eval_raw": True}}, None, [])[0].eval_raw  # a candidate beside the EMAs
@@ -348,9 +367,9 @@ def test_det_train_messages(coco, tmp_path):
     assert rc == 2 and "unrecognized arguments: --evl" in log and log.strip().splitlines()[-1] == (
         "ema-callback det-train: the error above is from PaddleDetection's tools/train.py argument parser; "
         "`ema-callback det-train --help` lists its arguments")
-    # an overlay copied away from its base
+    # an overlay whose relative _BASE_ does not resolve from where it is
     moved = tmp_path / "picodet_s_416_ema.yml"
-    moved.write_text(open(os.path.join(REPO, "configs", "ppdet", "picodet_s_416_ema.yml")).read())
+    moved.write_text("_BASE_: ['../../configs/picodet/picodet_s_416_coco_lcnet.yml']\nEMA:\n  decay: 0.9998\n")
     cmd = [sys.executable, "-m", "ema_callback.cli", "det-train", "-c", str(moved)]
     done = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=TIMEOUT, env=env())
     last = done.stderr.strip().splitlines()[-1]
@@ -382,16 +401,23 @@ def test_merge_into_a_ppdet_config_with_its_own_ema_turns_that_off(tmp_path):
     assert ema.enable
 
 
-@pytest.mark.parametrize("name", ["picodet_s_416_ema.yml", "ppyoloe_plus_s_ema.yml", "tiny_picodet_xs.yml"])
-def test_overlays_resolve_their_base_and_give_a_valid_ema(name):
+BLOCKS = sorted(glob.glob(os.path.join(REPO, "configs", "ppdet", "ema_*.yml")))
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=os.path.basename)
+def test_shipped_blocks_apply_to_the_users_own_config_in_their_checkout(block, caplog):
+    """Issue 19.11: the ppdet recipes are EMA: blocks for --ema-config on the user's own config (use_ema: true
+    there): ours replaces ppdet's EMA and one line names the keys it replaced."""
     from ema_callback.integrations.paddledet import load_ppdet_yaml, resolve_det_config
-    cfg = load_ppdet_yaml(os.path.join(REPO, "configs", "ppdet", name))
-    assert "architecture" in cfg and cfg["use_ema"] is False  # the real config's chain, ppdet's EMA off
-    ema, _ = resolve_det_config(cfg, None, [])
-    assert ema.enable and 0 < ema.decay < 1
-    # the same file with ppdet's flat keys still on is refused
-    with pytest.raises(EMAConfigError, match="use_ema and EMA: both set"):
-        resolve_det_config(dict(cfg, use_ema=True), None, [])
+    text = open(block).read()
+    named = re.search(r"PaddleDetection's (configs/\S+\.yml)", text).group(1)
+    suite = load_ppdet_yaml(os.path.join(PADDLEDET_ROOT, named))
+    assert suite["use_ema"] is True and "architecture" in suite
+    with caplog.at_level("INFO", logger="ema_callback"):
+        ema, extra = resolve_det_config(suite, block, [])
+    assert ema.enable and ema.decay == 0.9998 and extra["cycle_epoch"] == -1
+    assert "EMA: the --ema-config block replaces PaddleDetection's own EMA: use_ema: True" in \
+        caplog.text
 
 
 def test_flat_use_ema_config_runs_on_our_engine_with_the_ppdet_black_list():

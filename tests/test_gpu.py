@@ -8,7 +8,7 @@ import pytest
 from ema_callback import EMAConfig
 from ema_callback.engine import ExponentialMovingAverage
 
-from conftest import make_net
+from conftest import make_net, needs_paddleocr
 from ocr_helpers import REC_CFG, assert_eval_reproduces_best, ocr_train
 from test_device_path import host_reads_forbidden
 
@@ -93,6 +93,7 @@ def test_switch_under_amp_o2_sets_the_master_weights_too():
     assert checked > 0
 
 
+@needs_paddleocr
 def test_paddleocr_tiny_recognizer_on_the_gpu(tmp_path):
     from ema_callback.demo.text_lines import write_rec_dataset
 

@@ -15,6 +15,7 @@ from ema_callback import EMACallback
 from ema_callback.state_file import read_state
 
 import kill_fit_script as script
+from conftest import needs_paddleocr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KILLS = 20
@@ -86,6 +87,7 @@ def test_model_fit_survives_sigkill_anywhere(tmp_path, uninterrupted):
 
 
 @pytest.mark.soak
+@needs_paddleocr
 def test_paddleocr_launcher_survives_sigkill_anywhere(tmp_path):
     """make soak: 20 kill points of ema-callback ocr-train (several minutes)."""
     from ema_callback.demo.text_lines import write_rec_dataset

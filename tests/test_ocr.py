@@ -16,12 +16,12 @@ from ema_callback.demo.text_lines import write_rec_dataset
 from datasets import write_det_dataset
 from ema_callback.state_file import read_state
 
-from conftest import PADDLEOCR_ROOT
+from conftest import PADDLEOCR_ROOT, needs_paddleocr
 from ocr_helpers import (DET_CFG, REC_CFG, REPO, assert_eval_reproduces_best, data_overrides, logged_metrics,
                          ocr_train, paddleocr_tool, run)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("paddleocr"),  # one worker: the module's fixtures once
-              pytest.mark.skipif(not os.path.isdir(PADDLEOCR_ROOT), reason="no PaddleOCR checkout")]
+              needs_paddleocr]
 
 
 @pytest.fixture(scope="module")

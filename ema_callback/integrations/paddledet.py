@@ -27,8 +27,9 @@ with ``select: best`` the best by the Checkpointer's metric), so ``best_model.pd
 is ``TrainReader.batch_size`` x ranks; the training set's size is ``len(TrainDataset)``.
 
 ppdet's flat keys (``use_ema``, ``ema_decay``, ``ema_decay_type``, ``cycle_epoch``, ``ema_black_list``,
-``ema_filter_no_grad``) without an ``EMA:`` block run on this engine with the equivalent settings; a config
-with both is an error.
+``ema_filter_no_grad``) without an ``EMA:`` block run on this engine with the equivalent settings. An ``EMA:``
+section, ``--ema-config`` block or ``-o EMA.*`` on a config whose ``use_ema`` is true replaces ppdet's EMA: one line
+names the ppdet keys it replaced (their ``ema_black_list`` is not carried over: the block's ``exclude`` is).
 """
 from __future__ import annotations
 
@@ -108,11 +109,13 @@ def resolve_det_config(suite: Mapping[str, Any], block_file: Optional[str], over
     has_block = SECTION in suite or block_file or overrides
     extra = {"cycle_epoch": int(flat.get("cycle_epoch", -1) or -1),
              "filter_no_grad": bool(flat.get("ema_filter_no_grad", False))}
-    if has_block and flat.get("use_ema"):
-        raise EMAConfigError(f"use_ema and {SECTION}: both set; use the {SECTION}: block "
-                             f"(and remove {', '.join(sorted(flat))})")
     if has_block:
         config = resolve_block(suite, block_file, overrides)
+        if flat.get("use_ema"):  # the explicit request is the user's intent: ours replaces ppdet's
+            logger.info("EMA: the %s replaces PaddleDetection's own EMA: %s ignored",
+                        "--ema-config block" if block_file and SECTION not in suite else f"{SECTION}: section",
+                        ", ".join(f"{k}: {flat[k]}" for k in FLAT_KEYS if k in flat))
+            extra = {"cycle_epoch": -1, "filter_no_grad": False}
     elif flat.get("use_ema"):
         config = EMAConfig.from_block(from_ppdet_flat_keys(flat))
     else:
