@@ -25,7 +25,7 @@ export PADDLEOCR_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleOCR-
 export PADDLEDET_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleDetection-develop) $(CHECKOUT_CACHE)/PaddleDetection)
 PIP := -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test test-fast test-paddle3 test-paddle26 soak bench venv clean checkouts skipped-suites
+.PHONY: demo docs test test-fast test-paddle3 test-paddle26 soak bench venv clean checkouts skipped-suites
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ venv: $(VENV)/.test-installed
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/ema-callback demo $(ARGS)
+
+# The demo and its --posthoc variant with defaults: docs/demo_*.json, the figures and the README's generated blocks.
+docs: $(VENV)/.demo-installed
+	$(BIN)/python docs/regenerate.py
 
 # The whole suite on Paddle 3.3.1, then the Paddle 2.6 subset; last, one line per suite whose tests were skipped.
 test: checkouts test-paddle3 test-paddle26

@@ -11,9 +11,15 @@ The candidates are the EMAs (``ema.labels``: ``ema0.9999``, ``ema_hl5000img``, .
 * ``select: primary`` selects the primary; ``select: best`` the candidate with the best main metric (ties keep the
   earlier of primary, other EMAs, raw), and the suite's best-model file then holds it.
 
-``finish(folder)`` prints a table of every candidate's final and best main metric with the recommendation, writes
-it as ``ema_candidates.json`` in ``folder`` and, when matplotlib is installed, ``ema_candidates.png`` (validation
-curves).
+``finish(folder)`` prints a table of every candidate's final and best main metric, its noise and its realized
+horizon, with the recommendation, writes it as ``ema_candidates.json`` in ``folder`` and, when matplotlib is
+installed, ``ema_candidates.png`` (validation curves).
+
+The recommendation (one rule, used by every way in and the demo): the best **final** main metric (the last
+evaluation); a tie goes to the calmer curve (smaller ``noise``), then to the earlier candidate of the table
+(primary, other EMAs, raw). ``noise`` is the standard deviation of the metric's residuals around a least-squares
+line over the evaluations of the last quarter of training (steps after 3/4 of the last evaluated step): the jumps
+between evaluations without the trend (``trend_noise``; None with fewer than 3 evaluations there).
 """
 from __future__ import annotations
 
@@ -31,6 +37,39 @@ logger = logging.getLogger("ema_callback")
 RAW = RAW_SUFFIX.lstrip("_")  # the raw weights' candidate label: "raw"
 TABLE_FILE = "ema_candidates.json"
 PLOT_FILE = "ema_candidates.png"
+
+
+def last_quarter(series: List) -> List:
+    """The ``(step, value)`` pairs after 3/4 of the last step (the end of training)."""
+    if not series:
+        return []
+    cut = 0.75 * series[-1][0]
+    return [(step, value) for step, value in series if step > cut]
+
+
+def trend_noise(series: List) -> Optional[float]:
+    """Residual standard deviation of ``(step, value)`` pairs around their least-squares line (ddof 2: the line's
+    two parameters); None with fewer than 3 points."""
+    import numpy as np
+
+    if len(series) < 3:
+        return None
+    steps = np.array([s for s, _ in series], dtype=np.float64)
+    values = np.array([v for _, v in series], dtype=np.float64)
+    slope, intercept = np.polyfit(steps, values, 1)
+    residuals = values - (slope * steps + intercept)
+    return float(np.sqrt(np.sum(residuals ** 2) / (len(series) - 2)))
+
+
+def recommend(rows: List[Dict[str, Any]], higher_is_better: bool) -> Optional[str]:
+    """The module docstring's rule: best final metric, then the smaller noise, then table order."""
+    def key(indexed):
+        index, row = indexed
+        final = row["final"] if higher_is_better else -row["final"]
+        noise = row.get("noise")
+        return (final, -(noise if noise is not None else float("inf")), -index)
+
+    return max(enumerate(rows), key=key)[1]["candidate"] if rows else None
 
 
 def metric_value(value: Any) -> Optional[float]:
@@ -139,17 +178,19 @@ class CandidateBoard:
                 continue
             pick = max if self.higher_is_better else min
             best_step, best = pick(series, key=lambda item: item[1])
+            tail = last_quarter(series)
             row = {"candidate": label, "decay_per_step": decays.get(label), "final": series[-1][1],
-                   "best": best, "best_step": best_step, "curve": series}
+                   "best": best, "best_step": best_step, "noise": trend_noise(tail), "noise_evaluations": len(tail),
+                   "curve": series}
             if label != RAW:  # what the EMA averaged over (horizon.realized)
                 r = self.ema.realized(label)
                 row.update(half_weight_images=r["half_weight_images"], half_weight_steps=r["half_weight_steps"],
                            weight_on_start=r["weight_on_start"])
             rows.append(row)
-        pick = max if self.higher_is_better else min
-        recommended = pick(rows, key=lambda r: r["best"])["candidate"] if rows else None
         return {"metric": key, "higher_is_better": self.higher_is_better, "select": self.config.select,
-                "primary": self.primary, "candidates": rows, "recommended": recommended,
+                "primary": self.primary, "candidates": rows,
+                "recommended": recommend(rows, self.higher_is_better),
+                "recommendation_rule": "best final metric; ties: smaller noise (last quarter), then table order",
                 "selected_last": self.winner}
 
     def table(self) -> str:
@@ -158,16 +199,18 @@ class CandidateBoard:
             return ""
         lines = [f"EMA candidates ({data['metric']}, {'higher' if self.higher_is_better else 'lower'} is better):",
                  f"  {'candidate':<18} {'decay/step':>12} {'final':>10} {'best':>10} {'best at step':>12} "
-                 f"{'half weight on last':>20} {'on start':>8}"]
+                 f"{'noise':>8} {'half weight on last':>20} {'on start':>8}"]
         for row in data["candidates"]:
             decay = f"{row['decay_per_step']:.8g}" if row["decay_per_step"] is not None else "-"
             span = row.get("half_weight_images") or row.get("half_weight_steps")
             unit = " images" if row.get("half_weight_images") else " steps"
             half = "-" if row["candidate"] == RAW else f"{span:,.0f}{unit}" if span else "> run"
             start = f"{100 * row['weight_on_start']:.1f}%" if "weight_on_start" in row else "-"
+            noise = f"{row['noise']:.4f}" if row["noise"] is not None else "-"
             lines.append(f"  {row['candidate']:<18} {decay:>12} {row['final']:>10.5g} {row['best']:>10.5g} "
-                         f"{row['best_step']:>12} {half:>20} {start:>8}")
-        lines.append(f"  recommended: {data['recommended']} (best {data['metric']})")
+                         f"{row['best_step']:>12} {noise:>8} {half:>20} {start:>8}")
+        lines.append(f"  recommended: {data['recommended']} (best final {data['metric']}; ties: the calmer, then "
+                     "table order); noise: residual std around a linear trend over the last quarter")
         return "\n".join(lines)
 
     def finish(self, folder: Optional[str], write: bool = True) -> Optional[str]:

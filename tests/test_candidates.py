@@ -1,0 +1,33 @@
+"""The candidates' noise measure and the one recommendation rule, against hand computations."""
+
+from ema_callback.integrations.candidates import last_quarter, recommend, trend_noise
+
+
+def test_trend_noise_is_the_residual_std_around_the_least_squares_line():
+    steps = [10, 20, 30, 40, 50]
+    values = [0.50, 0.58, 0.57, 0.70, 0.71]
+    # closed-form simple regression, independent of numpy.polyfit
+    n, sx, sy = len(steps), sum(steps), sum(values)
+    sxx, sxy = sum(x * x for x in steps), sum(x * y for x, y in zip(steps, values))
+    slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
+    intercept = (sy - slope * sx) / n
+    rss = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(steps, values))
+    assert abs(trend_noise(list(zip(steps, values))) - (rss / (n - 2)) ** 0.5) < 1e-12
+    line = [(s, 0.1 + 0.01 * s) for s in steps]
+    assert trend_noise(line) < 1e-12  # a pure trend has no noise
+    assert trend_noise(line[:2]) is None
+
+
+def test_last_quarter_is_the_evaluations_after_three_quarters_of_the_run():
+    series = [(s, 0.0) for s in range(20, 641, 20)]
+    assert [s for s, _ in last_quarter(series)] == list(range(500, 641, 20))
+
+
+def test_recommend_best_final_then_calmer_then_table_order():
+    rows = [{"candidate": "ema_a", "final": 0.8, "noise": 0.02}, {"candidate": "ema_b", "final": 0.8, "noise": 0.01},
+            {"candidate": "raw", "final": 0.7, "noise": 0.05}]
+    assert recommend(rows, True) == "ema_b"
+    rows[1]["noise"] = 0.02
+    assert recommend(rows, True) == "ema_a"  # a full tie: the earlier
+    assert recommend(rows, False) == "raw"  # lower is better
+    assert recommend([], True) is None
