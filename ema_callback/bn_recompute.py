@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, Deque, List, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
+from .features import Feature
 from .paddle_compat import paddle
 
 logger = logging.getLogger("ema_callback")
@@ -124,3 +125,45 @@ def recompute(model, batches, collective: bool = False) -> int:
                     paddle.assign(flat[start:start + size].reshape(t.shape).astype(t.dtype), output=t)
                     start += size
     return len(batches)
+
+
+class BatchNormRecompute(Feature):
+    """``recompute_bn: N`` as an engine feature: records the last N training batches; after the EMA values are put
+    into the model, recomputes every BatchNorm layer's statistics for them (``restore`` puts the raw ones back, since
+    their ids are in ``backup_ids``). ``collective``: average over data-parallel ranks (False where only rank 0
+    evaluates and saves: PaddleOCR, ppdet)."""
+
+    name = "recompute_bn"
+
+    def __init__(self, model, size: int):
+        self.model = model
+        self.stats = {id(t) for layer in batchnorm_layers(model) for t in (layer._mean, layer._variance)}
+        self.recorder = BatchRecorder(model, size)
+        self.collective = True
+        self.used = 0  # batches used by the last recomputation
+
+    @classmethod
+    def build(cls, config, batch, model) -> Optional["BatchNormRecompute"]:
+        if not config.recompute_bn:
+            return None
+        if not batchnorm_layers(model):
+            logger.info("EMA: recompute_bn: %s has no BatchNorm layer; the option does nothing", type(model).__name__)
+            return None
+        return cls(model, config.recompute_bn)
+
+    def backup_ids(self) -> Set[int]:
+        return self.stats if self.recorder.batches else set()
+
+    def after_apply(self, ema, label: str) -> None:
+        if not self.recorder.batches:
+            return
+        self.used = recompute(self.model, self.recorder.batches, collective=self.collective)
+        logger.info("EMA: BatchNorm statistics of %s recomputed for its weights: %d layers over the last %d training "
+                    "batches%s", label, len(batchnorm_layers(self.model)), self.used,
+                    " (averaged over ranks)" if self.collective and paddle.distributed.get_world_size() > 1 else "")
+
+    def state(self) -> Dict[str, Any]:
+        return {"recompute_bn_batches": self.used}
+
+    def close(self) -> None:
+        self.recorder.close()

@@ -9,7 +9,7 @@ with no host read. The engine reads the counters (``.item()``) only when it logs
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from .config import EMAConfig
 from .paddle_compat import move_to, paddle
@@ -20,10 +20,13 @@ logger = logging.getLogger("ema_callback")
 
 class DeviceCounters:
     """``updates``, ``skipped``, and per shadow ``products`` (prod of the decays, for bias correction) and ``lasts``
-    (the last decay) on ``place``; ``decays`` are the shadows' target decays (one per EMA)."""
+    (the last decay) on ``place``; ``decays`` are the EMAs' target decays; ``extra`` more shadows (the engine
+    features', e.g. post-hoc profiles) get their decays from ``extra_decays(updates)`` (a float64 device tensor of
+    the update count -> a [extra] device tensor)."""
 
-    def __init__(self, place, decays: Sequence[float] = (0.9999,), gammas: Sequence[float] = ()):
-        count = len(decays) + len(gammas)
+    def __init__(self, place, decays: Sequence[float] = (0.9999,), extra: int = 0,
+                 extra_decays: Optional[Callable] = None):
+        count = len(decays) + extra
         with paddle.no_grad():
             self._updates = move_to(paddle.zeros([], dtype="int64"), place)
             self._skipped = move_to(paddle.zeros([], dtype="int64"), place)
@@ -31,8 +34,7 @@ class DeviceCounters:
             self._last = move_to(paddle.zeros([count], dtype="float64"), place)
             self._has_last = move_to(paddle.zeros([], dtype="bool"), place)
             self._targets = move_to(paddle.to_tensor(list(map(float, decays)), dtype="float64"), place)
-            self._gammas = move_to(paddle.to_tensor([float(g) for g in gammas], dtype="float64"), place) \
-                if gammas else None
+        self._extra_decays = extra_decays if extra else None
         self._warned = False
 
     # ---------------------------------------------------------------- device side (no host read)
@@ -42,10 +44,9 @@ class DeviceCounters:
         d = decay_tensor(t, config.effective_schedule, self._targets, config.tau, config.inv_gamma, config.power,
                          config.min_decay)
         d = d if config.update_every == 1 else paddle.pow(d, float(config.update_every))
-        if self._gammas is None:
+        if self._extra_decays is None:
             return d
-        u = self._updates.astype("float64")  # power-function profiles: beta = (u / (u + 1))^(gamma + 1)
-        return paddle.concat([d, paddle.pow(u / (u + 1.0), self._gammas + 1.0)])
+        return paddle.concat([d, self._extra_decays(self._updates.astype("float64"))])
 
     def first_update(self) -> "paddle.Tensor":
         return self._updates == 0
@@ -104,3 +105,22 @@ class DeviceCounters:
         with paddle.no_grad():
             paddle.assign(move_to(paddle.to_tensor([float(v) if v is not None else 0.0 for v in values],
                                                    dtype="float64"), self._last.place), output=self._last)
+
+
+class EngineCounter:
+    """An update counter: a Python value on the host path, read from ``DeviceCounters`` on the device path (``engine._device``) (a host
+    synchronisation, so only when the run logs, evaluates, saves or a caller asks)."""
+
+    def __init__(self, device_name: str):
+        self.device_name = device_name
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.host_name = "_" + name
+
+    def __get__(self, engine, owner=None):
+        if engine is None:
+            return self
+        return getattr(engine._device, self.device_name) if engine._device else getattr(engine, self.host_name)
+
+    def __set__(self, engine, value) -> None:
+        setattr(engine._device, self.device_name, value) if engine._device else setattr(engine, self.host_name, value)

@@ -24,3 +24,10 @@ class CheckoutError(EMAError):
 
 class UnsupportedPaddleError(ImportError):
     """The installed Paddle (or numpy beside it) is outside the supported range; one line saying what to install."""
+
+
+def short_list(items, limit: int = 6) -> str:
+    """``a, b, c (+4 more)``: a list for a one-line message."""
+    items = list(items)
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")

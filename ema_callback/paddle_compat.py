@@ -176,3 +176,23 @@ def move_to(tensor: "paddle.Tensor", place) -> "paddle.Tensor":
     if str(tensor.place) == str(place):
         return tensor
     return tensor.to(_specific_place(place) if type(place).__name__ == "Place" else place)
+
+
+def numpy_dtype(tensor: "paddle.Tensor"):
+    """The numpy dtype a tensor's values are exported in (bfloat16, which numpy lacks, as float32)."""
+    if tensor.dtype == paddle.bfloat16:
+        return np.float32  # set_state_dict casts back on load
+    return {paddle.float16: np.float16, paddle.float32: np.float32, paddle.float64: np.float64}.get(
+        tensor.dtype, tensor.numpy().dtype)
+
+
+def copy_into(target: "paddle.Tensor", value) -> None:
+    """In-place copy into ``target`` (same allocation, same ``stop_gradient``), casting (rounding) and moving as
+    needed; ``value`` a tensor or a numpy array."""
+    if isinstance(value, np.ndarray):
+        value = paddle.to_tensor(value)
+    if value.dtype != target.dtype:
+        names = {paddle.float16: "float16", paddle.bfloat16: "bfloat16"}
+        value = cast_rounded(value, names.get(target.dtype, target.dtype))
+    value = move_to(value, target.place)
+    paddle.assign(value.reshape(target.shape), output=target)

@@ -1,10 +1,9 @@
-"""Post-hoc EMA: snapshots of the tracked power-function profiles during training, and the EMA of any other
-length reconstructed from them afterwards (the math, with its sources, is in ``posthoc_math``).
+"""Post-hoc EMA: the EMA of any length reconstructed after training from the snapshots of the tracked
+power-function profiles (the math, with its sources, is in ``posthoc_math``; tracking and writing the snapshots is
+the engine feature ``posthoc_profiles``).
 
-During training (``EMA.posthoc``) the engine keeps one extra shadow per tracked ``sigma_rel`` (updated in the same
-pass as the EMAs, ``beta = (u / (u + 1))^(gamma + 1)`` after ``u`` updates: time counts optimizer steps, one update
-covering ``update_every`` of them) and every ``snapshot_every`` optimizer steps rank 0 writes
-``<dir>/phema-<step>.npz``: the profiles' averaged tensors in ``snapshot_dtype``, the other tensors of the state
+During training (``EMA.posthoc``) the engine keeps one extra shadow per tracked ``sigma_rel`` and every
+``snapshot_every`` optimizer steps rank 0 writes ``<dir>/phema-<step>.npz``: the profiles' averaged tensors in ``snapshot_dtype``, the other tensors of the state
 dict once in float32, and a JSON header (step, time, sigma_rels, gammas, tensor names and shapes, a fingerprint of
 the model's names and shapes, the run's id). The file is written under a temporary name and renamed, so a killed
 run loses at most the snapshot being written; a resumed run writes the next ones under their step numbers (a step
@@ -49,75 +48,6 @@ LEGACY_RUN = "legacy"  # the run of snapshots (and .pdema files) written before 
 def run_of(path: str) -> str:
     """The run id in a snapshot's header (``legacy`` for files written before run ids)."""
     return str(Snapshot(path).header.get("run") or LEGACY_RUN)
-
-
-def move_other_runs_aside(folder: str, run_id: str) -> List[str]:
-    """Move every snapshot of ``folder`` written by another run than ``run_id`` into ``<folder>-run-<its id>``;
-    returns the new folders (a fresh run into a reused folder starts its own series, nothing is deleted)."""
-    moved: Dict[str, List[str]] = {}
-    for path in sorted(glob.glob(os.path.join(folder, PATTERN))):
-        try:
-            other = run_of(path)
-        except EMAFileError:
-            other = "unreadable"
-        if other != run_id:
-            moved.setdefault(other, []).append(path)
-    out = []
-    for other, paths in moved.items():
-        target = f"{folder.rstrip(os.sep)}-run-{other}"
-        os.makedirs(target, exist_ok=True)
-        for path in paths:
-            os.replace(path, os.path.join(target, os.path.basename(path)))
-        steps = [int(os.path.basename(p)[6:15]) for p in paths]
-        logger.warning("EMA.posthoc: %s held %d snapshot(s) of another run (run %s, steps %d..%d): moved to %s; "
-                       "this run (%s) starts its own series", folder, len(paths), other, min(steps), max(steps),
-                       target, run_id)
-        out.append(target)
-    return out
-
-
-def write_snapshot(ema) -> Optional[str]:
-    """Write the engine's profile shadows at this step (rank 0 only); returns the path. The first call of a run
-    moves other runs' snapshots aside (``move_other_runs_aside``)."""
-    import paddle
-
-    if paddle.distributed.get_rank() != 0:
-        return None
-    folder = ema.posthoc_dir
-    if not folder:
-        raise EMAConfigError("EMA.posthoc.dir: no folder for the snapshots; set EMA.posthoc.dir (or train through "
-                             "a way in that has a save folder)")
-    os.makedirs(folder, exist_ok=True)
-    if getattr(ema, "_series_folder", None) != folder:
-        move_other_runs_aside(folder, ema.run_id)
-        ema._series_folder = folder
-    dtype = np.float16 if (ema.config.posthoc or {}).get("snapshot_dtype", "float16") == "float16" else np.float32
-    names = [e.name for e in ema._averaged]
-    shapes = [list(e.tensor.shape) for e in ema._averaged]
-    arrays: Dict[str, np.ndarray] = {}
-    for j in range(len(ema.profile_sigma_rels)):
-        values = ema.store.numpy_values(ema.num_candidates + j)
-        arrays[f"profile{j}"] = np.concatenate([v.reshape(-1) for v in values]).astype(dtype) if values else \
-            np.zeros(0, dtype)
-    averaged = set(names)
-    others = {name: tensor.numpy() for name, tensor in ema.model.state_dict().items() if name not in averaged}
-    for name, value in others.items():
-        arrays[f"other:{name}"] = np.asarray(value)
-    header = {"format": FORMAT, "step": ema.num_steps, "time": ema.num_updates * ema.config.update_every,
-              "updates": ema.num_updates, "sigma_rels": ema.profile_sigma_rels, "gammas": ema.profile_gammas,
-              "names": names, "shapes": shapes, "fingerprint": _fingerprint(names, shapes),
-              "dtype": np.dtype(dtype).name, "run": ema.run_id}
-    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    path = os.path.join(folder, f"phema-{ema.num_steps:09d}.npz")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    logger.info("EMA: post-hoc snapshot at optimizer step %d: %s (%s bytes)", ema.num_steps, path,
-                f"{os.path.getsize(path):,}")
-    return path
 
 
 class Snapshot:

@@ -39,7 +39,7 @@ def main(out):
                    "global_batch": cb.ema.batch.global_batch, "decays": cb.ema.decays,
                    "final_bn": {k: hashlib.sha1(v.numpy().tobytes()).hexdigest()  # EMA weights in after fit
                                 for k, v in model.network.state_dict().items() if "_mean" in k or "_variance" in k},
-                   "recomputed_from": cb.ema.bn_recomputed_from,
+                   "recomputed_from": cb.ema.features["recompute_bn"].used,
                    "num_steps": cb.ema.num_steps, "world": dist.get_world_size()}, handle)
 
 

@@ -43,8 +43,8 @@ def test_recompute_bn_gives_the_cumulative_batch_statistics_of_the_ema_weights_a
     cb = EMACallback(decay=0.9, schedule="constant", recompute_bn=4, final_weights="raw")
     model.fit(train, evald, epochs=2, verbose=0, callbacks=[cb])
     ema, net = cb.ema, model.network
-    batches = list(ema.recorder.batches)
-    assert len(batches) == 4 and ema.bn_recomputed_from == 4
+    batches = list(ema.features["recompute_bn"].recorder.batches)
+    assert len(batches) == 4 and ema.features["recompute_bn"].used == 4
     raw_before = weights(net)
     ema_weights = ema.ema_state_dict(net)  # averaged statistics (buffers: average), before recomputation
     expected = reference_statistics(net, ema_weights, batches)
@@ -79,7 +79,7 @@ def test_recompute_bn_without_batchnorm_says_it_does_nothing(caplog):
     layer = paddle.nn.Sequential(paddle.nn.Linear(4, 4), paddle.nn.ReLU(), paddle.nn.Linear(4, 2))
     with caplog.at_level(logging.INFO, logger="ema_callback"):
         ema = ExponentialMovingAverage(layer, EMAConfig(recompute_bn=8))
-    assert ema.recorder is None
+    assert "recompute_bn" not in ema.features
     assert "EMA: recompute_bn: Sequential has no BatchNorm layer; the option does nothing" in caplog.text
 
 
@@ -107,7 +107,7 @@ def test_switch_puts_the_ema_weights_in_bit_for_bit_and_keeps_the_optimizer_mome
                 assert any(not np.array_equal(after[k], before[k]) for k in after)
                 moved = {k: {n: t.numpy() for n, t in acc.items()} for k, acc in opt._accumulators.items()}
                 assert all(moved[k][n].tobytes() == moments[k][n].tobytes() for k in moments for n in moments[k])
-    assert ema.num_switches == 2
+    assert ema.features["switch"].count == 2
     lines = [r.getMessage() for r in caplog.records if "EMA: switch" in r.getMessage()]
     assert lines[0].startswith("EMA: switch 1 at optimizer step 5: the weights take the EMA weights (relative drift "
                                "before ||ema-w||/||w|| = ") and len(lines) == 2
@@ -131,7 +131,7 @@ def test_switch_with_gradient_accumulation_and_exact_resume_across_a_switch(tmp_
         second.fit(train, epochs=2, verbose=0, callbacks=[resumed], accumulate_grad_batches=2)
     # 12 batches per epoch, accumulate 2: 6 optimizer updates per epoch, 24 in all; switches at 5, 10, 15, 20
     assert full.ema.num_steps == resumed.ema.num_steps == 24
-    assert full.ema.num_switches == resumed.ema.num_switches == 4
+    assert full.ema.features["switch"].count == resumed.ema.features["switch"].count == 4
     assert read_state(str(tmp_path / "1.pdema"))["num_switches"] == 2
     a, b = weights(straight.network), weights(second.network)
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
@@ -142,7 +142,7 @@ def test_switch_every_epochs_and_bad_periods():
     model = make_model()
     cb = EMACallback(decay=0.9, switch_every_epochs=0.5, final_weights="raw")
     model.fit(train, epochs=2, verbose=0, callbacks=[cb])
-    assert cb.ema.switch_period == 6 and cb.ema.num_switches == 4  # 12 steps per epoch
+    assert cb.ema.features["switch"].period == 6 and cb.ema.features["switch"].count == 4  # 12 steps per epoch
     with pytest.raises(EMAConfigError, match=r"^EMA\.switch_every_epochs: give the Switch EMA period one way"):
         EMAConfig.from_block({"switch_every": 5, "switch_every_epochs": 1})
     with pytest.raises(EMAConfigError, match=r"^EMA\.switch_every: must be >= 0"):

@@ -98,7 +98,7 @@ def expected_statistics(factory, ema_weights, batches):
 
 
 def check_recomputed(ema, net, factory):
-    batches = list(ema.recorder.batches)
+    batches = list(ema.features["recompute_bn"].recorder.batches)
     assert len(batches) == ema.config.recompute_bn
     ema_weights = ema.ema_state_dict(net)
     expected = expected_statistics(factory, ema_weights, batches)
@@ -167,7 +167,7 @@ def test_recompute_bn_records_keyword_inputs():
     data = paddle.full([1, 3, 1, 1], 0.5)
     ema = manual_training(net, lambda n: ExponentialMovingAverage(n, decay=0.9, schedule="constant", recompute_bn=2),
                           lambda n, x: n(x, data=data))
-    assert all(kwargs.get("data") is not None for _, kwargs in ema.recorder.batches)
+    assert all(kwargs.get("data") is not None for _, kwargs in ema.features["recompute_bn"].recorder.batches)
     check_recomputed(ema, net, KeywordInput)
 
 
@@ -176,5 +176,5 @@ def test_recompute_bn_through_a_dataparallel_wrap():
     wrapped = paddle.DataParallel(net)
     ema = manual_training(wrapped, lambda n: ExponentialMovingAverage(n, decay=0.9, schedule="constant",
                                                                       recompute_bn=2), lambda n, x: n(x))
-    assert ema.model is net and len(ema.recorder.batches) == 2
+    assert ema.model is net and len(ema.features["recompute_bn"].recorder.batches) == 2
     check_recomputed(ema, net, Wrapper)

@@ -81,7 +81,7 @@ def test_switch_under_amp_o2_sets_the_master_weights_too():
     rng = np.random.default_rng(0)
     for _ in range(3):
         amp_o2_step(model, opt, scaler, ema, rng)
-    assert ema.num_switches == 1
+    assert ema.features["switch"].count == 1
     averaged, masters = ema.averaged_numpy(), opt._master_weights
     checked = 0
     for e in ema._averaged:

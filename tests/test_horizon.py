@@ -11,6 +11,7 @@ from ema_callback import EMACallback
 from ema_callback.config import EMAConfig, EMAConfigError
 from ema_callback.engine import ExponentialMovingAverage
 from ema_callback.horizon import BatchInfo
+from ema_callback.run_report import describe_length, realized
 from ema_callback.state_file import read_state
 
 from conftest import make_net, snapshot
@@ -89,7 +90,7 @@ def test_start_line_for_a_decay_tuned_for_another_batch():
     layer = paddle.nn.Linear(2, 2)
     ema = ExponentialMovingAverage(layer, EMAConfig.from_kwargs(decay=0.9999, decay_batch_size=256),
                                    batch=BatchInfo(32))
-    assert ema.describe_length() == ("global batch 32 (32 x 1 rank x 1), decay 0.9999 tuned for 256 -> "
+    assert describe_length(ema) == ("global batch 32 (32 x 1 rank x 1), decay 0.9999 tuned for 256 -> "
                                      "0.9999^0.125 = 0.9999875 per optimizer step (half-life 55,449 steps = "
                                      "1,774,368 images); schedule auto -> constant with bias correction: this length "
                                      "holds from the first update")
@@ -293,8 +294,7 @@ def test_lengths_in_the_users_units_hold_from_the_first_update():
         got = cb.ema.averaged_numpy()
         assert all(np.allclose(got[k], expected[k], rtol=1e-5, atol=1e-6) for k in expected
                    if not k.endswith("_variance") and not k.endswith("_mean")), name
-        realized = cb.ema.realized()
-        assert realized["weight_on_start"] == 0.0
+        assert realized(cb.ema)["weight_on_start"] == 0.0
         results[name] = got
         evaluations[name] = model.evaluate(evald, verbose=0)["acc"]
     names = list(results)
@@ -354,7 +354,7 @@ def test_a_length_longer_than_the_run_is_said_at_the_start_and_at_the_end(tmp_pa
         cb = EMACallback(half_life_images=100000, schedule="constant", eval_raw=True, save_dir=str(tmp_path))
         model.fit(train, evald, epochs=1, verbose=0, callbacks=[cb], save_dir=str(tmp_path))
     start = 0.5 ** (512 / 100000)
-    assert cb.ema.realized()["weight_on_start"] == pytest.approx(start, rel=1e-9)
+    assert realized(cb.ema)["weight_on_start"] == pytest.approx(start, rel=1e-9)
     assert f"EMA: ema: {100 * start:.0f}% of its weight is still on the weights it started from after 16 optimizer " \
            "steps" in caplog.text
     table = json.load(open(tmp_path / "ema_candidates.json"))

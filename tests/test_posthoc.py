@@ -147,17 +147,18 @@ def test_a_fresh_run_starts_its_own_series_and_a_mixed_folder_is_refused(traject
     _, old = track(trajectory, folder, [0.05, 0.10], steps=60, every=5)
     with caplog.at_level("INFO", logger="ema_callback"):
         _, new = track(trajectory, folder, [0.05, 0.10], steps=20, every=5)
-    assert new.run_id != old.run_id
-    aside = tmp_path / f"posthoc-run-{old.run_id}"
+    old_id, new_id = old.features["posthoc"].run_id, new.features["posthoc"].run_id
+    assert new_id != old_id
+    aside = tmp_path / f"posthoc-run-{old_id}"
     assert sorted(os.listdir(folder)) == [f"phema-{s:09d}.npz" for s in (5, 10, 15, 20)]
     assert sorted(os.listdir(aside)) == [f"phema-{s:09d}.npz" for s in range(5, 61, 5)]
-    assert f"held 12 snapshot(s) of another run (run {old.run_id}, steps 5..60): moved to {aside}" in caplog.text
+    assert f"held 12 snapshot(s) of another run (run {old_id}, steps 5..60): moved to {aside}" in caplog.text
     assert f"EMA: post-hoc snapshot at optimizer step 5: {folder}/phema-000000005.npz (" in caplog.text
     assert PostHocEMA(str(folder)).steps == [5, 10, 15, 20] and PostHocEMA(str(aside)).steps[-1] == 60
     shutil.copy(aside / "phema-000000060.npz", folder)  # mixed by hand
-    with pytest.raises(EMAFileError, match=rf"snapshots of 2 runs mixed \(run {new.run_id}: phema-000000005.npz, "
+    with pytest.raises(EMAFileError, match=rf"snapshots of 2 runs mixed \(run {new_id}: phema-000000005.npz, "
                                            rf"phema-000000010.npz, phema-000000015.npz \(\+1 more\); run "
-                                           rf"{old.run_id}: phema-000000060.npz\); keep one run's snapshots per folder"):
+                                           rf"{old_id}: phema-000000060.npz\); keep one run's snapshots per folder"):
         load_snapshots(str(folder))
 
 
@@ -169,7 +170,7 @@ def test_a_resumed_run_continues_its_own_series(trajectory, tmp_path):
     second = ExponentialMovingAverage(model, EMAConfig(decay=0.99, posthoc={"sigma_rels": [0.05, 0.10],
                                                                           "snapshot_every": 5, "dir": str(folder)}))
     second.set_state_dict(state)
-    assert second.run_id == first.run_id
+    assert second.features["posthoc"].run_id == first.features["posthoc"].run_id
     for s in states[20:30]:
         model.set_state_dict({k: paddle.to_tensor(v) for k, v in s.items()})
         second.step()

@@ -68,7 +68,7 @@ def test_posthoc_profiles(trajectory, backend, update_every, tmp_path):
     init, states = trajectory
     _, ema = run(trajectory, backend, 60, decay=0.99, update_every=update_every,
                  posthoc={"sigma_rels": [0.05, 0.10], "snapshot_every": 1000, "dir": str(tmp_path)})
-    for j, gamma in enumerate(ema.profile_gammas):
+    for j, gamma in enumerate(ema.features["posthoc"].gammas):
         expected = reference_profile(init, states[:60], averaged_names(ema), gamma, update_every)
         got = ema.averaged_numpy(ema.num_candidates + j)
         for name in expected:
@@ -89,7 +89,7 @@ def test_switch_puts_the_ema_into_the_weights_bit_for_bit(trajectory, backend, u
     for step, state in enumerate(states[:24], start=1):
         model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
         ema.step()
-        if ema.num_switches > len(switched):
+        if ema.features["switch"].count > len(switched):
             switched.append(step)
             averaged = ema.averaged_numpy(0)
             live = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -104,7 +104,7 @@ def test_the_first_switch_takes_the_reference_ema(trajectory, backend, update_ev
     init, states = trajectory
     model, ema = run(trajectory, backend, 6, decay=0.9, schedule="constant", switch_every=6,
                      update_every=update_every)
-    assert ema.num_switches == 1
+    assert ema.features["switch"].count == 1
     expected = reference_ema(init, states[:6], averaged_names(ema), [], decay=0.9, update_every=update_every)
     live = {k: v.numpy() for k, v in model.state_dict().items()}
     for name in expected:

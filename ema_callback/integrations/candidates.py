@@ -30,6 +30,7 @@ import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 from ..plots import pyplot
+from ..run_report import log_realized, realized
 from .evaluation import RAW_SUFFIX
 
 logger = logging.getLogger("ema_callback")
@@ -183,7 +184,7 @@ class CandidateBoard:
                    "best": best, "best_step": best_step, "noise": trend_noise(tail), "noise_evaluations": len(tail),
                    "curve": series}
             if label != RAW:  # what the EMA averaged over (horizon.realized)
-                r = self.ema.realized(label)
+                r = realized(self.ema, label)
                 row.update(half_weight_images=r["half_weight_images"], half_weight_steps=r["half_weight_steps"],
                            weight_on_start=r["weight_on_start"])
             rows.append(row)
@@ -216,7 +217,7 @@ class CandidateBoard:
     def finish(self, folder: Optional[str], write: bool = True) -> Optional[str]:
         """The end of training: each EMA's realized horizon; with several candidates, log the table and write
         ``ema_candidates.json`` (and the plot) into ``folder``; returns the JSON path."""
-        self.ema.log_realized()
+        log_realized(self.ema)
         if not self.active or not self.history:
             return None
         text = self.table()

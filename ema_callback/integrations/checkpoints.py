@@ -30,6 +30,17 @@ logger = logging.getLogger("ema_callback")
 STATE_KEY = "ema_callback_state"  # our state inside a ppdet-convention .pdema (whose entries are raw weights)
 
 
+def place_features(ema, save_dir: Optional[str], only_rank0_evaluates: bool) -> None:
+    """What a way in decides for the engine's features: post-hoc snapshots go to ``<save_dir>/posthoc`` unless
+    ``EMA.posthoc.dir`` says where; recomputed BatchNorm statistics are averaged over ranks unless only rank 0
+    evaluates and saves (PaddleOCR, ppdet: rank 0's batches are used there)."""
+    posthoc, bn = ema.features.get("posthoc"), ema.features.get("recompute_bn")
+    if posthoc is not None and posthoc.folder is None and save_dir:
+        posthoc.folder = os.path.join(save_dir, "posthoc")
+    if bn is not None:
+        bn.collective = not only_rank0_evaluates
+
+
 def is_rank0() -> bool:
     """Only rank 0 of a data-parallel run writes files."""
     from ..paddle_compat import paddle

@@ -36,7 +36,8 @@ from ..errors import EMAError
 from ..config_files import check_section_name, read_yaml
 from ..paddle_compat import paddle
 from ..engine import ExponentialMovingAverage
-from .checkpoints import is_rank0, numpy_state, restore_raw_weights, resume_ema, save_ema_state
+from .checkpoints import is_rank0, numpy_state, place_features, restore_raw_weights, resume_ema, save_ema_state
+from ..run_report import log_before_eval, log_start
 from .evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
 from .candidates import RAW, CandidateBoard
 from ..horizon import BatchInfo
@@ -128,9 +129,8 @@ class EMACallback(paddle.callbacks.Callback):
         self.ema = ExponentialMovingAverage(self.network, self.config, optimizer=getattr(self.model, "_optimizer", None),
                                             backend=self.backend, batch=self.batch)
         self.board = CandidateBoard(self.ema, self.config, self.higher_is_better)
-        if self.ema.posthoc_dir is None and self.save_dir:
-            self.ema.posthoc_dir = os.path.join(self.save_dir, "posthoc")
-        self.ema.log_start()
+        place_features(self.ema, self.save_dir, only_rank0_evaluates=False)
+        log_start(self.ema)
         self._install_save_hook()
         if self.resume:
             self._resume(self.resume)
@@ -351,7 +351,7 @@ class EMACallback(paddle.callbacks.Callback):
             self._extend_metric_names(logs)
             return
         if not self.board.active:
-            self.extra_logs[DRIFT] = self.ema.log_before_eval()  # to the logs, ProgBarLogger and VisualDL
+            self.extra_logs[DRIFT] = log_before_eval(self.ema)  # to the logs, ProgBarLogger and VisualDL
             self._extend_metric_names(logs)
             self._evaluating = self.board.primary
             self.ema.apply_to(self.network)
@@ -360,7 +360,7 @@ class EMACallback(paddle.callbacks.Callback):
         nested = labels if self.config.select == "best" else labels[:-1]  # fit's own evaluation runs the last
         for label in nested:
             if label == self.board.primary:
-                self.extra_logs[DRIFT] = self.ema.log_before_eval()
+                self.extra_logs[DRIFT] = log_before_eval(self.ema)
             with self.board.weights(label, self.network):
                 self._eval_results[label] = self._evaluate_here()
         if self.config.select == "best":
@@ -370,7 +370,7 @@ class EMACallback(paddle.callbacks.Callback):
                 raise EMAConfigError(f"EMACallback(monitor={self.monitor!r}): {exc.args[0]}") from None
         else:
             chosen = self.board.primary
-            self.extra_logs[DRIFT] = self.ema.log_before_eval()
+            self.extra_logs[DRIFT] = log_before_eval(self.ema)
             self._copy_suffix = "_" + chosen if self.board.several else ""
         self._evaluating = chosen
         for label, metrics in self._eval_results.items():

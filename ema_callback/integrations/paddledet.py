@@ -42,7 +42,8 @@ import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .suite_checkout import check_checkout
-from .checkpoints import STATE_KEY, describe_start_weights, ema_file, numpy_state, restore_raw_weights
+from .checkpoints import STATE_KEY, describe_start_weights, ema_file, numpy_state, place_features, restore_raw_weights
+from ..run_report import log_start
 from .evaluation import before_eval_start
 from .candidates import RAW, CandidateBoard
 from ..config import SECTION, EMAConfig, EMAConfigError
@@ -137,7 +138,6 @@ class PpdetEMA:
         from ..optimizer_steps import OptimizerStepCounter
 
         self.engine = ExponentialMovingAverage(model, config, optimizer=optimizer, batch=batch)
-        self.engine.bn_collective = False  # ppdet evaluates and saves on rank 0 only: rank 0's batches are used
         self.model = model
         self.optimizer = optimizer
         self.cycle_epoch = cycle_epoch
@@ -168,7 +168,7 @@ class PpdetEMA:
 
     def weights(self, shadow=0) -> Dict[str, Any]:
         """The EMA's full state dict (numpy); with ``recompute_bn`` its BatchNorm statistics recomputed."""
-        if self.engine.recorder is None:
+        if "recompute_bn" not in self.engine.features:
             return self.engine.ema_state_dict(self.model, shadow)
         with self.engine.swapped(self.model, shadow):
             return numpy_state(self.model)
@@ -250,14 +250,13 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 self.ema = PpdetEMA(self.model, ema_config, optimizer=self.optimizer,
                                     cycle_epoch=extra.get("cycle_epoch", -1), batch=_batch_info(cfg, self))
                 self._ema_board = CandidateBoard(self.ema.engine, ema_config)
-                if self.ema.engine.posthoc_dir is None:
-                    self.ema.engine.posthoc_dir = os.path.join(cfg.save_dir, "posthoc")
+                place_features(self.ema.engine, cfg.save_dir, only_rank0_evaluates=True)  # ppdet: rank 0 only
                 self._ema_eval_metrics: Dict[str, float] = {}
                 self._ema_state_callback = EMAStateCallback(self)
                 self._callbacks.insert(0, self._ema_state_callback)
                 self._compose_callback = ComposeCallback(self._callbacks)
                 logger.info("EMA: %s", ", ".join(f"{k}: {v}" for k, v in ema_config.to_block().items()))
-                self.ema.engine.log_start()
+                log_start(self.ema.engine)
 
         def _eval_with_loader(self, loader):
             """At a snapshot evaluation with several candidates: the others first (quietly), then ppdet's own on the

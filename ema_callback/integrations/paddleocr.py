@@ -34,8 +34,9 @@ from typing import Any, Dict, List, Optional
 from .suite_checkout import check_checkout
 from .evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
 from .candidates import RAW, CandidateBoard
-from .checkpoints import (describe_start_weights, is_rank0, numpy_state, restore_raw_weights, resume_ema,
-                             save_ema_state)
+from .checkpoints import (describe_start_weights, is_rank0, numpy_state, place_features, restore_raw_weights,
+                          resume_ema, save_ema_state)
+from ..run_report import log_before_eval, log_start
 from ..config import SECTION, EMAConfig, EMAConfigError
 from ..config_files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
 from ..checkpoint_io import StagedWrite
@@ -186,10 +187,8 @@ class PaddleOCRHooks:
         self.model = model
         self.ema = ExponentialMovingAverage(model, self.config, optimizer=optimizer, batch=batch)
         self.board = CandidateBoard(self.ema, self.config)
-        self.ema.bn_collective = False  # PaddleOCR evaluates and saves on rank 0 only: rank 0's batches are used
-        if self.ema.posthoc_dir is None and self.save_dir:
-            self.ema.posthoc_dir = os.path.join(self.save_dir, "posthoc")
-        self.ema.log_start(logger_)
+        place_features(self.ema, self.save_dir, only_rank0_evaluates=True)  # PaddleOCR evaluates on rank 0 only
+        log_start(self.ema, logger_)
         if checkpoints:
             resume_ema(self.ema, checkpoints, unwrap(model), logger_)
         if self.guard is not None:
@@ -212,7 +211,7 @@ class PaddleOCRHooks:
         results, drift = {}, None
         for label in self.board.to_evaluate():
             if label == self.board.primary:
-                drift = self.ema.log_before_eval()
+                drift = log_before_eval(self.ema)
             with self.board.weights(label, model):
                 results[label] = dict(original(model, *args, **kwargs))
         winner = self.board.pick(results, key) if key else self.board.primary

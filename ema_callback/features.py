@@ -1,0 +1,51 @@
+"""What plugs into the engine beside the average: Switch EMA (``switch_ema``), post-hoc profiles
+(``posthoc_profiles``), BatchNorm recomputation (``bn_recompute``). Each is a small object that owns its state, its
+entries of the ``.pdema`` and its log lines; ``engine.FEATURES`` lists their builders (a new feature is its own file
+plus one line there), and the engine calls every feature at these named points:
+
+* ``labels`` and ``decays(updates)`` / ``device_decays(updates)``: extra shadows it keeps in the engine's store and
+  their decay at the next update (a host number / a device tensor: the device path reads nothing back);
+* ``after_update(ema)``: after each real update (decided on the host, so the device path stays sync-free);
+* ``backup_ids()``: ids of tensors besides the averaged ones that ``apply_to`` backs up and ``restore`` puts back;
+* ``after_apply(ema, label)``: the EMA values of shadow ``label`` are in the model;
+* ``state()`` / ``load_state(state)``: its entries of the ``.pdema``; ``close()``: undo what it installed.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Set, Tuple
+
+
+class Feature:
+    """The named points, each a no-op unless the feature needs it (see the module docstring)."""
+
+    name = ""
+    labels: Tuple[str, ...] = ()
+
+    def decays(self, updates: int) -> List[float]:
+        return []
+
+    def device_decays(self, updates):
+        return None
+
+    def after_update(self, ema) -> None:
+        return None
+
+    def backup_ids(self) -> Set[int]:
+        return set()
+
+    def after_apply(self, ema, label: str) -> None:
+        return None
+
+    def state(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def due(step: int, start_step: int, period: int) -> bool:
+    """Whether optimizer step ``step`` is a periodic action's (every ``period`` steps, after ``start_step``)."""
+    return bool(period) and step > start_step and step % period == 0

@@ -1,0 +1,142 @@
+"""Post-hoc EMA during training (``EMA.posthoc``), as an engine feature: the tracked power-function profiles and
+their snapshots (reading them back and reconstructing is ``posthoc``).
+
+Each tracked ``sigma_rel`` is one extra shadow of the engine's store, updated in the same pass as the EMAs with
+``beta = (u / (u + 1))^(gamma + 1)`` after ``u`` updates (EDM2, Karras et al. 2024, Algorithm 1 with time in
+optimizer steps and ``dt = update_every`` steps per update: ``1 - dt/t = u/(u+1)`` at ``t = (u+1) dt``;
+``posthoc_math.gamma_of`` maps sigma_rel to gamma). Every ``snapshot_every`` optimizer steps rank 0 writes
+``<dir>/phema-<step>.npz`` (see ``posthoc`` for the format), under a temporary name then renamed.
+
+A series belongs to one run: ``run_id`` (new for a fresh run, carried by the ``.pdema`` into a resume) is in every
+header; before its first snapshot a run moves any other run's snapshots out of the folder into
+``<dir>-run-<their id>`` beside it (one warning says so).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import uuid
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+
+from .errors import EMAConfigError, EMAFileError
+from .features import Feature, due
+from .horizon import snapshot_period
+from .posthoc import FORMAT, LEGACY_RUN, PATTERN, _fingerprint, run_of
+from .posthoc_math import gamma_of
+
+logger = logging.getLogger("ema_callback")
+
+
+class PosthocProfiles(Feature):
+    """The tracked profiles (``labels`` ``phema<sigma_rel>``), their snapshot period and folder, and the run id."""
+
+    name = "posthoc"
+
+    def __init__(self, block: Mapping[str, Any], batch=None):
+        self.sigma_rels: List[float] = list(block.get("sigma_rels") or [])
+        self.gammas: List[float] = [float(gamma_of(s)) for s in self.sigma_rels]
+        self.labels = tuple(f"phema{s:g}" for s in self.sigma_rels)
+        self.period = snapshot_period(block, batch)
+        self.dtype = np.float16 if block.get("snapshot_dtype", "float16") == "float16" else np.float32
+        self.folder: Optional[str] = block.get("dir")  # None: the way in sets posthoc/ beside its checkpoints
+        self.run_id = uuid.uuid4().hex[:12]
+        self._claimed: Optional[str] = None  # the folder whose other runs were moved aside
+        self._exponents = None
+
+    @classmethod
+    def build(cls, config, batch, model) -> Optional["PosthocProfiles"]:
+        return cls(config.posthoc, batch) if config.posthoc else None
+
+    def decays(self, updates: int) -> List[float]:
+        u = float(updates)
+        return [(u / (u + 1.0)) ** (g + 1.0) for g in self.gammas]
+
+    def device_decays(self, updates):
+        """The same on the device: ``updates`` a 0-d float64 device tensor (no host read)."""
+        import paddle
+
+        from .paddle_compat import move_to
+
+        if self._exponents is None:  # gamma + 1, moved to the device once
+            self._exponents = move_to(paddle.to_tensor([g + 1.0 for g in self.gammas], dtype="float64"),
+                                      updates.place)
+        return paddle.pow(updates / (updates + 1.0), self._exponents)
+
+    def after_update(self, ema) -> None:
+        if due(ema.num_steps, ema.config.start_step, self.period):
+            self.write_snapshot(ema)
+
+    def state(self) -> Dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.run_id = str(state.get("run_id") or LEGACY_RUN)  # the resumed run's series continues
+
+    def write_snapshot(self, ema) -> Optional[str]:
+        """The profiles at this step as ``<folder>/phema-<step>.npz`` (rank 0 only); returns the path."""
+        import paddle
+
+        if paddle.distributed.get_rank() != 0:
+            return None
+        if not self.folder:
+            raise EMAConfigError("EMA.posthoc.dir: no folder for the snapshots; set EMA.posthoc.dir (or train through "
+                                 "a way in that has a save folder)")
+        os.makedirs(self.folder, exist_ok=True)
+        if self._claimed != self.folder:
+            move_other_runs_aside(self.folder, self.run_id)
+            self._claimed = self.folder
+        entries = ema.averaged_entries
+        names, shapes = [e.name for e in entries], [list(e.tensor.shape) for e in entries]
+        arrays: Dict[str, np.ndarray] = {}
+        for j, label in enumerate(self.labels):
+            values = ema.store.numpy_values(ema.shadow_index(label))
+            arrays[f"profile{j}"] = np.concatenate([v.reshape(-1) for v in values]).astype(self.dtype) if values \
+                else np.zeros(0, self.dtype)
+        averaged = set(names)
+        for name, tensor in ema.model.state_dict().items():
+            if name not in averaged:
+                arrays[f"other:{name}"] = np.asarray(tensor.numpy())
+        header = {"format": FORMAT, "step": ema.num_steps, "time": ema.num_updates * ema.config.update_every,
+                  "updates": ema.num_updates, "sigma_rels": self.sigma_rels, "gammas": self.gammas, "names": names,
+                  "shapes": shapes, "fingerprint": _fingerprint(names, shapes), "dtype": np.dtype(self.dtype).name,
+                  "run": self.run_id}
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        path = os.path.join(self.folder, f"phema-{ema.num_steps:09d}.npz")
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        logger.info("EMA: post-hoc snapshot at optimizer step %d: %s (%s bytes)", ema.num_steps, path,
+                    f"{os.path.getsize(path):,}")
+        return path
+
+
+def move_other_runs_aside(folder: str, run_id: str) -> List[str]:
+    """Move every snapshot of ``folder`` written by another run than ``run_id`` into ``<folder>-run-<its id>``;
+    returns the new folders (a fresh run into a reused folder starts its own series, nothing is deleted)."""
+    moved: Dict[str, List[str]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, PATTERN))):
+        try:
+            other = run_of(path)
+        except EMAFileError:
+            other = "unreadable"
+        if other != run_id:
+            moved.setdefault(other, []).append(path)
+    out = []
+    for other, paths in moved.items():
+        target = f"{folder.rstrip(os.sep)}-run-{other}"
+        os.makedirs(target, exist_ok=True)
+        for path in paths:
+            os.replace(path, os.path.join(target, os.path.basename(path)))
+        steps = [int(os.path.basename(p)[6:15]) for p in paths]
+        logger.warning("EMA.posthoc: %s held %d snapshot(s) of another run (run %s, steps %d..%d): moved to %s; "
+                       "this run (%s) starts its own series", folder, len(paths), other, min(steps), max(steps),
+                       target, run_id)
+        out.append(target)
+    return out
