@@ -22,8 +22,8 @@ sys.path.insert(0, REPO)
 import paddle  # noqa: E402
 
 from ema_callback import EMAConfig  # noqa: E402
-from ema_callback.engine import ExponentialMovingAverage  # noqa: E402
-from ema_callback.optimizer_steps import OptimizerStepCounter  # noqa: E402
+from ema_callback.core.engine import ExponentialMovingAverage  # noqa: E402
+from ema_callback.integrations.optimizer_steps import OptimizerStepCounter  # noqa: E402
 
 
 def build(root, batch):

@@ -17,8 +17,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .errors import EMAError, UnsupportedPaddleError
-from .config_files import split_overrides
+from ema_callback.errors import EMAError, UnsupportedPaddleError
+from ema_callback.config.files import split_overrides
 
 
 def _script_path(argv: List[str]) -> int:
@@ -48,7 +48,7 @@ def _merge_config(argv: List[str]) -> int:
     overrides, rest = split_overrides(args.set)
     if rest:
         raise EMAError(f"--set {rest[0]!r}: only EMA.* keys can be set here")
-    from .merge import merge_config_files
+    from ema_callback.config.merge import merge_config_files
     for note in merge_config_files(args.suite, args.block, args.out, overrides):
         print(f"merge-config: {note}")
     print(f"wrote {args.out}")
@@ -84,14 +84,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         "merge-config": _merge_config,
         "ocr-train": lambda rest: __import__("ema_callback.integrations.paddleocr", fromlist=["main"]).main(rest),
         "det-train": lambda rest: __import__("ema_callback.integrations.paddledet", fromlist=["main"]).main(rest),
-        "posthoc": lambda rest: __import__("ema_callback.posthoc_cli", fromlist=["main"]).main(rest),
+        "posthoc": lambda rest: __import__("ema_callback.posthoc.cli", fromlist=["main"]).main(rest),
         "script-path": _script_path,
     }
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
     if argv[0] == "--version":
-        from . import __version__
+        from ema_callback import __version__
         print(f"ema-callback {__version__}")
         return 0
     if argv[0] not in commands:

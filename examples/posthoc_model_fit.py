@@ -16,7 +16,7 @@ import paddle
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ema_callback import EMACallback  # noqa: E402
-from ema_callback.posthoc import PostHocEMA  # noqa: E402
+from ema_callback.posthoc.snapshots import PostHocEMA  # noqa: E402
 
 
 class Blobs(paddle.io.Dataset):

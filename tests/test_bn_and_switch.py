@@ -6,10 +6,10 @@ import paddle
 import pytest
 
 from ema_callback import EMACallback
-from ema_callback.bn_recompute import batchnorm_layers
-from ema_callback.config import EMAConfig, EMAConfigError
-from ema_callback.engine import ExponentialMovingAverage
-from ema_callback.state_file import read_state
+from ema_callback.core.bn_recompute import batchnorm_layers
+from ema_callback.config.schema import EMAConfig, EMAConfigError
+from ema_callback.core.engine import ExponentialMovingAverage
+from ema_callback.files.state_file import read_state
 
 from conftest import make_net
 from fit_helpers import loaders, make_model, weights

@@ -13,8 +13,8 @@ import pytest
 from paddle import nn
 
 from ema_callback import EMACallback
-from ema_callback.bn_recompute import batchnorm_layers
-from ema_callback.engine import ExponentialMovingAverage
+from ema_callback.core.bn_recompute import batchnorm_layers
+from ema_callback.core.engine import ExponentialMovingAverage
 
 from fit_helpers import Blobs
 

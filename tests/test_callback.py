@@ -7,8 +7,8 @@ import paddle
 import pytest
 
 from ema_callback import EMACallback
-from ema_callback.config import EMAConfigError
-from ema_callback.state_file import read_state
+from ema_callback.config.schema import EMAConfigError
+from ema_callback.files.state_file import read_state
 
 from conftest import make_net
 from fit_helpers import loaders, make_model, weights

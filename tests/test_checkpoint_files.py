@@ -9,9 +9,9 @@ import paddle
 import pytest
 
 from ema_callback import EMACallback, EMAConfig
-from ema_callback.engine import ExponentialMovingAverage
-from ema_callback.checkpoint_io import EMAFileError, atomic_save, checked_load
-from ema_callback.state_file import read_state
+from ema_callback.core.engine import ExponentialMovingAverage
+from ema_callback.files.checkpoint_io import EMAFileError, atomic_save, checked_load
+from ema_callback.files.state_file import read_state
 
 from conftest import make_net, train_steps
 from fit_helpers import loaders, make_model, weights
@@ -171,11 +171,11 @@ def test_save_as_raw_with_a_selected_candidate_says_what_each_file_holds(tmp_pat
     Now it says raw, and .ema.pdparams holds the selected EMA (recorded as ema_pdparams_hold)."""
     import paddle
 
-    from ema_callback.checkpoint_io import checked_load
-    from ema_callback.config import EMAConfig
-    from ema_callback.engine import ExponentialMovingAverage
+    from ema_callback.files.checkpoint_io import checked_load
+    from ema_callback.config.schema import EMAConfig
+    from ema_callback.core.engine import ExponentialMovingAverage
     from ema_callback.integrations.checkpoints import numpy_state, save_ema_state
-    from ema_callback.state_file import read_state
+    from ema_callback.files.state_file import read_state
 
     from conftest import make_net, train_steps
 
@@ -193,3 +193,23 @@ def test_save_as_raw_with_a_selected_candidate_says_what_each_file_holds(tmp_pat
     expected = ema.ema_state_dict(net, "ema0.9")
     assert all(np.array_equal(beside[k], expected[k]) for k in expected)
     assert not all(np.array_equal(beside[k], ema.ema_state_dict(net, 0)[k]) for k in expected)
+
+
+def test_a_pdema_written_before_the_restructure_still_loads(tmp_path):
+    """tests/data/stop17.pdema was written by the code of stop 17 (commit 2705a9f; two EMAs, two post-hoc profiles,
+    a switch, 10 steps): the restructured engine (features in their own modules) reads it to the same state."""
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    paddle.seed(0)
+    with paddle.utils.unique_name.guard():
+        net = paddle.nn.Sequential(paddle.nn.Linear(4, 3), paddle.nn.BatchNorm1D(3), paddle.nn.Linear(3, 2))
+    ema = ExponentialMovingAverage(net, EMAConfig(decays=[0.9, 0.99], schedule="threshold", switch_every=7,
+                                                  posthoc={"sigma_rels": [0.05, 0.1], "snapshot_every": 100,
+                                                           "dir": str(tmp_path)}))
+    ema.load(os.path.join(data, "stop17.pdema"))
+    expected = np.load(os.path.join(data, "stop17_expected.npz"))
+    assert (ema.num_steps, ema.num_updates, ema.features["switch"].count) == (10, 10, 1)
+    assert ema.features["posthoc"].run_id == "legacy"  # its snapshots (none here) would continue as that run's
+    for j in range(ema.num_shadows):
+        for name, value in ema.averaged_numpy(j).items():
+            assert value.tobytes() == expected[f"{j}:{name}"].tobytes(), (j, name)
+    assert ema.fingerprint() == bytes(expected["fingerprint"]).decode()

@@ -7,8 +7,8 @@ import paddle
 import pytest
 
 from ema_callback import EMAConfig
-from ema_callback.engine import ExponentialMovingAverage
-from ema_callback.checkpoint_io import EMAFileError
+from ema_callback.core.engine import ExponentialMovingAverage
+from ema_callback.files.checkpoint_io import EMAFileError
 
 from conftest import make_net
 
@@ -71,7 +71,7 @@ def test_export_into_a_directory_path_is_refused(tmp_path):
 
 
 def test_staging_folders_of_dead_writers_are_removed(tmp_path):
-    from ema_callback.checkpoint_io import StagedWrite
+    from ema_callback.files.checkpoint_io import StagedWrite
     dead = subprocess.Popen(["true"])
     dead.wait()
     orphan = tmp_path / f"{StagedWrite.PREFIX}{dead.pid}-abc"

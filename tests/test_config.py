@@ -9,10 +9,10 @@ import sys
 import pytest
 import yaml
 
-from ema_callback.config import OPTIONS, EMAConfig, EMAConfigError
-from ema_callback.config_files import (apply_overrides, load_suite_yaml, parse_override, read_block_file, resolve_block,
+from ema_callback.config.schema import OPTIONS, EMAConfig, EMAConfigError
+from ema_callback.config.files import (apply_overrides, load_suite_yaml, parse_override, read_block_file, resolve_block,
                                        split_overrides)
-from ema_callback.merge import merge_yaml_text
+from ema_callback.config.merge import merge_yaml_text
 
 from conftest import PADDLEDET_ROOT, PADDLEOCR_ROOT, needs_paddledet, needs_paddleocr
 

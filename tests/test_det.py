@@ -12,11 +12,11 @@ import numpy as np
 import paddle
 import pytest
 
-from ema_callback.state_file import read_state
+from ema_callback.files.state_file import read_state
 
 from ema_callback import EMAConfig
-from ema_callback.config import EMAConfigError
-from ema_callback.engine import ExponentialMovingAverage
+from ema_callback.config.schema import EMAConfigError
+from ema_callback.core.engine import ExponentialMovingAverage
 from datasets import write_coco_dataset
 
 from conftest import PADDLEDET_ROOT, make_net, needs_paddledet, tool_command

@@ -6,10 +6,10 @@ import paddle
 import pytest
 
 from ema_callback import EMAConfig
-from ema_callback.run_report import log_before_eval
-from ema_callback.engine import ExponentialMovingAverage
-from ema_callback.checkpoint_io import EMAFileError
-from ema_callback.schedules import decay_at
+from ema_callback.core.run_report import log_before_eval
+from ema_callback.core.engine import ExponentialMovingAverage
+from ema_callback.files.checkpoint_io import EMAFileError
+from ema_callback.core.schedules import decay_at
 
 from conftest import make_net, snapshot, train_steps
 from reference import reference_decay, reference_ema
@@ -326,7 +326,7 @@ def round_to_nearest(values, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_storage_cast_rounds_to_nearest_on_every_paddle(dtype):
     # Paddle 2.6's CPU cast truncates toward zero; the store must round like numpy on 2.6 and 3.x alike
-    from ema_callback.paddle_compat import cast_rounded
+    from ema_callback.core.paddle_compat import cast_rounded
 
     values = np.random.default_rng(0).normal(size=20000).astype(np.float32)
     got = cast_rounded(paddle.to_tensor(values), dtype).astype("float32").numpy()

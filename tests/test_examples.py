@@ -6,7 +6,7 @@ import sys
 import paddle
 import pytest
 
-from ema_callback.state_file import read_state
+from ema_callback.files.state_file import read_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,8 +3,8 @@ import math
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ema_callback.config import _NUMBER as NUMBER, LENGTH_KEYS, OPTIONS, EMAConfig, EMAConfigError
-from ema_callback.config_files import apply_overrides, parse_override
+from ema_callback.config.schema import _NUMBER as NUMBER, LENGTH_KEYS, OPTIONS, EMAConfig, EMAConfigError
+from ema_callback.config.files import apply_overrides, parse_override
 
 NAMES = [o.name for o in OPTIONS]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),

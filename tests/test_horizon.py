@@ -8,11 +8,11 @@ import paddle
 import pytest
 
 from ema_callback import EMACallback
-from ema_callback.config import EMAConfig, EMAConfigError
-from ema_callback.engine import ExponentialMovingAverage
-from ema_callback.horizon import BatchInfo
-from ema_callback.run_report import describe_length, realized
-from ema_callback.state_file import read_state
+from ema_callback.config.schema import EMAConfig, EMAConfigError
+from ema_callback.core.engine import ExponentialMovingAverage
+from ema_callback.core.horizon import BatchInfo
+from ema_callback.core.run_report import describe_length, realized
+from ema_callback.files.state_file import read_state
 
 from conftest import make_net, snapshot
 from fit_helpers import loaders, make_model
@@ -102,7 +102,7 @@ def test_start_line_for_a_decay_tuned_for_another_batch():
 # ---------------------------------------------------------------- several EMAs in one pass
 @pytest.mark.parametrize("backend", ["numpy", "numpy-two-threads", "paddle", "reference"])
 def test_each_shadow_equals_a_single_ema_run_with_its_decay(trajectory, backend, monkeypatch):
-    from ema_callback import storage
+    from ema_callback.core import storage
 
     if backend == "numpy-two-threads":  # the odd shadows on the worker thread, as for models of 1M+ elements
         monkeypatch.setattr(storage, "PARALLEL_MIN", 0)
@@ -130,7 +130,7 @@ def test_a_single_decay_list_is_exactly_todays_single_ema(trajectory):
 @pytest.mark.parametrize("backend", ["numpy", "paddle"])
 def test_one_pass_gathers_the_weights_once_whatever_the_number_of_emas(trajectory, backend, monkeypatch):
     """Each update gathers (reads) the sources once: counted on the store's one read of the weights."""
-    from ema_callback import storage
+    from ema_callback.core import storage
 
     reads = []
     name = "_pairs" if backend == "numpy" else "_gather"
@@ -243,7 +243,7 @@ def test_unknown_dataset_size_or_batch_names_the_key():
 
 
 def test_a_later_layer_replaces_the_length_form():
-    from ema_callback.config_files import merged_block, parse_override
+    from ema_callback.config.files import merged_block, parse_override
 
     block = merged_block({"decay": 0.999, "decay_batch_size": 256}, {"half_life_images": 1000},
                          [parse_override("EMA.eval_all=false")])
@@ -322,7 +322,7 @@ def test_the_start_line_names_the_schedule_and_when_the_stated_decay_holds(caplo
 def test_threshold_note_matches_the_simulated_profile():
     """The '7%' of the start line: under threshold after 89,990 steps, the last 7.4% (1 - 0.5^(1/9): a profile of
     about (u/n)^8) of the steps hold half the weight (numpy, independent of horizon.py)."""
-    from ema_callback.horizon import half_weight_updates, update_decays, update_weights
+    from ema_callback.core.horizon import half_weight_updates, update_decays, update_weights
 
     n = 89990
     t = np.arange(n, dtype=np.float64)

@@ -12,7 +12,7 @@ import paddle
 import pytest
 
 from ema_callback import EMACallback
-from ema_callback.state_file import read_state
+from ema_callback.files.state_file import read_state
 
 import kill_fit_script as script
 from conftest import needs_paddleocr
@@ -36,7 +36,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def snapshot_bytes(folder):
-    from ema_callback.posthoc import load_snapshots
+    from ema_callback.posthoc.snapshots import load_snapshots
 
     return {s.step: (s.profile(0).tobytes(), s.profile(1).tobytes())
             for s in load_snapshots(os.path.join(folder, "posthoc"))}

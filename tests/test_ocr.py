@@ -14,7 +14,7 @@ import yaml
 from ema_callback.demo.text_lines import write_rec_dataset
 
 from datasets import write_det_dataset
-from ema_callback.state_file import read_state
+from ema_callback.files.state_file import read_state
 
 from conftest import PADDLEOCR_ROOT, needs_paddleocr
 from ocr_helpers import (DET_CFG, REC_CFG, REPO, assert_eval_reproduces_best, data_overrides, logged_metrics,
@@ -343,8 +343,8 @@ def test_posthoc_sweep_refuses_snapshots_of_another_model_before_evaluating(tmp_
     """Issue 19.5: snapshots of another model swept with a PaddleOCR config printed a 'best' of random weights
     (PaddleOCR only warns 'not in loaded params'). The model -c builds is checked first; one line, no table."""
     from conftest import make_net
-    from ema_callback.config import EMAConfig
-    from ema_callback.engine import ExponentialMovingAverage
+    from ema_callback.config.schema import EMAConfig
+    from ema_callback.core.engine import ExponentialMovingAverage
 
     net = make_net()
     ema = ExponentialMovingAverage(net, EMAConfig(decay=0.9, posthoc={"sigma_rels": [0.05, 0.1], "snapshot_every": 2,

@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ema_callback.optimizer_steps import OptimizerStepCounter
+from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
 
 from conftest import make_net, snapshot
 

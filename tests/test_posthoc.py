@@ -7,10 +7,10 @@ import paddle
 import pytest
 
 from ema_callback import EMACallback
-from ema_callback.config import EMAConfig, EMAConfigError
-from ema_callback.engine import ExponentialMovingAverage
+from ema_callback.config.schema import EMAConfig, EMAConfigError
+from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.errors import EMAFileError
-from ema_callback.posthoc import PostHocEMA, load_snapshots
+from ema_callback.posthoc.snapshots import PostHocEMA, load_snapshots
 
 from conftest import make_net
 from fit_helpers import loaders, make_model
@@ -62,7 +62,7 @@ def flat(values, names):
 def test_update_every_4_gives_the_same_profile_as_every_step(trajectory, tmp_path):
     """dt = 4 steps per update keeps the profile of time t; ema-pytorch's one-step beta (dt = 1 while updating every
     4 steps) averages a different profile. Measured as ||a - b|| / ||b|| over all averaged tensors."""
-    from ema_callback.posthoc_math import gamma_of
+    from ema_callback.posthoc.power_math import gamma_of
 
     _, every1 = track(trajectory, tmp_path / "a", [0.10], every=240)
     _, every4 = track(trajectory, tmp_path / "b", [0.10], every=240, update_every=4)
@@ -102,7 +102,7 @@ def test_fit_snapshots_continue_across_resume_and_survive_an_interrupted_write(t
         first.fit(train, epochs=2, verbose=0, save_dir=str(tmp_path / "run"),
                   callbacks=[EMACallback(decay=0.9, posthoc=block, save_dir=str(tmp_path / "run"))])
     # a kill while writing the next snapshot: its temporary file stays behind, the series stays readable
-    import ema_callback.posthoc as posthoc
+    import ema_callback.posthoc.snapshots as posthoc
 
     def killed(src, dst):
         raise KeyboardInterrupt("killed during the snapshot write")
@@ -179,7 +179,7 @@ def test_a_resumed_run_continues_its_own_series(trajectory, tmp_path):
 
 
 def test_reconstruct_names_the_snapshots_it_uses_and_flags_extrapolation(trajectory, tmp_path, capsys):
-    from ema_callback.posthoc_cli import main
+    from ema_callback.posthoc.cli import main
 
     track(trajectory, tmp_path, [0.05, 0.10], steps=60, every=5)
     assert main(["reconstruct", "--snapshots", str(tmp_path), "--sigma-rel", "0.07", "--at-step", "30",

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ema_callback.posthoc_math import beta_at, coefficients, gamma_of, inner, sigma_rel_of
+from ema_callback.posthoc.power_math import beta_at, coefficients, gamma_of, inner, sigma_rel_of
 
 
 def profile(gamma, t, tau):

@@ -6,7 +6,7 @@ import paddle
 import pytest
 
 from ema_callback import EMAConfig
-from ema_callback.engine import ExponentialMovingAverage
+from ema_callback.core.engine import ExponentialMovingAverage
 
 from conftest import make_net, snapshot
 

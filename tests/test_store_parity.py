@@ -6,8 +6,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ema_callback.config import EMAConfig
-from ema_callback.engine import ExponentialMovingAverage
+from ema_callback.config.schema import EMAConfig
+from ema_callback.core.engine import ExponentialMovingAverage
 
 from conftest import make_net
 from reference import reference_ema

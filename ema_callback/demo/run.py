@@ -21,8 +21,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..plots import pyplot
-from .text_lines import ALPHANUMERIC, make_text_lines
+from ema_callback.plots import pyplot
+from ema_callback.demo.text_lines import ALPHANUMERIC, make_text_lines
 
 HEIGHT, WIDTH, MAX_LABEL = 32, 128, 8
 ALPHABET = ALPHANUMERIC
@@ -81,7 +81,7 @@ def greedy_decode(logits: np.ndarray) -> List[List[int]]:
 
 def _modules():
     """The paddle parts, imported on first use so ``ema-callback --help`` stays fast."""
-    from ..paddle_compat import paddle
+    from ema_callback.core.paddle_compat import paddle
     from paddle import nn
 
     class TextLines(paddle.io.Dataset):
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
     """One ``Model.fit`` with ``EMACallback`` (every EMA and the raw weights evaluated side by side); the results
     are the candidates table's (``CandidateBoard.summary``), with the headline: raw against the recommended EMA."""
     paddle, TextLines, TinyCRNN, CTCLoss, SequenceAccuracy, CyclingBatches = _modules()
-    from ..integrations.model_fit import EMACallback
+    from ema_callback.integrations.model_fit import EMACallback
 
     paddle.set_device("cpu")
     if args.threads:
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
 def _posthoc_sweep(fitted, folder: str, rows: Dict, progress) -> Dict:
     """Post-hoc EMA after the EMA run: sigma_rel 0.01..0.25 reconstructed from the snapshots at the last step and
     evaluated with the run's own evaluation (``Model.evaluate``), beside the EMAs and the raw weights."""
-    from ..posthoc import PostHocEMA
+    from ema_callback.posthoc.snapshots import PostHocEMA
 
     model, valid_loader = fitted
     post = PostHocEMA(folder)
@@ -372,7 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         json.dump(results, handle, indent=2)
     picture = plot(results, os.path.join(args.out, "curves.png"))
     if results.get("posthoc"):
-        from ..posthoc_cli import plot_sweep
+        from ema_callback.posthoc.cli import plot_sweep
 
         ph = results["posthoc"]
         extra = {_label(k): v for k, v in ph["compare_final_acc"].items()}

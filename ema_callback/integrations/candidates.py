@@ -29,9 +29,9 @@ import logging
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
-from ..plots import pyplot
-from ..run_report import log_realized, realized
-from .evaluation import RAW_SUFFIX
+from ema_callback.plots import pyplot
+from ema_callback.core.run_report import log_realized, realized
+from ema_callback.integrations.evaluation import RAW_SUFFIX
 
 logger = logging.getLogger("ema_callback")
 

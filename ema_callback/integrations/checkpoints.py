@@ -22,8 +22,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..checkpoint_io import EMAFileError, checked_load
-from ..state_file import resolve
+from ema_callback.files.checkpoint_io import EMAFileError, checked_load
+from ema_callback.files.state_file import resolve
 
 logger = logging.getLogger("ema_callback")
 
@@ -43,7 +43,7 @@ def place_features(ema, save_dir: Optional[str], only_rank0_evaluates: bool) -> 
 
 def is_rank0() -> bool:
     """Only rank 0 of a data-parallel run writes files."""
-    from ..paddle_compat import paddle
+    from ema_callback.core.paddle_compat import paddle
 
     return paddle.distributed.get_rank() == 0
 
@@ -142,7 +142,7 @@ def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[
     ``.pdparams`` hold, or under ``save_as: raw`` (whose ``.pdparams`` hold the raw weights) as what
     ``.ema.pdparams`` holds (the selected EMA, or the primary when raw won).
     """
-    from ..checkpoint_io import atomic_write_bytes, saved_bytes
+    from ema_callback.files.checkpoint_io import atomic_write_bytes, saved_bytes
 
     companions: Dict[str, Mapping[str, np.ndarray]] = {".pdparams": held}
     files: Dict[str, bytes] = {}

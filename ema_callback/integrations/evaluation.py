@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Iterable, Mapping
 
-from ..config import EMAConfig
+from ema_callback.config.schema import EMAConfig
 
 logger = logging.getLogger("ema_callback")
 

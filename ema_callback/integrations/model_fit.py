@@ -31,19 +31,19 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from ..config import SECTION, EMAConfig, EMAConfigError
-from ..errors import EMAError
-from ..config_files import check_section_name, read_yaml
-from ..paddle_compat import paddle
-from ..engine import ExponentialMovingAverage
-from .checkpoints import is_rank0, numpy_state, place_features, restore_raw_weights, resume_ema, save_ema_state
-from ..run_report import log_before_eval, log_start
-from .evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
-from .candidates import RAW, CandidateBoard
-from ..horizon import BatchInfo
-from ..checkpoint_io import StagedWrite, checked_load
-from ..state_file import read_state
-from ..optimizer_steps import OptimizerStepCounter
+from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
+from ema_callback.errors import EMAError
+from ema_callback.config.files import check_section_name, read_yaml
+from ema_callback.core.paddle_compat import paddle
+from ema_callback.core.engine import ExponentialMovingAverage
+from ema_callback.integrations.checkpoints import is_rank0, numpy_state, place_features, restore_raw_weights, resume_ema, save_ema_state
+from ema_callback.core.run_report import log_before_eval, log_start
+from ema_callback.integrations.evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
+from ema_callback.integrations.candidates import RAW, CandidateBoard
+from ema_callback.core.horizon import BatchInfo
+from ema_callback.files.checkpoint_io import StagedWrite, checked_load
+from ema_callback.files.state_file import read_state
+from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
 
 logger = logging.getLogger("ema_callback")
 
@@ -454,7 +454,7 @@ class _EvalLossMean(paddle.callbacks.Callback):
         self.total = self.count = 0.0
 
     def on_eval_batch_end(self, step, logs=None) -> None:
-        from .candidates import metric_value
+        from ema_callback.integrations.candidates import metric_value
 
         loss = metric_value((logs or {}).get("loss"))
         size = (logs or {}).get("batch_size") or 1

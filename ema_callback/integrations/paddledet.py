@@ -41,18 +41,18 @@ import runpy
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .suite_checkout import check_checkout
-from .checkpoints import STATE_KEY, describe_start_weights, ema_file, numpy_state, place_features, restore_raw_weights
-from ..run_report import log_start
-from .evaluation import before_eval_start
-from .candidates import RAW, CandidateBoard
-from ..config import SECTION, EMAConfig, EMAConfigError
-from ..errors import EMAError
-from ..config_files import (check_section_name, load_suite_yaml, read_yaml, resolve_block, split_overrides,
+from ema_callback.integrations.suite_checkout import check_checkout
+from ema_callback.integrations.checkpoints import STATE_KEY, describe_start_weights, ema_file, numpy_state, place_features, restore_raw_weights
+from ema_callback.core.run_report import log_start
+from ema_callback.integrations.evaluation import before_eval_start
+from ema_callback.integrations.candidates import RAW, CandidateBoard
+from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
+from ema_callback.errors import EMAError
+from ema_callback.config.files import (check_section_name, load_suite_yaml, read_yaml, resolve_block, split_overrides,
                             why_disabled)
-from ..checkpoint_io import checked_load
-from ..state_file import resolve, store_once
-from .suite_checkout import suite_errors_named
+from ema_callback.files.checkpoint_io import checked_load
+from ema_callback.files.state_file import resolve, store_once
+from ema_callback.integrations.suite_checkout import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
 
@@ -134,8 +134,8 @@ class PpdetEMA:
 
     def __init__(self, model, config: EMAConfig, optimizer=None, cycle_epoch: int = -1,
                  resume_path: Optional[str] = None, batch=None):
-        from ..engine import ExponentialMovingAverage
-        from ..optimizer_steps import OptimizerStepCounter
+        from ema_callback.core.engine import ExponentialMovingAverage
+        from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
 
         self.engine = ExponentialMovingAverage(model, config, optimizer=optimizer, batch=batch)
         self.model = model
@@ -302,7 +302,7 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
             result = super().train(validate)
             if isinstance(getattr(self, "ema", None), PpdetEMA):
                 logger.info("EMA: finished: %s", self.ema.engine.summary())
-                from .checkpoints import is_rank0
+                from ema_callback.integrations.checkpoints import is_rank0
 
                 self._ema_board.finish(self.cfg.save_dir, write=is_rank0())
                 if self.ema.counter is not None:
@@ -331,8 +331,8 @@ def _batch_info(cfg, trainer):
     length."""
     import paddle
 
-    from ..horizon import BatchInfo
-    from .loader_batch import per_device_batch
+    from ema_callback.core.horizon import BatchInfo
+    from ema_callback.integrations.loader_batch import per_device_batch
 
     per_card, how = per_device_batch(getattr(trainer, "loader", None),
                                      (cfg.get("TrainReader") or {}).get("batch_size", 0))
@@ -414,7 +414,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "-h" in argv or "--help" in argv:
         return _print_help(_option_value(argv, "--paddledet-root"))
     args, passthrough = build_parser().parse_known_args(argv)
-    from .. import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
+    from ema_callback.core import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
     root = resolve_root(args.paddledet_root)
     suite = load_ppdet_yaml(args.config)
     check_section_name(suite, args.config)

@@ -31,17 +31,17 @@ import runpy
 import sys
 from typing import Any, Dict, List, Optional
 
-from .suite_checkout import check_checkout
-from .evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
-from .candidates import RAW, CandidateBoard
-from .checkpoints import (describe_start_weights, is_rank0, numpy_state, place_features, restore_raw_weights,
+from ema_callback.integrations.suite_checkout import check_checkout
+from ema_callback.integrations.evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
+from ema_callback.integrations.candidates import RAW, CandidateBoard
+from ema_callback.integrations.checkpoints import (describe_start_weights, is_rank0, numpy_state, place_features, restore_raw_weights,
                           resume_ema, save_ema_state)
-from ..run_report import log_before_eval, log_start
-from ..config import SECTION, EMAConfig, EMAConfigError
-from ..config_files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
-from ..checkpoint_io import StagedWrite
-from .output_rollback import OutputGuard
-from .suite_checkout import suite_errors_named
+from ema_callback.core.run_report import log_before_eval, log_start
+from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
+from ema_callback.config.files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
+from ema_callback.files.checkpoint_io import StagedWrite
+from ema_callback.integrations.output_rollback import OutputGuard
+from ema_callback.integrations.suite_checkout import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
 
@@ -85,7 +85,7 @@ def import_program(root: str):
 
 
 def unwrap(model):
-    from ..selection import unwrap as _unwrap  # imports paddle: not at module import (fast --help)
+    from ema_callback.core.selection import unwrap as _unwrap  # imports paddle: not at module import (fast --help)
 
     return _unwrap(model)
 
@@ -181,8 +181,8 @@ class PaddleOCRHooks:
         return result
 
     def _start_ema(self, model, optimizer, checkpoints, logger_, batch) -> None:
-        from ..engine import ExponentialMovingAverage
-        from ..optimizer_steps import OptimizerStepCounter
+        from ema_callback.core.engine import ExponentialMovingAverage
+        from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
 
         self.model = model
         self.ema = ExponentialMovingAverage(model, self.config, optimizer=optimizer, batch=batch)
@@ -255,8 +255,8 @@ def _batch_info(config: Dict[str, Any], train_dataloader):
     (PaddleOCR 2.x/3.x train without gradient accumulation); the training set's size and the run's length."""
     import paddle
 
-    from ..horizon import BatchInfo
-    from .loader_batch import per_device_batch
+    from ema_callback.core.horizon import BatchInfo
+    from ema_callback.integrations.loader_batch import per_device_batch
 
     loader = ((config.get("Train") or {}).get("loader") or {})
     configured = loader.get("batch_size_per_card")
@@ -277,7 +277,7 @@ def _batch_info(config: Dict[str, Any], train_dataloader):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .. import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
+    from ema_callback.core import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
     root = resolve_root(args.paddleocr_root)
     suite = read_yaml(args.config)
     if not isinstance(suite, dict):

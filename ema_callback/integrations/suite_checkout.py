@@ -7,7 +7,7 @@ import sys
 import traceback
 from typing import Iterator, Sequence
 
-from ..errors import CheckoutError, EMAError
+from ema_callback.errors import CheckoutError, EMAError
 
 
 def check_checkout(root: str, option: str, suite: str, required: Sequence[str]) -> str:

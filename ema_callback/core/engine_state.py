@@ -23,8 +23,8 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from .errors import EMAConfigError, EMAFileError, short_list
-from .state_file import FORMAT, READABLE_FORMATS
+from ema_callback.errors import EMAConfigError, EMAFileError, short_list
+from ema_callback.files.state_file import FORMAT, READABLE_FORMATS
 
 
 def state_of(ema) -> Dict[str, Any]:

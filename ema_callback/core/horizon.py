@@ -31,9 +31,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .config import EMAConfig
-from .errors import EMAConfigError
-from .schedules import decay_array, decay_at
+from ema_callback.config.schema import EMAConfig
+from ema_callback.errors import EMAConfigError
+from ema_callback.core.schedules import decay_array, decay_at
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Mapping, Optional
 
-from .features import Feature, due
-from .horizon import switch_period
+from ema_callback.core.features import Feature, due
+from ema_callback.core.horizon import switch_period
 
 logger = logging.getLogger("ema_callback")
 

@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .paddle_compat import cast_rounded, data_pointer, host_flat, host_view, move_to, paddle
+from ema_callback.core.paddle_compat import cast_rounded, data_pointer, host_flat, host_view, move_to, paddle
 
 CHUNK = 1 << 16  # elements per numpy pass: 256 KiB of float32 stays in L2
 

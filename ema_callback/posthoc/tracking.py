@@ -22,11 +22,11 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from .errors import EMAConfigError, EMAFileError
-from .features import Feature, due
-from .horizon import snapshot_period
-from .posthoc import FORMAT, LEGACY_RUN, PATTERN, _fingerprint, run_of
-from .posthoc_math import gamma_of
+from ema_callback.errors import EMAConfigError, EMAFileError
+from ema_callback.core.features import Feature, due
+from ema_callback.core.horizon import snapshot_period
+from ema_callback.posthoc.snapshots import FORMAT, LEGACY_RUN, PATTERN, _fingerprint, run_of
+from ema_callback.posthoc.power_math import gamma_of
 
 logger = logging.getLogger("ema_callback")
 
@@ -59,7 +59,7 @@ class PosthocProfiles(Feature):
         """The same on the device: ``updates`` a 0-d float64 device tensor (no host read)."""
         import paddle
 
-        from .paddle_compat import move_to
+        from ema_callback.core.paddle_compat import move_to
 
         if self._exponents is None:  # gamma + 1, moved to the device once
             self._exponents = move_to(paddle.to_tensor([g + 1.0 for g in self.gammas], dtype="float64"),

@@ -14,12 +14,12 @@ import tempfile
 from typing import Any
 
 
-from .errors import EMAFileError  # re-exported: ema_callback.checkpoint_io.EMAFileError
+from ema_callback.errors import EMAFileError  # re-exported: ema_callback.files.checkpoint_io.EMAFileError
 
 
 def saved_bytes(obj: Any) -> bytes:
     """What ``paddle.save(obj)`` writes, in memory (to write the same object under several names)."""
-    from .paddle_compat import paddle
+    from ema_callback.core.paddle_compat import paddle
 
     buffer = io.BytesIO()
     paddle.save(obj, buffer)
@@ -71,7 +71,7 @@ def checked_load(path: str) -> Any:
     One-line errors naming the file: missing, directory, empty, truncated or corrupt, or a file that names a
     global plain data never needs (it would run code when loaded): nothing of it is executed.
     """
-    from .safe_pickle import RefusedGlobal, safe_loads
+    from ema_callback.files.safe_pickle import RefusedGlobal, safe_loads
 
     if os.path.isdir(path):
         raise EMAFileError(f"{path}: is a directory, expected a file")

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .errors import EMAConfigError  # re-exported: ema_callback.config.EMAConfigError
-from .schedules import SCHEDULES
+from ema_callback.errors import EMAConfigError  # re-exported: ema_callback.config.EMAConfigError
+from ema_callback.core.schedules import SCHEDULES
 
 SECTION = "EMA"
 LENGTH_KEYS = ("decay", "decays", "half_life_images", "half_life_epochs")  # one form of the EMA length per block

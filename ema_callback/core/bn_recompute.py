@@ -20,8 +20,8 @@ import collections
 import logging
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from .features import Feature
-from .paddle_compat import paddle
+from ema_callback.core.features import Feature
+from ema_callback.core.paddle_compat import paddle
 
 logger = logging.getLogger("ema_callback")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict
 
-from .horizon import describe, half_life_steps, length_warnings, realized as horizon_realized
+from ema_callback.core.horizon import describe, half_life_steps, length_warnings, realized as horizon_realized
 
 logger = logging.getLogger("ema_callback")
 

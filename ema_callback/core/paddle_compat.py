@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .errors import UnsupportedPaddleError
+from ema_callback.errors import UnsupportedPaddleError
 
 MIN_PADDLE = (2, 6)
 SUPPORTED = "paddlepaddle 2.6.x or 3.x"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Callable, List, Optional, Sequence
 
-from .config import EMAConfig
-from .paddle_compat import move_to, paddle
-from .schedules import decay_tensor
+from ema_callback.config.schema import EMAConfig
+from ema_callback.core.paddle_compat import move_to, paddle
+from ema_callback.core.schedules import decay_tensor
 
 logger = logging.getLogger("ema_callback")
 

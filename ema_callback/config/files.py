@@ -12,8 +12,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import LENGTH_KEYS, SECTION, EMAConfig, layered
-from .errors import EMAConfigError
+from ema_callback.config.schema import LENGTH_KEYS, SECTION, EMAConfig, layered
+from ema_callback.errors import EMAConfigError
 
 
 def parse_override(text: str) -> Tuple[List[str], Any]:

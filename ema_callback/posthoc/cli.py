@@ -21,9 +21,9 @@ import sys
 import tempfile
 from typing import List, Optional, Tuple
 
-from .errors import EMAConfigError
-from .plots import pyplot
-from .posthoc import PostHocEMA, parse_sigma_rels
+from ema_callback.errors import EMAConfigError
+from ema_callback.plots import pyplot
+from ema_callback.posthoc.snapshots import PostHocEMA, parse_sigma_rels
 
 AP = re.compile(r"Average Precision  \(AP\) @\[ IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = ([-\d.]+)")
 
@@ -63,7 +63,7 @@ def _suite_eval(args, weights_prefix: str, expect: str) -> Tuple[float, str]:
         raise EMAConfigError(f"{'--paddleocr-root' if args.paddleocr_root else '--paddledet-root'} {root}: no "
                              "tools/eval.py there")
     weight_opt = f"Global.checkpoints={weights_prefix}" if args.paddleocr_root else f"weights={weights_prefix}"
-    from .integrations.checked_suite_eval import MISMATCH_EXIT, PREFIX
+    from ema_callback.integrations.checked_suite_eval import MISMATCH_EXIT, PREFIX
 
     cmd = [sys.executable, "-m", "ema_callback.integrations.checked_suite_eval", "--expect", expect, "--suite",
            "paddleocr" if args.paddleocr_root else "paddledet", script, "-c", args.config, "-o", weight_opt, *args.opt]

@@ -33,23 +33,23 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 
-from .bn_recompute import BatchNormRecompute
-from .checkpoint_io import atomic_save
-from .config import EMAConfig
-from .device_counters import DeviceCounters, EngineCounter
-from .errors import EMAError, EMAFileError, short_list
-from .features import Feature
-from .horizon import BatchInfo, Candidate, candidates
-from .paddle_compat import numpy_dtype, paddle
-from .posthoc_profiles import PosthocProfiles
-from .rank_sync import average_buffers
-from .engine_state import fingerprint_of, load_state, state_of
-from .schedules import decay_at
-from .model_tensors import ModelTensors
-from .selection import FOLLOW, Entry, classify, unwrap
-from .state_file import read_state, store_once
-from .storage import ShadowStore, make_store
-from .switch_ema import SwitchEMA
+from ema_callback.core.bn_recompute import BatchNormRecompute
+from ema_callback.files.checkpoint_io import atomic_save
+from ema_callback.config.schema import EMAConfig
+from ema_callback.core.device_counters import DeviceCounters, EngineCounter
+from ema_callback.errors import EMAError, EMAFileError, short_list
+from ema_callback.core.features import Feature
+from ema_callback.core.horizon import BatchInfo, Candidate, candidates
+from ema_callback.core.paddle_compat import numpy_dtype, paddle
+from ema_callback.posthoc.tracking import PosthocProfiles
+from ema_callback.core.rank_sync import average_buffers
+from ema_callback.core.engine_state import fingerprint_of, load_state, state_of
+from ema_callback.core.schedules import decay_at
+from ema_callback.core.model_tensors import ModelTensors
+from ema_callback.core.selection import FOLLOW, Entry, classify, unwrap
+from ema_callback.files.state_file import read_state, store_once
+from ema_callback.core.storage import ShadowStore, make_store
+from ema_callback.core.switch_ema import SwitchEMA
 
 # The features an engine can have, in the order of their shadows and calls: build(config, batch, model) -> or None.
 FEATURES = (PosthocProfiles.build, SwitchEMA.build, BatchNormRecompute.build)

@@ -26,8 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import EMAConfigError, EMAFileError
-from .posthoc_math import SIGMA_REL_MAX, coefficients, gamma_of
+from ema_callback.errors import EMAConfigError, EMAFileError
+from ema_callback.posthoc.power_math import SIGMA_REL_MAX, coefficients, gamma_of
 
 logger = logging.getLogger("ema_callback")
 
@@ -176,7 +176,7 @@ class PostHocEMA:
         return out
 
     def export(self, sigma_rel: float, path: str, at_step: Optional[int] = None) -> str:
-        from .checkpoint_io import atomic_save
+        from ema_callback.files.checkpoint_io import atomic_save
 
         atomic_save(self.reconstruct(sigma_rel, at_step), path)
         return path

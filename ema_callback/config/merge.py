@@ -17,8 +17,8 @@ from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
-from .config import SECTION, EMAConfig, EMAConfigError
-from .config_files import check_section_name, load_suite_yaml, merged_block, read_block_file
+from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
+from ema_callback.config.files import check_section_name, load_suite_yaml, merged_block, read_block_file
 
 _TOP_LEVEL_KEY = re.compile(r"^[^\s#-][^:]*:")
 
@@ -139,7 +139,7 @@ def _ppdet_uses_its_own_ema(suite_path: str, suite: Mapping[str, Any]) -> bool:
         return True
     if not suite.get("_BASE_"):
         return False
-    from .integrations.paddledet import load_ppdet_yaml  # follows _BASE_ like ppdet (no paddle import)
+    from ema_callback.integrations.paddledet import load_ppdet_yaml  # follows _BASE_ like ppdet (no paddle import)
 
     return load_ppdet_yaml(suite_path).get("use_ema") is True
 
@@ -179,6 +179,6 @@ def merge_config_files(suite_path: str, block_path: str, out_path: str,
         merged = _set_top_level(merged, "use_ema", False)
         notes.append(f"set use_ema: false in {out_path}: ppdet's own EMA (use_ema: true in {suite_path} or its "
                      f"_BASE_) would otherwise run beside the {SECTION}: section, which det-train refuses")
-    from .checkpoint_io import atomic_write_text
+    from ema_callback.files.checkpoint_io import atomic_write_text
     atomic_write_text(merged, out_path)
     return notes

@@ -25,7 +25,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from .checkpoint_io import EMAFileError, checked_load
+from ema_callback.files.checkpoint_io import EMAFileError, checked_load
 
 FORMAT = "ema-callback/2"
 READABLE_FORMATS = ("ema-callback/1", FORMAT)  # /1 stored every tensor itself (no companions)
