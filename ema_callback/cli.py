@@ -2,9 +2,10 @@
 
 commands:
     ema-callback demo [--steps N --decay D --out DIR --seed S]
-    ema-callback merge-config SUITE.yml BLOCK.yml -o OUT.yml [--set EMA.key=value ...]
-    ema-callback ocr-train -c cfg.yml [-o Key=val ...] [--paddleocr-root DIR] [--ema-config BLOCK.yml]
-    ema-callback det-train -c cfg.yml [-o key=val ...] [--eval] [-r ckpt] [--paddledet-root DIR]
+    ema-callback merge-config SUITE.yml BLOCK -o OUT.yml [--set EMA.key=value ...]
+    ema-callback ocr-train -c cfg.yml [-o Key=val ...] [--paddleocr-root DIR] [--ema-config BLOCK]
+    ema-callback det-train -c cfg.yml [-o key=val ...] [--eval] [-r ckpt] [--paddledet-root DIR] [--ema-config BLOCK]
+    ema-callback presets                 (the ready EMA: blocks; BLOCK is a file or a preset's name)
     ema-callback posthoc reconstruct|sweep --snapshots DIR --sigma-rel ...   (post-hoc EMA, after training)
     ema-callback script-path ocr|det     (the script form for python -m paddle.distributed.launch)
     ema-callback --version
@@ -40,7 +41,7 @@ def _merge_config(argv: List[str]) -> int:
                                      description="Write SUITE.yml with BLOCK.yml merged as its EMA: section "
                                                  "(the suite's own EMA: keys win; --set wins over both).")
     parser.add_argument("suite", help="the suite's YAML (PaddleOCR or PaddleDetection); it is only read")
-    parser.add_argument("block", help="a ready EMA: block file, e.g. configs/ema/default.yml")
+    parser.add_argument("block", help="a ready EMA: block: a file, or a preset's name (ema-callback presets)")
     parser.add_argument("-o", "--out", required=True, help="the merged YAML to write")
     parser.add_argument("--set", nargs="+", default=[], metavar="EMA.key=value",
                         help="EMA keys to set in the merged section (win over the block and the suite's section)")
@@ -52,6 +53,17 @@ def _merge_config(argv: List[str]) -> int:
     for note in merge_config_files(args.suite, args.block, args.out, overrides):
         print(f"merge-config: {note}")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _presets(argv: List[str]) -> int:
+    argparse.ArgumentParser(prog="ema-callback presets", description="List the ready EMA: blocks shipped with the "
+                            "package; --ema-config, merge-config and EMACallback.from_config take their names.").parse_args(argv)
+    from ema_callback.config.presets import listing, presets_folder
+
+    for line in listing():
+        print(line)
+    print(f"(files in {presets_folder()})")
     return 0
 
 
@@ -86,6 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "det-train": lambda rest: __import__("ema_callback.integrations.paddledet", fromlist=["main"]).main(rest),
         "posthoc": lambda rest: __import__("ema_callback.posthoc.cli", fromlist=["main"]).main(rest),
         "script-path": _script_path,
+        "presets": _presets,
     }
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())

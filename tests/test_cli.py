@@ -29,12 +29,13 @@ def test_version_and_unknown_commands():
     rc, out, err = cli("bogus")
     assert rc == 2 and out == "" and err.strip() == (
         "ema-callback: error: unknown command 'bogus'; expected one of demo, merge-config, ocr-train, det-train, "
-        "posthoc, script-path (ema-callback --help)")
+        "posthoc, script-path, presets (ema-callback --help)")
 
 
 @pytest.mark.parametrize("command,says", [
     ("script-path", "for python -m paddle.distributed.launch"),
-    ("merge-config", "a ready EMA: block file"),  # the positionals have help
+    ("merge-config", "a ready EMA: block: a file, or a preset's name"),  # the positionals have help
+    ("presets", "List the ready EMA: blocks"),
     ("demo", "characters 0-9A-Z"),
     ("ocr-train", "--paddleocr-root"),
 ])

@@ -236,3 +236,18 @@ def test_batchinfo_and_posthocema_are_public():
     assert ema_callback.BatchInfo(16, world=2, accumulate=2).global_batch == 64
     assert ema_callback.PostHocEMA.__name__ == "PostHocEMA" and "BatchInfo" in ema_callback.__all__
     assert "Fields:" in ema_callback.BatchInfo.__doc__
+
+
+def test_ready_blocks_by_preset_name():
+    from ema_callback import EMACallback
+    from ema_callback.config.presets import presets
+
+    known = presets()
+    assert set(known) == {"default", "ppdet_threshold", "short_run", "ppocrv4_det", "ppocrv4_rec", "svtr_rec",
+                          "picodet_s_416", "ppyoloe_plus_s"}  # the tiny suite configs are not blocks
+    assert read_block_file("short_run") == read_block_file(os.path.join(REPO, "configs", "ema", "short_run.yml"))
+    assert EMACallback.from_config("ppocrv4_rec").config.decay_batch_size == 1536
+    assert all(description.endswith(".") for _, description in known.values())
+    with pytest.raises(EMAConfigError, match=r"^--ema-config ppocrv5: no such file and no preset of that name "
+                                             r"\(presets: default, ppdet_threshold, short_run, "):
+        read_block_file("ppocrv5")

@@ -115,7 +115,11 @@ def read_yaml(path: str) -> Any:
 
 
 def read_block_file(path: str) -> Dict[str, Any]:
-    """A ready block file (``configs/ema/*.yml``): a YAML mapping with one top-level ``EMA:`` key."""
+    """A ready block (a file, or a preset's name: ``config.presets``): a YAML mapping with one top-level ``EMA:``
+    key."""
+    from ema_callback.config.presets import block_path
+
+    path = block_path(path)
     data = read_yaml(path)
     if not isinstance(data, Mapping) or SECTION not in data:
         raise EMAConfigError(f"{path}: expected a YAML file with a top-level '{SECTION}:' section")

@@ -161,6 +161,9 @@ def _set_top_level(text: str, key: str, value: Any) -> str:
 def merge_config_files(suite_path: str, block_path: str, out_path: str,
                        overrides: Iterable[Tuple[List[str], Any]] = ()) -> List[str]:
     """``ema-callback merge-config SUITE.yml BLOCK.yml -o OUT.yml``; returns notes to print."""
+    from ema_callback.config.presets import block_path as resolve
+
+    block_path = resolve(block_path)
     block = read_block_file(block_path)
     with open(block_path, "r", encoding="utf-8") as handle:
         block_text = handle.read()

@@ -106,8 +106,12 @@ class EMACallback(paddle.callbacks.Callback):
 
     @classmethod
     def from_config(cls, source: Union[EMAConfig, Mapping[str, Any], str], **kwargs: Any) -> "EMACallback":
-        """From an ``EMAConfig``, an ``EMA:`` mapping, or a YAML file with a top-level ``EMA:`` section."""
+        """From an ``EMAConfig``, an ``EMA:`` mapping, a YAML file with a top-level ``EMA:`` section, or a preset's
+        name (``ema-callback presets``)."""
         if isinstance(source, str):
+            from ema_callback.config.presets import block_path
+
+            source = block_path(source)
             data = read_yaml(source)
             check_section_name(data, source)
             if not isinstance(data, Mapping) or SECTION not in data:
