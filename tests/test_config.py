@@ -79,15 +79,6 @@ def test_defaults_and_every_option_documented():
         assert getattr(cfg, o.name) == o.default and o.doc
 
 
-def test_readme_table_matches_the_code():
-    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    for o in OPTIONS:
-        default = yaml.safe_dump(o.default, default_flow_style=True).strip().removesuffix("...").strip()
-        if isinstance(o.default, float) and o.name == "power":
-            default = "0.6667"
-        assert f"| `{o.name}` | `{default}` |" in readme, o.name
-
-
 def test_overrides_work_without_an_ema_section():
     overrides, rest = split_overrides(["Global.epoch_num=3", "EMA.decay=0.999", "EMA.exclude=['head']",
                                        "EMA.enable=false"])

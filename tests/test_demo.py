@@ -25,13 +25,13 @@ def demo(out, *extra):
 def test_short_demo_prints_the_headline_and_every_candidate_twice_the_same(tmp_path):
     first = demo(tmp_path / "a")
     for row in ("| weights | final val acc | validation noise, last quarter |", "| raw weights | ",
-                "| EMA half-life 1000 images |", "| EMA half-life 4000 images |", "| EMA half-life 16000 images |",
+                "| EMA half-life 2000 images |", "| EMA half-life 4000 images |", "| EMA half-life 16000 images |",
                 "points of final accuracy", "recommended: "):
         assert row in first.stdout, first.stdout[-3000:]
     assert "EMA candidates (acc, higher is better):" in first.stderr
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     table = json.loads((tmp_path / "a" / "ema_candidates.json").read_text())
-    assert [r["candidate"] for r in table["candidates"]] == ["ema_hl1000img", "ema_hl4000img", "ema_hl16000img", "raw"]
+    assert [r["candidate"] for r in table["candidates"]] == ["ema_hl2000img", "ema_hl4000img", "ema_hl16000img", "raw"]
     assert results["recommended"] == table["recommended"]  # one rule, one answer
     assert results["steps"] == [10, 20, 30, 40] and results["summary"]["raw"]["noise_evaluations"] == 1
     assert (tmp_path / "a" / "curves.png").stat().st_size > 10_000

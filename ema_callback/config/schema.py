@@ -269,7 +269,7 @@ def _check_combination(values: Mapping[str, Any]) -> None:
 
 def _unknown_key_error(name: Any, known=OPTION_BY_NAME, key: Optional[str] = None) -> EMAConfigError:
     """``EMA.<name>: unknown key, did you mean ...?`` (``key``: the full name, for keys of a sub-block)."""
-    if isinstance(name, str) and ":" in name:
+    if isinstance(name, str) and re.fullmatch(r"[A-Za-z_]\w*:\S+", name):  # a slip like {snapshot_every:0}
         head = key.rsplit(".", 1)[0] if key else SECTION
         return EMAConfigError(f"{head}: YAML read {name!r} as one key with no value (no space after the colon); "
                               f"write {name.split(':', 1)[0]}: {name.split(':', 1)[1]}")

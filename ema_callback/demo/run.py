@@ -27,7 +27,7 @@ from ema_callback.demo.text_lines import ALPHANUMERIC, make_text_lines
 HEIGHT, WIDTH, MAX_LABEL = 32, 128, 8
 ALPHABET = ALPHANUMERIC
 DATA_STYLE = dict(alphabet=ALPHABET, min_len=4, max_len=MAX_LABEL, noise=28.0, max_rotation=3.0)
-DEFAULTS = dict(steps=640, eval_every=20, train_size=4000, batch_size=32, lr=0.004, half_lives="1000,4000,16000",
+DEFAULTS = dict(steps=640, eval_every=20, train_size=4000, batch_size=32, lr=0.004, half_lives="2000,4000,16000",
                 eval_size=512, seed=7)
 
 
