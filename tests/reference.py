@@ -44,3 +44,28 @@ def reference_ema(init, trajectory, averaged, copied, schedule="constant", decay
     out = {k: v * scale for k, v in shadow.items()}
     out.update(copies)
     return out
+
+
+def batch_statistics_mean(copy, ema_weights, batches):
+    """numpy: per BatchNorm layer of ``copy`` (a fresh network of the same structure), the mean over ``batches`` of
+    its input's batch mean and biased variance, with ``ema_weights`` loaded (train-mode forward: each BatchNorm
+    normalises with its batch statistics). The independent reference for ``recompute_bn``."""
+    import paddle
+
+    from ema_callback.core.bn_recompute import batchnorm_layers
+
+    copy.set_state_dict({k: paddle.to_tensor(v) for k, v in ema_weights.items()})
+    seen, hooks = {}, []
+    for name, layer in copy.named_sublayers():
+        if any(layer is bn for bn in batchnorm_layers(copy)):
+            def hook(layer, inputs, name=name):
+                seen.setdefault(name, []).append(inputs[0].numpy().astype(np.float64))
+            hooks.append(layer.register_forward_pre_hook(hook))
+    copy.train()
+    with paddle.no_grad():
+        for args, kwargs in batches:
+            copy(*args, **kwargs)
+    for h in hooks:
+        h.remove()
+    return {name: (np.mean([x.mean(axis=(0, 2, 3)) for x in xs], axis=0),
+                   np.mean([x.var(axis=(0, 2, 3)) for x in xs], axis=0)) for name, xs in seen.items()}

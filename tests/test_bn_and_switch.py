@@ -12,29 +12,13 @@ from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.files.state_file import read_state
 
 from conftest import make_net
+from reference import batch_statistics_mean
 from fit_helpers import loaders, make_model, weights
 
 
 def reference_statistics(net, ema_weights, batches):
-    """numpy: the mean over ``batches`` of each BatchNorm input's batch mean and biased variance, with the EMA
-    weights in a copy of the network (train-mode forward: each BN normalises with its batch statistics)."""
-    copy = make_net()
-    copy.set_state_dict({k: paddle.to_tensor(v) for k, v in ema_weights.items()})
-    seen = {}
-    hooks = []
-    for name, layer in copy.named_sublayers():
-        if layer in batchnorm_layers(copy):
-            def hook(layer, inputs, name=name):
-                seen.setdefault(name, []).append(inputs[0].numpy().astype(np.float64))
-            hooks.append(layer.register_forward_pre_hook(hook))
-    copy.train()
-    with paddle.no_grad():
-        for args, kwargs in batches:
-            copy(*args, **kwargs)
-    for h in hooks:
-        h.remove()
-    return {name: (np.mean([x.mean(axis=(0, 2, 3)) for x in xs], axis=0),
-                   np.mean([x.var(axis=(0, 2, 3)) for x in xs], axis=0)) for name, xs in seen.items()}
+    """numpy: the mean batch statistics of each BatchNorm input, with the EMA weights in a copy of the network."""
+    return batch_statistics_mean(make_net(), ema_weights, batches)
 
 
 def test_recompute_bn_gives_the_cumulative_batch_statistics_of_the_ema_weights_and_restores_raw_exactly():

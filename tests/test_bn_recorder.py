@@ -16,6 +16,7 @@ from ema_callback import EMACallback
 from ema_callback.core.bn_recompute import batchnorm_layers
 from ema_callback.core.engine import ExponentialMovingAverage
 
+from reference import batch_statistics_mean
 from fit_helpers import Blobs
 
 
@@ -76,25 +77,8 @@ def build(factory, seed=0):
 
 
 def expected_statistics(factory, ema_weights, batches):
-    """numpy: per BatchNorm layer, the mean over ``batches`` of its input's batch mean and biased variance, in a
-    fresh copy of the network holding the EMA weights (train-mode forward)."""
-    copy = build(factory)
-    copy.set_state_dict({k: paddle.to_tensor(v) for k, v in ema_weights.items()})
-    seen = {}
-    hooks = []
-    for name, layer in copy.named_sublayers():
-        if any(layer is bn for bn in batchnorm_layers(copy)):
-            def hook(layer, inputs, name=name):
-                seen.setdefault(name, []).append(inputs[0].numpy().astype(np.float64))
-            hooks.append(layer.register_forward_pre_hook(hook))
-    copy.train()
-    with paddle.no_grad():
-        for args, kwargs in batches:
-            copy(*args, **kwargs)
-    for h in hooks:
-        h.remove()
-    return {name: (np.mean([x.mean(axis=(0, 2, 3)) for x in xs], axis=0),
-                   np.mean([x.var(axis=(0, 2, 3)) for x in xs], axis=0)) for name, xs in seen.items()}
+    """numpy: the mean batch statistics of each BatchNorm input, with the EMA weights in a fresh copy."""
+    return batch_statistics_mean(build(factory), ema_weights, batches)
 
 
 def check_recomputed(ema, net, factory):
