@@ -401,7 +401,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=2)
-    print(markdown(results))
+    tables = markdown(results)
+    with open(os.path.join(args.out, "tables.md"), "w") as handle:  # make bench copies it into docs/
+        handle.write(tables + "\n")
+    print(tables)
     return 0
 
 

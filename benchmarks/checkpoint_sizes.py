@@ -75,11 +75,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     paddle.set_device("cpu")
     model = MODELS[args.model]()
-    rows = []
-    print(f"{args.model}: checkpoint set bytes (the suite's .pdopt left out)")
-    print("| setting | shadow | .pdparams | before: .pdema (+ .ema.pdparams) | after: .pdema (+ .ema.pdparams) |"
-          " set growth before / after, in float32 copies of the averaged weights |")
-    print("|---|---|---|---|---|---|")
+    rows, lines = [], [f"{args.model}: checkpoint set bytes (the suite's .pdopt left out)",
+                       "| setting | shadow | .pdparams | before: .pdema (+ .ema.pdparams) | after: .pdema (+ "
+                       ".ema.pdparams) | set growth before / after, in float32 copies of the averaged weights |",
+                       "|---|---|---|---|---|---|"]
     for name, settings in SETTINGS.items():
         with tempfile.TemporaryDirectory() as folder:
             weights, shadow, sizes = measure(model, settings, folder)
@@ -87,13 +86,16 @@ def main(argv=None):
         grown = {k: sum(v for s, v in sizes[k].items() if s != ".pdparams") for k in ("before", "after")}
         extra = {k: (f" (+ {mib(sizes[k]['.ema.pdparams'])})" if ".ema.pdparams" in sizes[k] else "")
                  for k in grown}
-        print(f"| {name} | {mib(shadow)} | {mib(params)} | {mib(sizes['before']['.pdema'])}{extra['before']} | "
-              f"{mib(sizes['after']['.pdema'])}{extra['after']} | {grown['before'] / weights:.2f} / "
-              f"{grown['after'] / weights:.2f} |")
+        lines.append(f"| {name} | {mib(shadow)} | {mib(params)} | {mib(sizes['before']['.pdema'])}{extra['before']} | "
+                     f"{mib(sizes['after']['.pdema'])}{extra['after']} | {grown['before'] / weights:.2f} / "
+                     f"{grown['after'] / weights:.2f} |")
         rows.append({"setting": name, "averaged_float32_bytes": weights, "shadow_bytes": shadow, "sizes": sizes})
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "checkpoint_sizes.json"), "w") as handle:
         json.dump({"model": args.model, "rows": rows}, handle, indent=2)
+    with open(os.path.join(args.out, "checkpoint_sizes.md"), "w") as handle:  # make bench copies it into docs/
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 

@@ -5,8 +5,8 @@ Runs write docs/demo_results.json, docs/demo_curves.png, docs/demo_ema_candidate
 docs/demo_posthoc_results.json, docs/demo_posthoc.png (and with ``--seeds`` docs/demo_seeds.json). Then every
 block between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` in README.md and docs/*.md is
 re-rendered (``blocks``): the demo's tables, the ``EMA:`` option table (from ``config.schema.OPTIONS``), start lines
-the code prints for shipped blocks, and the benchmark tables the benchmarks wrote (docs/bench_*.md,
-docs/checkpoint_sizes.md). ``tests/test_docs.py`` fails when a page differs from what this renders.
+the code prints for shipped blocks, and the tables the benchmarks wrote (``make bench`` copies them to
+docs/bench_cpu.md, docs/bench_cpu_paddle26.md, docs/checkpoint_sizes.md). ``tests/test_docs.py`` fails when a page differs from what this renders.
 
     python docs/regenerate.py                    # runs both demos (about 1 + 1.5 minutes on 2 cores)
     python docs/regenerate.py --seeds 1,2,3      # also the demo on other seeds (a minute each)
@@ -128,7 +128,6 @@ def blocks() -> Dict[str, str]:
         "options": option_table(),
         "start-lines": start_lines(),
         "bench-cpu": _read("bench_cpu.md"),
-        "bench-several": _read("bench_several_emas.md"),
         "bench-paddle26": _read("bench_cpu_paddle26.md"),
         "checkpoint-sizes": _read("checkpoint_sizes.md"),
     }
