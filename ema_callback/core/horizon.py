@@ -83,11 +83,6 @@ class Candidate:
     decay: float
 
 
-def needs_batch(config: EMAConfig) -> bool:
-    """Whether the decays depend on the global batch (``decay_batch_size`` or a half-life)."""
-    return config.decay_batch_size is not None or config.length_key.startswith("half_life")
-
-
 def _as_list(value: Any) -> List[float]:
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
 
@@ -129,7 +124,7 @@ def candidates(config: EMAConfig, batch: Optional[BatchInfo] = None) -> List[Can
     """The shadows the config asks for, first = primary. Raises ``EMAConfigError`` naming the key when the batch
     (or the dataset size) it needs is unknown."""
     key = config.length_key
-    if needs_batch(config):
+    if config.in_user_units:  # the decays depend on the global batch
         why = "decay_batch_size" if config.decay_batch_size is not None else key
         if batch is None or batch.global_batch <= 0:
             raise EMAConfigError(f"EMA.{why}: needs the run's global batch, which this way in does not know; "

@@ -18,6 +18,8 @@ import runpy
 import sys
 from typing import Dict, List, Mapping
 
+from ema_callback.errors import short_list
+
 MISMATCH_EXIT = 3
 PREFIX = "ema-callback: weights do not fit the model the config builds: "
 
@@ -29,7 +31,7 @@ def mismatch(model_shapes: Mapping[str, List[int]], expected: Mapping[str, List[
     shapes = sorted(k for k in set(model_shapes) & set(expected) if list(model_shapes[k]) != list(expected[k]))
 
     def short(items):
-        return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+        return short_list(items, 4)
 
     parts = []
     if missing:

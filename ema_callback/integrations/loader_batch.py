@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
+from ema_callback.core.horizon import BatchInfo
+
 
 def _length(obj: Any) -> Optional[int]:
     try:
@@ -53,3 +55,19 @@ def per_device_batch(loader: Any, configured: Optional[int]) -> Tuple[float, str
     if how and configured and mean != configured:
         how += f"; configured {configured}"
     return mean, how
+
+
+def suite_batch_info(loader: Any, dataset: Any, configured: Optional[int], epochs: Any) -> BatchInfo:
+    """The ``BatchInfo`` of a suite's training loader (PaddleOCR, ppdet: no gradient accumulation): the per-device
+    batch as ``per_device_batch`` counts it, x ranks; an epoch is ``len(loader)`` steps, and where the sampler's
+    batches were counted it holds what they yield (``MultiScaleSampler`` pads its last batches), else
+    ``len(dataset)`` images; the run is ``epochs`` of them."""
+    import paddle
+
+    per_card, how = per_device_batch(loader, configured)
+    world = paddle.distributed.get_world_size()
+    size, steps = _length(dataset), _length(loader)
+    if how and steps:
+        size = int(round(per_card * steps * world))
+    total = steps * epochs if steps and isinstance(epochs, int) else None
+    return BatchInfo(per_card, world, 1, size or None, steps or None, total, how)

@@ -39,7 +39,7 @@ from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.integrations.checkpoints import is_rank0, numpy_state, place_features, restore_raw_weights, resume_ema, save_ema_state
 from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.integrations.evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
-from ema_callback.integrations.candidates import RAW, CandidateBoard
+from ema_callback.integrations.candidates import RAW, CandidateBoard, metric_value
 from ema_callback.core.horizon import BatchInfo
 from ema_callback.files.checkpoint_io import StagedWrite, checked_load
 from ema_callback.files.state_file import read_state
@@ -458,8 +458,6 @@ class _EvalLossMean(paddle.callbacks.Callback):
         self.total = self.count = 0.0
 
     def on_eval_batch_end(self, step, logs=None) -> None:
-        from ema_callback.integrations.candidates import metric_value
-
         loss = metric_value((logs or {}).get("loss"))
         size = (logs or {}).get("batch_size") or 1
         if loss is not None:

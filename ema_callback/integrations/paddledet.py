@@ -326,29 +326,12 @@ def _main_metrics(trainer) -> Dict[str, float]:
 
 
 def _batch_info(cfg, trainer):
-    """The images per step ppdet's loader yields on one card (its batch sampler's mean; ``TrainReader.batch_size``
-    where it cannot be counted) x ranks (ppdet has no gradient accumulation); ``len(TrainDataset)``; the run's
-    length."""
-    import paddle
+    """The images per step ppdet's loader yields on one card (``loader_batch``; ``TrainReader.batch_size`` where it
+    cannot be counted) x ranks (ppdet has no gradient accumulation); ``len(TrainDataset)``; ``epoch`` epochs."""
+    from ema_callback.integrations.loader_batch import suite_batch_info
 
-    from ema_callback.core.horizon import BatchInfo
-    from ema_callback.integrations.loader_batch import per_device_batch
-
-    per_card, how = per_device_batch(getattr(trainer, "loader", None),
-                                     (cfg.get("TrainReader") or {}).get("batch_size", 0))
-    try:
-        size = len(trainer.dataset)
-    except (TypeError, AttributeError):
-        size = None
-    try:
-        steps = len(trainer.loader)
-    except (TypeError, AttributeError):
-        steps = None
-    if how and steps:  # an epoch is what the sampler yields
-        size = int(round(per_card * steps * paddle.distributed.get_world_size()))
-    epochs = cfg.get("epoch")
-    total = steps * epochs if steps and isinstance(epochs, int) else None
-    return BatchInfo(per_card, paddle.distributed.get_world_size(), 1, size or None, steps or None, total, how)
+    return suite_batch_info(getattr(trainer, "loader", None), getattr(trainer, "dataset", None),
+                            (cfg.get("TrainReader") or {}).get("batch_size", 0), cfg.get("epoch"))
 
 
 # ---------------------------------------------------------------------------- command line

@@ -250,29 +250,16 @@ class PaddleOCRHooks:
 
 
 def _batch_info(config: Dict[str, Any], train_dataloader):
-    """The global batch: the images per step the loader yields on one card (the batch sampler's mean: PaddleOCR's
-    ``MultiScaleSampler`` yields fewer than ``Train.loader.batch_size_per_card`` at its larger scales) x ranks
-    (PaddleOCR 2.x/3.x train without gradient accumulation); the training set's size and the run's length."""
-    import paddle
+    """The global batch from what the loader yields (``loader_batch``: PaddleOCR's ``MultiScaleSampler`` yields fewer
+    than ``Train.loader.batch_size_per_card`` at its larger scales) x ranks (PaddleOCR 2.x/3.x train without gradient
+    accumulation); the training set's size and the run's length (``Global.epoch_num``)."""
+    from ema_callback.integrations.loader_batch import suite_batch_info
 
-    from ema_callback.core.horizon import BatchInfo
-    from ema_callback.integrations.loader_batch import per_device_batch
-
-    loader = ((config.get("Train") or {}).get("loader") or {})
-    configured = loader.get("batch_size_per_card")
+    configured = ((config.get("Train") or {}).get("loader") or {}).get("batch_size_per_card")
     if not isinstance(configured, int) or configured <= 0:
         configured = getattr(getattr(train_dataloader, "batch_sampler", None), "batch_size", None) or 0
-    per_card, how = per_device_batch(train_dataloader, configured)
-    try:
-        size, steps = len(train_dataloader.dataset), len(train_dataloader)
-    except (TypeError, AttributeError):
-        size = steps = None
-    world = paddle.distributed.get_world_size()
-    if how and steps:  # an epoch is what the sampler yields (MultiScaleSampler pads its last batches)
-        size = int(round(per_card * steps * world))
-    epochs = (config.get("Global") or {}).get("epoch_num")
-    total = steps * epochs if steps and isinstance(epochs, int) else None
-    return BatchInfo(per_card, world, 1, size, steps, total, how)
+    return suite_batch_info(train_dataloader, getattr(train_dataloader, "dataset", None), configured,
+                            (config.get("Global") or {}).get("epoch_num"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

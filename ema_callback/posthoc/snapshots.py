@@ -35,7 +35,7 @@ FORMAT = "ema-callback-phema-1"
 PATTERN = "phema-*.npz"
 
 
-def _fingerprint(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:
+def names_fingerprint(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:
     digest = hashlib.sha1()
     for name, shape in zip(names, shapes):
         digest.update(f"{name}:{list(shape)};".encode())

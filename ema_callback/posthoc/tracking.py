@@ -25,7 +25,7 @@ import numpy as np
 from ema_callback.errors import EMAConfigError, EMAFileError
 from ema_callback.core.features import Feature, due
 from ema_callback.core.horizon import snapshot_period
-from ema_callback.posthoc.snapshots import FORMAT, LEGACY_RUN, PATTERN, _fingerprint, run_of
+from ema_callback.posthoc.snapshots import FORMAT, LEGACY_RUN, PATTERN, names_fingerprint, run_of
 from ema_callback.posthoc.power_math import gamma_of
 
 logger = logging.getLogger("ema_callback")
@@ -102,7 +102,7 @@ class PosthocProfiles(Feature):
                 arrays[f"other:{name}"] = np.asarray(tensor.numpy())
         header = {"format": FORMAT, "step": ema.num_steps, "time": ema.num_updates * ema.config.update_every,
                   "updates": ema.num_updates, "sigma_rels": self.sigma_rels, "gammas": self.gammas, "names": names,
-                  "shapes": shapes, "fingerprint": _fingerprint(names, shapes), "dtype": np.dtype(self.dtype).name,
+                  "shapes": shapes, "fingerprint": names_fingerprint(names, shapes), "dtype": np.dtype(self.dtype).name,
                   "run": self.run_id}
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         path = os.path.join(self.folder, f"phema-{ema.num_steps:09d}.npz")
