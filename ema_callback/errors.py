@@ -6,8 +6,21 @@ key, file or option and what was expected, and the command line prints it as ``e
 from __future__ import annotations
 
 
+MESSAGE_LIMIT = 600  # characters of an error message; what a hostile value would make longer is cut
+
+
+def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` with its white space folded to single spaces and cut to ``limit`` characters (``...`` marks a cut)."""
+    folded = " ".join(str(text).split())
+    return folded if len(folded) <= limit else folded[:limit - 3] + "..."
+
+
 class EMAError(ValueError):
-    """Bad input to ema-callback; the message is one line naming the key, file or option."""
+    """Bad input to ema-callback; the message is one line naming the key, file or option (folded to one line and
+    cut to ``MESSAGE_LIMIT`` characters here, whatever a file or value put into it)."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(one_line(message), *args)
 
 
 class EMAConfigError(EMAError):

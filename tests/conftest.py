@@ -1,4 +1,5 @@
 import os
+import subprocess
 import warnings
 
 import numpy as np
@@ -90,3 +91,17 @@ def trajectory():
     model = make_net()
     init = snapshot(model)
     return init, train_steps(model, 240)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (needs root and mount, as on this project's machines; skipped elsewhere)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: " + done.stderr.decode().strip())
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -13,20 +13,6 @@ from ema_callback.files.checkpoint_io import EMAFileError
 from conftest import make_net
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB tmpfs (needs root and mount, as on this project's machines; skipped elsewhere)."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: " + done.stderr.decode().strip())
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 def big_model():
     paddle.seed(0)
     return paddle.nn.Sequential(paddle.nn.Linear(256, 512), paddle.nn.Linear(512, 256))  # ~1 MiB of weights
@@ -68,19 +54,3 @@ def test_export_into_a_directory_path_is_refused(tmp_path):
     with pytest.raises(EMAFileError, match="is a directory"):
         ema.export(str(tmp_path / "ema.pdparams"), make_net())
     assert np.isfinite(ema.averaged_numpy()["0.weight"]).all()
-
-
-def test_staging_folders_of_dead_writers_are_removed(tmp_path):
-    from ema_callback.files.checkpoint_io import StagedWrite
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    orphan = tmp_path / f"{StagedWrite.PREFIX}{dead.pid}-abc"
-    orphan.mkdir()
-    (orphan / "half.pdparams").write_bytes(b"partial")
-    live = tmp_path / f"{StagedWrite.PREFIX}{os.getpid()}-xyz"
-    live.mkdir()
-    with StagedWrite(str(tmp_path)) as stage:
-        open(stage.path("a.pdema"), "wb").write(b"x")
-        stage.publish()
-    assert not orphan.exists() and live.exists() and (tmp_path / "a.pdema").read_bytes() == b"x"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "a.pdema"])

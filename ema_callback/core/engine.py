@@ -394,17 +394,19 @@ class ExponentialMovingAverage:
         atomic_save(self.saved_state(extra, companions), path)
 
     def saved_state(self, extra: Optional[Mapping[str, Any]] = None,
-                    companions: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None) -> Dict[str, Any]:
-        """``state_dict()`` plus ``extra`` (e.g. raw weights); tensors that ``companions`` (suffix -> arrays, e.g.
-        ``{".pdparams": what the suite saved}``) hold bit for bit become references (``state_file.store_once``)."""
+                    companions: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None,
+                    files: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+        """``state_dict()`` plus ``extra`` (e.g. raw weights), signed; tensors that ``companions`` (suffix -> arrays,
+        e.g. ``{".pdparams": what the suite saved}``) hold bit for bit become references, and ``files`` (suffix ->
+        path of a ``.pdopt``/``.states`` of the same set) are fingerprinted (``state_file.store_once``)."""
         state = self.state_dict()
         if extra:
             state.update(extra)
-        return store_once(state, companions) if companions else state
+        return store_once(state, companions or {}, files)
 
     def load(self, path: str) -> Dict[str, Any]:
-        """Read a ``.pdema`` into this engine (nothing changes if it is unreadable or does not match); returns the
-        file's dict (for ``extra`` entries)."""
+        """Read a ``.pdema`` into this engine: the file is verified and checked whole, against the model too (its
+        raw weights included), before anything changes; returns the file's dict (for ``extra`` entries)."""
         state = read_state(path)
         self.set_state_dict(state, source=path)
         return state

@@ -7,9 +7,9 @@ feature adds its own entries (``num_switches``, ``run_id``, ``recompute_bn_batch
 
 ``check_state(ema, state, source)`` runs before anything is loaded (nothing changes on an error):
 
-* the format is one this version reads (``state_file.READABLE_FORMATS``);
-* the averaged tensors match the model: names and shapes (``EMAFileError`` listing what is missing, unexpected or
-  of another shape);
+* the format is one this version reads and every field has its type and range (``state_file.check_fields``);
+* the averaged tensors, the copied tensors and the raw weights (where the state holds them) match the model:
+  names, shapes and dtypes (``EMAFileError`` listing what is missing, unexpected or of another shape);
 * the number of shadows matches: the EMAs and the post-hoc profiles, named apart (``EMAConfigError``).
 
 Then it logs what differs and continues: the settings (decay, schedule, update_every, start_step, bias_correction),
@@ -24,7 +24,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 
 from ema_callback.errors import EMAConfigError, EMAFileError, short_list
-from ema_callback.files.state_file import FORMAT, READABLE_FORMATS
+from ema_callback.files.state_file import FORMAT, READABLE_FORMATS, check_fields
 
 
 def state_of(ema) -> Dict[str, Any]:
@@ -78,20 +78,38 @@ def load_state(ema, state: Mapping[str, Any], source: str) -> None:
 logger = logging.getLogger("ema_callback")
 
 
+def _compare(source: str, what: str, values: Mapping[str, Any], expected: Mapping[str, Any],
+             dtypes: Mapping[str, Any] = None) -> None:
+    """One line listing the tensors of ``values`` that are missing, unexpected or of another shape (or dtype)."""
+    missing, extra = sorted(set(expected) - set(values)), sorted(set(values) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(values) if list(np.shape(values[k])) != list(expected[k]))
+    retyped = sorted(k for k in set(dtypes or {}) & set(values) if k not in reshaped and
+                     np.asarray(values[k]).dtype != dtypes[k])
+    parts = ([f"missing {short_list(missing)}"] if missing else []) + \
+        ([f"unexpected {short_list(extra)}"] if extra else []) + \
+        (["shape mismatch " + short_list([f"{k} {list(np.shape(values[k]))}!={list(expected[k])}" for k in reshaped])]
+         if reshaped else []) + \
+        (["dtype mismatch " + short_list([f"{k} {np.asarray(values[k]).dtype}!={dtypes[k]}" for k in retyped])]
+         if retyped else [])
+    if parts:
+        raise EMAFileError(f"{source}: {what} does not match the model: {'; '.join(parts)}")
+
+
 def check_state(ema, state: Mapping[str, Any], source: str) -> None:
     if not isinstance(state, Mapping) or state.get("format") not in READABLE_FORMATS:
         found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
         raise EMAFileError(f"{source}: not an ema-callback state (format {found!r}, expected {FORMAT!r})")
-    shadow = state.get("shadow") or {}
-    expected = {e.name: list(e.tensor.shape) for e in ema.averaged_entries}
-    missing, extra = sorted(set(expected) - set(shadow)), sorted(set(shadow) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(shadow) if list(np.shape(shadow[k])) != expected[k])
-    parts = ([f"missing {short_list(missing)}"] if missing else []) + \
-        ([f"unexpected {short_list(extra)}"] if extra else []) + \
-        (["shape mismatch " + short_list([f"{k} {list(np.shape(shadow[k]))}!={expected[k]}" for k in reshaped])]
-         if reshaped else [])
-    if parts:
-        raise EMAFileError(f"{source}: does not match the model: {'; '.join(parts)}")
+    check_fields(state, source)
+    _compare(source, "field shadow", state.get("shadow") or {},
+             {e.name: list(e.tensor.shape) for e in ema.averaged_entries})
+    copies = ema.tensors.copies_numpy()
+    if state.get("copies") is not None:
+        _compare(source, "field copies", state["copies"], {k: v.shape for k, v in copies.items()},
+                 {k: v.dtype for k, v in copies.items()})
+    if state.get("raw_weights") is not None:
+        live = {k: (list(t.shape), t.numpy().dtype) for k, t in ema.model.state_dict().items()}
+        _compare(source, "field raw_weights", state["raw_weights"], {k: s for k, (s, _) in live.items()},
+                 {k: d for k, (_, d) in live.items()})
     if len(state.get("shadows") or []) + 1 != ema.num_shadows:
         saved = list(state.get("labels") or ["ema"])
         emas, profiles = [l for l in saved if not l.startswith("phema")], [l for l in saved if l.startswith("phema")]

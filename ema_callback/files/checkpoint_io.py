@@ -1,20 +1,26 @@
-"""Atomic writes and checked reads of ``.pdema`` / ``.pdparams`` files.
+"""Single files: atomic writes, and checked, bounded reads of ``paddle.save`` files.
 
-A file is written to a temporary name in the same folder, flushed to disk and renamed over the final
-name, so a crash or a full disk never leaves a partial file under a final name and never damages the
-file that was there before.
+A file is written to a temporary name in the same folder, flushed to disk and renamed over the final name, so a
+crash or a full disk never leaves a partial file under a final name and never damages the file that was there
+before. A checkpoint *set* (several files published as one) is ``checkpoint_set.StagedWrite``.
+
+Every ``paddle.save`` file this package reads goes through ``checked_load``: a regular file only (a FIFO or device
+planted under a checkpoint's name is refused without blocking), read once, checked and unpickled by ``safe_pickle``
+(no code runs, nothing grows beyond what the file holds), and every failure is one ``EMAFileError`` line naming the
+file.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
 import shutil
+import stat
 import tempfile
 from typing import Any
 
-
-from ema_callback.errors import EMAFileError  # re-exported: ema_callback.files.checkpoint_io.EMAFileError
+from ema_callback.errors import EMAFileError, one_line  # EMAFileError re-exported from here
 
 
 def saved_bytes(obj: Any) -> bytes:
@@ -35,6 +41,14 @@ def atomic_write_text(text: str, path: str) -> None:
     atomic_write_bytes(text.encode("utf-8"), path)
 
 
+def free_space(folder: str) -> str:
+    """``'12.5 MiB free'`` on the device of ``folder``, for a full disk's message."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
 def atomic_write_bytes(data: bytes, path: str) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, fsync and ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -53,6 +67,9 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
         os.replace(tmp, path)
         tmp = None
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise EMAFileError(f"{path}: cannot be written (No space left on device: {free_space(folder)}, this file "
+                               f"needs {len(data) / 2**20:,.1f} MiB); the previous file is unchanged") from None
         raise EMAFileError(f"{path}: cannot be written ({exc.strerror or exc}); the previous file is unchanged") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
@@ -65,84 +82,53 @@ def _umask() -> int:
     return mask
 
 
+def read_file_bytes(path: str) -> bytes:
+    """The bytes of the regular file at ``path``; a missing file, a folder, a FIFO or a device is one
+    ``EMAFileError`` line (opened without blocking, so a FIFO cannot hang the reader)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise EMAFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise EMAFileError(f"{path}: is a directory, expected a file") from None
+    except OSError as exc:
+        raise EMAFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise EMAFileError(f"{path}: is a directory, expected a file")
+        if not stat.S_ISREG(mode):
+            raise EMAFileError(f"{path}: not a regular file (a FIFO, socket or device), expected a file")
+        with os.fdopen(fd, "rb") as handle:
+            fd = -1
+            return handle.read()
+    except OSError as exc:
+        raise EMAFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def checked_load(path: str) -> Any:
-    """A ``paddle.save`` file read through the restricted unpickler (``safe_pickle``), tensors as numpy arrays.
+    """A ``paddle.save`` file read through the checked unpickler (``safe_pickle``), tensors as numpy arrays.
 
-    One-line errors naming the file: missing, directory, empty, truncated or corrupt, or a file that names a
-    global plain data never needs (it would run code when loaded): nothing of it is executed.
+    One-line errors naming the file: missing, directory, not a regular file, empty, truncated or corrupt, larger
+    walked than stored, or naming a global plain data never needs (it would run code when loaded): nothing of it is
+    executed, and nothing is allocated beyond about twice the file's size.
     """
-    from ema_callback.files.safe_pickle import RefusedGlobal, safe_loads
+    from ema_callback.files.safe_pickle import RefusedGlobal, UnsafePickle, safe_loads
 
-    if os.path.isdir(path):
-        raise EMAFileError(f"{path}: is a directory, expected a file")
-    if not os.path.exists(path):
-        raise EMAFileError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
+    data = read_file_bytes(path)
+    if not data:
         raise EMAFileError(f"{path}: empty file")
     try:
-        with open(path, "rb") as handle:
-            return safe_loads(handle.read())
+        return safe_loads(data)
     except RefusedGlobal as exc:
         raise EMAFileError(f"{path}: refused to load: it names the global {exc}, which a file of weights never "
                            "needs (loading it would run code); nothing of it was executed") from None
+    except UnsafePickle as exc:
+        raise EMAFileError(f"{path}: refused to load: not plain data as paddle.save writes it ({exc}); nothing of it "
+                           "was built") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            ImportError, RuntimeError, OSError, MemoryError, UnicodeDecodeError) as exc:
-        detail = " ".join(str(exc).split())[:120]
-        raise EMAFileError(f"{path}: truncated or corrupt file ({type(exc).__name__}: {detail})") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class StagedWrite:
-    """Write a checkpoint *set* into a hidden staging folder, then move each finished file to its final name.
-
-    ``with StagedWrite(folder) as stage: write(stage.path("x.pdparams")); stage.publish(last=["x.pdema"])``.
-    A crash while writing leaves only the staging folder (``.ema-staging-*``, never a final name), and the files
-    of the previous set untouched; files named in ``last`` are moved last, so their presence marks a complete set.
-    """
-
-    PREFIX = ".ema-staging-"
-
-    def __init__(self, folder: str):
-        self.folder = os.path.abspath(folder)
-        os.makedirs(self.folder, exist_ok=True)
-        self._remove_orphans()
-        self.tmp = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=self.folder)
-
-    def _remove_orphans(self) -> None:
-        """Staging folders whose writer process is gone (killed mid-save) are removed."""
-        for name in os.listdir(self.folder):
-            if not name.startswith(self.PREFIX):
-                continue
-            pid = name[len(self.PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
-
-    def path(self, relative: str) -> str:
-        target = os.path.join(self.tmp, relative)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        return target
-
-    def publish(self, last: tuple = ()) -> None:
-        files = []
-        for root, _, names in os.walk(self.tmp):
-            files += [os.path.relpath(os.path.join(root, n), self.tmp) for n in names if not n.endswith(".tmp")]
-        for relative in sorted(files, key=lambda r: (r in last, r)):
-            target = os.path.join(self.folder, relative)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(os.path.join(self.tmp, relative), target)
-
-    def __enter__(self) -> "StagedWrite":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
+            ImportError, RuntimeError, OSError, MemoryError, UnicodeDecodeError, OverflowError) as exc:
+        raise EMAFileError(f"{path}: truncated or corrupt file ({type(exc).__name__}: {one_line(exc, 160)})") from None

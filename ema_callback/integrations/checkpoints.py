@@ -23,7 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from ema_callback.files.checkpoint_io import EMAFileError, checked_load
-from ema_callback.files.state_file import resolve
+from ema_callback.files.state_file import read_state
 
 logger = logging.getLogger("ema_callback")
 
@@ -61,9 +61,9 @@ def raw_weights_in(path: str) -> Dict[str, np.ndarray]:
     """The raw weights a ``.pdema`` holds: ours (``raw_weights``) or ppdet's convention (the file's tensors)."""
     data = checked_load(path)
     if isinstance(data, dict) and "format" in data:
-        return dict(resolve(data, path).get("raw_weights") or {})
+        return dict(read_state(path).get("raw_weights") or {})
     if isinstance(data, dict) and STATE_KEY in data:  # det-train's file: ppdet's raw weights + our state
-        resolve(data[STATE_KEY], path)  # refuses a stale state (its .pdparams overwritten since)
+        data = read_state(path, key=STATE_KEY)  # refuses a damaged or stale state (its .pdparams overwritten since)
     if not isinstance(data, dict):
         raise EMAFileError(f"{path}: expected a state dict of weights, found a {type(data).__name__}")
     return {k: v for k, v in data.items() if isinstance(v, np.ndarray)}
@@ -160,6 +160,19 @@ def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[
     for prefix in prefixes:
         for suffix, data in files.items():
             atomic_write_bytes(data, prefix + suffix)
+
+
+def ppdet_state(ema, weight: Mapping[str, Any], held: Mapping[str, np.ndarray], **extra: Any) -> Dict[str, Any]:
+    """Our state for ppdet's ``.pdema`` (``weight``: the raw weights ppdet saves there, beside which the state rides
+    under ``STATE_KEY``): the shadow refers to ``held`` (what the ``.pdparams`` hold), and the digest of ppdet's own
+    entries is signed with it, so a changed raw weight is refused like a changed state."""
+    from ema_callback.files.state_file import RAW_DIGEST, entries_digest, store_once
+
+    state = ema.state_dict()
+    state.update(extra)
+    raw = {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in weight.items() if k != STATE_KEY}
+    state[RAW_DIGEST] = entries_digest(raw, STATE_KEY)
+    return store_once(state, {".pdparams": held})
 
 
 def numpy_state(network) -> Dict[str, np.ndarray]:

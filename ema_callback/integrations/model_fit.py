@@ -41,7 +41,8 @@ from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.integrations.evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
 from ema_callback.integrations.candidates import RAW, CandidateBoard, metric_value
 from ema_callback.core.horizon import BatchInfo
-from ema_callback.files.checkpoint_io import StagedWrite, checked_load
+from ema_callback.files.checkpoint_io import checked_load
+from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.files.state_file import read_state
 from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
 

@@ -42,7 +42,8 @@ import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ema_callback.integrations.suite_checkout import check_checkout
-from ema_callback.integrations.checkpoints import STATE_KEY, describe_start_weights, ema_file, numpy_state, place_features, restore_raw_weights
+from ema_callback.integrations.checkpoints import (STATE_KEY, describe_start_weights, ema_file, numpy_state,
+                                                  place_features, ppdet_state, restore_raw_weights)
 from ema_callback.core.run_report import log_start
 from ema_callback.integrations.evaluation import before_eval_start
 from ema_callback.integrations.candidates import RAW, CandidateBoard
@@ -51,7 +52,7 @@ from ema_callback.errors import EMAError
 from ema_callback.config.files import (check_section_name, load_suite_yaml, read_yaml, resolve_block, split_overrides,
                             why_disabled)
 from ema_callback.files.checkpoint_io import checked_load
-from ema_callback.files.state_file import resolve, store_once
+from ema_callback.files.state_file import read_state
 from ema_callback.integrations.suite_checkout import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
@@ -192,7 +193,7 @@ class PpdetEMA:
             source = ema_file(self.resume_path)
             data = checked_load(source) if os.path.exists(source) else {}
             if isinstance(data, dict) and STATE_KEY in data:
-                state = resolve(data[STATE_KEY], source)
+                state = read_state(source, key=STATE_KEY)[STATE_KEY]
         if state is not None:
             self.engine.set_state_dict(state, source=source)
             logger.info("EMA: resumed from %s at optimizer step %d (%d updates)", source, self.engine.num_steps,
@@ -223,14 +224,12 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 board = getattr(self.model, "_ema_board", None)
                 if isinstance(weight, dict) and board is not None and board.active:
                     # a best_model saved now holds the selected candidate: its .pdema refers to those weights
-                    state = self.model.ema.engine.state_dict()
-                    state["pdparams_hold"] = board.winner or board.primary
-                    weight[STATE_KEY] = store_once(state, {".pdparams": numpy_state(self.model.model)})
+                    weight[STATE_KEY] = ppdet_state(self.model.ema.engine, weight, numpy_state(self.model.model),
+                                                    pdparams_hold=board.winner or board.primary)
                 return
             if isinstance(weight, dict) and isinstance(self.model.ema, PpdetEMA):
                 # the Checkpointer saves the network (EMA weights now) as .pdparams: the shadow refers to it
-                weight[STATE_KEY] = store_once(self.model.ema.engine.state_dict(),
-                                               {".pdparams": numpy_state(self.model.model)})
+                weight[STATE_KEY] = ppdet_state(self.model.ema.engine, weight, numpy_state(self.model.model))
 
     class EMATrainer(Trainer):
         """ppdet's Trainer with our engine as ``trainer.ema``."""

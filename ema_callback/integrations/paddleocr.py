@@ -39,7 +39,7 @@ from ema_callback.integrations.checkpoints import (describe_start_weights, is_ra
 from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.config.files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
-from ema_callback.files.checkpoint_io import StagedWrite
+from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.integrations.output_rollback import OutputGuard
 from ema_callback.integrations.suite_checkout import suite_errors_named
 

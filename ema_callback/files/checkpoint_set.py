@@ -1,0 +1,289 @@
+"""A checkpoint *set* (``latest.pdparams``, ``.pdopt``, ``.states``, ``.pdema`` ...) published as one.
+
+``with StagedWrite(folder) as stage: <write every file to stage.path(name)>; stage.publish(last=("x.pdema",))``
+
+1. The files are written into a hidden staging folder beside the set (``.ema-staging-<random>``), whose writer
+   holds an exclusive ``flock`` on ``<staging>/.lock`` for as long as it lives. The kernel drops the lock when the
+   process dies, however it dies, so liveness needs no PID (PIDs mean nothing across PID namespaces, containers or
+   hosts sharing a volume); the lock file also names the writer (host, pid, time) for messages.
+2. ``publish`` flushes every staged file to disk, then writes the journal ``<staging>/.publish.json`` (the list of
+   files in publishing order) through a temporary name and a rename: **that rename is the commit**. Then it moves
+   each file over its final name (``last`` ones last), and removes the journal.
+3. A save killed at any point is finished or undone by the next ``StagedWrite`` in that folder, or by
+   ``recover(folder)`` (which every resume calls before it reads a set): a staging folder whose lock is free (its
+   writer is dead) is rolled *forward* when its journal exists (the rest of its files are moved into place: the new
+   set is whole) and removed otherwise (the old set was never touched: it is whole). A live writer's folder is
+   never touched, wherever that writer runs.
+
+So after any kill, once the folder is recovered, it holds the complete previous set or the complete new one. Between
+the kill and the recovery a suite's own tool may see a set that is half published; our own readers recover first,
+and ``.pdema`` files fingerprint their companions, so a mix is refused, never loaded. ``publish`` fails loudly when
+its staging folder vanished (removed by someone else), and a full disk is an ``EMAFileError`` saying how much the
+save needs; the previous set stays whole in both cases.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+from ema_callback.errors import EMAFileError
+
+logger = logging.getLogger("ema_callback")
+
+PREFIX = ".ema-staging-"
+PREPARING = ".ema-prep-"  # a staging folder before its lock is taken (then renamed to PREFIX...)
+LOCK = ".lock"
+JOURNAL = ".publish.json"
+STALE_SECONDS = 600  # a folder of ours with no lock file that is older than this is a leftover (a live writer has
+# no lock file for the microseconds between making its folder and creating the file)
+
+_OWN: Dict[str, "StagedWrite"] = {}  # this process's live staging folders (a flock of our own would not conflict)
+
+
+def _flock(fd: int, blocking: bool = False) -> bool:
+    """An exclusive ``flock`` on ``fd``; False if another open file holds it (only with ``blocking=False``)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def owner_note() -> str:
+    """Who holds a lock, for messages: host, pid and start time."""
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _staged_files(root: str) -> List[str]:
+    files = []
+    for base, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(base, d))]
+        for name in names:
+            path = os.path.join(base, name)
+            if base == root and name in (LOCK, JOURNAL):
+                continue
+            if name.endswith(".tmp") or os.path.islink(path):
+                continue
+            files.append(os.path.relpath(path, root))
+    return files
+
+
+def _move_into_place(staging: str, folder: str, order: Sequence[str], check_present: bool) -> List[str]:
+    moved = []
+    for relative in order:
+        source, target = os.path.join(staging, relative), os.path.join(folder, relative)
+        if not os.path.isfile(source):
+            if check_present:
+                raise EMAFileError(f"{source}: vanished before it was published (the staging folder was removed by "
+                                   "another process); this checkpoint set was not saved")
+            continue  # moved already by the publish that was killed
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(source, target)
+        moved.append(relative)
+    for parent in {os.path.dirname(os.path.join(folder, r)) for r in order}:
+        _fsync_dir(parent)
+    return moved
+
+
+def _journal(staging: str) -> Optional[List[str]]:
+    """The committed publishing order of a staging folder, or None (not committed, or unreadable)."""
+    path = os.path.join(staging, JOURNAL)
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            order = json.load(handle).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(order, list) or not all(_safe_relative(r) for r in order):
+        return None
+    return order
+
+
+def _safe_relative(relative: object) -> bool:
+    """A path inside the set's folder: relative, no ``..``, no empty part."""
+    if not isinstance(relative, str) or not relative or os.path.isabs(relative):
+        return False
+    return all(part not in ("", ".", "..") for part in relative.replace("\\", "/").split("/"))
+
+
+def _remove_staging(staging: str) -> None:
+    """Everything in ``staging`` but its lock file, then the lock file, then the folder."""
+    try:
+        names = os.listdir(staging)
+    except OSError:
+        return
+    for name in names:
+        if name == LOCK:
+            continue
+        path = os.path.join(staging, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+    try:
+        os.remove(os.path.join(staging, LOCK))
+        os.rmdir(staging)
+    except OSError:
+        pass
+
+
+def recover(folder: str) -> List[str]:
+    """Finish or undo the saves in ``folder`` whose writer is dead (see the module docstring); returns the files
+    that were moved into place by rolling a committed save forward. Live writers' folders are left alone."""
+    if not os.path.isdir(folder):
+        return []
+    finished: List[str] = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.startswith((PREFIX, PREPARING)) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if os.path.abspath(path) in _OWN:
+            continue
+        finished += _recover_one(folder, path)
+    return finished
+
+
+def _older_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime > seconds
+    except OSError:
+        return False
+
+
+def _recover_one(folder: str, staging: str) -> List[str]:
+    lock_path = os.path.join(staging, LOCK)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:  # no lock: an older version's folder, or one being removed
+        if _older_than(staging, STALE_SECONDS):
+            shutil.rmtree(staging, ignore_errors=True)
+        return []
+    except OSError:
+        return []
+    try:
+        if not _flock(fd):
+            return []  # its writer is alive (here, in another PID namespace, or on another host)
+        if not os.path.isdir(staging):
+            return []  # recovered meanwhile by another process
+        order = _journal(staging) if os.path.basename(staging).startswith(PREFIX) else None
+        moved = _move_into_place(staging, folder, order, check_present=False) if order else []
+        if moved:
+            logger.warning("EMA: %s: finished publishing a checkpoint set whose save was killed after it was "
+                           "committed (%s): the new set is whole", folder, ", ".join(moved))
+        _remove_staging(staging)
+        return moved
+    finally:
+        os.close(fd)
+
+
+class StagedWrite:
+    """Write a checkpoint set into a staging folder, then publish it as one (see the module docstring)."""
+
+    PREFIX = PREFIX
+
+    def __init__(self, folder: str):
+        self.folder = os.path.abspath(folder)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as exc:
+            raise EMAFileError(f"{self.folder}: cannot create the checkpoint folder ({exc.strerror or exc})") from None
+        recover(self.folder)
+        preparing = tempfile.mkdtemp(prefix=PREPARING, dir=self.folder)
+        lock = os.path.join(preparing, LOCK)
+        self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        _flock(self._lock_fd, blocking=True)
+        if os.fstat(self._lock_fd).st_ino != os.stat(lock).st_ino:  # a recovery took the folder meanwhile
+            os.close(self._lock_fd)
+            raise EMAFileError(f"{preparing}: removed by another process while this save was starting; save again")
+        os.write(self._lock_fd, owner_note().encode())
+        self.tmp = os.path.join(self.folder, PREFIX + os.path.basename(preparing)[len(PREPARING):])
+        os.rename(preparing, self.tmp)  # the lock is held on the inode: it moves with the folder
+        _OWN[self.tmp] = self
+        self.published = False
+
+    def path(self, relative: str) -> str:
+        """Where to write the file ``relative`` (a name, or ``sub/name``) of the set."""
+        if not _safe_relative(relative):
+            raise EMAFileError(f"{relative!r}: not a file name inside the checkpoint folder")
+        target = os.path.join(self.tmp, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        return target
+
+    def staged_bytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.tmp, r)) for r in _staged_files(self.tmp)
+                   if os.path.isfile(os.path.join(self.tmp, r)))
+
+    def publish(self, last: Sequence[str] = ()) -> List[str]:
+        """Commit the staged files and move them over their final names (``last`` ones last)."""
+        if not os.path.isdir(self.tmp) or not os.path.isfile(os.path.join(self.tmp, LOCK)):
+            raise EMAFileError(f"{self.tmp}: the staging folder of this save vanished (removed by another process); "
+                               f"this checkpoint set was not saved and the one in {self.folder} is unchanged")
+        files = _staged_files(self.tmp)
+        order = sorted(files, key=lambda r: (r in last, last.index(r) if r in last else 0, r))
+        for relative in order:  # the content is on disk before the commit
+            with open(os.path.join(self.tmp, relative), "rb") as handle:
+                os.fsync(handle.fileno())
+        journal = os.path.join(self.tmp, JOURNAL)
+        with open(journal + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump({"files": order}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(journal + ".tmp", journal)  # the commit
+        _fsync_dir(self.tmp)
+        moved = _move_into_place(self.tmp, self.folder, order, check_present=True)
+        os.remove(journal)
+        self.published = True
+        return moved
+
+    def close(self) -> None:
+        """Remove the staging folder, its lock file last (a kill meanwhile leaves a folder a recovery removes)."""
+        _OWN.pop(self.tmp, None)
+        _remove_staging(self.tmp)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> "StagedWrite":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                needed = self.staged_bytes() if os.path.isdir(self.tmp) else 0
+                from ema_callback.files.checkpoint_io import free_space
+
+                raise EMAFileError(f"{self.folder}: the checkpoint set could not be saved (No space left on "
+                                   f"device: {free_space(self.folder)}); a save writes the whole new set beside the "
+                                   "previous one before it replaces it, so it needs room for a second copy of the set "
+                                   f"({needed / 2**20:,.1f} MiB were written when the disk filled); the previous set "
+                                   "is whole") from None
+        finally:
+            self.close()
+        return False
