@@ -268,7 +268,7 @@ def test_posthoc_snapshots_go_beside_fits_save_dir_and_without_a_folder_fit_fail
     model = make_model()
     cb = EMACallback(decay=0.9, posthoc={"snapshot_every": 4})
     model.fit(train, evald, epochs=1, verbose=0, callbacks=[cb], save_dir=str(tmp_path / "run"))
-    assert sorted(os.listdir(tmp_path / "run" / "posthoc")) == [f"phema-{s:09d}.npz" for s in (4, 8, 12)]
+    assert sorted(os.listdir(tmp_path / "run" / "posthoc")) == [f"phema-{s:09d}.safetensors" for s in (4, 8, 12)]
     model = make_model()
     before = weights(model.network)
     with pytest.raises(EMAConfigError) as err:

@@ -456,7 +456,7 @@ def test_posthoc_sweep_through_ppdet_eval(coco, tmp_path):
                         "EMA.posthoc={'sigma_rels': [0.05, 0.1], 'snapshot_every': 4, 'snapshot_dtype': 'float32'}")
     assert rc == 0, log[-4000:]
     folder = coco / "output" / "posthoc" / "posthoc"
-    assert sorted(os.listdir(folder)) == [f"phema-{s:09d}.npz" for s in (4, 8, 12)]
+    assert sorted(os.listdir(folder)) == [f"phema-{s:09d}.safetensors" for s in (4, 8, 12)]
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "ema_callback.cli", "posthoc", "sweep", "--snapshots", str(folder),
            "--sigma-rel", "0.05,0.1", "--out", str(out), "--paddledet-root", PADDLEDET_ROOT, "-c", TINY]

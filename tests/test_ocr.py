@@ -286,7 +286,7 @@ def test_posthoc_sweep_through_paddleocr_eval(tmp_path, data, warm):
         "EMA.posthoc={'sigma_rels': [0.05, 0.1], 'snapshot_every': 4}"])
     assert rc == 0, log[-3000:]
     snaps = sorted(os.listdir(out / "posthoc"))
-    assert snaps == [f"phema-{s:09d}.npz" for s in (4, 8, 12, 16)], snaps
+    assert snaps == [f"phema-{s:09d}.safetensors" for s in (4, 8, 12, 16)], snaps
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "ema_callback.cli", "posthoc", "sweep", "--snapshots", str(out / "posthoc"),
            "--sigma-rel", "0.05:0.15:0.05", "--out", str(sweep_dir), "--paddleocr-root", PADDLEOCR_ROOT,

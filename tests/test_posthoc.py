@@ -135,7 +135,7 @@ def test_bad_posthoc_input_is_a_one_line_error(tmp_path):
         EMAConfig.from_block({"posthoc": {"sigma_rels": [0.3], "snapshot_every": 5}})
     with pytest.raises(EMAConfigError, match=r"^EMA\.posthoc\.snapshot_every: give how often"):
         EMAConfig.from_block({"posthoc": {"sigma_rels": [0.1]}})
-    with pytest.raises(EMAFileError, match=r"no post-hoc snapshots \(phema-\*\.npz\) in this folder"):
+    with pytest.raises(EMAFileError, match=r"no post-hoc snapshots \(phema-<step>\.safetensors\) in this folder"):
         PostHocEMA(str(tmp_path))
 
 
@@ -150,15 +150,15 @@ def test_a_fresh_run_starts_its_own_series_and_a_mixed_folder_is_refused(traject
     old_id, new_id = old.features["posthoc"].run_id, new.features["posthoc"].run_id
     assert new_id != old_id
     aside = tmp_path / f"posthoc-run-{old_id}"
-    assert sorted(os.listdir(folder)) == [f"phema-{s:09d}.npz" for s in (5, 10, 15, 20)]
-    assert sorted(os.listdir(aside)) == [f"phema-{s:09d}.npz" for s in range(5, 61, 5)]
+    assert sorted(os.listdir(folder)) == [f"phema-{s:09d}.safetensors" for s in (5, 10, 15, 20)]
+    assert sorted(os.listdir(aside)) == [f"phema-{s:09d}.safetensors" for s in range(5, 61, 5)]
     assert f"held 12 snapshot(s) of another run (run {old_id}, steps 5..60): moved to {aside}" in caplog.text
-    assert f"EMA: post-hoc snapshot at optimizer step 5: {folder}/phema-000000005.npz (" in caplog.text
+    assert f"EMA: post-hoc snapshot at optimizer step 5: {folder}/phema-000000005.safetensors (" in caplog.text
     assert PostHocEMA(str(folder)).steps == [5, 10, 15, 20] and PostHocEMA(str(aside)).steps[-1] == 60
-    shutil.copy(aside / "phema-000000060.npz", folder)  # mixed by hand
-    with pytest.raises(EMAFileError, match=rf"snapshots of 2 runs mixed \(run {new_id}: phema-000000005.npz, "
-                                           rf"phema-000000010.npz, phema-000000015.npz \(\+1 more\); run "
-                                           rf"{old_id}: phema-000000060.npz\); keep one run's snapshots per folder"):
+    shutil.copy(aside / "phema-000000060.safetensors", folder)  # mixed by hand
+    with pytest.raises(EMAFileError, match=rf"snapshots of 2 runs mixed \(run {new_id}: phema-000000005.safetensors, "
+                                           rf"phema-000000010.safetensors, phema-000000015.safetensors \(\+1 more\); run "
+                                           rf"{old_id}: phema-000000060.safetensors\); keep one run's snapshots per folder"):
         load_snapshots(str(folder))
 
 

@@ -25,9 +25,11 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     if not key or any(not part for part in key.split(".")) or not key.isprintable():
         raise EMAConfigError(f"-o {text!r}: expected KEY=VALUE with a dotted key, e.g. EMA.decay=0.9999")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=BoundedLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise EMAConfigError(f"-o {key!r}: value {raw!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except EMAConfigError as exc:
+        raise EMAConfigError(f"-o {key!r}: {exc}") from None
     except (ValueError, OverflowError, TypeError) as exc:  # e.g. an impossible date: 2024-13-45
         raise EMAConfigError(f"-o {key!r}: value {raw!r} cannot be read ({exc})") from None
     return key.split("."), value
@@ -81,8 +83,51 @@ def apply_overrides(block: Optional[Mapping[str, Any]], overrides: Iterable[Tupl
     return layered(merged, layer)
 
 
-class SuiteLoader(yaml.SafeLoader):
-    """A safe loader that reads suite-specific tags (PaddleDetection's ``!CosineDecay``...) as plain data."""
+MAX_EXPANDED_NODES = 1_000_000  # a suite config has a few thousand; aliases nested 25 deep stand for 33 million
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document whose aliases expand beyond ``MAX_EXPANDED_NODES`` nodes or refer to
+    themselves (an alias bomb: a few hundred bytes that every later merge, copy or message would walk
+    exponentially)."""
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
+
+
+class SuiteLoader(BoundedLoader):
+    """``BoundedLoader`` that also reads suite-specific tags (PaddleDetection's ``!CosineDecay``...) as plain data."""
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the nodes of ``root`` as they expand (every alias counted again), each node's count computed once."""
+    sizes: Dict[int, int] = {}
+    in_progress = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        if not children_done:
+            if key in in_progress:
+                raise EMAConfigError(f"line {node.start_mark.line + 1}: an alias that contains itself (a recursive "
+                                     "YAML structure); suite configs never need one")
+            in_progress.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+            continue
+        in_progress.discard(key)
+        sizes[key] = 1 + sum(sizes.get(id(child), 0) for child in children)
+        if sizes[key] > MAX_EXPANDED_NODES:
+            raise EMAConfigError(f"line {node.start_mark.line + 1}: aliases that expand to more than "
+                                 f"{MAX_EXPANDED_NODES:,} values (an alias bomb); suite configs hold a few thousand")
 
 
 def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
@@ -101,17 +146,26 @@ def load_suite_yaml(text: str) -> Any:
     return yaml.load(text, Loader=SuiteLoader)
 
 
+MAX_YAML_BYTES = 16 << 20  # a suite config is a few kilobytes
+
+
 def read_yaml(path: str) -> Any:
-    """Load a YAML file, with one-line errors naming the file."""
+    """Load a YAML file, with one-line errors naming the file (aliases bounded: ``SuiteLoader``)."""
     if not os.path.isfile(path):
         raise EMAConfigError(f"{path}: no such file")
     try:
+        if os.path.getsize(path) > MAX_YAML_BYTES:
+            raise EMAConfigError(f"{path}: {os.path.getsize(path):,} bytes, larger than a config can be "
+                                 f"({MAX_YAML_BYTES:,})")
         with open(path, "r", encoding="utf-8") as handle:
             return load_suite_yaml(handle.read())
+    except EMAConfigError as exc:
+        message = str(exc)
+        raise EMAConfigError(message if message.startswith(path) else f"{path}: {message}") from None
     except yaml.YAMLError as exc:
         raise EMAConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EMAConfigError(f"{path}: cannot be read ({exc})") from None
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError, OverflowError) as exc:
+        raise EMAConfigError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def read_block_file(path: str) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Tuple
 import yaml
 
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
-from ema_callback.config.files import check_section_name, load_suite_yaml, merged_block, read_block_file
+from ema_callback.config.files import check_section_name, load_suite_yaml, merged_block, read_block_file, read_yaml
 
 _TOP_LEVEL_KEY = re.compile(r"^[^\s#-][^:]*:")
 
@@ -165,6 +165,7 @@ def merge_config_files(suite_path: str, block_path: str, out_path: str,
 
     block_path = resolve(block_path)
     block = read_block_file(block_path)
+    read_yaml(suite_path)  # checked and bounded first (an alias bomb is refused here, naming the file)
     with open(block_path, "r", encoding="utf-8") as handle:
         block_text = handle.read()
     try:

@@ -1,38 +1,60 @@
 """Post-hoc EMA: the EMA of any length reconstructed after training from the snapshots of the tracked
-power-function profiles (the math, with its sources, is in ``posthoc_math``; tracking and writing the snapshots is
-the engine feature ``posthoc_profiles``).
+power-function profiles (the math, with its sources, is in ``power_math``; tracking and writing the snapshots is
+the engine feature ``tracking``).
 
 During training (``EMA.posthoc``) the engine keeps one extra shadow per tracked ``sigma_rel`` and every
-``snapshot_every`` optimizer steps rank 0 writes ``<dir>/phema-<step>.npz``: the profiles' averaged tensors in ``snapshot_dtype``, the other tensors of the state
-dict once in float32, and a JSON header (step, time, sigma_rels, gammas, tensor names and shapes, a fingerprint of
-the model's names and shapes, the run's id). The file is written under a temporary name and renamed, so a killed
-run loses at most the snapshot being written; a resumed run writes the next ones under their step numbers (a step
-written again holds the same values). ``np.load(allow_pickle=False)`` reads them: a snapshot cannot run code.
+``snapshot_every`` optimizer steps rank 0 writes ``<dir>/phema-<step as 9 digits>.safetensors``: the profiles'
+averaged tensors (``profile0``, ``profile1``, ... flat, in ``snapshot_dtype``), the other tensors of the state dict
+once in float32 (``other:<name>``), and a JSON header in the file's metadata (``ema_callback``: format, step, time,
+sigma_rels, gammas, tensor names and shapes, a fingerprint of the model's names and shapes, the run's id, and the
+sha256 of the data). The file is written under a temporary name and renamed, so a killed run loses at most the
+snapshot being written; a resumed run writes the next ones under their step numbers.
+
+Reading trusts nothing in a snapshot folder: safetensors holds no code and every size it declares is checked
+against the file (``files.safetensors_file``); the header's fields are checked (types, ranges, a run id of 12 hex
+digits, the step in the name equal to the step inside), the data against its sha256; a file whose name is not
+``phema-<9 digits>.safetensors`` (or the ``.npz`` of earlier versions, read with every zip member stored and every
+declared size checked) is skipped with a warning, and so is a symbolic link (never followed). Every failure is one
+``EMAFileError`` line naming the file.
 
 A series belongs to one run: the engine's ``run_id`` (new for a fresh run, carried by the ``.pdema`` into a
 resume) is in every header. Before its first snapshot a run moves any other run's snapshots out of the folder into
-``<dir>-run-<their id>`` beside it (one warning says so), and ``load_snapshots`` refuses a folder that mixes runs.
+``<dir>-run-<their id>`` beside it (one warning says so), a resumed run moves its own snapshots later than the step
+it resumed from into ``<dir>-run-<id>-after-<step>`` (the abandoned part of the run), and ``load_snapshots``
+refuses a folder that mixes runs.
 
 Bytes per snapshot = averaged elements x profiles x dtype size (+ the non-averaged tensors once).
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
+import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import re
+import stat
+import zipfile
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ema_callback.errors import EMAConfigError, EMAFileError
+from ema_callback.errors import EMAConfigError, EMAFileError, one_line, short_list
+from ema_callback.files.safetensors_file import SafetensorsFile, dumps
+from ema_callback.files.state_file import RUN_ID
 from ema_callback.posthoc.power_math import SIGMA_REL_MAX, coefficients, gamma_of
 
 logger = logging.getLogger("ema_callback")
 
-FORMAT = "ema-callback-phema-1"
-PATTERN = "phema-*.npz"
+FORMAT = "ema-callback-phema-2"  # safetensors
+LEGACY_FORMAT = "ema-callback-phema-1"  # numpy .npz, written by earlier versions
+NAME = re.compile(r"^phema-(\d{9})\.(safetensors|npz)$")
+PATTERN = "phema-<step>.safetensors"
+METADATA_KEY = "ema_callback"
+
+
+def snapshot_name(step: int) -> str:
+    return f"phema-{step:09d}.safetensors"
 
 
 def names_fingerprint(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:
@@ -45,45 +67,211 @@ def names_fingerprint(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> 
 LEGACY_RUN = "legacy"  # the run of snapshots (and .pdema files) written before run ids
 
 
+def snapshot_bytes(header: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> bytes:
+    """A snapshot file's bytes: ``arrays`` in safetensors, ``header`` (with the data's sha256 added) as metadata."""
+    return dumps(arrays, lambda sha256: {METADATA_KEY: json.dumps(dict(header, format=FORMAT, digest=sha256))})
+
+
 def run_of(path: str) -> str:
-    """The run id in a snapshot's header (``legacy`` for files written before run ids)."""
-    return str(Snapshot(path).header.get("run") or LEGACY_RUN)
+    """The run id in a snapshot's header (``legacy`` for files written before run ids); the header is checked, the
+    data not read (this only decides which folder a snapshot belongs in)."""
+    return str(Snapshot(path, verify_data=False).header.get("run") or LEGACY_RUN)
+
+
+def _number(value: Any, integer: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return (isinstance(value, int) if integer else math.isfinite(value)) and value >= 0
+
+
+def check_header(header: Any, path: str, step_in_name: int) -> Dict[str, Any]:
+    """The fields of a snapshot header, each of the type and range the writer gives it."""
+    def bad(field: str, expected: str) -> EMAFileError:
+        value = header.get(field) if isinstance(header, dict) else None
+        return EMAFileError(f"{path}: header field {field}: expected {expected}, found {one_line(repr(value), 60)}")
+
+    if not isinstance(header, dict):
+        raise EMAFileError(f"{path}: the snapshot header is not a mapping")
+    if header.get("format") not in (FORMAT, LEGACY_FORMAT):
+        raise bad("format", repr(FORMAT))
+    for field in ("step", "updates"):
+        if not _number(header.get(field), integer=True):
+            raise bad(field, "a whole number >= 0")
+    if header["step"] != step_in_name:
+        raise EMAFileError(f"{path}: header field step: {header['step']}, but the file is named for step "
+                           f"{step_in_name}")
+    if not _number(header.get("time")) or header["time"] == 0:
+        raise bad("time", "a finite number > 0")
+    sigma_rels, gammas = header.get("sigma_rels"), header.get("gammas")
+    if not isinstance(sigma_rels, list) or not sigma_rels or len(sigma_rels) > 64 or \
+            not all(_number(s) and 0 < s < SIGMA_REL_MAX for s in sigma_rels):
+        raise bad("sigma_rels", f"a list of numbers in (0, {SIGMA_REL_MAX:.4f})")
+    if not isinstance(gammas, list) or len(gammas) != len(sigma_rels) or not all(
+            _number(g) and abs(g - float(gamma_of(s))) <= 1e-6 * max(1.0, g) for g, s in zip(gammas, sigma_rels)):
+        raise bad("gammas", "the gamma of each sigma_rel")
+    names, shapes = header.get("names"), header.get("shapes")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad("names", "a list of tensor names")
+    if not isinstance(shapes, list) or len(shapes) != len(names) or not all(
+            isinstance(sh, list) and all(_number(d, integer=True) for d in sh) for sh in shapes):
+        raise bad("shapes", "one list of sizes per name")
+    if header.get("dtype") not in ("float16", "float32"):
+        raise bad("dtype", "float16 or float32")
+    fingerprint = header.get("fingerprint")
+    if not isinstance(fingerprint, str) or fingerprint != names_fingerprint(names, shapes):
+        raise bad("fingerprint", "the fingerprint of its names and shapes")
+    run = header.get("run")
+    if run is not None and not (isinstance(run, str) and RUN_ID.match(run)):
+        raise bad("run", "12 hexadecimal digits")
+    return header
 
 
 class Snapshot:
-    """One snapshot file, read without unpickling; profile arrays are read when first needed."""
+    """One snapshot file, checked when opened (see the module docstring; ``verify_data=False`` skips reading the
+    data for its digest); tensors are read when first needed."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, verify_data: bool = True):
         self.path = path
-        try:
-            self._data = np.load(path, allow_pickle=False)
-            self.header = json.loads(bytes(self._data["header"]).decode())
-        except Exception as exc:  # a damaged or foreign file
-            raise EMAFileError(f"{path}: not an ema-callback post-hoc snapshot ({type(exc).__name__}: {exc})") \
-                from None
-        if self.header.get("format") != FORMAT:
-            raise EMAFileError(f"{path}: format {self.header.get('format')!r}, expected {FORMAT!r}")
+        match = NAME.match(os.path.basename(path))
+        if not match:
+            raise EMAFileError(f"{path}: not named phema-<9 digits>.safetensors")
+        step = int(match.group(1))
+        if match.group(2) == "npz":
+            self._file = _LegacyNpz(path)
+            header = self._file.header
+        else:
+            self._file = SafetensorsFile(path)
+            try:
+                header = json.loads(self._file.metadata.get(METADATA_KEY, "null"))
+            except (ValueError, RecursionError) as exc:
+                raise EMAFileError(f"{path}: damaged snapshot header ({type(exc).__name__})") from None
+        self.header = check_header(header, path, step)
         self.step, self.time = int(self.header["step"]), float(self.header["time"])
+        self._check_tensors()
+        if verify_data and self.header["format"] == FORMAT and self._file.data_sha256() != self.header.get("digest"):
+            raise EMAFileError(f"{path}: the digest does not match the data (the file was changed or damaged after "
+                               "it was written)")
+
+    def _check_tensors(self) -> None:
+        names = self._file.names()
+        count = len(self.header["sigma_rels"])
+        elements = int(sum(int(np.prod(shape)) if shape else 1 for shape in self.header["shapes"]))
+        dtype = np.dtype(self.header["dtype"])
+        for j in range(count):
+            spec = self._file.spec(f"profile{j}")
+            if spec is None or spec != (dtype, (elements,)):
+                raise EMAFileError(f"{self.path}: tensor profile{j}: expected {elements:,} {dtype} values, found "
+                                   f"{spec[1] if spec else 'none'}")
+        unexpected = [n for n in names if not (n.startswith("other:") or re.match(r"^profile\d+$", n))
+                      and n != "header"]
+        extra = [n for n in names if re.match(r"^profile\d+$", n) and int(n[7:]) >= count]
+        if unexpected or extra:
+            raise EMAFileError(f"{self.path}: unexpected tensors {short_list(unexpected + extra)}")
 
     def profile(self, j: int) -> np.ndarray:
-        return self._data[f"profile{j}"]
+        return self._file.array(f"profile{j}")
 
     def others(self) -> Dict[str, np.ndarray]:
-        return {k[len("other:"):]: self._data[k] for k in self._data.files if k.startswith("other:")}
+        return {k[len("other:"):]: self._file.array(k) for k in self._file.names() if k.startswith("other:")}
 
     @property
     def nbytes(self) -> int:
         return os.path.getsize(self.path)
 
 
+class _LegacyNpz:
+    """A ``.npz`` snapshot of earlier versions, read strictly: every member stored (not compressed) and within the
+    file, every ``.npy`` header's shape and dtype (numeric only) matching the member's size, no pickle."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode):
+                raise EMAFileError(f"{path}: not a regular file")
+            self._zip = zipfile.ZipFile(path)
+            self._specs: Dict[str, Tuple[np.dtype, Tuple[int, ...], int]] = {}
+            total = 0
+            for member in self._zip.infolist():
+                total += member.file_size
+                if member.compress_type != zipfile.ZIP_STORED or member.file_size != member.compress_size or \
+                        total > info.st_size:
+                    raise EMAFileError(f"{path}: member {one_line(member.filename, 80)} is compressed or larger than "
+                                       "the file (snapshots are stored, never compressed)")
+                if not member.filename.endswith(".npy"):
+                    raise EMAFileError(f"{path}: member {one_line(member.filename, 80)} is not a .npy array")
+                with self._zip.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    shape, fortran, dtype = (np.lib.format.read_array_header_1_0(handle) if version == (1, 0) else
+                                             np.lib.format.read_array_header_2_0(handle))
+                    header_size = handle.tell()
+                if dtype.hasobject or dtype.kind not in "biuf" or fortran:
+                    raise EMAFileError(f"{path}: member {one_line(member.filename, 80)} holds {dtype} values")
+                count = 1
+                for d in shape:
+                    count *= int(d)
+                if count * dtype.itemsize != member.file_size - header_size:
+                    raise EMAFileError(f"{path}: member {one_line(member.filename, 80)} declares shape {shape} of "
+                                       f"{dtype}, which its {member.file_size - header_size:,} bytes do not hold")
+                self._specs[member.filename[:-4]] = (dtype, tuple(shape), member.file_size)
+            self.header = json.loads(bytes(self.array("header")).decode()) if "header" in self._specs else None
+        except EMAFileError:
+            raise
+        except Exception as exc:  # a damaged zip, npy header or JSON
+            raise EMAFileError(f"{path}: not an ema-callback post-hoc snapshot ({type(exc).__name__}: "
+                               f"{one_line(exc, 120)})") from None
+
+    def names(self) -> List[str]:
+        return list(self._specs)
+
+    def spec(self, name: str):
+        entry = self._specs.get(name)
+        return (entry[0].newbyteorder("="), entry[1]) if entry else None
+
+    def array(self, name: str) -> np.ndarray:
+        try:
+            with self._zip.open(name + ".npy") as handle:
+                return np.lib.format.read_array(handle, allow_pickle=False)
+        except Exception as exc:
+            raise EMAFileError(f"{self.path}: member {name}: {type(exc).__name__}: {one_line(exc, 120)}") from None
+
+    def data_sha256(self) -> None:
+        return None
+
+
+def list_snapshots(folder: str) -> Tuple[List[str], List[str]]:
+    """(the snapshot files of ``folder`` by step, the entries skipped): only regular files named
+    ``phema-<9 digits>.safetensors`` (or ``.npz``) are snapshots; symbolic links are never followed; hidden files
+    (temporary ones) are passed over silently."""
+    paths, skipped = [], []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("."):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            continue
+        if NAME.match(name) and stat.S_ISREG(mode):
+            paths.append(path)
+        else:
+            skipped.append(name + (" (a symbolic link, not followed)" if stat.S_ISLNK(mode) else ""))
+    paths.sort(key=lambda p: int(NAME.match(os.path.basename(p)).group(1)))
+    return paths, skipped
+
+
 def load_snapshots(folder: str) -> List[Snapshot]:
-    """The snapshots of ``folder`` by step; one-line errors for no snapshots or snapshots of different models."""
+    """The snapshots of ``folder`` by step; one-line errors for no snapshots, a damaged snapshot, or snapshots of
+    different runs or models; other entries are skipped with a warning."""
     if not os.path.isdir(folder):
         raise EMAFileError(f"--snapshots {folder}: no such folder")
-    paths = sorted(glob.glob(os.path.join(folder, PATTERN)))
+    paths, skipped = list_snapshots(folder)
+    if skipped:
+        logger.warning("EMA.posthoc: %s: skipped %d entr%s that %s not snapshots: %s", folder, len(skipped),
+                       "y" if len(skipped) == 1 else "ies", "is" if len(skipped) == 1 else "are", short_list(skipped))
     if not paths:
-        raise EMAFileError(f"--snapshots {folder}: no post-hoc snapshots (phema-*.npz) in this folder; train with "
-                           "an EMA.posthoc block to write them")
+        raise EMAFileError(f"--snapshots {folder}: no post-hoc snapshots (phema-<step>.safetensors) in this folder; "
+                           "train with an EMA.posthoc block to write them")
     snaps = [Snapshot(p) for p in paths]
     runs: Dict[str, List[Snapshot]] = {}
     for snap in snaps:
@@ -155,8 +343,12 @@ class PostHocEMA:
             raise EMAConfigError(f"--at-step {at}: before the first snapshot (step {self.snapshots[0].step})")
         target = next((s for s in used if s.step == at), used[-1])
         terms = [(s, j) for s in used for j in self.use]
-        x = coefficients([self.gammas[j] for _, j in terms], [s.time for s, _ in terms], float(gamma_of(sigma_rel)),
-                         target.time)
+        try:
+            x = coefficients([self.gammas[j] for _, j in terms], [s.time for s, _ in terms],
+                             float(gamma_of(sigma_rel)), target.time)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
+            raise EMAFileError(f"--snapshots {self.folder}: the snapshots' times do not give a solvable fit "
+                               f"({type(exc).__name__}: {one_line(exc, 80)}); are two of them copies?") from None
         return terms, x, target
 
     def reconstruct(self, sigma_rel: float, at_step: Optional[int] = None) -> Dict[str, np.ndarray]:

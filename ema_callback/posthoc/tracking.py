@@ -4,17 +4,18 @@ their snapshots (reading them back and reconstructing is ``posthoc``).
 Each tracked ``sigma_rel`` is one extra shadow of the engine's store, updated in the same pass as the EMAs with
 ``beta = (u / (u + 1))^(gamma + 1)`` after ``u`` updates (EDM2, Karras et al. 2024, Algorithm 1 with time in
 optimizer steps and ``dt = update_every`` steps per update: ``1 - dt/t = u/(u+1)`` at ``t = (u+1) dt``;
-``posthoc_math.gamma_of`` maps sigma_rel to gamma). Every ``snapshot_every`` optimizer steps rank 0 writes
-``<dir>/phema-<step>.npz`` (see ``posthoc`` for the format), under a temporary name then renamed.
+``power_math.gamma_of`` maps sigma_rel to gamma). Every ``snapshot_every`` optimizer steps rank 0 writes
+``<dir>/phema-<step>.safetensors`` (see ``snapshots`` for the format), under a temporary name then renamed.
 
 A series belongs to one run: ``run_id`` (new for a fresh run, carried by the ``.pdema`` into a resume) is in every
-header; before its first snapshot a run moves any other run's snapshots out of the folder into
-``<dir>-run-<their id>`` beside it (one warning says so).
+header. Before its first snapshot a fresh run moves any other run's snapshots out of the folder into
+``<dir>-run-<their id>`` beside it, and a resumed run (as soon as its folder is known) also moves its own snapshots
+later than the step it resumed from into ``<dir>-run-<id>-after-<step>``: those belong to the abandoned part of the
+run, and a resumed run does not retrace it bit for bit. One warning says what moved; nothing is deleted. Only
+regular files named as snapshots are moved, and only into folders named from ids checked to be 12 hex digits.
 """
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
 import uuid
@@ -25,7 +26,9 @@ import numpy as np
 from ema_callback.errors import EMAConfigError, EMAFileError
 from ema_callback.core.features import Feature, due
 from ema_callback.core.horizon import snapshot_period
-from ema_callback.posthoc.snapshots import FORMAT, LEGACY_RUN, PATTERN, names_fingerprint, run_of
+from ema_callback.files.checkpoint_io import atomic_write_bytes
+from ema_callback.posthoc.snapshots import (LEGACY_RUN, NAME, list_snapshots, names_fingerprint, run_of, snapshot_bytes,
+                                            snapshot_name)
 from ema_callback.posthoc.power_math import gamma_of
 
 logger = logging.getLogger("ema_callback")
@@ -44,7 +47,8 @@ class PosthocProfiles(Feature):
         self.dtype = np.float16 if block.get("snapshot_dtype", "float16") == "float16" else np.float32
         self.folder: Optional[str] = block.get("dir")  # None: the way in sets posthoc/ beside its checkpoints
         self.run_id = uuid.uuid4().hex[:12]
-        self._claimed: Optional[str] = None  # the folder whose other runs were moved aside
+        self.resumed_at: Optional[int] = None  # the optimizer step a resume continued from
+        self._claimed: Optional[str] = None  # the folder whose other runs (and abandoned steps) were moved aside
         self._exponents = None
 
     @classmethod
@@ -75,6 +79,20 @@ class PosthocProfiles(Feature):
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.run_id = str(state.get("run_id") or LEGACY_RUN)  # the resumed run's series continues
+        self.resumed_at = int(state["num_steps"])
+        self._claimed = None
+        self.claim_folder()
+
+    def claim_folder(self) -> None:
+        """On rank 0, once the folder is known: other runs' snapshots, and this run's later than the step it resumed
+        from, move aside (see the module docstring)."""
+        import paddle
+
+        if not self.folder or self._claimed == self.folder or paddle.distributed.get_rank() != 0:
+            return
+        if os.path.isdir(self.folder):
+            move_aside(self.folder, self.run_id, self.resumed_at)
+        self._claimed = self.folder
 
     def write_snapshot(self, ema) -> Optional[str]:
         """The profiles at this step as ``<folder>/phema-<step>.npz`` (rank 0 only); returns the path."""
@@ -85,10 +103,8 @@ class PosthocProfiles(Feature):
         if not self.folder:
             raise EMAConfigError("EMA.posthoc.dir: no folder for the snapshots; set EMA.posthoc.dir (or train through "
                                  "a way in that has a save folder)")
+        self.claim_folder()
         os.makedirs(self.folder, exist_ok=True)
-        if self._claimed != self.folder:
-            move_other_runs_aside(self.folder, self.run_id)
-            self._claimed = self.folder
         entries = ema.averaged_entries
         names, shapes = [e.name for e in entries], [list(e.tensor.shape) for e in entries]
         arrays: Dict[str, np.ndarray] = {}
@@ -100,43 +116,46 @@ class PosthocProfiles(Feature):
         for name, tensor in ema.model.state_dict().items():
             if name not in averaged:
                 arrays[f"other:{name}"] = np.asarray(tensor.numpy())
-        header = {"format": FORMAT, "step": ema.num_steps, "time": ema.num_updates * ema.config.update_every,
+        header = {"step": ema.num_steps, "time": ema.num_updates * ema.config.update_every,
                   "updates": ema.num_updates, "sigma_rels": self.sigma_rels, "gammas": self.gammas, "names": names,
                   "shapes": shapes, "fingerprint": names_fingerprint(names, shapes), "dtype": np.dtype(self.dtype).name,
                   "run": self.run_id}
-        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        path = os.path.join(self.folder, f"phema-{ema.num_steps:09d}.npz")
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        path = os.path.join(self.folder, snapshot_name(ema.num_steps))
+        atomic_write_bytes(snapshot_bytes(header, arrays), path)
         logger.info("EMA: post-hoc snapshot at optimizer step %d: %s (%s bytes)", ema.num_steps, path,
                     f"{os.path.getsize(path):,}")
         return path
 
 
-def move_other_runs_aside(folder: str, run_id: str) -> List[str]:
-    """Move every snapshot of ``folder`` written by another run than ``run_id`` into ``<folder>-run-<its id>``;
-    returns the new folders (a fresh run into a reused folder starts its own series, nothing is deleted)."""
+def move_aside(folder: str, run_id: str, resumed_at: Optional[int] = None) -> List[str]:
+    """Move every snapshot of ``folder`` written by another run than ``run_id`` into ``<folder>-run-<its id>``, and
+    with ``resumed_at`` this run's snapshots later than that step into ``<folder>-run-<run_id>-after-<step>``;
+    returns the new folders. An unreadable snapshot counts as another run's (``unreadable``)."""
+    paths, _ = list_snapshots(folder)
     moved: Dict[str, List[str]] = {}
-    for path in sorted(glob.glob(os.path.join(folder, PATTERN))):
+    for path in paths:
         try:
             other = run_of(path)
         except EMAFileError:
             other = "unreadable"
         if other != run_id:
-            moved.setdefault(other, []).append(path)
+            moved.setdefault(f"run-{other}", []).append(path)
+        elif resumed_at is not None and int(NAME.match(os.path.basename(path)).group(1)) > resumed_at:
+            moved.setdefault(f"run-{run_id}-after-{resumed_at}", []).append(path)
     out = []
-    for other, paths in moved.items():
-        target = f"{folder.rstrip(os.sep)}-run-{other}"
+    for suffix, group in moved.items():
+        target = f"{folder.rstrip(os.sep)}-{suffix}"
         os.makedirs(target, exist_ok=True)
-        for path in paths:
+        for path in group:
             os.replace(path, os.path.join(target, os.path.basename(path)))
-        steps = [int(os.path.basename(p)[6:15]) for p in paths]
-        logger.warning("EMA.posthoc: %s held %d snapshot(s) of another run (run %s, steps %d..%d): moved to %s; "
-                       "this run (%s) starts its own series", folder, len(paths), other, min(steps), max(steps),
-                       target, run_id)
+        steps = [int(NAME.match(os.path.basename(p)).group(1)) for p in group]
+        if "-after-" in suffix:
+            logger.warning("EMA.posthoc: %s held %d snapshot(s) of this run (%s) later than the step it resumed from "
+                           "(steps %d..%d, resumed at %d): moved to %s; the resumed run writes its own",
+                           folder, len(group), run_id, min(steps), max(steps), resumed_at, target)
+        else:
+            logger.warning("EMA.posthoc: %s held %d snapshot(s) of another run (run %s, steps %d..%d): moved to %s; "
+                           "this run (%s) starts its own series", folder, len(group), suffix[4:], min(steps),
+                           max(steps), target, run_id)
         out.append(target)
     return out
