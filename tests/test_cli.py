@@ -4,8 +4,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 import ema_callback
+
+from conftest import PADDLEDET_ROOT, PADDLEOCR_ROOT, needs_paddledet, needs_paddleocr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,3 +53,31 @@ def test_script_path_names_the_launch_scripts():
         assert rc == 0 and os.path.isfile(out.strip()) and out.strip().endswith(f"launch_{kind}.py")
     rc, _, err = cli("script-path", "seg")
     assert rc == 2 and "invalid choice: 'seg'" in err
+
+
+# ---------------------------------------------------------------- issue 25: an EMA: block in the wrong place
+@needs_paddleocr
+def test_ocr_train_refuses_an_ema_section_under_global_at_start_up(tmp_path):
+    """It used to train to the end with 'EMA: off for this run (no EMA: section ...)'."""
+    cfg = yaml.safe_load(open(os.path.join(REPO, "configs", "paddleocr", "tiny_rec_ctc.yml")))
+    cfg["Global"]["EMA"] = cfg.pop("EMA")
+    path = tmp_path / "nested.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc, _, err = cli("ocr-train", "-c", str(path), "--paddleocr-root", PADDLEOCR_ROOT,
+                     "-o", f"Global.save_model_dir={tmp_path}/out/")
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        f"ema-callback: error: {path}: Global.EMA: not read; the EMA: section belongs at the top level of the file, "
+        "not under Global")
+    assert not (tmp_path / "out").exists()
+
+
+@needs_paddledet
+def test_det_train_refuses_an_ema_section_under_trainreader_at_start_up(tmp_path):
+    """It used to run ppdet's own flat keys (use_ema: true in the _BASE_) and say nothing of the block."""
+    path = tmp_path / "nested.yml"
+    path.write_text(f"_BASE_: ['{PADDLEDET_ROOT}/configs/picodet/picodet_xs_320_coco_lcnet.yml']\n"
+                    "TrainReader:\n  batch_size: 4\n  EMA:\n    decay: 0.9\n")
+    rc, _, err = cli("det-train", "-c", str(path), "--paddledet-root", PADDLEDET_ROOT)
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        f"ema-callback: error: {path}: TrainReader.EMA: not read; the EMA: section belongs at the top level of the "
+        "file, not under TrainReader")

@@ -242,3 +242,29 @@ def test_ready_blocks_by_preset_name():
     with pytest.raises(EMAConfigError, match=r"^--ema-config ppocrv5: no such file and no preset of that name "
                                              r"\(presets: default, ppdet_threshold, short_run, "):
         read_block_file("ppocrv5")
+
+
+# ---------------------------------------------------------------- issue 25: what the plugin says is what it does
+@pytest.mark.parametrize("suite,where", [
+    ({"TrainReader": {"batch_size": 4, "EMA": {"decay": 0.9}}}, "TrainReader.EMA"),
+    ({"Global": {"epoch_num": 3, "ema": {"decay": 0.9}}}, "Global.ema"),
+    ({"Architecture": {"Backbone": {"name": "MobileNetV3", "Ema": {}}}}, "Architecture.Backbone.Ema"),
+    ({"Train": {"dataset": {"transforms": [{"DecodeImage": {}}, {"EMA": {"decay": 0.9}}]}}},
+     "Train.dataset.transforms[1].EMA"),
+])
+def test_an_ema_section_below_the_top_level_is_an_error_naming_where_it_is(suite, where):
+    from ema_callback.config.files import check_section_name
+
+    with pytest.raises(EMAConfigError) as err:
+        check_section_name(suite, "cfg.yml")
+    parent = where.rsplit(".", 1)[0]
+    assert str(err.value) == (f"cfg.yml: {where}: not read; the EMA: section belongs at the top level of the file, "
+                              f"not under {parent}")
+    check_section_name({"EMA": {"decay": 0.9, "exclude": ["head"]}, "Global": {"epoch_num": 3}}, "cfg.yml")
+    with pytest.raises(EMAConfigError, match=rf"^suite\.yml: {re.escape(where)}: not read"):
+        merge_yaml_text(yaml.safe_dump(suite), {"decay": 0.99}, source="suite.yml")  # merge-config too
+    for text, key in (("Global.EMA.decay=0.9", "Global.EMA"), ("ema.decay=0.9", "ema")):
+        with pytest.raises(EMAConfigError) as err:
+            split_overrides([text])
+        assert str(err.value) == (f"-o {text!r}: {key} is not read; set EMA keys as -o EMA.key=value (the EMA: "
+                                  "section is top-level, upper case)")

@@ -99,13 +99,13 @@ def _section_lines(text: str) -> List[str]:
 
 
 def merge_yaml_text(suite_text: str, block: Mapping[str, Any], block_text: Optional[str] = None,
-                    overrides: Iterable[Tuple[List[str], Any]] = ()) -> str:
-    """Suite YAML text with the merged ``EMA:`` section (validated)."""
+                    overrides: Iterable[Tuple[List[str], Any]] = (), source: str = "suite config") -> str:
+    """Suite YAML text (read from ``source``) with the merged ``EMA:`` section (validated)."""
     overrides = list(overrides)
     suite = load_suite_yaml(suite_text) or {}
     if not isinstance(suite, Mapping):
-        raise EMAConfigError("suite config: expected a YAML mapping at the top level")
-    check_section_name(suite, "suite config")
+        raise EMAConfigError(f"{source}: expected a YAML mapping at the top level")
+    check_section_name(suite, source)
     merged = merged_block(block, suite.get(SECTION), overrides)
     EMAConfig.from_block(merged)
     own = suite.get(SECTION) or {}
@@ -174,7 +174,7 @@ def merge_config_files(suite_path: str, block_path: str, out_path: str,
         raise EMAConfigError(f"{suite_path}: cannot be read ({exc.strerror})") from None
     notes = []
     try:
-        merged = merge_yaml_text(suite_text, block, block_text, list(overrides))
+        merged = merge_yaml_text(suite_text, block, block_text, list(overrides), source=suite_path)
         suite = load_suite_yaml(suite_text) or {}
     except yaml.YAMLError as exc:
         raise EMAConfigError(f"{suite_path}: not valid YAML ({' '.join(str(exc).split())})") from None
