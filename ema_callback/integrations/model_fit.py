@@ -15,7 +15,8 @@ Ordering contract (holds wherever the callback stands in the list):
   ``Model.evaluate`` on fit's eval loader inside ``on_eval_begin``, then fit's own evaluation runs on the selected
   one (the primary, or with ``select: best`` the best by ``monitor``, evaluated once more by fit itself so that every
   ``on_eval_end`` sees the weights that produced its metrics). The end table goes to the log and, with
-  ``save_dir``, to ``ema_candidates.json``.
+  ``save_dir``, to ``ema_candidates.json``. They are one callback's: two ``EMACallback`` in one ``fit`` are refused
+  at its start.
 * ``decay_batch_size`` and half-lives need the global batch: it is measured at the first ``train_batch``
   (its inputs' first dimension x ranks x ``accumulate_grad_batches``); the engine is built then.
 * The EMA steps once per *real* optimizer update, counted on the optimizer itself: once per
@@ -268,6 +269,7 @@ class EMACallback(paddle.callbacks.Callback):
 
     # ------------------------------------------------------------------ training events
     def on_train_begin(self, logs=None) -> None:
+        self._claim_fit()
         if not self.config.enable:
             self._start_without_ema()
             return
@@ -280,6 +282,21 @@ class EMACallback(paddle.callbacks.Callback):
             self._restore_raw()
         self._pending_updates = []
         self._install_batch_hook()
+
+    def _claim_fit(self) -> None:
+        """One EMACallback per ``fit``: a second would take over the first's hooks and leave it silently inactive.
+        The callbacks of one fit share hapi's ``params`` dict, so the first to start marks the model with it; the
+        second undoes the first's batch hook and refuses, before any optimizer step."""
+        claim = getattr(self.model, "_ema_callback_fit", None)
+        if self.params is not None and claim is not None and claim[0] is self.params and claim[1] is not self:
+            other = claim[1]
+            other._remove_batch_hook()
+            other._in_fit = False
+            lists = (f"decays=[{other.config.decay:g}, {self.config.decay:g}]"
+                     if other.config.length_key == self.config.length_key == "decay" else "decays=[...]")
+            raise EMAConfigError(f"EMACallback: two in one Model.fit; one EMACallback keeps several EMAs in one pass "
+                                 f"and compares them: EMACallback({lists}) or EMACallback(half_life_images=[...])")
+        self.model._ema_callback_fit = (self.params, self)
 
     def _resolve_monitor(self) -> None:
         """The metric to compare: the one given, else the first of ``model.prepare``'s metrics, else the mean loss;
