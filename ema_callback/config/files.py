@@ -1,8 +1,9 @@
 """Reading ``EMA:`` blocks from files and ``-o`` overrides, and their precedence (one function for every way in).
 
 Precedence, lowest first: a ready block file (``--ema-config``) < the suite YAML's own ``EMA:`` section <
-``-o EMA.*`` overrides (``merged_block``; ``resolve_block`` validates the result). ``-o EMA.decay=0.999`` works
-when the YAML has no ``EMA:`` section. Suite YAMLs are read with a safe loader that keeps suite tags
+``-o EMA.*`` overrides (``merged_block``; ``resolve_block`` validates the result); a length stated in a higher
+layer replaces the lower one's, with its warm-up (``schema.layered``). ``-o EMA.decay=0.999`` works when the YAML
+has no ``EMA:`` section. Suite YAMLs are read with a safe loader that keeps suite tags
 (PaddleDetection's ``!CosineDecay``) as plain data.
 """
 from __future__ import annotations

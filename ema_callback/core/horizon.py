@@ -276,12 +276,13 @@ def schedule_note(config: EMAConfig, decay: float) -> str:
         return "constant from the first update, no bias correction: the starting weights keep weight d^n after n steps"
     step = holds_from(config, decay)
     within = " (within 10% of 1-d)" if schedule == "exponential" else ""
+    auto = "schedule auto -> " if config.schedule == "auto" else ""
     updates = min(max(1, (step - config.start_step) // config.update_every), _SIMULATED_UPDATES)
     weights, start = update_weights(update_decays(config, decay, updates), config.effective_bias_correction)
     m = half_weight_updates(weights)
     share = "the starting weights hold more than half the weight" if m is None else \
         f"half the weight is on about the last {m / updates:.0%} of the steps"
-    return f"{schedule} warm-up: {_number(decay)} from optimizer step {step:,}{within}; until then {share}"
+    return f"{auto}{schedule} warm-up: {_number(decay)} from optimizer step {step:,}{within}; until then {share}"
 
 
 def realized(config: EMAConfig, decay: float, num_updates: int, batch: Optional[BatchInfo]) -> Dict[str, Any]:

@@ -55,7 +55,8 @@ class EMACallback(paddle.callbacks.Callback):
 
     Args:
         config: an ``EMAConfig`` or an ``EMA:`` mapping; keyword arguments (``decay=0.999``, ``eval_raw=True``,
-            any key of the ``EMA:`` block) override it.
+            any key of the ``EMA:`` block) override it, as a layer above it (``config.schema.layered``: a length
+            among them without ``schedule`` lets ``schedule: auto`` decide the warm-up).
         resume: a ``.pdema`` file (or a checkpoint prefix ``dir/3`` with ``dir/3.pdema`` beside it) to
             continue from, including the update count and the raw weights; ``"auto"`` (the default when
             ``save_dir`` is given) picks the ``.pdema`` in ``save_dir`` whose raw or EMA weights equal the
