@@ -214,6 +214,17 @@ def test_select_best_keeps_the_raw_weights_when_they_win_and_says_so(tmp_path, c
     assert read_state(str(tmp_path / "best_model.pdema"))["pdparams_hold"] == "raw"
     h = cb.board.history[best_eval]["results"]
     assert h["raw"]["acc"] > h["ema"]["acc"]
+    # issue 25.8: the table goes to fit's save_dir (as the snapshots do), and the end says what fit ends on and why
+    table = json.load(open(tmp_path / "ema_candidates.json"))
+    assert table["recommended"] == "raw" and table["select"] == "best"
+    assert caplog.records[-1].getMessage() == (
+        f"EMA: after fit the network holds ema (the primary EMA: final_weights='ema'), and so will "
+        f"{tmp_path / 'final.pdparams'}; the table recommends raw, which is not applied (select: best chooses what a "
+        "best-model file saved at an evaluation holds, not the weights fit ends on): EMACallback(final_weights='raw') "
+        "ends fit on them")
+    final = paddle.load(str(tmp_path / "final.pdparams"))
+    ema_weights = cb.ema.ema_state_dict(model.network)
+    assert all(np.array_equal(final[k].numpy(), ema_weights[k]) for k in ema_weights)
 
 
 # ---------------------------------------------------------------- bad input

@@ -14,8 +14,8 @@ Ordering contract (holds wherever the callback stands in the list):
 * Several EMAs (``decays``, a list of half-lives) and ``eval_raw``: the other candidates are evaluated with
   ``Model.evaluate`` on fit's eval loader inside ``on_eval_begin``, then fit's own evaluation runs on the selected
   one (the primary, or with ``select: best`` the best by ``monitor``, evaluated once more by fit itself so that every
-  ``on_eval_end`` sees the weights that produced its metrics). The end table goes to the log and, with
-  ``save_dir``, to ``ema_candidates.json``. They are one callback's: two ``EMACallback`` in one ``fit`` are refused
+  ``on_eval_end`` sees the weights that produced its metrics). The end table goes to the log and, with the
+  callback's ``save_dir`` or else fit's (as the post-hoc snapshots), to ``ema_candidates.json``. They are one callback's: two ``EMACallback`` in one ``fit`` are refused
   at its start.
 * ``decay_batch_size`` and half-lives need the global batch: it is measured at the first ``train_batch``
   (its inputs' first dimension x ranks x ``accumulate_grad_batches``); the engine is built then.
@@ -61,7 +61,8 @@ class EMACallback(paddle.callbacks.Callback):
             continue from, including the update count and the raw weights; ``"auto"`` (the default when
             ``save_dir`` is given) picks the ``.pdema`` in ``save_dir`` whose raw or EMA weights equal the
             network's (the checkpoint just passed to ``Model.load``).
-        save_dir: the ``save_dir`` given to ``fit``, for ``resume="auto"``.
+        save_dir: the ``save_dir`` given to ``fit``, for ``resume="auto"``; where ``ema_candidates.json`` and the
+            post-hoc snapshots go (default: fit's ``save_dir``).
         final_weights: ``"ema"`` (default) leaves the EMA weights in the network after ``fit``, so
             ``model.save``/``model.evaluate``/``model.predict`` use them; ``"raw"`` leaves the raw weights.
         backend: the engine's store (``auto``, ``numpy``, ``paddle``, ``reference``; see the engine);
@@ -96,6 +97,7 @@ class EMACallback(paddle.callbacks.Callback):
         self._eval_results: Dict[str, Dict[str, Any]] = {}
         self._evaluating: Optional[str] = None  # the candidate fit's own evaluation runs on
         self.save_dir = save_dir
+        self._fit_dir: Optional[str] = None  # the running fit's save_dir (read at on_train_begin)
         self.resume = resume if resume is not None else ("auto" if save_dir else None)
         self.backend = update_path or backend
         self.ema: Optional[ExponentialMovingAverage] = None
@@ -135,7 +137,7 @@ class EMACallback(paddle.callbacks.Callback):
         self.ema = ExponentialMovingAverage(self.network, self.config, optimizer=getattr(self.model, "_optimizer", None),
                                             backend=self.backend, batch=self.batch)
         self.board = CandidateBoard(self.ema, self.config, self.higher_is_better)
-        place_features(self.ema, self.save_dir, only_rank0_evaluates=False)
+        place_features(self.ema, self.folder, only_rank0_evaluates=False)
         log_start(self.ema)
         self._install_save_hook()
         if self.resume:
@@ -275,6 +277,7 @@ class EMACallback(paddle.callbacks.Callback):
             self._start_without_ema()
             return
         self._resolve_monitor()
+        self._fit_dir = _fit_save_dir()
         self._check_posthoc_folder()
         self._in_fit = True
         if self.ema is None and self.batch is not None:
@@ -311,14 +314,18 @@ class EMACallback(paddle.callbacks.Callback):
         lower = any(word in self.monitor for word in ("loss", "err"))
         self.higher_is_better = self.mode == "max" or (self.mode == "auto" and not lower)
 
+    @property
+    def folder(self) -> Optional[str]:
+        """Where this callback writes (post-hoc snapshots, ``ema_candidates.json``): its ``save_dir``, else the
+        running fit's."""
+        return self.save_dir or self._fit_dir
+
     def _check_posthoc_folder(self) -> None:
-        """``EMA.posthoc`` needs a folder for its snapshots: ``posthoc.dir``, else ``posthoc/`` in this callback's
-        ``save_dir`` or fit's; none is an error at the start of fit, not at the first snapshot."""
+        """``EMA.posthoc`` needs a folder for its snapshots: ``posthoc.dir``, else ``posthoc/`` in ``folder``; none is
+        an error at the start of fit, not at the first snapshot."""
         if not self.config.posthoc or self.config.posthoc.get("dir"):
             return
-        if self.save_dir is None:
-            self.save_dir = _fit_save_dir()
-        if self.save_dir is None:
+        if self.folder is None:
             raise EMAConfigError("EMA.posthoc.dir: no folder for the snapshots; pass model.fit(save_dir=...) or "
                                  "EMACallback(save_dir=...), or set EMA.posthoc.dir")
 
@@ -353,7 +360,28 @@ class EMACallback(paddle.callbacks.Callback):
         if self.final_weights == "ema":
             self.ema.apply_to(self.network)
         if self.board is not None:
-            self.board.finish(self.save_dir, write=is_rank0())
+            self.board.finish(self.folder, write=is_rank0())
+            self._log_final_weights()
+
+    def _log_final_weights(self) -> None:
+        """After the candidates table: which weights the network holds now (and fit's ``final.pdparams``, which
+        ``ModelCheckpoint`` writes next) and why, and how to get the recommended candidate when it is another."""
+        data = self.board.summary() if self.board.active else {}
+        if not data:
+            return
+        held = self.board.primary if self.final_weights == "ema" else RAW
+        line = (f"EMA: after fit the network holds {held} ({'the primary EMA' if held != RAW else 'the raw weights'}: "
+                f"final_weights={self.final_weights!r})")
+        if self._fit_dir:
+            line += f", and so will {os.path.join(self._fit_dir, 'final.pdparams')}"
+        recommended = data["recommended"]
+        if recommended != held:
+            picked = " (select: best chooses what a best-model file saved at an evaluation holds, not the weights " \
+                     "fit ends on)" if self.config.select == "best" else ""
+            how = "EMACallback(final_weights='raw') ends fit on them" if recommended == RAW else \
+                f"callback.ema.apply_to(model.network, {recommended!r}) puts it in the network"
+            line += f"; the table recommends {recommended}, which is not applied{picked}: {how}"
+        logger.info("%s", line)
 
     # ------------------------------------------------------------------ evaluation events
     def on_eval_begin(self, logs=None) -> None:
