@@ -292,3 +292,19 @@ def test_a_length_stated_in_a_higher_layer_without_a_schedule_drops_the_lower_la
     assert layered(short, {"eval_raw": False}) == dict(short, eval_raw=False)  # no length: the warm-up stays
     cfg = EMAConfig.from_block(short).replace(decay=0.99)  # EMACallback(config, decay=...) is a higher layer too
     assert cfg.schedule == "auto" and cfg.effective_schedule == "threshold" and cfg.tau == 2000.0
+
+
+def test_from_config_outside_the_clone_names_the_argument_and_the_preset(tmp_path, monkeypatch):
+    """examples/model_fit_ema.py suggested from_config("configs/ema/short_run.yml"), which only works in the clone,
+    and the error named the CLI flag --ema-config."""
+    from ema_callback import EMACallback
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EMAConfigError) as err:
+        EMACallback.from_config("configs/ema/short_run.yml")
+    assert str(err.value).startswith("EMACallback.from_config('configs/ema/short_run.yml'): no such file and no "
+                                     "preset of that name; that is the preset 'short_run': give its name, which works "
+                                     "from any folder (presets: default, ")
+    assert EMACallback.from_config("short_run").config.tau == 200
+    example = open(os.path.join(REPO, "examples", "model_fit_ema.py")).read()
+    assert 'EMACallback.from_config("short_run")' in example and "configs/ema/" not in example

@@ -115,7 +115,7 @@ class EMACallback(paddle.callbacks.Callback):
         if isinstance(source, str):
             from ema_callback.config.presets import block_path
 
-            source = block_path(source)
+            source = block_path(source, "EMACallback.from_config({!r})")
             data = read_yaml(source)
             check_section_name(data, source)
             if not isinstance(data, Mapping) or SECTION not in data:
