@@ -127,6 +127,7 @@ def test_ocr_train_from_inside_a_checkout_needs_no_root_option(tmp_path):
     """It used to stop at '--paddleocr-root / $PADDLEOCR_ROOT: not set'; now the next check speaks (the config)."""
     env = {k: v for k, v in os.environ.items() if k != "PADDLEOCR_ROOT"}
     done = subprocess.run([sys.executable, "-m", "ema_callback.cli", "ocr-train", "-c", str(tmp_path / "none.yml")],
-                          cwd=PADDLEOCR_ROOT, capture_output=True, text=True, timeout=120, env=dict(env, PYTHONPATH=REPO))
+                          cwd=PADDLEOCR_ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(env, PYTHONPATH=REPO))
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == \
         f"ema-callback: error: {tmp_path / 'none.yml'}: no such file"

@@ -354,7 +354,8 @@ def test_posthoc_sweep_refuses_snapshots_of_another_model_before_evaluating(tmp_
         ema.step()
     # no --paddleocr-root: $PADDLEOCR_ROOT names the checkout, as for ocr-train (issue 25.6)
     cmd = [sys.executable, "-m", "ema_callback.cli", "posthoc", "sweep", "--snapshots", str(tmp_path / "posthoc"),
-           "--sigma-rel", "0.05,0.1", "--out", str(tmp_path / "sweep"), "-c", REC_CFG, "-o", *data_overrides(data, "rec")]
+           "--sigma-rel", "0.05,0.1", "--out", str(tmp_path / "sweep"), "-c", REC_CFG,
+           "-o", *data_overrides(data, "rec")]
     done = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=TIMEOUT,
                           env={k: v for k, v in env().items() if k != "PADDLEDET_ROOT"})
     rc, log = done.returncode, done.stdout + done.stderr

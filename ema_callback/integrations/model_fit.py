@@ -15,8 +15,9 @@ Ordering contract (holds wherever the callback stands in the list):
   ``Model.evaluate`` on fit's eval loader inside ``on_eval_begin``, then fit's own evaluation runs on the selected
   one (the primary, or with ``select: best`` the best by ``monitor``, evaluated once more by fit itself so that every
   ``on_eval_end`` sees the weights that produced its metrics). The end table goes to the log and, with the
-  callback's ``save_dir`` or else fit's (as the post-hoc snapshots), to ``ema_candidates.json``. They are one callback's: two ``EMACallback`` in one ``fit`` are refused
-  at its start.
+  callback's ``save_dir`` or else fit's (as the post-hoc snapshots), to ``ema_candidates.json``; one line then says
+  what the network holds. The candidates are one callback's: two ``EMACallback`` in one ``fit`` are refused at its
+  start.
 * ``decay_batch_size`` and half-lives need the global batch: it is measured at the first ``train_batch``
   (its inputs' first dimension x ranks x ``accumulate_grad_batches``); the engine is built then.
 * The EMA steps once per *real* optimizer update, counted on the optimizer itself: once per

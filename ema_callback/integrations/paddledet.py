@@ -344,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="ppdet YAML config (its _BASE_ files are followed)")
     p.add_argument("-o", "--opt", nargs="+", action="extend", default=[], metavar="key=value",
                    help="overrides, as tools/train.py takes them; EMA.* keys work without an EMA: section")
-    p.add_argument("--paddledet-root", default=None, help=f"PaddleDetection checkout (default: ${ROOT_ENV}, else the "
-                                                          "working directory when it is one, else an installed ppdet's)")
+    p.add_argument("--paddledet-root", default=None,
+                   help=f"PaddleDetection checkout (default: ${ROOT_ENV}, else the working directory when it is one, "
+                        "else an installed ppdet's)")
     p.add_argument("--ema-config", default=None, help="a ready EMA: block merged under the YAML's own section")
     return p
 

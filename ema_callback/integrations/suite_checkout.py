@@ -27,8 +27,8 @@ class Suite:
 
 PADDLEOCR = Suite("PaddleOCR", "--paddleocr-root", "PADDLEOCR_ROOT", ("tools/train.py", "tools/program.py",
                                                                     "ppocr/__init__.py"))
-PADDLEDET = Suite("PaddleDetection", "--paddledet-root", "PADDLEDET_ROOT", ("tools/train.py", "ppdet/engine/trainer.py"),
-                  package="ppdet")
+PADDLEDET = Suite("PaddleDetection", "--paddledet-root", "PADDLEDET_ROOT",
+                  ("tools/train.py", "ppdet/engine/trainer.py"), package="ppdet")
 SUITES = (PADDLEOCR, PADDLEDET)
 
 

@@ -42,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sigma-rel", required=True, help="start:stop:step or a,b,c")
     s.add_argument("--at-step", type=int, default=None)
     s.add_argument("--out", required=True, help="folder for sweep.json/.md/.png and best.pdparams")
-    s.add_argument("--paddleocr-root", default=None, help="evaluate with this PaddleOCR checkout (default: "
-                                                           "$PADDLEOCR_ROOT, else the working directory when it is one)")
-    s.add_argument("--paddledet-root", default=None, help="evaluate with this PaddleDetection checkout (default: "
-                                                          "$PADDLEDET_ROOT, else the working directory when it is one)")
+    s.add_argument("--paddleocr-root", default=None,
+                   help="evaluate with this PaddleOCR checkout (default: $PADDLEOCR_ROOT, else the working directory "
+                        "when it is one)")
+    s.add_argument("--paddledet-root", default=None,
+                   help="evaluate with this PaddleDetection checkout (default: $PADDLEDET_ROOT, else the working "
+                        "directory when it is one)")
     s.add_argument("-c", "--config", required=True, help="the suite YAML the run trained with")
     s.add_argument("-o", "--opt", nargs="+", action="extend", default=[], help="suite overrides for tools/eval.py")
     s.add_argument("--metric", default=None, help="PaddleOCR: the metric to maximise (default: its first, the "
