@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from ema_callback import EMACallback  # noqa: E402
-from ema_callback.demo.run import DATA_STYLE, _modules, prepared_model  # noqa: E402
+from ema_callback.demo.run import DATA_STYLE, NumpyBatches, _modules, prepared_model  # noqa: E402
 from ema_callback.demo.text_lines import make_text_lines  # noqa: E402
 
 VARIANTS = {"EMA": {}, "EMA + recompute_bn 16": {"recompute_bn": 16}, "EMA + switch_every 250": {"switch_every": 250}}
@@ -59,8 +59,8 @@ def main(argv=None):
         cb = EMACallback(half_life_images=4000, schedule="constant", eval_raw=True, final_weights="raw",
                          monitor="acc", **extra)
         batches = CyclingBatches(len(train), args.batch_size, args.eval_every, args.seed)
-        model.fit(paddle.io.DataLoader(train, batch_sampler=batches),
-                  paddle.io.DataLoader(valid, batch_size=128, shuffle=False),
+        model.fit(NumpyBatches(paddle.io.DataLoader(train, batch_sampler=batches)),
+                  NumpyBatches(paddle.io.DataLoader(valid, batch_size=128, shuffle=False)),
                   epochs=args.steps // args.eval_every, verbose=0, callbacks=[cb, Record()])
         results[name] = {"ema_final": rows[-1]["ema"], "ema_best": max(r["ema"] for r in rows),
                          "raw_final": rows[-1]["raw"], "raw_best": max(r["raw"] for r in rows),

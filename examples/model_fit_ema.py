@@ -29,7 +29,7 @@ model = paddle.Model(net, inputs=[paddle.static.InputSpec([None, 16], "float32",
 model.prepare(paddle.optimizer.Adam(learning_rate=0.01, parameters=net.parameters()),
               paddle.nn.CrossEntropyLoss(), paddle.metric.Accuracy())
 
-ema = EMACallback(decay=0.99, eval_raw=True)  # or EMACallback.from_config("configs/ema/short_run.yml")
+ema = EMACallback(decay=0.99, eval_raw=True)  # or EMACallback.from_config("short_run"): a preset, by name
 model.fit(Blobs(512, 1), Blobs(256, 2), batch_size=32, epochs=3, verbose=1, save_dir="output/model_fit_ema",
           callbacks=[ema])
 # After fit the network holds the EMA weights (final_weights="ema"): evaluate/save/predict use them.

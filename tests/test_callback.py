@@ -314,3 +314,21 @@ def test_the_default_monitor_is_the_first_prepared_metric_else_the_mean_loss():
     recorded = cb.board.history[-1]["results"]["ema"]["loss"]
     assert recorded == pytest.approx(mean, rel=1e-5)
     assert abs(losses[-1] - mean) > 1e-3  # the last batch's loss is another number
+
+
+# ---------------------------------------------------------------- issue 25
+def test_two_ema_callbacks_in_one_fit_are_refused_before_any_step():
+    """The second used to take over the first's hooks: the first stayed silent and later logged 'evaluate() before
+    any fit'. Now fit stops at its start, pointing at the list forms, and leaves the model as it was."""
+    train, evald = loaders()
+    model = make_model()
+    before = weights(model.network)
+    with pytest.raises(EMAConfigError) as err:
+        model.fit(train, evald, epochs=1, verbose=0, callbacks=[EMACallback(decay=0.9), EMACallback(decay=0.99)])
+    assert str(err.value) == ("EMACallback: two in one Model.fit; one EMACallback keeps several EMAs in one pass and "
+                              "compares them: EMACallback(decays=[0.9, 0.99]) or EMACallback(half_life_images=[...])")
+    assert all(np.array_equal(before[k], v) for k, v in weights(model.network).items())
+    assert "train_batch" not in vars(model)  # the first one's hook is undone
+    cb = EMACallback(decays=[0.9, 0.99])
+    model.fit(train, evald, epochs=1, verbose=0, callbacks=[cb])  # what it says to do runs both
+    assert cb.ema.num_updates == 12 and cb.ema.labels == ["ema0.9", "ema0.99"]

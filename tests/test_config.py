@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from ema_callback.config.schema import OPTIONS, EMAConfig, EMAConfigError
+from ema_callback.config.schema import OPTIONS, WARM_UP_KEYS, EMAConfig, EMAConfigError
 from ema_callback.config.files import (apply_overrides, load_suite_yaml, parse_override, read_block_file, resolve_block,
                                        split_overrides)
 from ema_callback.config.merge import merge_yaml_text
@@ -105,17 +105,20 @@ def test_merging_ready_blocks_into_real_suite_configs(block_path, suite_path, tm
     assert merged_text.startswith(suite_text)
     merged = load_suite_yaml(merged_text)
     assert list(merged)[:-1] == list(suite) and merged["EMA"] == block
-    # 2. the suite's own EMA: section wins over the block
+    # 2. the suite's own EMA: section wins over the block; its length without a schedule drops the block's warm-up
     with_section = suite_text + "\nEMA:\n  decay: 0.95  # the suite's choice\n"
     merged = load_suite_yaml(merge_yaml_text(with_section, block, None))
-    assert merged["EMA"]["decay"] == 0.95 and all(merged["EMA"][k] == v for k, v in block.items() if k != "decay")
+    assert merged["EMA"]["decay"] == 0.95 and all(merged["EMA"][k] == v for k, v in block.items()
+                                                  if k != "decay" and k not in WARM_UP_KEYS)
+    assert not set(WARM_UP_KEYS) & set(merged["EMA"])
     # 3. -o wins over both
     merged = load_suite_yaml(merge_yaml_text(with_section, block, None, [parse_override("EMA.decay=0.9")]))
     assert merged["EMA"]["decay"] == 0.9
     suite_file = tmp_path / "suite.yml"
     suite_file.write_text(with_section)
     cfg = resolve_block(load_suite_yaml(with_section), block_path, [parse_override("EMA.update_every=4")])
-    assert cfg.decay == 0.95 and cfg.update_every == 4 and cfg.schedule == block.get("schedule", "threshold")
+    assert cfg.decay == 0.95 and cfg.update_every == 4 and cfg.schedule == "auto" and \
+        cfg.effective_schedule == "threshold"
 
 
 OVERLAYS = sorted(glob.glob(os.path.join(REPO, "configs", "paddleocr", "ema_*.yml")))
@@ -142,10 +145,11 @@ def test_merge_config_command_writes_the_merged_yaml(tmp_path):
                            "--set", "EMA.decay=0.997"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     merged = yaml.safe_load(out.read_text())
-    assert merged["EMA"]["decay"] == 0.997 and merged["EMA"]["tau"] == 200
-    # block style and the ready block's comments are kept; only the value set changes
+    assert merged["EMA"] == {"decay": 0.997, "eval_raw": True}  # a new length without a schedule: auto decides
+    # block style and the ready block's comments are kept; the value set changes, the block's warm-up goes
     block_text = open(os.path.join(REPO, "configs", "ema", "short_run.yml")).read()
-    assert out.read_text().endswith(block_text.replace("  decay: 0.998\n", "  decay: 0.997\n"))
+    assert out.read_text().endswith(block_text.replace("  decay: 0.998\n", "  decay: 0.997\n").replace(
+        "  schedule: exponential\n  tau: 200\n", ""))
     assert merged["Global"] == yaml.safe_load(open(OCR_CONFIG))["Global"]
     bad = tmp_path / "bad.yml"
     bad.write_text("EMA:\n  decya: 0.9\n")
@@ -160,9 +164,9 @@ def test_merge_keeps_the_sections_lines_and_comments():
     suite = ("Global:\n  epoch_num: 3\nEMA:\n  decay: 0.95  # the suite's choice\n  exclude:\n    - head\n"
              "    - neck\n  # a note\n  eval_raw: true\nOptimizer:\n  name: Adam\n")
     overrides = [parse_override("EMA.decay=0.9"), parse_override("EMA.exclude=[fc]"), parse_override("EMA.tau=50")]
-    merged = merge_yaml_text(suite, {"schedule": "constant"}, None, overrides)
+    merged = merge_yaml_text(suite, {"buffers": "copy"}, None, overrides)
     assert merged == ("Global:\n  epoch_num: 3\nEMA:\n  decay: 0.9  # the suite's choice\n  exclude: [fc]\n"
-                      "  # a note\n  eval_raw: true\n  schedule: constant\n  tau: 50\nOptimizer:\n  name: Adam\n")
+                      "  # a note\n  eval_raw: true\n  buffers: copy\n  tau: 50\nOptimizer:\n  name: Adam\n")
 
 
 def test_block_file_errors_name_the_file(tmp_path):
@@ -242,3 +246,65 @@ def test_ready_blocks_by_preset_name():
     with pytest.raises(EMAConfigError, match=r"^--ema-config ppocrv5: no such file and no preset of that name "
                                              r"\(presets: default, ppdet_threshold, short_run, "):
         read_block_file("ppocrv5")
+
+
+# ---------------------------------------------------------------- issue 25: what the plugin says is what it does
+@pytest.mark.parametrize("suite,where", [
+    ({"TrainReader": {"batch_size": 4, "EMA": {"decay": 0.9}}}, "TrainReader.EMA"),
+    ({"Global": {"epoch_num": 3, "ema": {"decay": 0.9}}}, "Global.ema"),
+    ({"Architecture": {"Backbone": {"name": "MobileNetV3", "Ema": {}}}}, "Architecture.Backbone.Ema"),
+    ({"Train": {"dataset": {"transforms": [{"DecodeImage": {}}, {"EMA": {"decay": 0.9}}]}}},
+     "Train.dataset.transforms[1].EMA"),
+])
+def test_an_ema_section_below_the_top_level_is_an_error_naming_where_it_is(suite, where):
+    from ema_callback.config.files import check_section_name
+
+    with pytest.raises(EMAConfigError) as err:
+        check_section_name(suite, "cfg.yml")
+    parent = where.rsplit(".", 1)[0]
+    assert str(err.value) == (f"cfg.yml: {where}: not read; the EMA: section belongs at the top level of the file, "
+                              f"not under {parent}")
+    check_section_name({"EMA": {"decay": 0.9, "exclude": ["head"]}, "Global": {"epoch_num": 3}}, "cfg.yml")
+    with pytest.raises(EMAConfigError, match=rf"^suite\.yml: {re.escape(where)}: not read"):
+        merge_yaml_text(yaml.safe_dump(suite), {"decay": 0.99}, source="suite.yml")  # merge-config too
+    for text, key in (("Global.EMA.decay=0.9", "Global.EMA"), ("ema.decay=0.9", "ema")):
+        with pytest.raises(EMAConfigError) as err:
+            split_overrides([text])
+        assert str(err.value) == (f"-o {text!r}: {key} is not read; set EMA keys as -o EMA.key=value (the EMA: "
+                                  "section is top-level, upper case)")
+
+
+def test_a_length_stated_in_a_higher_layer_without_a_schedule_drops_the_lower_layers_warm_up():
+    """--ema-config ppyoloe_plus_s -o EMA.half_life_epochs=2 kept the preset's threshold warm-up (from optimizer
+    step 3,242 on 1,000 images of batch 8), where a length in the user's units holds from the first update."""
+    from ema_callback.config.schema import layered
+    from ema_callback.core.horizon import BatchInfo, candidates, describe
+
+    cfg = resolve_block({}, "ppyoloe_plus_s", [parse_override("EMA.half_life_epochs=2")])
+    assert (cfg.schedule, cfg.effective_schedule, cfg.effective_bias_correction) == ("auto", "constant", True)
+    assert cfg.exclude == [r"proj_conv\.weight"] and cfg.decay_batch_size is None  # the rest of the preset stays
+    batch = BatchInfo(8, dataset_size=1000)
+    assert describe(cfg, batch, candidates(cfg, batch)).endswith(
+        "; schedule auto -> constant with bias correction: this length holds from the first update")
+    short = {"decay": 0.998, "schedule": "exponential", "tau": 200, "eval_raw": True}
+    assert layered(short, {"decay": 0.99}) == {"decay": 0.99, "eval_raw": True}  # the same holds for decay
+    assert layered(short, {"decay": 0.99, "schedule": "power"}) == dict(short, decay=0.99, schedule="power")
+    assert layered(short, {"eval_raw": False}) == dict(short, eval_raw=False)  # no length: the warm-up stays
+    cfg = EMAConfig.from_block(short).replace(decay=0.99)  # EMACallback(config, decay=...) is a higher layer too
+    assert cfg.schedule == "auto" and cfg.effective_schedule == "threshold" and cfg.tau == 2000.0
+
+
+def test_from_config_outside_the_clone_names_the_argument_and_the_preset(tmp_path, monkeypatch):
+    """examples/model_fit_ema.py suggested from_config("configs/ema/short_run.yml"), which only works in the clone,
+    and the error named the CLI flag --ema-config."""
+    from ema_callback import EMACallback
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EMAConfigError) as err:
+        EMACallback.from_config("configs/ema/short_run.yml")
+    assert str(err.value).startswith("EMACallback.from_config('configs/ema/short_run.yml'): no such file and no "
+                                     "preset of that name; that is the preset 'short_run': give its name, which works "
+                                     "from any folder (presets: default, ")
+    assert EMACallback.from_config("short_run").config.tau == 200
+    example = open(os.path.join(REPO, "examples", "model_fit_ema.py")).read()
+    assert 'EMACallback.from_config("short_run")' in example and "configs/ema/" not in example

@@ -29,6 +29,7 @@ def test_short_demo_prints_the_headline_and_every_candidate_twice_the_same(tmp_p
                 "points of final accuracy", "recommended: "):
         assert row in first.stdout, first.stdout[-3000:]
     assert "EMA candidates (acc, higher is better):" in first.stderr
+    assert "To copy construct from a tensor" not in first.stderr  # issue 25.8: numpy batches, no copy of a tensor
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     table = json.loads((tmp_path / "a" / "ema_candidates.json").read_text())
     assert [r["candidate"] for r in table["candidates"]] == ["ema_hl2000img", "ema_hl4000img", "ema_hl16000img", "raw"]
@@ -67,3 +68,32 @@ def test_the_demos_raw_weights_are_those_of_a_run_without_the_plugin():
 def test_greedy_ctc_decoding_merges_repeats_and_drops_blanks():
     logits = np.eye(4)[[[1, 1, 0, 1, 2, 2, 0, 0, 3]]]
     assert greedy_decode(logits) == [[1, 1, 2, 3]]
+
+
+def test_the_demos_batches_reach_fit_without_a_tensor_copy_warning(monkeypatch):
+    """Issue 25.8: hapi copies each input with paddle.to_tensor, which warns (once per process) when given a tensor,
+    as a DataLoader yields; the demo hands fit numpy batches (NumpyBatches), with the same values."""
+    import warnings
+
+    import paddle
+    import paddle.tensor.creation as creation
+
+    from ema_callback.demo.run import DATA_STYLE, NumpyBatches, _modules, prepared_model
+    from ema_callback.demo.text_lines import make_text_lines
+
+    _, TextLines, TinyCRNN, _, _, _ = _modules()
+    images, labels = make_text_lines(48, 3, **DATA_STYLE)
+    data = TextLines(images, labels)
+    paddle.seed(3)
+    initial = {k: v.numpy().copy() for k, v in TinyCRNN().state_dict().items()}
+    losses = {}
+    for wrap in (NumpyBatches, lambda loader: loader):
+        monkeypatch.setattr(creation, "_warned_in_tensor", False)  # Paddle warns once per process
+        model = prepared_model(initial, 3, 0.004)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(wrap(paddle.io.DataLoader(data, batch_size=16, shuffle=False)), epochs=1, verbose=0)
+            losses[wrap] = model.evaluate(wrap(paddle.io.DataLoader(data, batch_size=16)), verbose=0)["loss"]
+        copies = [w for w in caught if "To copy construct from a tensor" in str(w.message)]
+        assert bool(copies) == (wrap is not NumpyBatches)  # the plain DataLoader does warn: the test can fail
+    assert len(set(map(str, losses.values()))) == 1  # the same training, bit for bit

@@ -468,3 +468,34 @@ def test_posthoc_sweep_through_ppdet_eval(coco, tmp_path):
     rc, eval_log = ppdet_tool(cwd, "eval.py", "-o", f"weights={out}/best")
     assert rc == 0, eval_log[-4000:]
     assert float(re.findall(AP, eval_log)[-1]) == table["best"]["metric"]
+
+
+def test_merge_config_elsewhere_rewrites_a_relative_base_and_says_what_det_train_does(tmp_path):
+    """Issue 25.5: the merged file kept ppdet's relative _BASE_ ('../datasets/coco_detection.yml') without a word, so
+    det-train failed on it from another folder; and the note said det-train refuses both EMAs (it replaces ppdet's)."""
+    from ema_callback.integrations.paddledet import load_ppdet_yaml, resolve_det_config
+    suite = os.path.join(PADDLEDET_ROOT, "configs", "ppyoloe", "ppyoloe_plus_crn_s_80e_coco.yml")
+    out = tmp_path / "other" / "merged.yml"
+    out.parent.mkdir()
+    cmd = [sys.executable, "-m", "ema_callback.cli", "merge-config", suite, "ppdet_threshold", "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env())
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.splitlines()
+    assert notes[0] == (f"merge-config: set use_ema: false in {out} (use_ema: true in {suite} or its _BASE_): the "
+                        "EMA: section replaces ppdet's own EMA, as det-train does with such a config; the file now "
+                        "says so (ppdet's own tools/train.py runs it with no EMA)")
+    moved = os.path.relpath(os.path.join(PADDLEDET_ROOT, "configs", "datasets", "coco_detection.yml"), out.parent)
+    assert notes[1] == (f"merge-config: rewrote _BASE_ relative to {out.parent} (ppdet reads it from the folder of "
+                        f"the file that names it): ../datasets/coco_detection.yml -> {moved} and 4 more")
+    merged, original = load_ppdet_yaml(str(out)), load_ppdet_yaml(suite)  # every _BASE_ resolves from there
+    assert merged["use_ema"] is False and merged["EMA"]["decay"] == 0.9998
+    assert {k: v for k, v in merged.items() if k not in ("use_ema", "EMA")} == \
+        {k: v for k, v in original.items() if k != "use_ema"}
+    assert resolve_det_config(merged, None, [])[0].enable
+    (tmp_path / "base.yml").write_text("epoch: 3\n")  # written beside the suite: nothing to rewrite
+    (tmp_path / "suite.yml").write_text("_BASE_: ['base.yml']\nsnapshot_epoch: 1\n")
+    cmd = [sys.executable, "-m", "ema_callback.cli", "merge-config", str(tmp_path / "suite.yml"), "ppdet_threshold",
+           "-o", str(tmp_path / "beside.yml")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env())
+    assert done.returncode == 0 and done.stdout == f"wrote {tmp_path / 'beside.yml'}\n", done.stdout + done.stderr
+    assert (tmp_path / "beside.yml").read_text().startswith("_BASE_: ['base.yml']\nsnapshot_epoch: 1\n")

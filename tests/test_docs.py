@@ -101,3 +101,30 @@ def test_the_readme_layout_names_every_module():
         if name not in layout or (folder and f"{folder}/" not in layout):
             missing.append(rel)
     assert not missing, f"README.md's layout does not show {missing}"
+
+
+DOTTED = re.compile(r"\bema_callback(?:\.\w+)+")
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", PAGES + CONFIGS + sorted(glob.glob(os.path.join(REPO, "examples", "*"))),
+                         ids=lambda p: os.path.relpath(p, REPO))
+def test_every_dotted_name_and_file_a_page_config_or_example_cites_exists(path):
+    """Issue 25.8: the tiny PaddleOCR configs cited ema_callback.synth.write_*_dataset, which never existed."""
+    import importlib
+
+    text = text_of(path)
+    missing = [p for p in FILE.findall(text) if not os.path.exists(os.path.join(REPO, p))]
+    for name in sorted(set(DOTTED.findall(text))):
+        parts, found = name.split("."), None
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                found = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                found = getattr(found, attr, None)
+            break
+        if found is None:
+            missing.append(name)
+    assert not missing, f"{os.path.relpath(path, REPO)} cites what does not exist: {missing}"

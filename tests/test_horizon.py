@@ -214,6 +214,17 @@ def test_select_best_keeps_the_raw_weights_when_they_win_and_says_so(tmp_path, c
     assert read_state(str(tmp_path / "best_model.pdema"))["pdparams_hold"] == "raw"
     h = cb.board.history[best_eval]["results"]
     assert h["raw"]["acc"] > h["ema"]["acc"]
+    # issue 25.8: the table goes to fit's save_dir (as the snapshots do), and the end says what fit ends on and why
+    table = json.load(open(tmp_path / "ema_candidates.json"))
+    assert table["recommended"] == "raw" and table["select"] == "best"
+    assert caplog.records[-1].getMessage() == (
+        f"EMA: after fit the network holds ema (the primary EMA: final_weights='ema'), and so will "
+        f"{tmp_path / 'final.pdparams'}; the table recommends raw, which is not applied (select: best chooses what a "
+        "best-model file saved at an evaluation holds, not the weights fit ends on): EMACallback(final_weights='raw') "
+        "ends fit on them")
+    final = paddle.load(str(tmp_path / "final.pdparams"))
+    ema_weights = cb.ema.ema_state_dict(model.network)
+    assert all(np.array_equal(final[k].numpy(), ema_weights[k]) for k in ema_weights)
 
 
 # ---------------------------------------------------------------- bad input
@@ -343,11 +354,13 @@ def test_a_length_longer_than_the_run_is_said_at_the_start_and_at_the_end(tmp_pa
         make_model().fit(train, evald, epochs=1, verbose=0,
                          callbacks=[EMACallback(half_life_images=100000, switch_every=40)])
     text = caplog.text
-    assert "EMA: ema: half-life 3,125 optimizer steps is longer than this run (16 steps)" in text
+    assert "EMA: ema: its horizon is longer than this run (16 steps): by its end half the weight will be on the last " \
+           "256 images, the EMA will average the whole run" in text
     assert "EMA.switch_every: 40 optimizer steps is longer than this run (16 steps): no switch will happen" in text
     assert "EMA: ema realized over 16 optimizer steps: half its weight on the last 256 images, 0.0% on the weights " \
            "it started from" in text
-    assert "EMA: ema: its half-life (3,125 optimizer steps) is longer than the run (16 steps)" in text
+    assert "EMA: ema: its horizon is longer than the run (16 steps): half its weight is on the last 256 images, it " \
+           "averaged the whole run" in text
     caplog.clear()
     model = make_model()
     with caplog.at_level(logging.INFO, logger="ema_callback"):
@@ -355,9 +368,48 @@ def test_a_length_longer_than_the_run_is_said_at_the_start_and_at_the_end(tmp_pa
         model.fit(train, evald, epochs=1, verbose=0, callbacks=[cb], save_dir=str(tmp_path))
     start = 0.5 ** (512 / 100000)
     assert realized(cb.ema)["weight_on_start"] == pytest.approx(start, rel=1e-9)
+    assert f"EMA: ema: at the end of this run (16 steps) {100 * start:.0f}% of its weight will still be on the " \
+           "weights it started from" in caplog.text
     assert f"EMA: ema: {100 * start:.0f}% of its weight is still on the weights it started from after 16 optimizer " \
            "steps" in caplog.text
     table = json.load(open(tmp_path / "ema_candidates.json"))
     row = next(r for r in table["candidates"] if r["candidate"] == "ema")
     assert row["weight_on_start"] == pytest.approx(start, rel=1e-9) and row["half_weight_images"] is None
     assert "half weight on last" in caplog.text and "> run" in caplog.text
+
+
+# ---------------------------------------------------------------- issue 25: too long for the run, judged on what runs
+RTDETR_FLAT_KEYS = {"use_ema": True, "ema_decay": 0.9999, "ema_decay_type": "exponential"}  # rtdetr_r50vd.yml's
+
+
+@pytest.mark.parametrize("block", ["svtr_rec", "ppyoloe_plus_s", "default", "flat", {"decay": 0.9}],
+                         ids=["svtr_rec", "ppyoloe_plus_s", "default", "rtdetr_flat_keys", "decay0.9"])
+def test_a_warm_up_that_averages_the_last_steps_is_not_too_long_for_a_short_run(block):
+    """6 optimizer steps: threshold and exponential warm-ups put half the weight on the last step or two, so no
+    'longer than this run' warning, whatever the target decay; the same target held from the first update does
+    average the whole run, and says so."""
+    from ema_callback.config.files import read_block_file
+    from ema_callback.core.horizon import candidates, length_warnings
+    from ema_callback.integrations.paddledet import from_ppdet_flat_keys
+
+    block = from_ppdet_flat_keys(RTDETR_FLAT_KEYS) if block == "flat" else \
+        read_block_file(block) if isinstance(block, str) else block
+    config = EMAConfig.from_block(block)
+    batch = BatchInfo(4, total_steps=6)
+    assert config.effective_schedule in ("threshold", "exponential")
+    assert length_warnings(config, batch, candidates(config, batch)) == []
+    held = config.replace(schedule="constant", bias_correction=True)
+    warnings = length_warnings(held, batch, candidates(held, batch))
+    assert len(warnings) == 1 and warnings[0].startswith("EMA: ema: its horizon is longer than this run (6 steps): by "
+                                                         "its end half the weight will be on the last 12 images")
+
+
+def test_the_start_and_the_end_of_a_short_threshold_run_agree_with_its_realized_line(caplog):
+    """decay 0.9, threshold, 6 steps: it used to warn 'half-life 7 optimizer steps is longer than this run' at the
+    start and 'it averaged the whole run' at the end while the realized line said half its weight was on the last
+    8 images (one step of 8)."""
+    train, evald = loaders(batch_size=8, n_train=48)
+    with caplog.at_level(logging.INFO, logger="ema_callback"):
+        make_model().fit(train, evald, epochs=1, verbose=0, callbacks=[EMACallback(decay=0.9)])
+    assert "EMA: ema realized over 6 optimizer steps: half its weight on the last 8 images" in caplog.text
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

@@ -4,6 +4,7 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -17,8 +18,8 @@ from datasets import write_det_dataset
 from ema_callback.files.state_file import read_state, signed
 
 from conftest import PADDLEOCR_ROOT, needs_paddleocr
-from ocr_helpers import (DET_CFG, REC_CFG, REPO, assert_eval_reproduces_best, data_overrides, logged_metrics,
-                         ocr_train, paddleocr_tool, run)
+from ocr_helpers import (DET_CFG, REC_CFG, REPO, TIMEOUT, assert_eval_reproduces_best, data_overrides, env,
+                         logged_metrics, ocr_train, paddleocr_tool, run)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("paddleocr"),  # one worker: the module's fixtures once
               needs_paddleocr]
@@ -351,10 +352,13 @@ def test_posthoc_sweep_refuses_snapshots_of_another_model_before_evaluating(tmp_
                                                                       "dir": str(tmp_path / "posthoc")}))
     for _ in range(4):
         ema.step()
+    # no --paddleocr-root: $PADDLEOCR_ROOT names the checkout, as for ocr-train (issue 25.6)
     cmd = [sys.executable, "-m", "ema_callback.cli", "posthoc", "sweep", "--snapshots", str(tmp_path / "posthoc"),
-           "--sigma-rel", "0.05,0.1", "--out", str(tmp_path / "sweep"), "--paddleocr-root", PADDLEOCR_ROOT,
-           "-c", REC_CFG, "-o", *data_overrides(data, "rec")]
-    rc, log = run(cmd, str(tmp_path))
+           "--sigma-rel", "0.05,0.1", "--out", str(tmp_path / "sweep"), "-c", REC_CFG,
+           "-o", *data_overrides(data, "rec")]
+    done = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=TIMEOUT,
+                          env={k: v for k, v in env().items() if k != "PADDLEDET_ROOT"})
+    rc, log = done.returncode, done.stdout + done.stderr
     last = log.strip().splitlines()[-1]
     assert rc == 2 and last.startswith(f"ema-callback: error: -c {REC_CFG}: the snapshots in {tmp_path}/posthoc are "
                                        "not of this model: "), log[-2000:]

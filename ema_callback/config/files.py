@@ -1,8 +1,9 @@
 """Reading ``EMA:`` blocks from files and ``-o`` overrides, and their precedence (one function for every way in).
 
 Precedence, lowest first: a ready block file (``--ema-config``) < the suite YAML's own ``EMA:`` section <
-``-o EMA.*`` overrides (``merged_block``; ``resolve_block`` validates the result). ``-o EMA.decay=0.999`` works
-when the YAML has no ``EMA:`` section. Suite YAMLs are read with a safe loader that keeps suite tags
+``-o EMA.*`` overrides (``merged_block``; ``resolve_block`` validates the result); a length stated in a higher
+layer replaces the lower one's, with its warm-up (``schema.layered``). ``-o EMA.decay=0.999`` works when the YAML
+has no ``EMA:`` section. Suite YAMLs are read with a safe loader that keeps suite tags
 (PaddleDetection's ``!CosineDecay``) as plain data.
 """
 from __future__ import annotations
@@ -36,14 +37,21 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
 
 
 def split_overrides(opts: Optional[Sequence[str]]) -> Tuple[List[Tuple[List[str], Any]], List[str]]:
-    """Separate ``EMA.*`` overrides (parsed) from the suite's own (kept as strings, untouched)."""
+    """Separate ``EMA.*`` overrides (parsed) from the suite's own (kept as strings, untouched); an ``EMA`` key
+    anywhere else (``Global.EMA.decay``, ``ema.decay``) would be set in the suite config and read by no one: an
+    error."""
     ema, rest = [], []
     for text in opts or []:
         head = text.split("=", 1)[0].strip()
         if head == SECTION or head.startswith(SECTION + "."):
             ema.append(parse_override(text))
-        else:
-            rest.append(text)
+            continue
+        parts = head.split(".")
+        for i, part in enumerate(parts):
+            if part.upper() == SECTION:  # the suite would set a key nobody reads
+                raise EMAConfigError(f"-o {text!r}: {'.'.join(parts[:i + 1])} is not read; set EMA keys as "
+                                     f"-o {SECTION}.key=value (the {SECTION}: section is top-level, upper case)")
+        rest.append(text)
     return ema, rest
 
 
@@ -175,6 +183,7 @@ def read_block_file(path: str) -> Dict[str, Any]:
 
     path = block_path(path)
     data = read_yaml(path)
+    check_section_name(data, path)
     if not isinstance(data, Mapping) or SECTION not in data:
         raise EMAConfigError(f"{path}: expected a YAML file with a top-level '{SECTION}:' section")
     extra = [k for k in data if k != SECTION]
@@ -208,12 +217,29 @@ def has_ema_request(suite_config: Mapping[str, Any], block_file: Optional[str], 
 
 
 def check_section_name(suite_config: Mapping[str, Any], source: str) -> None:
-    """A top-level ``ema:``/``Ema:`` is not read: one line pointing at ``EMA:`` instead of silently ignoring it."""
+    """A top-level ``ema:``/``Ema:`` is not read: one line pointing at ``EMA:`` instead of silently ignoring it; a
+    section anywhere below the top level neither (``check_section_place``)."""
     if not isinstance(suite_config, Mapping):
         return
     for key in suite_config:
         if isinstance(key, str) and key != SECTION and key.upper() == SECTION:
             raise EMAConfigError(f"{source}: top-level '{key}:' is not read; the section is '{SECTION}:' (upper case)")
+    check_section_place(suite_config, source)
+
+
+def check_section_place(suite_config: Any, source: str) -> None:
+    """An ``EMA:`` key (any case) nested in the suite config (``TrainReader.EMA``, ``Global.EMA``, in a list item)
+    is not read by anyone: one line naming where it is and where it belongs."""
+    def walk(node: Any, path: str) -> None:
+        items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            where = f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}" if path else str(key)
+            if path and isinstance(key, str) and key.upper() == SECTION:
+                raise EMAConfigError(f"{source}: {where}: not read; the {SECTION}: section belongs at the top level "
+                                     f"of the file, not under {path}")
+            walk(value, where)
+
+    walk(suite_config, "")
 
 
 def why_disabled(suite_config: Mapping[str, Any], block_file: Optional[str], overrides: Sequence,

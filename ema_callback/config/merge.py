@@ -6,8 +6,10 @@ Precedence, lowest first: the ready block < the suite's own ``EMA:`` section < `
 has none), a key set with ``--set`` replaces its value in place (keeping a trailing comment) or is appended, a key
 that another form of the EMA length replaces (``--set EMA.half_life_epochs=2`` over ``decay:``) is removed, and
 block keys the suite's section lacks are appended. The result is parsed back and checked against the merged
-values. A ppdet config whose own ``use_ema: true`` (or its ``_BASE_``'s) would run ppdet's EMA beside ours gets
-``use_ema: false`` written into the merged file, and the command says so.
+values. On a ppdet config whose own ``use_ema: true`` (or its ``_BASE_``'s) turns ppdet's EMA on, the ``EMA:``
+section replaces it (as ``det-train`` does with such a config): the merged file gets ``use_ema: false`` so that it
+says so, and the command prints one line. A relative ``_BASE_`` (relative to the file that names it, in ppdet) is
+rewritten relative to the merged file's folder, so the file works where it is written, and one line says so.
 """
 from __future__ import annotations
 
@@ -99,13 +101,13 @@ def _section_lines(text: str) -> List[str]:
 
 
 def merge_yaml_text(suite_text: str, block: Mapping[str, Any], block_text: Optional[str] = None,
-                    overrides: Iterable[Tuple[List[str], Any]] = ()) -> str:
-    """Suite YAML text with the merged ``EMA:`` section (validated)."""
+                    overrides: Iterable[Tuple[List[str], Any]] = (), source: str = "suite config") -> str:
+    """Suite YAML text (read from ``source``) with the merged ``EMA:`` section (validated)."""
     overrides = list(overrides)
     suite = load_suite_yaml(suite_text) or {}
     if not isinstance(suite, Mapping):
-        raise EMAConfigError("suite config: expected a YAML mapping at the top level")
-    check_section_name(suite, "suite config")
+        raise EMAConfigError(f"{source}: expected a YAML mapping at the top level")
+    check_section_name(suite, source)
     merged = merged_block(block, suite.get(SECTION), overrides)
     EMAConfig.from_block(merged)
     own = suite.get(SECTION) or {}
@@ -158,6 +160,34 @@ def _set_top_level(text: str, key: str, value: Any) -> str:
     return "".join(lines)
 
 
+def _rebased(text: str, suite_path: str, out_path: str) -> Tuple[str, Optional[str]]:
+    """``text`` with each relative ``_BASE_`` entry (ppdet resolves them from the folder of the file that names
+    them) rewritten relative to ``out_path``'s folder, and the line saying so (None: nothing to rewrite)."""
+    suite = load_suite_yaml(text)
+    bases = suite.get("_BASE_") if isinstance(suite, Mapping) else None
+    source, target = (os.path.dirname(os.path.abspath(p)) for p in (suite_path, out_path))
+    if not isinstance(bases, list) or os.path.realpath(source) == os.path.realpath(target):
+        return text, None
+    moved = [b if not isinstance(b, str) or os.path.isabs(b) else os.path.relpath(os.path.join(source, b), target)
+             for b in bases]
+    if moved == bases:
+        return text, None
+    lines = text.splitlines(keepends=True)
+    start, end = _section_span(lines, "_BASE_")
+    blank = end
+    while blank > start + 1 and not lines[blank - 1].strip():
+        blank -= 1  # the blank lines after the list stay
+    entries = "".join(f"  '{b.replace(chr(39), chr(39) * 2)}',\n" if isinstance(b, str) else f"  {_flow(b)},\n"
+                      for b in moved)  # single-quoted, as ppdet writes them
+    result = "".join(lines[:start]) + f"_BASE_: [\n{entries}]\n" + "".join(lines[blank:])
+    if load_suite_yaml(result).get("_BASE_") != moved:
+        raise EMAConfigError(f"{suite_path}: could not rewrite _BASE_ for {out_path}; write the merged file beside it")
+    first = next(i for i, (a, b) in enumerate(zip(bases, moved)) if a != b)
+    more = sum(a != b for a, b in zip(bases, moved)) - 1
+    return result, (f"rewrote _BASE_ relative to {target} (ppdet reads it from the folder of the file that names "
+                    f"it): {bases[first]} -> {moved[first]}" + (f" and {more} more" if more else ""))
+
+
 def merge_config_files(suite_path: str, block_path: str, out_path: str,
                        overrides: Iterable[Tuple[List[str], Any]] = ()) -> List[str]:
     """``ema-callback merge-config SUITE.yml BLOCK.yml -o OUT.yml``; returns notes to print."""
@@ -175,14 +205,17 @@ def merge_config_files(suite_path: str, block_path: str, out_path: str,
         raise EMAConfigError(f"{suite_path}: cannot be read ({exc.strerror})") from None
     notes = []
     try:
-        merged = merge_yaml_text(suite_text, block, block_text, list(overrides))
+        merged = merge_yaml_text(suite_text, block, block_text, list(overrides), source=suite_path)
         suite = load_suite_yaml(suite_text) or {}
     except yaml.YAMLError as exc:
         raise EMAConfigError(f"{suite_path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if isinstance(suite, Mapping) and _ppdet_uses_its_own_ema(os.path.abspath(suite_path), suite):
         merged = _set_top_level(merged, "use_ema", False)
-        notes.append(f"set use_ema: false in {out_path}: ppdet's own EMA (use_ema: true in {suite_path} or its "
-                     f"_BASE_) would otherwise run beside the {SECTION}: section, which det-train refuses")
+        notes.append(f"set use_ema: false in {out_path} (use_ema: true in {suite_path} or its _BASE_): the "
+                     f"{SECTION}: section replaces ppdet's own EMA, as det-train does with such a config; the file "
+                     "now says so (ppdet's own tools/train.py runs it with no EMA)")
+    merged, note = _rebased(merged, suite_path, out_path)
+    notes += [note] if note else []
     from ema_callback.files.checkpoint_io import atomic_write_text
     atomic_write_text(merged, out_path)
     return notes

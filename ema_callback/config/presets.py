@@ -58,14 +58,18 @@ def _description(path: str) -> str:
     return text[:end + 1] if end >= 0 else text
 
 
-def block_path(value: str) -> str:
-    """``--ema-config`` / ``from_config``: an existing file as it is, else a preset's file by name."""
+def block_path(value: str, given_as: str = "--ema-config {}") -> str:
+    """``--ema-config`` / ``from_config``: an existing file as it is, else a preset's file by name. ``given_as``
+    names the argument in the error (``{}``: the value), e.g. ``"EMACallback.from_config({!r})"``."""
     if os.path.isfile(value):
         return value
     known = presets()
     if value in known:
         return known[value][0]
-    raise EMAConfigError(f"--ema-config {value}: no such file and no preset of that name (presets: "
+    name = os.path.basename(value)[:-len(".yml")] if value.endswith(".yml") else None
+    name = name[len("ema_"):] if name and name.startswith("ema_") else name
+    hint = f"; that is the preset {name!r}: give its name, which works from any folder" if name in known else ""
+    raise EMAConfigError(f"{given_as.format(value)}: no such file and no preset of that name{hint} (presets: "
                          f"{', '.join(known) or 'none found'}; `ema-callback presets` lists them)")
 
 

@@ -17,6 +17,7 @@ from ema_callback.core.schedules import SCHEDULES
 
 SECTION = "EMA"
 LENGTH_KEYS = ("decay", "decays", "half_life_images", "half_life_epochs")  # one form of the EMA length per block
+WARM_UP_KEYS = ("schedule", "tau", "inv_gamma", "power", "min_decay", "bias_correction")  # what schedule auto decides
 
 
 @dataclass(frozen=True)
@@ -377,13 +378,21 @@ class EMAConfig:
 def layered(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
     """``base`` updated with ``top``; a length form in ``top`` replaces the one in ``base`` (``-o EMA.decays=[..]``
     over a section with ``decay: 0.9999`` means the list, not a conflict). Within one layer (one YAML block, one
-    ``-o`` list) two forms are an error (``EMAConfig.from_block``, ``config_files.apply_overrides``)."""
+    ``-o`` list) two forms are an error (``EMAConfig.from_block``, ``config_files.apply_overrides``).
+
+    A length form in ``top`` without a ``schedule`` of its own also drops ``base``'s warm-up (``WARM_UP_KEYS``: its
+    schedule, that schedule's parameters and ``bias_correction``), which was chosen for ``base``'s length: ``schedule:
+    auto`` decides for the length stated (``--ema-config ppyoloe_plus_s -o EMA.half_life_epochs=2`` holds from the
+    first update, not after the preset's threshold warm-up)."""
     merged = dict(base)
     if isinstance(top, Mapping) and any(k in LENGTH_KEYS and top[k] is not None for k in top):
         for k in LENGTH_KEYS:
             merged.pop(k, None)
         if any(k in ("half_life_images", "half_life_epochs") and top[k] is not None for k in top):
             merged.pop("decay_batch_size", None)
+        if "schedule" not in top:
+            for k in WARM_UP_KEYS:
+                merged.pop(k, None)
     merged.update(top)
     for k in LENGTH_KEYS:  # a length key set to null means "not this form" (the default decay if none is left)
         if k in merged and merged[k] is None:

@@ -175,18 +175,25 @@ def describe(config: EMAConfig, batch: Optional[BatchInfo], chosen: List[Candida
 
 def length_warnings(config: EMAConfig, batch: Optional[BatchInfo], chosen: List[Candidate],
                     switch_steps: int = 0, snapshot_steps: int = 0) -> List[str]:
-    """At the start, where the run's length is known (``batch.total_steps``): a half-life, a Switch EMA period or a
-    post-hoc snapshot period longer than the run."""
+    """At the start, where the run's length is known (``batch.total_steps``): an EMA whose realized profile over the
+    run (``realized``, the schedule that runs, warm-up included) is too long for it (``too_long``), a Switch EMA
+    period or a post-hoc snapshot period longer than the run."""
     total = batch.total_steps if batch is not None else None
     if not total:
         return []
     out = []
+    updates = max(0, (total - config.start_step) // config.update_every)
     for c in chosen:
-        steps = half_life_steps(c.decay)
-        if steps > total:
-            out.append(f"EMA: {c.label}: half-life {steps:,.0f} optimizer steps is longer than this run "
-                       f"({total:,} steps): the EMA will average the whole run, its early weights included; "
-                       "shorten the length or train longer")
+        r = realized(config, c.decay, updates, batch)
+        kind = too_long(config, r) if updates else None
+        if kind == "start":
+            out.append(f"EMA: {c.label}: at the end of this run ({total:,} steps) {100 * r['weight_on_start']:.0f}% of "
+                       "its weight will still be on the weights it started from: its evaluations will measure mostly "
+                       "those weights; shorten the length or train longer")
+        elif kind == "whole":
+            out.append(f"EMA: {c.label}: its horizon is longer than this run ({total:,} steps): by its end half the "
+                       f"weight will be on the last {half_weight_span(r)}, the EMA will average the whole run, its "
+                       "early weights included; shorten the length or train longer")
     if switch_steps and switch_steps > total:
         out.append(f"EMA.switch_every: {switch_steps:,} optimizer steps is longer than this run ({total:,} steps): "
                    "no switch will happen")
@@ -199,6 +206,12 @@ def length_warnings(config: EMAConfig, batch: Optional[BatchInfo], chosen: List[
 # ---------------------------------------------------------------------------- what the run realizes
 EXPONENTIAL_WITHIN = 0.1  # exponential never reaches d: it "holds" once 1 - d_t <= 1.1 (1 - d)
 _SIMULATED_UPDATES = 2_000_000  # profiles longer than this are measured at this many updates (they are scale-free)
+_REALIZED_UPDATES = 5 * _SIMULATED_UPDATES  # the realized horizon of a longer run is measured over this many updates
+ON_START_LIMIT = 0.1  # more weight than this still on the starting weights is warned about
+# A constant decay whose half-life equals the run, bias-corrected, puts half its weight on the last
+# log(3/4)/log(1/2) = 41.5% of the run: a realized profile whose last half of the weight spans that much or more
+# averages about the whole run.
+WHOLE_RUN = math.log(0.75) / math.log(0.5)
 
 
 def update_decays(config: EMAConfig, decay: float, count: int) -> np.ndarray:
@@ -263,12 +276,13 @@ def schedule_note(config: EMAConfig, decay: float) -> str:
         return "constant from the first update, no bias correction: the starting weights keep weight d^n after n steps"
     step = holds_from(config, decay)
     within = " (within 10% of 1-d)" if schedule == "exponential" else ""
+    auto = "schedule auto -> " if config.schedule == "auto" else ""
     updates = min(max(1, (step - config.start_step) // config.update_every), _SIMULATED_UPDATES)
     weights, start = update_weights(update_decays(config, decay, updates), config.effective_bias_correction)
     m = half_weight_updates(weights)
     share = "the starting weights hold more than half the weight" if m is None else \
         f"half the weight is on about the last {m / updates:.0%} of the steps"
-    return f"{schedule} warm-up: {_number(decay)} from optimizer step {step:,}{within}; until then {share}"
+    return f"{auto}{schedule} warm-up: {_number(decay)} from optimizer step {step:,}{within}; until then {share}"
 
 
 def realized(config: EMAConfig, decay: float, num_updates: int, batch: Optional[BatchInfo]) -> Dict[str, Any]:
@@ -278,9 +292,29 @@ def realized(config: EMAConfig, decay: float, num_updates: int, batch: Optional[
     n = int(num_updates)
     if n <= 0:
         return {"updates": 0, "half_weight_steps": None, "half_weight_images": None, "weight_on_start": 1.0}
-    weights, start = update_weights(update_decays(config, decay, min(n, 5 * _SIMULATED_UPDATES)),
+    weights, start = update_weights(update_decays(config, decay, min(n, _REALIZED_UPDATES)),
                                     config.effective_bias_correction)
     m = half_weight_updates(weights)
     steps = m * config.update_every if m is not None else None
     images = steps * batch.global_batch if steps is not None and batch is not None else None
     return {"updates": n, "half_weight_steps": steps, "half_weight_images": images, "weight_on_start": start}
+
+
+def too_long(config: EMAConfig, r: Dict[str, Any]) -> Optional[str]:
+    """Whether the profile ``r`` (``realized``) is too long for the run it covers: ``"start"`` when more than
+    ``ON_START_LIMIT`` of the weight is still on the weights the EMA started from, ``"whole"`` when the last half of
+    the weight spans ``WHOLE_RUN`` of the run's steps or more (the EMA averages about the whole run), else None.
+    A warm-up schedule that keeps the average on the last steps is not too long, whatever its target decay."""
+    if r["weight_on_start"] > ON_START_LIMIT:
+        return "start"
+    covered = min(r["updates"], _REALIZED_UPDATES) * config.update_every
+    m = r["half_weight_steps"]
+    return "whole" if covered and m is not None and m >= WHOLE_RUN * covered else None
+
+
+def half_weight_span(r: Dict[str, Any]) -> str:
+    """``256 images`` (or ``8 optimizer steps`` where the batch is unknown): the last stretch holding half the weight
+    of the profile ``r``."""
+    if r["half_weight_images"] is not None:
+        return f"{r['half_weight_images']:,.0f} images"
+    return f"{r['half_weight_steps']:,.0f} optimizer steps"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict
 
-from ema_callback.core.horizon import describe, half_life_steps, length_warnings, realized as horizon_realized
+from ema_callback.core.horizon import (describe, half_life_steps, half_weight_span, length_warnings,
+                                      realized as horizon_realized, too_long)
 
 logger = logging.getLogger("ema_callback")
 
@@ -36,25 +37,25 @@ def realized(ema, shadow=0) -> Dict[str, Any]:
 
 
 def log_realized(ema, log=logger) -> None:
-    """At the end of training: each EMA's realized horizon; a warning where more than 10% of its weight is still
-    on the starting weights, or its half-life is longer than the run."""
+    """At the end of training: each EMA's realized horizon; a warning where it was too long for the run
+    (``horizon.too_long``: more than 10% of its weight still on the starting weights, or about the whole run
+    averaged), judged on the profile the schedule realized."""
     steps = ema.num_updates * ema.config.update_every
     for j, label in enumerate(ema.candidate_labels):
         r = realized(ema, j)
         stated = half_life_steps(ema.decays[j])
-        unit = "images" if r["half_weight_images"] is not None else "optimizer steps"
-        span = r["half_weight_images"] if r["half_weight_images"] is not None else r["half_weight_steps"]
-        half = f"half its weight on the last {span:,.0f} {unit}" if span is not None else \
+        half = f"half its weight on the last {half_weight_span(r)}" if r["half_weight_steps"] is not None else \
             "the starting weights hold more than half its weight"
         log.info("EMA: %s realized over %d optimizer steps: %s, %.1f%% on the weights it started from (stated "
                  "half-life %s optimizer steps)", label, steps, half, 100 * r["weight_on_start"], f"{stated:,.0f}")
-        if r["weight_on_start"] > 0.1:
+        kind = too_long(ema.config, r) if steps else None
+        if kind == "start":
             log.warning("EMA: %s: %.0f%% of its weight is still on the weights it started from after %d optimizer "
                         "steps: its evaluations measure mostly those weights; shorten the length or train longer",
                         label, 100 * r["weight_on_start"], steps)
-        elif steps and stated > steps:
-            log.warning("EMA: %s: its half-life (%s optimizer steps) is longer than the run (%d steps): it averaged "
-                        "the whole run, the early weights included", label, f"{stated:,.0f}", steps)
+        elif kind == "whole":
+            log.warning("EMA: %s: its horizon is longer than the run (%d steps): half its weight is on the last %s, "
+                        "it averaged the whole run, the early weights included", label, steps, half_weight_span(r))
 
 
 def log_before_eval(ema, log=logger) -> float:

@@ -79,6 +79,22 @@ def greedy_decode(logits: np.ndarray) -> List[List[int]]:
     return out
 
 
+class NumpyBatches:
+    """A ``DataLoader``'s batches as numpy arrays, for ``Model.fit``/``evaluate``: hapi passes every input through
+    ``paddle.to_tensor``, which copies a tensor with a ``UserWarning`` ("To copy construct from a tensor, it is
+    recommended to use sourceTensor.clone().detach() ...") and takes numpy as it is. ``len`` is the loader's."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield [field.numpy() for field in batch]
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 def _modules():
     """The paddle parts, imported on first use so ``ema-callback --help`` stays fast."""
     from ema_callback.core.paddle_compat import paddle
@@ -228,8 +244,8 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
     ema = EMACallback(schedule=args.schedule, eval_raw=True, final_weights="raw", monitor="acc", **length)
     ema.save_dir = out  # ema_candidates.json goes here (no checkpoints, so no resume look-up)
     batches = CyclingBatches(len(train), args.batch_size, args.eval_every, args.seed)
-    train_loader = paddle.io.DataLoader(train, batch_sampler=batches)
-    valid_loader = paddle.io.DataLoader(valid, batch_size=128, shuffle=False)
+    train_loader = NumpyBatches(paddle.io.DataLoader(train, batch_sampler=batches))
+    valid_loader = NumpyBatches(paddle.io.DataLoader(valid, batch_size=128, shuffle=False))
     model.fit(train_loader, valid_loader, epochs=args.steps // args.eval_every, verbose=0,
               callbacks=[ema, Progress()])
     table = ema.board.summary()

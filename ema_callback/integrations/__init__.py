@@ -8,5 +8,6 @@
   optimizer updates), ``loader_batch`` (images per step from the sampler);
 * ``checked_suite_eval``: a suite's ``tools/eval.py`` that refuses weights of another model (``posthoc sweep``);
 * ``launch_ocr.py`` / ``launch_det.py``: their script forms for ``python -m paddle.distributed.launch``;
-* ``suite_checkout``: checking a suite checkout and naming errors raised in its code.
+* ``suite_checkout``: finding a suite checkout (one rule for every command), checking it, and naming errors raised
+  in its code.
 """

@@ -14,8 +14,10 @@ Ordering contract (holds wherever the callback stands in the list):
 * Several EMAs (``decays``, a list of half-lives) and ``eval_raw``: the other candidates are evaluated with
   ``Model.evaluate`` on fit's eval loader inside ``on_eval_begin``, then fit's own evaluation runs on the selected
   one (the primary, or with ``select: best`` the best by ``monitor``, evaluated once more by fit itself so that every
-  ``on_eval_end`` sees the weights that produced its metrics). The end table goes to the log and, with
-  ``save_dir``, to ``ema_candidates.json``.
+  ``on_eval_end`` sees the weights that produced its metrics). The end table goes to the log and, with the
+  callback's ``save_dir`` or else fit's (as the post-hoc snapshots), to ``ema_candidates.json``; one line then says
+  what the network holds. The candidates are one callback's: two ``EMACallback`` in one ``fit`` are refused at its
+  start.
 * ``decay_batch_size`` and half-lives need the global batch: it is measured at the first ``train_batch``
   (its inputs' first dimension x ranks x ``accumulate_grad_batches``); the engine is built then.
 * The EMA steps once per *real* optimizer update, counted on the optimizer itself: once per
@@ -55,12 +57,14 @@ class EMACallback(paddle.callbacks.Callback):
 
     Args:
         config: an ``EMAConfig`` or an ``EMA:`` mapping; keyword arguments (``decay=0.999``, ``eval_raw=True``,
-            any key of the ``EMA:`` block) override it.
+            any key of the ``EMA:`` block) override it, as a layer above it (``config.schema.layered``: a length
+            among them without ``schedule`` lets ``schedule: auto`` decide the warm-up).
         resume: a ``.pdema`` file (or a checkpoint prefix ``dir/3`` with ``dir/3.pdema`` beside it) to
             continue from, including the update count and the raw weights; ``"auto"`` (the default when
             ``save_dir`` is given) picks the ``.pdema`` in ``save_dir`` whose raw or EMA weights equal the
             network's (the checkpoint just passed to ``Model.load``).
-        save_dir: the ``save_dir`` given to ``fit``, for ``resume="auto"``.
+        save_dir: the ``save_dir`` given to ``fit``, for ``resume="auto"``; where ``ema_candidates.json`` and the
+            post-hoc snapshots go (default: fit's ``save_dir``).
         final_weights: ``"ema"`` (default) leaves the EMA weights in the network after ``fit``, so
             ``model.save``/``model.evaluate``/``model.predict`` use them; ``"raw"`` leaves the raw weights.
         backend: the engine's store (``auto``, ``numpy``, ``paddle``, ``reference``; see the engine);
@@ -95,6 +99,7 @@ class EMACallback(paddle.callbacks.Callback):
         self._eval_results: Dict[str, Dict[str, Any]] = {}
         self._evaluating: Optional[str] = None  # the candidate fit's own evaluation runs on
         self.save_dir = save_dir
+        self._fit_dir: Optional[str] = None  # the running fit's save_dir (read at on_train_begin)
         self.resume = resume if resume is not None else ("auto" if save_dir else None)
         self.backend = update_path or backend
         self.ema: Optional[ExponentialMovingAverage] = None
@@ -112,7 +117,7 @@ class EMACallback(paddle.callbacks.Callback):
         if isinstance(source, str):
             from ema_callback.config.presets import block_path
 
-            source = block_path(source)
+            source = block_path(source, "EMACallback.from_config({!r})")
             data = read_yaml(source)
             check_section_name(data, source)
             if not isinstance(data, Mapping) or SECTION not in data:
@@ -134,7 +139,7 @@ class EMACallback(paddle.callbacks.Callback):
         self.ema = ExponentialMovingAverage(self.network, self.config, optimizer=getattr(self.model, "_optimizer", None),
                                             backend=self.backend, batch=self.batch)
         self.board = CandidateBoard(self.ema, self.config, self.higher_is_better)
-        place_features(self.ema, self.save_dir, only_rank0_evaluates=False)
+        place_features(self.ema, self.folder, only_rank0_evaluates=False)
         log_start(self.ema)
         self._install_save_hook()
         if self.resume:
@@ -269,10 +274,12 @@ class EMACallback(paddle.callbacks.Callback):
 
     # ------------------------------------------------------------------ training events
     def on_train_begin(self, logs=None) -> None:
+        self._claim_fit()
         if not self.config.enable:
             self._start_without_ema()
             return
         self._resolve_monitor()
+        self._fit_dir = _fit_save_dir()
         self._check_posthoc_folder()
         self._in_fit = True
         if self.ema is None and self.batch is not None:
@@ -281,6 +288,21 @@ class EMACallback(paddle.callbacks.Callback):
             self._restore_raw()
         self._pending_updates = []
         self._install_batch_hook()
+
+    def _claim_fit(self) -> None:
+        """One EMACallback per ``fit``: a second would take over the first's hooks and leave it silently inactive.
+        The callbacks of one fit share hapi's ``params`` dict, so the first to start marks the model with it; the
+        second undoes the first's batch hook and refuses, before any optimizer step."""
+        claim = getattr(self.model, "_ema_callback_fit", None)
+        if self.params is not None and claim is not None and claim[0] is self.params and claim[1] is not self:
+            other = claim[1]
+            other._remove_batch_hook()
+            other._in_fit = False
+            lists = (f"decays=[{other.config.decay:g}, {self.config.decay:g}]"
+                     if other.config.length_key == self.config.length_key == "decay" else "decays=[...]")
+            raise EMAConfigError(f"EMACallback: two in one Model.fit; one EMACallback keeps several EMAs in one pass "
+                                 f"and compares them: EMACallback({lists}) or EMACallback(half_life_images=[...])")
+        self.model._ema_callback_fit = (self.params, self)
 
     def _resolve_monitor(self) -> None:
         """The metric to compare: the one given, else the first of ``model.prepare``'s metrics, else the mean loss;
@@ -294,14 +316,18 @@ class EMACallback(paddle.callbacks.Callback):
         lower = any(word in self.monitor for word in ("loss", "err"))
         self.higher_is_better = self.mode == "max" or (self.mode == "auto" and not lower)
 
+    @property
+    def folder(self) -> Optional[str]:
+        """Where this callback writes (post-hoc snapshots, ``ema_candidates.json``): its ``save_dir``, else the
+        running fit's."""
+        return self.save_dir or self._fit_dir
+
     def _check_posthoc_folder(self) -> None:
-        """``EMA.posthoc`` needs a folder for its snapshots: ``posthoc.dir``, else ``posthoc/`` in this callback's
-        ``save_dir`` or fit's; none is an error at the start of fit, not at the first snapshot."""
+        """``EMA.posthoc`` needs a folder for its snapshots: ``posthoc.dir``, else ``posthoc/`` in ``folder``; none is
+        an error at the start of fit, not at the first snapshot."""
         if not self.config.posthoc or self.config.posthoc.get("dir"):
             return
-        if self.save_dir is None:
-            self.save_dir = _fit_save_dir()
-        if self.save_dir is None:
+        if self.folder is None:
             raise EMAConfigError("EMA.posthoc.dir: no folder for the snapshots; pass model.fit(save_dir=...) or "
                                  "EMACallback(save_dir=...), or set EMA.posthoc.dir")
 
@@ -336,7 +362,28 @@ class EMACallback(paddle.callbacks.Callback):
         if self.final_weights == "ema":
             self.ema.apply_to(self.network)
         if self.board is not None:
-            self.board.finish(self.save_dir, write=is_rank0())
+            self.board.finish(self.folder, write=is_rank0())
+            self._log_final_weights()
+
+    def _log_final_weights(self) -> None:
+        """After the candidates table: which weights the network holds now (and fit's ``final.pdparams``, which
+        ``ModelCheckpoint`` writes next) and why, and how to get the recommended candidate when it is another."""
+        data = self.board.summary() if self.board.active else {}
+        if not data:
+            return
+        held = self.board.primary if self.final_weights == "ema" else RAW
+        line = (f"EMA: after fit the network holds {held} ({'the primary EMA' if held != RAW else 'the raw weights'}: "
+                f"final_weights={self.final_weights!r})")
+        if self._fit_dir:
+            line += f", and so will {os.path.join(self._fit_dir, 'final.pdparams')}"
+        recommended = data["recommended"]
+        if recommended != held:
+            picked = " (select: best chooses what a best-model file saved at an evaluation holds, not the weights " \
+                     "fit ends on)" if self.config.select == "best" else ""
+            how = "EMACallback(final_weights='raw') ends fit on them" if recommended == RAW else \
+                f"callback.ema.apply_to(model.network, {recommended!r}) puts it in the network"
+            line += f"; the table recommends {recommended}, which is not applied{picked}: {how}"
+        logger.info("%s", line)
 
     # ------------------------------------------------------------------ evaluation events
     def on_eval_begin(self, logs=None) -> None:

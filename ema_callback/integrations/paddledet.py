@@ -41,7 +41,7 @@ import runpy
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ema_callback.integrations.suite_checkout import check_checkout
+from ema_callback.integrations.suite_checkout import PADDLEDET, find_checkout
 from ema_callback.integrations.checkpoints import (STATE_KEY, describe_start_weights, ema_file, numpy_state,
                                                   place_features, ppdet_state, restore_raw_weights)
 from ema_callback.core.run_report import log_start
@@ -57,7 +57,7 @@ from ema_callback.integrations.suite_checkout import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
 
-ROOT_ENV = "PADDLEDET_ROOT"
+ROOT_ENV = PADDLEDET.env
 FLAT_KEYS = ("use_ema", "ema_decay", "ema_decay_type", "cycle_epoch", "ema_black_list", "ema_filter_no_grad")
 DET_ONLY_UNSUPPORTED = {"save_as": "ema"}
 
@@ -343,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="ppdet YAML config (its _BASE_ files are followed)")
     p.add_argument("-o", "--opt", nargs="+", action="extend", default=[], metavar="key=value",
                    help="overrides, as tools/train.py takes them; EMA.* keys work without an EMA: section")
-    p.add_argument("--paddledet-root", default=None, help=f"PaddleDetection checkout (default: ${ROOT_ENV})")
+    p.add_argument("--paddledet-root", default=None,
+                   help=f"PaddleDetection checkout (default: ${ROOT_ENV}, else the working directory when it is one, "
+                        "else an installed ppdet's)")
     p.add_argument("--ema-config", default=None, help="a ready EMA: block merged under the YAML's own section")
     return p
 
@@ -381,14 +383,8 @@ def _option_value(args: List[str], *names: str) -> Optional[str]:
 
 
 def resolve_root(explicit: Optional[str]) -> str:
-    root = explicit or os.environ.get(ROOT_ENV)
-    if not root:
-        try:
-            import ppdet  # an installed ppdet (its tools/ are not in the wheel)
-            root = os.path.dirname(os.path.dirname(os.path.abspath(ppdet.__file__)))
-        except ImportError:
-            raise EMAConfigError(f"--paddledet-root / ${ROOT_ENV}: not set and no ppdet installed") from None
-    return check_checkout(root, "--paddledet-root", "PaddleDetection", ("tools/train.py", "ppdet/engine/trainer.py"))
+    """The PaddleDetection checkout (``suite_checkout.find_checkout``)."""
+    return find_checkout(PADDLEDET, explicit)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -31,7 +31,7 @@ import runpy
 import sys
 from typing import Any, Dict, List, Optional
 
-from ema_callback.integrations.suite_checkout import check_checkout
+from ema_callback.integrations.suite_checkout import PADDLEOCR, find_checkout
 from ema_callback.integrations.evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
 from ema_callback.integrations.candidates import RAW, CandidateBoard
 from ema_callback.integrations.checkpoints import (describe_start_weights, is_rank0, numpy_state, place_features, restore_raw_weights,
@@ -45,7 +45,7 @@ from ema_callback.integrations.suite_checkout import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
 
-ROOT_ENV = "PADDLEOCR_ROOT"
+ROOT_ENV = PADDLEOCR.env
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,19 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--opt", nargs="+", action="extend", default=[], metavar="Key.sub=value",
                    help="overrides, as tools/train.py takes them; EMA.* keys work without an EMA: section")
     p.add_argument("-p", "--profiler_options", default=None)
-    p.add_argument("--paddleocr-root", default=None, help=f"PaddleOCR checkout (default: ${ROOT_ENV})")
+    p.add_argument("--paddleocr-root", default=None, help=f"PaddleOCR checkout (default: ${ROOT_ENV}, else the "
+                                                          "working directory when it is one)")
     p.add_argument("--ema-config", default=None, help="a ready EMA: block merged under the YAML's own section")
     return p
 
 
 def resolve_root(explicit: Optional[str]) -> str:
-    """The PaddleOCR checkout, checked: ``tools/train.py``, ``tools/program.py`` and ``ppocr/`` must exist."""
-    root = explicit or os.environ.get(ROOT_ENV)
-    if not root:
-        raise EMAConfigError(f"--paddleocr-root / ${ROOT_ENV}: not set; point it at a PaddleOCR git checkout "
-                             "(the pip wheel lacks the training code)")
-    return check_checkout(root, "--paddleocr-root", "PaddleOCR",
-                          ("tools/train.py", "tools/program.py", "ppocr/__init__.py"))
+    """The PaddleOCR checkout (``suite_checkout.find_checkout``), checked: ``tools/train.py``, ``tools/program.py``
+    and ``ppocr/`` must exist."""
+    return find_checkout(PADDLEOCR, explicit)
 
 
 def import_program(root: str):

@@ -1,13 +1,84 @@
-"""The suite checkout a launcher runs: checking it, and naming errors raised inside its code."""
+"""The suite checkout a command runs: finding it (one rule for ``ocr-train``, ``det-train`` and ``posthoc sweep``),
+checking it, and naming errors raised inside its code."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import traceback
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Tuple
 
 from ema_callback.errors import CheckoutError, EMAError
+
+
+@dataclass(frozen=True)
+class Suite:
+    """How a suite's checkout is found: its flag, its environment variable, the files every checkout has, and
+    (ppdet) an installed package whose parent folder may be the checkout (``pip install -e``)."""
+
+    name: str
+    option: str
+    env: str
+    required: Tuple[str, ...]
+    package: Optional[str] = None
+
+
+PADDLEOCR = Suite("PaddleOCR", "--paddleocr-root", "PADDLEOCR_ROOT", ("tools/train.py", "tools/program.py",
+                                                                    "ppocr/__init__.py"))
+PADDLEDET = Suite("PaddleDetection", "--paddledet-root", "PADDLEDET_ROOT",
+                  ("tools/train.py", "ppdet/engine/trainer.py"), package="ppdet")
+SUITES = (PADDLEOCR, PADDLEDET)
+
+
+def is_checkout(folder: str, suite: Suite) -> bool:
+    return all(os.path.exists(os.path.join(folder, p)) for p in suite.required)
+
+
+def find_checkout(suite: Suite, explicit: Optional[str]) -> str:
+    """The checkout to run, by one rule for every command: the flag (``--paddleocr-root DIR``), else the environment
+    variable (``$PADDLEOCR_ROOT``), else the working directory when it is a checkout, else the folder above an
+    installed package that is one (ppdet). Checked (``check_checkout``); an error names where the folder came from,
+    or every way to give one."""
+    if explicit:
+        return check_checkout(explicit, suite.option, suite.name, suite.required)
+    if os.environ.get(suite.env):
+        return check_checkout(os.environ[suite.env], f"${suite.env}", suite.name, suite.required)
+    here = os.getcwd()
+    if is_checkout(here, suite):
+        return here
+    spec = importlib.util.find_spec(suite.package) if suite.package else None
+    if spec is not None and spec.origin:
+        above = os.path.dirname(os.path.dirname(os.path.abspath(spec.origin)))
+        if is_checkout(above, suite):
+            return above
+    installed = f", nor is the folder above the installed {suite.package}" if spec is not None else ""
+    raise CheckoutError(f"{suite.option} / ${suite.env}: not set, and the working directory {here} is not a "
+                        f"{suite.name} checkout{installed}; give the checkout's folder, or run from it"
+                        + (" (the pip wheel lacks the training code)" if suite is PADDLEOCR else ""))
+
+
+def checkout_for_one_of(explicit: Sequence[Optional[str]], command: str) -> Tuple[Suite, str]:
+    """For a command that works with either suite (``posthoc sweep``): ``explicit`` is each suite's flag value, in
+    ``SUITES`` order. The suite is the one whose flag is given, else whose environment variable is set, else the
+    one the working directory is a checkout of; then ``find_checkout``. Both given (or set) is an error."""
+    given = [s for s, value in zip(SUITES, explicit) if value]
+    if len(given) > 1:
+        raise CheckoutError(f"{command}: {' and '.join(s.option for s in given)} both given; give one: the suite "
+                            "whose tools/eval.py evaluates")
+    if not given:
+        given = [s for s in SUITES if os.environ.get(s.env)]
+        if len(given) > 1:
+            raise CheckoutError(f"{command}: {' and '.join('$' + s.env for s in given)} are both set; give "
+                                f"{' or '.join(s.option for s in SUITES)} to say whose tools/eval.py evaluates")
+    if not given:
+        given = [s for s in SUITES if is_checkout(os.getcwd(), s)]
+    if not given:
+        raise CheckoutError(f"{command}: which suite evaluates? give {' or '.join(s.option for s in SUITES)} (or set "
+                            f"{' or '.join('$' + s.env for s in SUITES)}, or run from a checkout)")
+    suite = given[0]
+    return suite, find_checkout(suite, dict(zip(SUITES, explicit)).get(suite))
 
 
 def check_checkout(root: str, option: str, suite: str, required: Sequence[str]) -> str:

@@ -2,7 +2,7 @@
 
     ema-callback posthoc reconstruct --snapshots DIR --sigma-rel 0.07 [--at-step N] -o weights.pdparams
     ema-callback posthoc sweep --snapshots DIR --sigma-rel 0.02:0.25:0.01 --out DIR
-        (--paddleocr-root R | --paddledet-root R) -c cfg.yml [-o Key=value ...] [--metric NAME]
+        [--paddleocr-root R | --paddledet-root R] -c cfg.yml [-o Key=value ...] [--metric NAME]
 
 ``sweep`` evaluates every reconstruction through the suite's **own** ``tools/eval.py`` (PaddleOCR on the YAML's
 ``Eval`` section, ppdet on its ``EvalDataset``), run as ``python tools/eval.py`` would be, then writes
@@ -22,6 +22,7 @@ import tempfile
 from typing import List, Optional, Tuple
 
 from ema_callback.errors import EMAConfigError
+from ema_callback.integrations.suite_checkout import PADDLEOCR, Suite, checkout_for_one_of
 from ema_callback.plots import pyplot
 from ema_callback.posthoc.snapshots import PostHocEMA, parse_sigma_rels
 
@@ -41,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sigma-rel", required=True, help="start:stop:step or a,b,c")
     s.add_argument("--at-step", type=int, default=None)
     s.add_argument("--out", required=True, help="folder for sweep.json/.md/.png and best.pdparams")
-    s.add_argument("--paddleocr-root", default=None)
-    s.add_argument("--paddledet-root", default=None)
+    s.add_argument("--paddleocr-root", default=None,
+                   help="evaluate with this PaddleOCR checkout (default: $PADDLEOCR_ROOT, else the working directory "
+                        "when it is one)")
+    s.add_argument("--paddledet-root", default=None,
+                   help="evaluate with this PaddleDetection checkout (default: $PADDLEDET_ROOT, else the working "
+                        "directory when it is one)")
     s.add_argument("-c", "--config", required=True, help="the suite YAML the run trained with")
     s.add_argument("-o", "--opt", nargs="+", action="extend", default=[], help="suite overrides for tools/eval.py")
     s.add_argument("--metric", default=None, help="PaddleOCR: the metric to maximise (default: its first, the "
@@ -50,23 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _suite(args) -> Tuple[Suite, str]:
+    """The suite whose ``tools/eval.py`` evaluates, and its checkout, by ``suite_checkout``'s one rule; before any
+    work."""
+    suite, root = checkout_for_one_of((args.paddleocr_root, args.paddledet_root), "posthoc sweep")
+    if not os.path.isfile(os.path.join(root, "tools", "eval.py")):
+        raise EMAConfigError(f"{suite.name} checkout {root}: no tools/eval.py there")
+    if not os.path.isfile(args.config):
+        raise EMAConfigError(f"-c {args.config}: no such file")
+    return suite, root
+
+
 def _suite_eval(args, weights_prefix: str, expect: str) -> Tuple[float, str]:
     """(metric, name) from the suite's own tools/eval.py on ``weights_prefix``.pdparams; ``expect`` is a JSON file
     of the weights' ``{name: shape}``, checked against the model the config builds before anything is evaluated
     (``integrations.checked_suite_eval``)."""
-    if bool(args.paddleocr_root) == bool(args.paddledet_root):
-        raise EMAConfigError("posthoc sweep: give the suite whose evaluation to use: --paddleocr-root or "
-                             "--paddledet-root")
-    root = args.paddleocr_root or args.paddledet_root
-    script = os.path.join(root, "tools", "eval.py")
-    if not os.path.isfile(script):
-        raise EMAConfigError(f"{'--paddleocr-root' if args.paddleocr_root else '--paddledet-root'} {root}: no "
-                             "tools/eval.py there")
-    weight_opt = f"Global.checkpoints={weights_prefix}" if args.paddleocr_root else f"weights={weights_prefix}"
+    ocr = args.suite is PADDLEOCR
+    script = os.path.join(args.root, "tools", "eval.py")
+    weight_opt = f"Global.checkpoints={weights_prefix}" if ocr else f"weights={weights_prefix}"
     from ema_callback.integrations.checked_suite_eval import MISMATCH_EXIT, PREFIX
 
     cmd = [sys.executable, "-m", "ema_callback.integrations.checked_suite_eval", "--expect", expect, "--suite",
-           "paddleocr" if args.paddleocr_root else "paddledet", script, "-c", args.config, "-o", weight_opt, *args.opt]
+           "paddleocr" if ocr else "paddledet", script, "-c", args.config, "-o", weight_opt, *args.opt]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = done.stdout + done.stderr
     if done.returncode == MISMATCH_EXIT and PREFIX in log:
@@ -77,7 +87,7 @@ def _suite_eval(args, weights_prefix: str, expect: str) -> Tuple[float, str]:
         tail = "\n".join(log.strip().splitlines()[-15:])
         raise EMAConfigError(f"{script} failed on {weights_prefix}.pdparams (exit {done.returncode}); its last "
                              f"lines:\n{tail}")
-    if args.paddledet_root:
+    if not ocr:
         found = AP.findall(log)
         if not found:
             raise EMAConfigError(f"{script}: no bbox mAP line in its output")
@@ -94,6 +104,7 @@ def _suite_eval(args, weights_prefix: str, expect: str) -> Tuple[float, str]:
 
 
 def sweep(args) -> int:
+    args.suite, args.root = _suite(args)
     post = PostHocEMA(args.snapshots)
     sigmas = parse_sigma_rels(args.sigma_rel)
     print(f"post-hoc EMA: {post.disk_use()}; tracked sigma_rel {', '.join(map(str, post.sigma_rels))}; "
@@ -119,7 +130,7 @@ def sweep(args) -> int:
     at = post.coefficients(best["sigma_rel"], args.at_step)[2].step  # the snapshot the targets are at
     summary = {"metric": name, "rows": rows, "best": best, "at_step": at, "tracked_sigma_rels": post.sigma_rels,
                "snapshots": os.path.abspath(args.snapshots), "disk": post.disk_use(),
-               "evaluation": "PaddleOCR tools/eval.py" if args.paddleocr_root else "PaddleDetection tools/eval.py"}
+               "evaluation": "PaddleOCR tools/eval.py" if args.suite is PADDLEOCR else "PaddleDetection tools/eval.py"}
     with open(os.path.join(args.out, "sweep.json"), "w") as handle:
         json.dump(summary, handle, indent=1)
     with open(os.path.join(args.out, "best.json"), "w") as handle:
