@@ -31,7 +31,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ema_callback.errors import EMAFileError
 
@@ -47,7 +47,7 @@ STALE_SECONDS = 600  # a folder of ours with no lock file that is older than thi
 _OWN: Dict[str, "StagedWrite"] = {}  # this process's live staging folders (a flock of our own would not conflict)
 
 
-def _flock(fd: int, blocking: bool = False) -> bool:
+def try_lock(fd: int, blocking: bool = False) -> bool:
     """An exclusive ``flock`` on ``fd``; False if another open file holds it (only with ``blocking=False``)."""
     import fcntl
 
@@ -110,17 +110,31 @@ def _move_into_place(staging: str, folder: str, order: Sequence[str], check_pres
     return moved
 
 
-def _journal(staging: str) -> Optional[List[str]]:
-    """The committed publishing order of a staging folder, or None (not committed, or unreadable)."""
+def _journal(staging: str) -> Optional[Tuple[List[str], List[str]]]:
+    """The committed publishing order of a staging folder and the files it removes, or None (not committed, or
+    unreadable)."""
     path = os.path.join(staging, JOURNAL)
     try:
         with open(path, "r", encoding="utf-8") as handle:
-            order = json.load(handle).get("files")
+            journal = json.load(handle)
+        order, remove = journal.get("files"), journal.get("remove", [])
     except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(order, list) or not all(_safe_relative(r) for r in order):
+    if not isinstance(order, list) or not isinstance(remove, list) or \
+            not all(_safe_relative(r) for r in order + remove):
         return None
-    return order
+    return order, remove
+
+
+def _remove_stale(folder: str, names: Sequence[str]) -> List[str]:
+    """Remove the files of ``names`` (relative to ``folder``) that a published set makes stale."""
+    removed = []
+    for relative in names:
+        path = os.path.join(folder, relative)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+            removed.append(relative)
+    return removed
 
 
 def _safe_relative(relative: object) -> bool:
@@ -188,12 +202,14 @@ def _recover_one(folder: str, staging: str) -> List[str]:
     except OSError:
         return []
     try:
-        if not _flock(fd):
+        if not try_lock(fd):
             return []  # its writer is alive (here, in another PID namespace, or on another host)
         if not os.path.isdir(staging):
             return []  # recovered meanwhile by another process
-        order = _journal(staging) if os.path.basename(staging).startswith(PREFIX) else None
-        moved = _move_into_place(staging, folder, order, check_present=False) if order else []
+        journal = _journal(staging) if os.path.basename(staging).startswith(PREFIX) else None
+        moved = _move_into_place(staging, folder, journal[0], check_present=False) if journal else []
+        if journal:
+            moved += [f"{r} (removed)" for r in _remove_stale(folder, journal[1])]
         if moved:
             logger.warning("EMA: %s: finished publishing a checkpoint set whose save was killed after it was "
                            "committed (%s): the new set is whole", folder, ", ".join(moved))
@@ -218,7 +234,7 @@ class StagedWrite:
         preparing = tempfile.mkdtemp(prefix=PREPARING, dir=self.folder)
         lock = os.path.join(preparing, LOCK)
         self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        _flock(self._lock_fd, blocking=True)
+        try_lock(self._lock_fd, blocking=True)
         if os.fstat(self._lock_fd).st_ino != os.stat(lock).st_ino:  # a recovery took the folder meanwhile
             os.close(self._lock_fd)
             raise EMAFileError(f"{preparing}: removed by another process while this save was starting; save again")
@@ -240,8 +256,12 @@ class StagedWrite:
         return sum(os.path.getsize(os.path.join(self.tmp, r)) for r in _staged_files(self.tmp)
                    if os.path.isfile(os.path.join(self.tmp, r)))
 
-    def publish(self, last: Sequence[str] = ()) -> List[str]:
-        """Commit the staged files and move them over their final names (``last`` ones last)."""
+    def publish(self, last: Sequence[str] = (), remove: Sequence[str] = ()) -> List[str]:
+        """Commit the staged files and move them over their final names (``last`` ones last), then remove the
+        files of ``remove`` (names relative to the folder: files of the set that the new one makes stale, such as
+        the ``.pdema`` of a set saved again with the EMA off); both are in the journal, so a kill finishes both."""
+        if not all(_safe_relative(r) for r in remove):
+            raise EMAFileError(f"{remove!r}: not file names inside the checkpoint folder")
         if not os.path.isdir(self.tmp) or not os.path.isfile(os.path.join(self.tmp, LOCK)):
             raise EMAFileError(f"{self.tmp}: the staging folder of this save vanished (removed by another process); "
                                f"this checkpoint set was not saved and the one in {self.folder} is unchanged")
@@ -252,12 +272,13 @@ class StagedWrite:
                 os.fsync(handle.fileno())
         journal = os.path.join(self.tmp, JOURNAL)
         with open(journal + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump({"files": order}, handle)
+            json.dump({"files": order, "remove": list(remove)}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(journal + ".tmp", journal)  # the commit
         _fsync_dir(self.tmp)
         moved = _move_into_place(self.tmp, self.folder, order, check_present=True)
+        _remove_stale(self.folder, [r for r in remove if r not in order])
         os.remove(journal)
         self.published = True
         return moved

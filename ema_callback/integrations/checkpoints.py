@@ -134,7 +134,8 @@ def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[
                    held: Mapping[str, np.ndarray], save_as: str = "ema", candidate: Optional[str] = None) -> None:
     """Write ``<prefix>.pdema`` (and with ``save_as: raw`` ``<prefix>.ema.pdparams``) for each of ``prefixes``,
     each tensor once per set. One checkpoint saved under several names (PaddleOCR's ``best_accuracy`` and
-    ``best_model/model``) is built, fingerprinted and serialized once.
+    ``best_model/model``) is built and fingerprinted once; each ``.pdema`` also fingerprints the ``.pdopt`` and
+    ``.states`` the suite wrote beside it (``state_file.FILE_COMPANIONS``), so a set mixed later is refused.
 
     ``held``: the arrays the suite's ``<prefix>.pdparams`` hold (what the network held when the suite saved);
     ``raw``: the raw weights (None where the suite keeps them itself, as ppdet's ``.pdema`` does);
@@ -143,23 +144,74 @@ def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[
     ``.ema.pdparams`` holds (the selected EMA, or the primary when raw won).
     """
     from ema_callback.files.checkpoint_io import atomic_write_bytes, saved_bytes
+    from ema_callback.files.state_file import FILE_COMPANIONS, store_once
 
     companions: Dict[str, Mapping[str, np.ndarray]] = {".pdparams": held}
     files: Dict[str, bytes] = {}
-    extra: Dict[str, object] = {"raw_weights": dict(raw)} if raw is not None else {}
+    state = ema.state_dict()
+    if raw is not None:
+        state["raw_weights"] = dict(raw)
     if save_as == "raw":  # the suite's files keep the raw weights; the selected EMA (else the primary) goes beside
         label = candidate if candidate is not None and candidate in ema.labels else ema.labels[0]
         companions[".ema.pdparams"] = ema.ema_state_dict(network, label)
         files[".ema.pdparams"] = saved_bytes(companions[".ema.pdparams"])
         if candidate is not None:
-            extra["pdparams_hold"], extra["ema_pdparams_hold"] = "raw", label
+            state["pdparams_hold"], state["ema_pdparams_hold"] = "raw", label
     elif candidate is not None:
-        extra["pdparams_hold"] = candidate
-    state = ema.saved_state(extra=extra or None, companions=companions)
-    files[".pdema"] = saved_bytes(state)
+        state["pdparams_hold"] = candidate
     for prefix in prefixes:
-        for suffix, data in files.items():
+        beside = {suffix: prefix + suffix for suffix in FILE_COMPANIONS if os.path.isfile(prefix + suffix)}
+        for suffix, data in dict(files, **{".pdema": saved_bytes(store_once(state, companions, beside))}).items():
             atomic_write_bytes(data, prefix + suffix)
+
+
+STALE_SUFFIXES = (".pdema", ".ema.pdparams")  # what a set saved again with the EMA off must not keep
+
+
+def stale_state_files(names: Sequence[str]) -> list:
+    """The files of ours beside the checkpoint names ``names`` (relative) that a save with the EMA off makes stale."""
+    return [name + suffix for name in names for suffix in STALE_SUFFIXES]
+
+
+def check_checkpoint_files(prefix: str, suffixes: Sequence[str], option: str) -> None:
+    """Before a suite's own code unpickles the files of a checkpoint set: finish or undo a save killed in that folder
+    (``checkpoint_set.recover``), then read every file of ``prefix`` + ``suffixes`` that exists with the bounded,
+    code-free reader (an ema-callback ``.pdema`` is verified whole: digest, fields, companions); one line naming
+    ``option`` and the file refuses it."""
+    from ema_callback.files.checkpoint_set import recover
+    from ema_callback.files.state_file import read_state
+
+    recover(os.path.dirname(os.path.abspath(prefix)) or ".")
+    for suffix in suffixes:
+        path = prefix + suffix
+        if not os.path.exists(path):
+            continue
+        try:
+            data = checked_load(path)
+            if suffix == ".pdema" and isinstance(data, dict) and ("format" in data or STATE_KEY in data):
+                read_state(path, key=None if "format" in data else STATE_KEY)
+        except EMAFileError as exc:
+            raise EMAFileError(f"{option}: {exc}") from None
+
+
+def lock_run(*folders: Optional[str]) -> list:
+    """One run per output folder (``files.run_lock``): a lock on each distinct folder given, on rank 0 only; the
+    locks are returned (release each when the run ends). A folder a live run is writing is refused in one line."""
+    from ema_callback.files.run_lock import RunLock
+
+    if not is_rank0():
+        return []
+    locks, seen = [], set()
+    try:
+        for folder in folders:
+            if folder and os.path.realpath(folder) not in seen:
+                seen.add(os.path.realpath(folder))
+                locks.append(RunLock(folder).acquire())
+    except EMAFileError:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
 
 
 def ppdet_state(ema, weight: Mapping[str, Any], held: Mapping[str, np.ndarray], **extra: Any) -> Dict[str, Any]:

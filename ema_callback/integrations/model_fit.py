@@ -23,9 +23,18 @@ Ordering contract (holds wherever the callback stands in the list):
 * The EMA steps once per *real* optimizer update, counted on the optimizer itself: once per
   ``accumulate_grad_batches`` batches (and at an epoch's last batch), never for a step the AMP
   GradScaler skipped for inf/nan.
+* Resuming, every path restoring the same: ``model.load(path)`` then ``fit`` continues the EMA from
+  ``path.pdema`` wherever ``save_dir`` points (importing this module wraps ``paddle.Model.load``: the set's files
+  are checked by the bounded, code-free reader before hapi unpickles them, and the model records which set it
+  read); ``EMACallback(resume=path)`` without ``model.load`` loads the whole set itself (weights, optimizer state,
+  EMA); ``model.load(a)`` with ``resume=b`` is refused (two checkpoints named); with ``enable=False`` the run
+  continues from the raw weights and a save over an EMA run's set removes its stale ``.pdema``.
+* One run per folder: while ``fit`` runs, the callback's folder (its ``save_dir``, else fit's) and
+  ``EMA.posthoc.dir`` are locked (``files.run_lock``); a second run into them is refused at its start.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
@@ -38,7 +47,10 @@ from ema_callback.errors import EMAError
 from ema_callback.config.files import check_section_name, read_yaml
 from ema_callback.core.paddle_compat import paddle
 from ema_callback.core.engine import ExponentialMovingAverage
-from ema_callback.integrations.checkpoints import is_rank0, numpy_state, place_features, restore_raw_weights, resume_ema, save_ema_state
+from ema_callback.integrations.checkpoints import (check_checkpoint_files, checkpoint_prefix, is_rank0, lock_run,
+                                                  numpy_state, place_features, restore_raw_weights, resume_ema,
+                                                  save_ema_state, stale_state_files)
+from ema_callback.files.state_file import fingerprint
 from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.integrations.evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
 from ema_callback.integrations.candidates import RAW, CandidateBoard, metric_value
@@ -59,10 +71,11 @@ class EMACallback(paddle.callbacks.Callback):
         config: an ``EMAConfig`` or an ``EMA:`` mapping; keyword arguments (``decay=0.999``, ``eval_raw=True``,
             any key of the ``EMA:`` block) override it, as a layer above it (``config.schema.layered``: a length
             among them without ``schedule`` lets ``schedule: auto`` decide the warm-up).
-        resume: a ``.pdema`` file (or a checkpoint prefix ``dir/3`` with ``dir/3.pdema`` beside it) to
-            continue from, including the update count and the raw weights; ``"auto"`` (the default when
-            ``save_dir`` is given) picks the ``.pdema`` in ``save_dir`` whose raw or EMA weights equal the
-            network's (the checkpoint just passed to ``Model.load``).
+        resume: a checkpoint (prefix ``dir/3``, or ``dir/3.pdema``) to continue: weights, optimizer state and EMA
+            (loaded here when ``Model.load`` was not called; refused when ``Model.load`` read another set). Without
+            it the set ``Model.load`` read is continued wherever it is; ``"auto"`` (the default when ``save_dir`` is
+            given) also finds, when weights were set otherwise, the ``.pdema`` in ``save_dir`` whose raw or EMA
+            weights equal the network's.
         save_dir: the ``save_dir`` given to ``fit``, for ``resume="auto"``; where ``ema_candidates.json`` and the
             post-hoc snapshots go (default: fit's ``save_dir``).
         final_weights: ``"ema"`` (default) leaves the EMA weights in the network after ``fit``, so
@@ -109,6 +122,8 @@ class EMACallback(paddle.callbacks.Callback):
         self._in_fit = False
         self._policy = EvaluationPolicy(self.config)
         self._told_off = False
+        self._resume_decided, self._resume_prefix = False, None
+        self._locks: list = []  # this run's lock on its folders (one run per folder)
 
     @classmethod
     def from_config(cls, source: Union[EMAConfig, Mapping[str, Any], str], **kwargs: Any) -> "EMACallback":
@@ -142,16 +157,45 @@ class EMACallback(paddle.callbacks.Callback):
         place_features(self.ema, self.folder, only_rank0_evaluates=False)
         log_start(self.ema)
         self._install_save_hook()
-        if self.resume:
-            self._resume(self.resume)
+        source = self._resume_source()
+        if source is not None:
+            resume_ema(self.ema, source, self.network)
 
-    def _resume_file(self, where: str) -> Optional[str]:
-        return self._find_resume_file() if where == "auto" else where
+    def _resume_source(self) -> Optional[str]:
+        """The checkpoint (prefix) this run continues, decided once (see ``resume`` in the class docstring):
 
-    def _resume(self, where: str) -> None:
-        path = self._resume_file(where)
-        if path is not None:
-            resume_ema(self.ema, path, self.network)
+        * ``resume=PATH``: that set. If ``Model.load`` read another set into the network, it is refused (two
+          checkpoints named); if ``Model.load`` was not called, the set is loaded here through ``Model.load`` (its
+          files checked first), so the optimizer state comes with the weights, as a resume needs;
+        * else the set ``Model.load`` read, wherever it is, while the network still holds its weights;
+        * else with ``resume='auto'`` the ``.pdema`` in ``save_dir`` whose weights the network holds.
+        """
+        if self._resume_decided:
+            return self._resume_prefix
+        self._resume_decided = True
+        loaded = loaded_checkpoint(self.model)
+        if self.resume not in (None, "auto"):
+            wanted = checkpoint_prefix(self.resume)
+            if loaded is not None and os.path.realpath(loaded) != os.path.realpath(wanted):
+                raise EMAConfigError(f"EMACallback(resume={self.resume!r}): the network holds the weights "
+                                     f"model.load({loaded!r}) read; a run continues one checkpoint: drop resume= (the "
+                                     f".pdema beside {loaded} is used), or model.load the checkpoint to resume")
+            if loaded is None:
+                for suffix in (".pdparams", ".pdopt"):
+                    if not os.path.isfile(wanted + suffix):
+                        raise EMAFileError(f"EMACallback(resume={self.resume!r}): {wanted + suffix}: no such file; a "
+                                           "resume restores the weights and the optimizer state with the EMA (to "
+                                           "continue the EMA alone, model.load(path, reset_optimizer=True) first)")
+                self.model.load(wanted)
+                logger.info("EMA: resume=%s: weights and optimizer state loaded from %s.pdparams/.pdopt (as "
+                            "model.load would)", self.resume, wanted)
+            self._resume_prefix = wanted
+        elif loaded is not None:
+            self._resume_prefix = loaded
+        elif self.resume == "auto":
+            found = self._find_resume_file()
+            self._resume_prefix = checkpoint_prefix(found) if found else None
+        return self._resume_prefix
 
     def _find_resume_file(self) -> Optional[str]:
         """The ``.pdema`` in ``save_dir`` whose ``.pdparams`` or raw weights equal the network's current weights
@@ -175,7 +219,9 @@ class EMACallback(paddle.callbacks.Callback):
         return None
 
     def _install_save_hook(self) -> None:
-        """Every ``Model.save(path)`` (training=True) also writes ``path.pdema``; the whole set is staged."""
+        """Every ``Model.save(path)`` (training=True) also writes ``path.pdema``; the whole set is staged and published
+        as one. With the EMA off (``enable=False``) the set is staged too, and an earlier run's ``path.pdema`` is
+        removed with it (it would describe other weights)."""
         model = self.model
         if getattr(model.save, "_ema_callback", None) is self:
             return
@@ -192,7 +238,9 @@ class EMACallback(paddle.callbacks.Callback):
                     save_ema_state(self.ema, [stage.path(name)], self.network, self.raw_state_dict(),
                                    numpy_state(self.network),
                                    candidate=held if self.board is not None and self.board.active else None)
-                stage.publish(last=(name + ".pdema",))
+                # with the EMA off, the .pdema of an earlier EMA run under this name would no longer belong here
+                stage.publish(last=(name + ".pdema",),
+                              remove=stale_state_files([name]) if self.ema is None and is_rank0() else ())
             return result
 
         save._ema_callback = self
@@ -281,6 +329,8 @@ class EMACallback(paddle.callbacks.Callback):
         self._resolve_monitor()
         self._fit_dir = _fit_save_dir()
         self._check_posthoc_folder()
+        self._locks = lock_run(self.folder, (self.config.posthoc or {}).get("dir"))
+        self._resume_source()  # decided (and a resume= set loaded) before the first step
         self._in_fit = True
         if self.ema is None and self.batch is not None:
             self._build_engine()  # else at the first train_batch, once the global batch is measured
@@ -332,13 +382,15 @@ class EMACallback(paddle.callbacks.Callback):
                                  "EMACallback(save_dir=...), or set EMA.posthoc.dir")
 
     def _start_without_ema(self) -> None:
-        """EMA off: say so once; a resumed checkpoint saved with EMA continues from its raw weights."""
+        """EMA off: say so once; a resumed checkpoint saved with EMA continues from its raw weights, and a save over
+        such a set removes its now stale ``.pdema``."""
         if not self._told_off:
             logger.info("EMA: off for this run (EMACallback enable=False)")
             self._told_off = True
-        path = self._resume_file(self.resume) if self.resume else None
-        if path is not None:
-            restore_raw_weights(path, self.network, "pass enable=True to continue the EMA as well")
+        source = self._resume_source() if self.resume or loaded_checkpoint(self.model) else None
+        if source is not None:
+            restore_raw_weights(source, self.network, "pass enable=True to continue the EMA as well")
+        self._install_save_hook()
 
     def on_epoch_begin(self, epoch=None, logs=None) -> None:
         self._restore_raw()
@@ -359,6 +411,9 @@ class EMACallback(paddle.callbacks.Callback):
         if self.ema.num_updates == 0:
             logger.warning("EMA: no EMA update happened during fit (%d optimizer steps, start_step=%d)",
                            self.ema.num_steps, self.config.start_step)
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
         if self.final_weights == "ema":
             self.ema.apply_to(self.network)
         if self.board is not None:
@@ -515,6 +570,47 @@ class _EvalLossMean(paddle.callbacks.Callback):
     @property
     def mean(self) -> Optional[float]:
         return self.total / self.count if self.count else None
+
+
+LOADED = "_ema_callback_loaded"  # on a paddle.Model: (prefix Model.load read, fingerprint of the weights it set)
+
+
+def _weights_fingerprint(network) -> str:
+    return fingerprint(numpy_state(network))
+
+
+def loaded_checkpoint(model) -> Optional[str]:
+    """The checkpoint prefix ``Model.load`` last read into ``model``, while its network still holds those weights."""
+    record = getattr(model, LOADED, None)
+    if not record:
+        return None
+    prefix, loaded = record
+    return prefix if _weights_fingerprint(model.network) == loaded else None
+
+
+def _record_model_loads() -> None:
+    """``paddle.Model.load``, wrapped once per process when this module is imported (``from ema_callback import
+    EMACallback`` does): before hapi's own loader unpickles a set, a save killed in its folder is finished or
+    undone and its files are read with the bounded, code-free reader (one line refuses a file that fails); after, the
+    model records which set it loaded, so that ``EMACallback`` resumes from the ``.pdema`` beside it wherever
+    ``save_dir`` points. hapi's loading itself is unchanged, and nothing else of ``paddle.Model`` is touched."""
+    original = paddle.Model.load
+    if getattr(original, "_ema_callback_checked", False):
+        return
+
+    @functools.wraps(original)
+    def load(self, path, *args, **kwargs):
+        prefix = checkpoint_prefix(str(path))
+        check_checkpoint_files(prefix, (".pdparams", ".pdopt", ".pdema"), f"Model.load({path!r})")
+        result = original(self, path, *args, **kwargs)
+        setattr(self, LOADED, (prefix, _weights_fingerprint(self.network)))
+        return result
+
+    load._ema_callback_checked = True
+    paddle.Model.load = load
+
+
+_record_model_loads()
 
 
 def _fit_save_dir() -> Optional[str]:

@@ -42,8 +42,10 @@ import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ema_callback.integrations.suite_checkout import PADDLEDET, find_checkout
-from ema_callback.integrations.checkpoints import (STATE_KEY, describe_start_weights, ema_file, numpy_state,
-                                                  place_features, ppdet_state, restore_raw_weights)
+from ema_callback.files.checkpoint_set import StagedWrite
+from ema_callback.integrations.checkpoints import (STATE_KEY, check_checkpoint_files, checkpoint_prefix,
+                                                  describe_start_weights, ema_file, lock_run, numpy_state,
+                                                  place_features, ppdet_state, restore_raw_weights, stale_state_files)
 from ema_callback.core.run_report import log_start
 from ema_callback.integrations.evaluation import before_eval_start
 from ema_callback.integrations.candidates import RAW, CandidateBoard
@@ -411,6 +413,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.info("EMA: off for this run (%s)", why_disabled(suite, args.ema_config, ema_overrides, args.config)
                     if not suite.get("use_ema") else "use_ema overridden")
     resume = _option_value(passthrough, "-r", "--resume")
+    for text in det_overrides:
+        key, _, raw = text.partition("=")
+        if key.strip() in ("weights", "save_dir"):
+            suite[key.strip()] = load_suite_yaml(raw)
+    _check_start_files(suite, resume)
     if isinstance(suite.get("pretrain_weights"), str) and not resume:
         describe_start_weights(suite["pretrain_weights"], "pretrain_weights")
     if root not in sys.path:
@@ -424,9 +431,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     saved_argv, original = sys.argv, ppdet.engine.Trainer
     opts = list(det_overrides) + (["use_ema=false"] if not config.enable and suite.get("use_ema") else [])
     sys.argv = [train_script, "-c", args.config] + passthrough + (["-o", *opts] if opts else [])
+    import ppdet.engine.callbacks as ppdet_callbacks
+
+    original_save = ppdet_callbacks.save_model
+    locks = lock_run(suite.get("save_dir") or "output") if config.enable else []
     try:
         if config.enable or resume:  # with EMA off, only a resume needs our Trainer (raw weights back)
             ppdet.engine.Trainer = _make_trainer_class(config, extra)
+        ppdet_callbacks.save_model = _staged_save_model(original_save, config.enable)
         with suite_errors_named(root, "PaddleDetection"):
             runpy.run_path(train_script, run_name="__main__")
     except SystemExit as exc:
@@ -437,4 +449,49 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         sys.argv = saved_argv
         ppdet.engine.Trainer = original
+        ppdet_callbacks.save_model = original_save
+        for lock in locks:
+            lock.release()
     return 0
+
+
+def _check_start_files(suite: Mapping[str, Any], resume: Optional[str]) -> None:
+    """Every file ppdet's own loaders will unpickle with ``paddle.load`` (which runs any code a file names) is read
+    first by the bounded, code-free reader: the set of ``-r`` (``.pdparams``, ``.pdema``, ``.pdopt``) and the local
+    ``pretrain_weights`` and ``weights``; a file that fails is refused in one line before ppdet starts. (A URL is
+    downloaded and read by ppdet itself.)"""
+    checks = [("-r", resume, (".pdparams", ".pdema", ".pdopt"))]
+    checks += [(key, suite.get(key), (".pdparams",)) for key in ("pretrain_weights", "weights")]
+    for option, value, suffixes in checks:
+        if isinstance(value, str) and value and "://" not in value:
+            check_checkpoint_files(checkpoint_prefix(value), suffixes, option)
+
+
+def _staged_save_model(original, ema_enabled: bool):
+    """ppdet's ``save_model`` (``ppdet.utils.checkpoint``, as its Checkpointer calls it), writing the set into a
+    staging folder published as one (``files.checkpoint_set``). With the EMA on, the ``.pdema``'s state also
+    fingerprints the ``.pdopt`` ppdet wrote after it (so a mixed set is refused at resume); with it off, a ``.pdema``
+    an earlier EMA run left under the same name is removed with the save (ppdet writes none then)."""
+    from ema_callback.files.checkpoint_io import atomic_save
+    from ema_callback.files.state_file import COMPANIONS, file_sha256, signed
+
+    def save_model(model, optimizer, save_dir, save_name, last_epoch, ema_model=None, *args, **kwargs):
+        import paddle
+
+        if paddle.distributed.get_rank() != 0:
+            return original(model, optimizer, save_dir, save_name, last_epoch, ema_model, *args, **kwargs)
+        names = [save_name] + ([os.path.join("best_model", "model")] if save_name == "best_model" else [])
+        with StagedWrite(save_dir) as stage:
+            result = original(model, optimizer, stage.tmp, save_name, last_epoch, ema_model, *args, **kwargs)
+            pdema, pdopt = stage.path(save_name + ".pdema"), stage.path(save_name + ".pdopt")
+            if isinstance(model, dict) and isinstance(model.get(STATE_KEY), dict) and os.path.isfile(pdopt):
+                state = dict(model[STATE_KEY])
+                state[COMPANIONS] = list(state.get(COMPANIONS) or []) + [
+                    {"suffix": ".pdopt", "sha256": file_sha256(pdopt), "sections": {}}]
+                atomic_save(dict(model, **{STATE_KEY: signed(state)}), pdema)
+            stale = [] if ema_enabled else [r for r in stale_state_files(names) if
+                                            os.path.isfile(os.path.join(save_dir, r))]
+            stage.publish(last=(save_name + ".pdema",), remove=stale)
+        return result
+
+    return save_model

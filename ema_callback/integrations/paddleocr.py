@@ -34,8 +34,9 @@ from typing import Any, Dict, List, Optional
 from ema_callback.integrations.suite_checkout import PADDLEOCR, find_checkout
 from ema_callback.integrations.evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
 from ema_callback.integrations.candidates import RAW, CandidateBoard
-from ema_callback.integrations.checkpoints import (describe_start_weights, is_rank0, numpy_state, place_features, restore_raw_weights,
-                          resume_ema, save_ema_state)
+from ema_callback.integrations.checkpoints import (check_checkpoint_files, checkpoint_prefix, describe_start_weights,
+                                                  is_rank0, lock_run, numpy_state, place_features, restore_raw_weights,
+                                                  resume_ema, save_ema_state, stale_state_files)
 from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.config.files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
@@ -134,8 +135,9 @@ class PaddleOCRHooks:
         seams = [("train", self._train)]
         if self.resolved_block is not None:
             seams.append(("merge_config", self._merge_config))
+        seams.append(("save_model", self._save_model))  # with the EMA off: only to drop a stale .pdema
         if self.config.enable:
-            seams += [("eval", self._eval), ("save_model", self._save_model)]
+            seams.append(("eval", self._eval))
         for name, wrapper in seams:
             self._originals[name] = getattr(self.program, name)
             setattr(self.program, name, wrapper)
@@ -220,10 +222,19 @@ class PaddleOCRHooks:
     # ---------------------------------------------------------------- save
     def _save_model(self, model, optimizer, model_path, logger_, config, is_best=False, prefix="ppocr", **kwargs):
         original = self._originals["save_model"]
-        if self.ema is None:
-            return original(model, optimizer, model_path, logger_, config, is_best=is_best, prefix=prefix, **kwargs)
-        raw = numpy_state(unwrap(model))
         relatives = [prefix] + ([os.path.join("best_model", "model")] if prefix == "best_accuracy" else [])
+        if self.ema is None:
+            stale = [r for r in stale_state_files(relatives) if os.path.isfile(os.path.join(model_path, r))]
+            if not stale:
+                return original(model, optimizer, model_path, logger_, config, is_best=is_best, prefix=prefix,
+                                **kwargs)
+            with StagedWrite(model_path) as stage:  # EMA off over an EMA run's set: its .pdema goes with the save
+                log = _FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
+                result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix, **kwargs)
+                stage.publish(remove=stale)
+            logger.info("EMA: off; removed %s, which described the set this save replaced", ", ".join(stale))
+            return result
+        raw = numpy_state(unwrap(model))
         with StagedWrite(model_path) as stage:  # a crash never leaves a partial file under a final name
             log = _FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
             # best_accuracy holds the candidate selected at the evaluation that made it best (select: best)
@@ -273,7 +284,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not config.enable:
         logger.info("EMA: off for this run (%s)", why_disabled(suite, args.ema_config, ema_overrides, args.config))
     _check_relative_paths(suite, suite_overrides, root)
-    save_dir = _save_dir(suite, suite_overrides)
+    save_dir = _global_value(suite, suite_overrides, "save_model_dir")
+    _check_start_files(suite, suite_overrides)
     train_script = os.path.join(root, "tools", "train.py")
     argv_for_paddleocr = [train_script, "-c", args.config]
     if suite_overrides:
@@ -286,12 +298,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     guard = OutputGuard(save_dir if config.enable else None)
     hooks = PaddleOCRHooks(program, config, guard if config.enable else None,
                            resolved_block=config.to_block() if wanted else None)
+    locks = lock_run(save_dir) if config.enable else []
     try:
         with guard, hooks.installed(), suite_errors_named(root, "PaddleOCR"):
             runpy.run_path(train_script, run_name="__main__")
         return 0
     finally:
         sys.argv = saved_argv
+        for lock in locks:
+            lock.release()
 
 
 # Paths PaddleOCR opens relative to the working directory.
@@ -320,11 +335,23 @@ def _check_relative_paths(suite: Dict[str, Any], overrides: List[str], root: str
                     "docs do, or give an absolute path")
 
 
-def _save_dir(suite: Dict[str, Any], overrides: List[str]) -> Optional[str]:
-    """``Global.save_model_dir`` after ``-o`` overrides (for rolling back files on an EMA error)."""
-    value = (suite.get("Global") or {}).get("save_model_dir")
+def _global_value(suite: Dict[str, Any], overrides: List[str], key: str) -> Any:
+    """``Global.<key>`` after the ``-o`` overrides (read as PaddleOCR reads them)."""
+    value = (suite.get("Global") or {}).get(key)
     for text in overrides:
-        key, _, raw = text.partition("=")
-        if key.strip() == "Global.save_model_dir":
-            value = raw.strip()
+        name, _, raw = text.partition("=")
+        if name.strip() == f"Global.{key}":
+            value = load_suite_yaml(raw) if raw.strip() else None
     return value
+
+
+def _check_start_files(suite: Dict[str, Any], overrides: List[str]) -> None:
+    """Every file PaddleOCR's ``load_model`` will unpickle (``pickle.load``/``paddle.load``, which run any code a file
+    names) is read first by the bounded, code-free reader: the set of ``Global.checkpoints`` (``.pdparams``,
+    ``.pdopt``, ``.states``, and our ``.pdema``) and ``Global.pretrained_model``; a file that fails is refused in one
+    line before PaddleOCR starts."""
+    for key, suffixes in (("checkpoints", (".pdparams", ".pdopt", ".states", ".pdema")),
+                          ("pretrained_model", (".pdparams",))):
+        value = _global_value(suite, overrides, key)
+        if isinstance(value, str) and value:
+            check_checkpoint_files(checkpoint_prefix(value), suffixes, f"Global.{key}")
