@@ -26,6 +26,8 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     if not key or any(not part for part in key.split(".")) or not key.isprintable():
         raise EMAConfigError(f"-o {text!r}: expected KEY=VALUE with a dotted key, e.g. EMA.decay=0.9999")
     try:
+        if raw.strip():
+            _check_nesting(raw)
         value = yaml.load(raw, Loader=BoundedLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise EMAConfigError(f"-o {key!r}: value {raw!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
@@ -149,8 +151,28 @@ def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> 
 SuiteLoader.add_multi_constructor("!", _construct_tagged)
 
 
+MAX_NESTING = 100  # brackets open at once, or columns of indentation / 2: a suite config nests about 6 deep
+
+
+def _check_nesting(text: str) -> None:
+    """Refuse text nested deeper than ``MAX_NESTING`` before PyYAML reads it (its scanner and composer slow down with
+    the square of the depth: 100,000 nested brackets would take hours)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    indent = max((len(line) - len(line.lstrip(" ")) for line in text.splitlines()), default=0)
+    if deepest > MAX_NESTING or indent > 2 * MAX_NESTING:
+        where = f"{deepest} brackets open at once" if deepest > MAX_NESTING else f"lines indented {indent} columns"
+        raise EMAConfigError(f"nested deeper than a config can be ({where}; at most {MAX_NESTING} levels are read)")
+
+
 def load_suite_yaml(text: str) -> Any:
-    """Parse a suite YAML (custom tags become plain data)."""
+    """Parse a suite YAML (custom tags become plain data; nesting and aliases bounded)."""
+    _check_nesting(text)
     return yaml.load(text, Loader=SuiteLoader)
 
 

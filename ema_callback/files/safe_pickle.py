@@ -5,8 +5,8 @@ or exhaust a process (a few hundred bytes of tuples shared through the pickle me
 a declared size or an allowed callable such as ``bytearray(n)`` allocates from a number in the file). Every file
 this project reads goes through ``safe_loads``, in two passes:
 
-1. ``scan`` reads every opcode (``pickletools.genops``: a declared length beyond the bytes present is an error
-   there) and builds nothing. It keeps, for every object the file would make, its size counted with every shared
+1. ``scan`` reads every opcode (a declared length beyond the bytes present is an error before anything of that
+   length exists) and builds nothing. It keeps, for every object the file would make, its size counted with every shared
    reference (nodes and bytes) and its nesting depth, and refuses the file when an object grows beyond what a file
    of that size can honestly hold (``Limits``), when a container changes after it was referenced (a
    ``paddle.save`` never does that), when an opcode is not one of plain data's, when a global is not allowed, or
@@ -22,7 +22,7 @@ this project reads goes through ``safe_loads``, in two passes:
      and comes back as the ndarray (``paddle.load(..., return_numpy=True)``); a DenseTensor is saved as
      ``eval('data', {'data': ndarray})``, and only that exact call is honoured, without ``eval``.
 
-Cost: the scan runs at about 1-2 microseconds an opcode; a ``paddle.save`` of weights has some 20 opcodes a tensor,
+Cost: the scan runs at about 1 microsecond an opcode; a ``paddle.save`` of weights has some 20 opcodes a tensor,
 so reading is dominated by the bytes. Memory: the file's bytes plus the arrays built from them (about 2x the file).
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ import collections
 import io
 import pickle
 import pickletools
-from typing import Any, Dict, List, Optional
+import struct
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -127,7 +128,8 @@ class Limits:
       shared through the memo would otherwise stand for 2**40 of them);
     * ``data``: bytes of strings and buffers in any one object, shared references counted again: 2 x the file + 1 MiB;
     * ``depth``: nesting, 64 (a state dict nests about 5 deep);
-    * ``memo``: the largest memo index, ``ops`` (the C unpickler sizes its memo table by the largest index).
+    * ``memo``: the largest memo index, ``ops`` (the C unpickler sizes its memo table by the largest index);
+    * ``stack``: objects on the stack at once, 32,768 (pickle batches containers 1,000 items at a time).
     """
 
     def __init__(self, size: int):
@@ -136,17 +138,18 @@ class Limits:
         self.data = 2 * size + (1 << 20)
         self.depth = 64
         self.memo = self.ops
+        self.stack = 32_768
 
 
 class _Obj:
     """What the scan knows of one object the unpickler would build."""
 
-    __slots__ = ("kind", "nodes", "data", "depth", "shared", "value", "items")
+    __slots__ = ("kind", "nodes", "data", "depth", "shared", "value", "items", "span")
 
     def __init__(self, kind: str, nodes: int = 1, data: int = 0, depth: int = 1, value: Any = None,
                  items: Optional[List["_Obj"]] = None):
         self.kind, self.nodes, self.data, self.depth = kind, nodes, data, depth
-        self.shared, self.value, self.items = False, value, items
+        self.shared, self.value, self.items, self.span = False, value, items, None
 
 
 _MARK = object()
@@ -163,6 +166,100 @@ def _dtype_itemsize(text: Any) -> Optional[int]:
     except (TypeError, ValueError):
         return None
     return dtype.itemsize if dtype.kind in _ARRAY_KINDS and not dtype.fields and not dtype.subdtype else None
+
+
+# -- reading opcode arguments: each reader takes (data, position after the opcode, size) -> (argument, position);
+# a declared length beyond the bytes present is an error before anything of that length exists.
+def _need(data: bytes, pos: int, size: int, length: int, what: str) -> int:
+    if length < 0 or length > size - pos:
+        raise UnsafePickle(f"{what} of {length:,} bytes declared at offset {pos:,}, {max(size - pos, 0):,} present")
+    return pos + length
+
+
+def _fixed(fmt: str):
+    packed = struct.Struct(fmt)
+
+    def read(data, pos, size):
+        end = _need(data, pos, size, packed.size, "an argument")
+        return packed.unpack_from(data, pos)[0], end
+    return read
+
+
+def _counted(length_fmt: Optional[str], decode: Optional[str]):
+    """A length (``length_fmt``), then that many bytes: ``(length, text)`` with ``text`` decoded for short strings."""
+    packed = struct.Struct(length_fmt) if length_fmt else None
+
+    def read(data, pos, size):
+        if packed is None:
+            end = _need(data, pos, size, 1, "a length")
+            length, pos = data[pos], end
+        else:
+            end = _need(data, pos, size, packed.size, "a length")
+            length, pos = packed.unpack_from(data, pos)[0], end
+        end = _need(data, pos, size, length, "a string or bytes")
+        text = None
+        if decode is not None and length <= 256:
+            try:
+                text = data[pos:end].decode(decode)
+            except UnicodeDecodeError:
+                raise UnsafePickle(f"a string at offset {pos:,} that is not {decode}") from None
+        return (length, text, pos), end
+    return read
+
+
+def _line(data: bytes, pos: int, size: int) -> Tuple[bytes, int]:
+    end = data.find(b"\n", pos, min(size, pos + 4096))
+    if end < 0:
+        raise UnsafePickle(f"an argument line at offset {pos:,} without its end (lines are at most 4096 bytes)")
+    return data[pos:end], end + 1
+
+
+def _decimal(data, pos, size):
+    line, pos = _line(data, pos, size)
+    if line in (b"00", b"01"):
+        return line == b"01", pos
+    try:
+        return int(line.rstrip(b"L")), pos
+    except ValueError:
+        raise UnsafePickle(f"a number line {line[:40]!r} at offset {pos:,}") from None
+
+
+def _text_line(data, pos, size):
+    start = pos
+    line, pos = _line(data, pos, size)
+    return (len(line), line.decode("raw_unicode_escape") if len(line) <= 256 else None, start), pos
+
+
+def _long(length_fmt: Optional[str]):
+    counted = _counted(length_fmt, None)
+
+    def read(data, pos, size):
+        (length, _, _), end = counted(data, pos, size)
+        if length > 4096:
+            raise UnsafePickle(f"an integer of {length:,} bytes at offset {pos:,}")
+        return int.from_bytes(data[end - length:end], "little", signed=True), end
+    return read
+
+
+def _global_pair(data, pos, size):
+    module, pos = _line(data, pos, size)
+    attr, pos = _line(data, pos, size)
+    return (module.decode("utf-8", "replace"), attr.decode("utf-8", "replace")), pos
+
+
+_READERS = {"uint1": _fixed("<B"), "uint2": _fixed("<H"), "int4": _fixed("<i"), "uint4": _fixed("<I"),
+            "uint8": _fixed("<Q"), "float8": _fixed(">d"), "long1": _long(None), "long4": _long("<i"),
+            "string1": _counted(None, "latin-1"), "string4": _counted("<i", "latin-1"),
+            "bytes1": _counted(None, None), "bytes4": _counted("<I", None), "bytes8": _counted("<Q", None),
+            "bytearray8": _counted("<Q", None), "unicodestring1": _counted(None, "utf-8"),
+            "unicodestring4": _counted("<I", "utf-8"), "unicodestring8": _counted("<Q", "utf-8"),
+            "decimalnl_short": _decimal, "decimalnl_long": _decimal, "floatnl": _line, "stringnl": _text_line,
+            "unicodestringnl": _text_line, "stringnl_noescape": _line, "stringnl_noescape_pair": _global_pair}
+_OPCODES = {ord(op.code): (op.name, _READERS[op.arg.name] if op.arg else None) for op in pickletools.opcodes}
+_TEXT_OPS = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING")
+# immutable scalars are shared by every opcode that makes one (the scan keeps no per-object state for them)
+_NONE, _TRUE, _FALSE, _FLOAT = _Obj("none"), _Obj("bool", value=True), _Obj("bool", value=False), _Obj("float")
+_SMALL_INTS = [_Obj("int", value=i) for i in range(256)]
 
 
 class _Scan:
@@ -189,6 +286,9 @@ class _Scan:
         return obj
 
     def _push(self, obj: _Obj) -> None:
+        if len(self.stack) >= self.limits.stack:
+            raise UnsafePickle(f"more than {self.limits.stack:,} objects on the stack at once (objects nested or "
+                               "listed beyond what paddle.save writes)")
         self.stack.append(self._check(obj))
 
     def _pop(self) -> _Obj:
@@ -205,17 +305,22 @@ class _Scan:
         raise UnsafePickle("an opcode needs a MARK that is not there")
 
     def _container(self, kind: str, items: List[_Obj], keep: bool = False) -> _Obj:
-        return _Obj(kind, 1 + sum(i.nodes for i in items), sum(i.data for i in items),
-                    1 + max((i.depth for i in items), default=0), items=items if keep else None)
+        nodes, data, depth = 1, 0, 0
+        for item in items:
+            nodes, data = nodes + item.nodes, data + item.data
+            depth = item.depth if item.depth > depth else depth
+        return _Obj(kind, nodes, data, depth + 1, items=items if keep else None)
 
     def _add_to(self, target: Any, kinds: tuple, items: List[_Obj], what: str) -> None:
         if target is _MARK or target.kind not in kinds:
             raise UnsafePickle(f"{what} into a {getattr(target, 'kind', 'mark')}")
         if target.shared:
             raise UnsafePickle(f"{what} into a container after it was referenced (paddle.save never does that)")
-        target.nodes += sum(i.nodes for i in items)
-        target.data += sum(i.data for i in items)
-        target.depth = max(target.depth, 1 + max((i.depth for i in items), default=0))
+        for item in items:
+            target.nodes += item.nodes
+            target.data += item.data
+            if item.depth >= target.depth:
+                target.depth = item.depth + 1
         self._check(target)
 
     # -- the calls plain data makes ------------------------------------------------------------------------------
@@ -249,7 +354,12 @@ class _Scan:
         if kind == "encode":
             if len(a) != 2 or a[0].kind != "str" or a[1].kind != "str" or a[1].value not in ("latin1", "latin-1"):
                 raise RefusedGlobal("_codecs.encode with other arguments than protocol 2's bytes")
-            return _Obj("bytes", 1, a[0].data, 1)
+            begin, end, codec = a[0].span or (0, 0, "utf-8")
+            try:  # latin-1 bytes: as many as the string has characters
+                length = len(self.data[begin:end].decode(codec)) if a[0].value is None else len(a[0].value)
+            except UnicodeDecodeError:
+                raise UnsafePickle("_codecs.encode of a string that does not decode") from None
+            return _Obj("bytes", 1, length, 1)
         if kind == "reconstruct":  # numpy's array reduction: _reconstruct(ndarray, (0,), b'b'), then BUILD
             if len(a) != 3 or a[0].kind != "global" or a[0].value != "ndarray" or a[1].kind != "tuple" or \
                     [i.value for i in a[1].items or []] != [0] or a[2].kind not in ("bytes", "str"):
@@ -315,119 +425,125 @@ class _Scan:
 
     # -- the opcodes -------------------------------------------------------------------------------------------
     def run(self) -> None:
-        limits, stack, memo = self.limits, self.stack, self.memo
-        count = 0
-        try:
-            for opcode, arg, pos in pickletools.genops(self.data):
-                count += 1
-                if count > limits.ops:
-                    raise UnsafePickle(f"more than {limits.ops:,} opcodes for {self.size:,} bytes (paddle.save of "
-                                       "weights writes some 20 a tensor)")
-                name = opcode.name
-                if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
-                    index = len(memo) if name == "MEMOIZE" else arg
-                    if not stack or stack[-1] is _MARK:
-                        raise UnsafePickle("a memo entry of an empty stack")
-                    if not 0 <= index <= limits.memo:
-                        raise UnsafePickle(f"memo index {index:,} (the file has {count:,} opcodes)")
-                    memo[index] = stack[-1]
-                elif name in ("GET", "BINGET", "LONG_BINGET"):
-                    if arg not in memo:
-                        raise UnsafePickle(f"memo index {arg} read before it was written")
-                    memo[arg].shared = True
-                    stack.append(memo[arg])
-                elif name == "MARK":
-                    stack.append(_MARK)
-                elif name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
-                              "SHORT_BINSTRING"):
-                    value = arg if len(arg) <= 256 else None
-                    self._push(_Obj("str", 1, len(arg), value=value))
-                elif name in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"):
-                    self._push(_Obj("bytes", 1, len(arg)))
-                elif name in ("BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4"):
-                    if isinstance(arg, bool):
-                        self._push(_Obj("bool", value=arg))
-                    else:
-                        self._push(_Obj("int", 1, (abs(arg).bit_length() + 7) // 8, value=arg))
-                elif name in ("BINFLOAT", "FLOAT"):
-                    self._push(_Obj("float", value=arg))
-                elif name in ("NEWTRUE", "NEWFALSE"):
-                    self._push(_Obj("bool", value=name == "NEWTRUE"))
-                elif name == "NONE":
-                    self._push(_Obj("none"))
-                elif name in ("EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET", "EMPTY_TUPLE"):
-                    kind = name[6:].lower()
-                    self._push(_Obj(kind, items=[] if kind == "tuple" else None))
-                elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                    n = int(name[-1])
-                    items = [self._pop() for _ in range(n)][::-1]
-                    self._push(self._container("tuple", items, keep=True))
-                elif name in ("TUPLE", "LIST", "DICT", "FROZENSET"):
-                    items = self._pop_mark()
-                    if name == "DICT" and len(items) % 2:
-                        raise UnsafePickle("DICT of an odd number of items")
-                    self._push(self._container(name.lower(), items, keep=name == "TUPLE"))
-                elif name == "APPEND":
-                    item = self._pop()
-                    self._add_to(stack[-1] if stack else _MARK, ("list",), [item], "APPEND")
-                elif name == "APPENDS":
-                    items = self._pop_mark()
-                    self._add_to(stack[-1] if stack else _MARK, ("list",), items, "APPENDS")
-                elif name == "SETITEM":
-                    value, key = self._pop(), self._pop()
-                    self._add_to(stack[-1] if stack else _MARK, ("dict",), [key, value], "SETITEM")
-                elif name == "SETITEMS":
-                    items = self._pop_mark()
-                    if len(items) % 2:
-                        raise UnsafePickle("SETITEMS of an odd number of items")
-                    self._add_to(stack[-1] if stack else _MARK, ("dict",), items, "SETITEMS")
-                elif name == "ADDITEMS":
-                    items = self._pop_mark()
-                    self._add_to(stack[-1] if stack else _MARK, ("set",), items, "ADDITEMS")
-                elif name == "GLOBAL":
-                    module, _, attr = str(arg).partition(" ")
-                    self._global(module, attr)
-                elif name == "STACK_GLOBAL":
-                    attr, module = self._pop(), self._pop()
-                    if attr.kind != "str" or module.kind != "str" or attr.value is None or module.value is None:
-                        raise UnsafePickle("STACK_GLOBAL of other objects than short strings")
-                    self._global(module.value, attr.value)
-                elif name == "REDUCE":
-                    args, func = self._pop(), self._pop()
-                    self._push(self._reduce(func, args))
-                elif name == "BUILD":
-                    state = self._pop()
-                    if not stack or stack[-1] is _MARK:
-                        raise UnsafePickle("BUILD with no object")
-                    self._build(stack[-1], state)
-                elif name == "POP":
-                    if stack and stack[-1] is _MARK:
-                        stack.pop()
-                    else:
-                        self._pop()
-                elif name == "POP_MARK":
-                    self._pop_mark()
-                elif name == "DUP":
-                    top = self._pop()
-                    top.shared = True
-                    stack += [top, top]
-                elif name == "PROTO":
-                    if not 0 <= arg <= pickle.HIGHEST_PROTOCOL:
-                        raise UnsafePickle(f"pickle protocol {arg}")
-                elif name == "FRAME":
-                    if arg > self.size - pos - 9:
-                        raise UnsafePickle(f"a frame of {arg:,} bytes where {max(self.size - pos - 9, 0):,} remain")
-                elif name == "STOP":
-                    if len(stack) != 1 or stack[0] is _MARK:
-                        raise UnsafePickle("the pickle stops with other than one object")
-                    if pos + 1 != self.size:
-                        raise UnsafePickle(f"{self.size - pos - 1:,} bytes after the end of the pickle")
-                    return
-                else:  # INST, OBJ, NEWOBJ(_EX), EXT1/2/4, PERSID, BINPERSID, NEXT_BUFFER, READONLY_BUFFER
-                    raise UnsafePickle(f"opcode {name} (plain data never needs it)")
-        except (ValueError, TypeError, KeyError, IndexError) as exc:  # genops: a declared length beyond the file
-            raise UnsafePickle(" ".join(str(exc).split())[:160] or type(exc).__name__) from None
-        raise UnsafePickle("no STOP opcode (the file is truncated)")
+        limits, stack, memo, data, size = self.limits, self.stack, self.memo, self.data, self.size
+        count, pos = 0, 0
+        while True:
+            if pos >= size:
+                raise UnsafePickle("no STOP opcode (the file is truncated)")
+            count += 1
+            if count > limits.ops:
+                raise UnsafePickle(f"more than {limits.ops:,} opcodes for {size:,} bytes (paddle.save of weights "
+                                   "writes some 20 a tensor)")
+            entry = _OPCODES.get(data[pos])
+            if entry is None:
+                raise UnsafePickle(f"byte {data[pos]:#04x} at offset {pos:,} is no pickle opcode")
+            name, reader = entry
+            start, pos = pos, pos + 1
+            arg = None
+            if reader is not None:
+                arg, pos = reader(data, pos, size)
+            if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                index = len(memo) if name == "MEMOIZE" else arg
+                if not stack or stack[-1] is _MARK:
+                    raise UnsafePickle("a memo entry of an empty stack")
+                if not isinstance(index, int) or not 0 <= index <= limits.memo:
+                    raise UnsafePickle(f"memo index {index!r:.20} (the file has {count:,} opcodes)")
+                memo[index] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                if arg not in memo:
+                    raise UnsafePickle(f"memo index {arg!r:.20} read before it was written")
+                memo[arg].shared = True
+                stack.append(memo[arg])
+            elif len(stack) >= limits.stack:
+                raise UnsafePickle(f"more than {limits.stack:,} objects on the stack at once (objects nested or "
+                                   "listed beyond what paddle.save writes)")
+            elif name == "MARK":
+                stack.append(_MARK)
+            elif name == "NONE":
+                stack.append(_NONE)
+            elif name in ("BININT1", "BININT2", "BININT", "INT", "LONG", "LONG1", "LONG4"):
+                if isinstance(arg, bool):
+                    stack.append(_TRUE if arg else _FALSE)
+                elif 0 <= arg < 256:
+                    stack.append(_SMALL_INTS[arg])
+                else:
+                    self._push(_Obj("int", 1, (abs(arg).bit_length() + 7) // 8, value=arg))
+            elif name in _TEXT_OPS:
+                length, text, begin = arg
+                obj = _Obj("str", 1, length, value=text)
+                obj.span = (begin, begin + length, "utf-8" if "UNICODE" in name else "latin-1")
+                self._push(obj)
+            elif name in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"):
+                self._push(_Obj("bytes", 1, arg[0]))
+            elif name in ("BINFLOAT", "FLOAT"):
+                stack.append(_FLOAT)
+            elif name in ("NEWTRUE", "NEWFALSE"):
+                stack.append(_TRUE if name == "NEWTRUE" else _FALSE)
+            elif name in ("EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET", "EMPTY_TUPLE"):
+                kind = name[6:].lower()
+                self._push(_Obj(kind, items=[] if kind == "tuple" else None))
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                n = int(name[-1])
+                items = [self._pop() for _ in range(n)][::-1]
+                self._push(self._container("tuple", items, keep=True))
+            elif name in ("TUPLE", "LIST", "DICT", "FROZENSET"):
+                items = self._pop_mark()
+                if name == "DICT" and len(items) % 2:
+                    raise UnsafePickle("DICT of an odd number of items")
+                self._push(self._container(name.lower(), items, keep=name == "TUPLE"))
+            elif name == "APPEND":
+                item = self._pop()
+                self._add_to(stack[-1] if stack else _MARK, ("list",), [item], "APPEND")
+            elif name in ("APPENDS", "SETITEMS", "ADDITEMS"):
+                items = self._pop_mark()
+                if name == "SETITEMS" and len(items) % 2:
+                    raise UnsafePickle("SETITEMS of an odd number of items")
+                kinds = {"APPENDS": ("list",), "SETITEMS": ("dict",), "ADDITEMS": ("set",)}[name]
+                self._add_to(stack[-1] if stack else _MARK, kinds, items, name)
+            elif name == "SETITEM":
+                value, key = self._pop(), self._pop()
+                self._add_to(stack[-1] if stack else _MARK, ("dict",), [key, value], "SETITEM")
+            elif name == "GLOBAL":
+                module, attr = arg
+                self._global(module, attr)
+            elif name == "STACK_GLOBAL":
+                attr, module = self._pop(), self._pop()
+                if attr.kind != "str" or module.kind != "str" or attr.value is None or module.value is None:
+                    raise UnsafePickle("STACK_GLOBAL of other objects than short strings")
+                self._global(module.value, attr.value)
+            elif name == "REDUCE":
+                args, func = self._pop(), self._pop()
+                self._push(self._reduce(func, args))
+            elif name == "BUILD":
+                state = self._pop()
+                if not stack or stack[-1] is _MARK:
+                    raise UnsafePickle("BUILD with no object")
+                self._build(stack[-1], state)
+            elif name == "POP":
+                if stack and stack[-1] is _MARK:
+                    stack.pop()
+                else:
+                    self._pop()
+            elif name == "POP_MARK":
+                self._pop_mark()
+            elif name == "DUP":
+                top = self._pop()
+                top.shared = True
+                stack += [top, top]
+            elif name == "PROTO":
+                if not 0 <= arg <= pickle.HIGHEST_PROTOCOL:
+                    raise UnsafePickle(f"pickle protocol {arg}")
+            elif name == "FRAME":
+                if arg > size - pos:
+                    raise UnsafePickle(f"a frame of {arg:,} bytes where {size - pos:,} remain")
+            elif name == "STOP":
+                if len(stack) != 1 or stack[0] is _MARK:
+                    raise UnsafePickle("the pickle stops with other than one object")
+                if pos != size:
+                    raise UnsafePickle(f"{size - pos:,} bytes after the end of the pickle")
+                return
+            else:  # INST, OBJ, NEWOBJ(_EX), EXT1/2/4, PERSID, BINPERSID, NEXT_BUFFER, READONLY_BUFFER
+                raise UnsafePickle(f"opcode {name} at offset {start:,} (plain data never needs it)")
 
     def _global(self, module: str, attr: str) -> None:
         kind = _global_name(module, attr)

@@ -237,15 +237,17 @@ def _fraction(value: Any) -> bool:
         and math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0
 
 
-def _tensors(state: Mapping[str, Any], name: str, path: str, finite: bool) -> None:
+def _tensors(state: Mapping[str, Any], name: str, path: str, finite: bool, kinds: str = "biufc") -> None:
     values = state.get(name)
     if values is None and name != "shadow":
         return
     if not isinstance(values, Mapping):
         raise _field(path, name, "a mapping of tensor names to arrays", values)
     for key, value in values.items():
-        if not isinstance(key, str) or not isinstance(value, np.ndarray) or value.dtype.kind not in "biufc":
-            raise _field(path, f"{name}[{one_line(repr(key), 60)}]", "a numeric array", value)
+        if not isinstance(key, str) or not isinstance(value, np.ndarray) or value.dtype.kind not in kinds:
+            expected = "a floating-point array" if kinds == "f" else "a numeric array"
+            raise _field(path, f"{name}[{one_line(repr(key), 60)}]", expected,
+                         value.dtype if isinstance(value, np.ndarray) else value)
         if finite and value.dtype.kind == "f" and not np.isfinite(value).all():
             raise EMAFileError(f"{path}: field {name}[{one_line(repr(key), 60)}]: holds NaN or Inf, which the engine "
                                "never averages (nan_guard)")
@@ -275,8 +277,11 @@ def check_fields(state: Mapping[str, Any], path: str) -> None:
     if not isinstance(labels, list) or not labels or not all(isinstance(l, str) and len(l) <= 64 for l in labels):
         raise _field(path, "labels", "a list of names", labels)
     others = state.get("shadows") or []
-    if not isinstance(others, list) or len(others) + 1 != len(labels):
-        raise _field(path, "shadows", f"a list of {len(labels) - 1} shadows (one per label after the first)", others)
+    if not isinstance(others, list):
+        raise _field(path, "shadows", "a list of shadows", others)
+    if len(others) + 1 != len(labels):
+        raise EMAFileError(f"{path}: fields labels/shadows: {len(labels)} label(s) for {len(others) + 1} shadow(s) "
+                           "(one label per shadow)")
     if not _fraction(state.get("decay_product")):
         raise _field(path, "decay_product", "a number in [0, 1]", state.get("decay_product"))
     if state.get("last_decay") is not None and not _fraction(state.get("last_decay")):
@@ -289,12 +294,14 @@ def check_fields(state: Mapping[str, Any], path: str) -> None:
         if not isinstance(values, list) or (name != "decays" and len(values) != len(labels)) or not all(
                 (allowed_none and v is None) or _fraction(v) for v in values):
             raise _field(path, name, f"a list of {len(labels)} numbers in [0, 1]", values)
-    for name in ("shadow", "copies", "raw_weights"):
-        _tensors(state, name, path, finite=name == "shadow" and parsed.nan_guard)
+    _tensors(state, "shadow", path, finite=parsed.nan_guard, kinds="f")
+    for name in ("copies", "raw_weights"):
+        _tensors(state, name, path, finite=False)
+    shadow = state.get("shadow") or {}
     for j, values in enumerate(others, start=1):
-        _tensors({"shadows": values}, "shadows", path, finite=parsed.nan_guard)
-        if set(values) != set(state.get("shadow") or {}):
-            raise EMAFileError(f"{path}: field shadows[{j}]: other tensor names than the primary shadow")
+        _tensors({"shadows": values}, "shadows", path, finite=parsed.nan_guard, kinds="f")
+        if set(values) != set(shadow) or any(np.shape(values[k]) != np.shape(shadow[k]) for k in shadow):
+            raise EMAFileError(f"{path}: field shadows[{j}]: other tensor names or shapes than the primary shadow")
     run_id = state.get("run_id")
     if run_id is not None and not (isinstance(run_id, str) and RUN_ID.match(run_id)):
         raise _field(path, "run_id", "12 hexadecimal digits", run_id)

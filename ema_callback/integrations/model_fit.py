@@ -214,7 +214,8 @@ class EMACallback(paddle.callbacks.Callback):
                 if (os.path.exists(params) and holds_current(checked_load(params))) or \
                         holds_current(read_state(path).get("raw_weights")):
                     return path
-            except EMAError:
+            except EMAError as exc:
+                logger.warning("EMA: resume='auto' skipped a file in %s: %s", self.save_dir, exc)
                 continue
         return None
 
