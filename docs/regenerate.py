@@ -6,7 +6,9 @@ docs/demo_posthoc_results.json, docs/demo_posthoc.png (and with ``--seeds`` docs
 block between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` in README.md and docs/*.md is
 re-rendered (``blocks``): the demo's tables, the ``EMA:`` option table (from ``config.schema.OPTIONS``), start lines
 the code prints for shipped blocks, and the tables the benchmarks wrote (``make bench`` copies them to
-docs/bench_cpu.md, docs/bench_cpu_paddle26.md, docs/checkpoint_sizes.md). ``tests/test_docs.py`` fails when a page differs from what this renders.
+docs/bench_cpu.md, docs/bench_cpu_paddle26.md, docs/checkpoint_sizes.md), and the hostile-file corpus figures
+(``make docs`` runs ``tests/test_hostile_files.py`` with ``HOSTILE_REPORT=docs/hostile_files.json``).
+``tests/test_docs.py`` fails when a page differs from what this renders.
 
     python docs/regenerate.py                    # runs both demos (about 1 + 1.5 minutes on 2 cores)
     python docs/regenerate.py --seeds 1,2,3      # also the demo on other seeds (a minute each)
@@ -97,6 +99,16 @@ def seeds_table(seeds: Dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def hostile_files(report: Dict) -> str:
+    """The corpus figures ``tests/test_hostile_files.py`` wrote (``HOSTILE_REPORT=docs/hostile_files.json``)."""
+    t, m = report["worst_seconds"], report["worst_peak_mib"]
+    return (f"The corpus: **{report['hostile_files']:,} hostile files** in {len(report['categories'])} categories "
+            f"({report['files']:,} loads with the valid controls), {report['violating_files']} breaking a promise, "
+            f"{report['hung']} hung, {report['crashed']} crashed. Worst time **{t[0]:.2f} s** (`{t[1]}`), worst "
+            f"tracemalloc peak **{m[0]:.1f} MiB** (`{m[1]}`); bounds {report['bounds']}. Measured on "
+            f"{report['cpu']} (`docs/hostile_files.json`).\n")
+
+
 def blocks() -> Dict[str, str]:
     """Every generated block, from the files in docs/ and the code."""
     from ema_callback.demo.run import _label, candidates_table, headline_table
@@ -130,6 +142,7 @@ def blocks() -> Dict[str, str]:
         "bench-cpu": _read("bench_cpu.md"),
         "bench-paddle26": _read("bench_cpu_paddle26.md"),
         "checkpoint-sizes": _read("checkpoint_sizes.md"),
+        "hostile-files": hostile_files(_load("hostile_files.json")),
     }
 
 

@@ -499,3 +499,31 @@ def test_merge_config_elsewhere_rewrites_a_relative_base_and_says_what_det_train
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env())
     assert done.returncode == 0 and done.stdout == f"wrote {tmp_path / 'beside.yml'}\n", done.stdout + done.stderr
     assert (tmp_path / "beside.yml").read_text().startswith("_BASE_: ['base.yml']\nsnapshot_epoch: 1\n")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("suffix", [".pdema", ".pdopt"])
+def test_det_train_refuses_a_crafted_resume_file_before_ppdet_loads_it(coco, tmp_path, suffix):
+    """ppdet's checkpoint.py calls paddle.load on X.pdema and X.pdopt (which runs any code a file names) before our
+    resume sees them: det-train reads the whole -r set with the checked reader first (issue 24.7)."""
+    import pickle
+
+    cwd = str(coco)
+    rc, log = det_train(cwd, "-o", "save_dir=output/crafted", "epoch=1")
+    assert rc == 0, log[-4000:]
+    marker = tmp_path / "pwned"
+    with open(coco / "output" / "crafted" / f"model_final{suffix}", "wb") as handle:
+        pickle.dump({"x": _RunsCode(marker)}, handle)
+    rc, log = det_train(cwd, "-r", "output/crafted/model_final", "-o", "save_dir=output/crafted2")
+    last = log.strip().splitlines()[-1]
+    assert rc == 2 and last == (f"ema-callback: error: -r: output/crafted/model_final{suffix}: refused to load: it "
+                                "names the global posix.system, which a file of weights never needs (loading it "
+                                "would run code); nothing of it was executed"), log[-3000:]
+    assert not marker.exists() and not (coco / "output" / "crafted2").exists()

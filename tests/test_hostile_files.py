@@ -33,6 +33,16 @@ pytestmark = pytest.mark.xdist_group("hostile_files")  # one worker: one report 
 SUMMARIES = {}
 
 
+def cpu_model():
+    """The CPU the times were measured on (they depend on it)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0]}, {len(names)} cores" if names else "unknown CPU"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def corpus_report(request):
     """After the module: the corpus size and the worst figures, printed and written to ``$HOSTILE_REPORT``."""
@@ -47,7 +57,7 @@ def corpus_report(request):
               "violating_files": sum(s["violating_files"] for s in measured),
               "hung": sum(s["hung"] for s in measured), "crashed": sum(s["crashed"] for s in measured),
               "worst_seconds": worst_t, "worst_peak_mib": worst_m,
-              "bounds": "1 s + 1 s/MB; tracemalloc peak 3 x size + 32 MiB",
+              "bounds": "1 s + 1 s/MB; tracemalloc peak 3 x size + 32 MiB", "cpu": cpu_model(),
               "categories": dict(sorted(SUMMARIES.items()))}
     lines = [f"hostile corpus: {report['hostile_files']} hostile files ({report['files']} loads in all), "
              f"{report['violating_files']} breaking the contract ({report['hung']} hung, {report['crashed']} crashed)",

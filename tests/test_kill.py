@@ -1,6 +1,7 @@
 """SIGKILL at random points, checkpoint writes included: nothing under a final name is ever corrupt, and resuming
 from the newest complete set reaches the same EMA as a run that was never killed."""
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -84,6 +85,105 @@ def test_model_fit_survives_sigkill_anywhere(tmp_path, uninterrupted):
     print(f"\nkill points: {KILLS}, corrupt files: {corrupt}, exact resumes: {resumed}, "
           f"(newest complete epoch, staging folders left): {report}")
     assert corrupt == 0 and resumed == KILLS
+
+
+def set_files(folder, prefix, extra=()):
+    """The bytes of every file of the checkpoint set ``prefix`` in ``folder`` (absent files left out)."""
+    names = [prefix + s for s in (".pdparams", ".pdopt", ".states", ".pdema")] + list(extra)
+    return {n: open(os.path.join(folder, n), "rb").read() for n in names if os.path.isfile(os.path.join(folder, n))}
+
+
+def leftovers(folder):
+    """Staging folders holding anything (an empty one of a writer killed before its lock file is allowed)."""
+    return [p for p in glob.glob(os.path.join(folder, ".ema-*")) if os.path.isdir(p) and os.listdir(p)]
+
+
+def check_kill_points(kills, old_folder, prefix, extra=()):
+    """Every copy, once recovered, holds the old or the new set whole, and a resume reads it back bit for bit:
+    the checked reads of a resume pass and the .pdema's state equals the old or the new one."""
+    from ema_callback.files.checkpoint_set import recover
+    from ema_callback.integrations.checkpoints import check_checkpoint_files
+
+    assert kills and not kills[-1]["killed"] and sum(k["killed"] for k in kills) >= 15, kills
+    old, new = set_files(old_folder, prefix, extra), set_files(kills[-1]["folder"], prefix, extra)
+    assert old.keys() == new.keys() and all(old[n] != new[n] for n in old if n.endswith((".pdparams", ".pdema")))
+    states = {"old": read_state(os.path.join(old_folder, prefix + ".pdema")),
+              "new": read_state(os.path.join(kills[-1]["folder"], prefix + ".pdema"))}
+    outcomes = []
+    for entry in kills:
+        folder = entry["folder"]
+        recover(folder)
+        found = set_files(folder, prefix, extra)
+        which = "old" if found == old else "new" if found == new else None
+        assert which is not None, (entry["k"], sorted((n, n in old and found.get(n) == old[n]) for n in found))
+        assert leftovers(folder) == [], entry["k"]
+        for name in [prefix] + [e[:-len(".pdema")] for e in extra if e.endswith(".pdema")]:
+            check_checkpoint_files(os.path.join(folder, name), (".pdparams", ".pdopt", ".states", ".pdema"), "resume")
+        state = read_state(os.path.join(folder, prefix + ".pdema"))
+        assert canonical(state) == canonical(states[which]), entry["k"]
+        outcomes.append(which)
+    first_new = outcomes.index("new")
+    assert set(outcomes[first_new:]) == {"new"} and "old" in outcomes, outcomes
+    return outcomes
+
+
+def canonical(state):
+    from ema_callback.files.state_file import payload_digest
+
+    return payload_digest({k: v for k, v in state.items() if k != "digest"})
+
+
+@pytest.mark.slow
+def test_model_fit_save_killed_after_every_file_operation_leaves_the_old_or_the_new_set(tmp_path):
+    """Model.save over an existing set (fit's ``final``), stopped after each of its file operations in turn:
+    recovered, the folder holds the old or the new set whole, and a resume reads it back bit for bit."""
+    done = subprocess.run([sys.executable, os.path.join(HERE, "kill_points_fit_script.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kills = json.load(open(tmp_path / "kills.json"))
+    outcomes = check_kill_points(kills, str(tmp_path / "old"), "final")
+    print(f"\nModel.fit kill points: {len(kills)} ({outcomes.count('old')} old set, {outcomes.count('new')} new)")
+
+
+@pytest.mark.slow
+@needs_paddleocr
+def test_paddleocr_saves_killed_after_every_file_operation_leave_the_old_or_the_new_set(tmp_path):
+    """PaddleOCR's ``latest`` and ``best_accuracy`` (with ``best_model/model``) saved over the sets of an earlier
+    run, each stopped after every one of its file operations: the old or the new set whole, read back exactly."""
+    from ema_callback.demo.text_lines import write_rec_dataset
+    from ocr_helpers import REC_CFG, data_overrides, env, ocr_train
+
+    data = str(tmp_path / "data")
+    write_rec_dataset(os.path.join(data, "rec_train"), 32, seed=1, min_len=1, max_len=3)
+    write_rec_dataset(os.path.join(data, "rec_val"), 8, seed=2, min_len=1, max_len=3)
+    out = str(tmp_path / "out")
+    # 4 steps an epoch, an evaluation (and a best_accuracy save) every 2: the next run saves over these sets
+    common = ["Train.loader.shuffle=false", "Global.eval_batch_step=[0,2]", "Global.save_epoch_step=1000",
+              "Global.epoch_num=1", "EMA.decay=0.9"]
+    rc, log = ocr_train(REC_CFG, out, data, "rec", [*common, "Global.epoch_num=2"])  # other weights than the next run
+    assert rc == 0, log[-3000:]
+    work = tmp_path / "kills"
+    work.mkdir()
+    opts = [f"Global.save_model_dir={out}/", *common] + data_overrides(data, "rec")
+    done = subprocess.run([sys.executable, os.path.join(HERE, "kill_points_ocr_script.py"), str(work), "-c", REC_CFG,
+                           "-o", *opts], cwd=str(tmp_path), env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    kills = json.load(open(work / "kills.json"))
+    report = []
+    for prefix, extra in (("latest", ()), ("best_accuracy", ("best_model/model.pdparams", "best_model/model.pdopt",
+                                                             "best_model/model.pdema"))):
+        mine = [k for k in kills if k["prefix"] == prefix]
+        outcomes = check_kill_points(mine, str(work / f"{prefix}-old"), prefix, extra)
+        report.append(f"{prefix}: {len(mine)} kill points ({outcomes.count('old')} old set, "
+                      f"{outcomes.count('new')} new)")
+    # a real resume from a copy rolled forward after its commit
+    rolled = next(k["folder"] for k in kills if k["prefix"] == "latest" and k["killed"]
+                  and set_files(k["folder"], "latest") == set_files(kills[-1]["folder"] if kills[-1]["prefix"] ==
+                                                                    "latest" else mine[-1]["folder"], "latest"))
+    rc, log = ocr_train(REC_CFG, rolled, data, "rec", [*common[:-2], "Global.epoch_num=2",
+                                                       f"Global.checkpoints={rolled}/latest"])
+    assert rc == 0 and "EMA: resumed from" in log, log[-3000:]
+    print("\nPaddleOCR kill points: " + "; ".join(report))
 
 
 @pytest.mark.soak

@@ -364,3 +364,30 @@ def test_posthoc_sweep_refuses_snapshots_of_another_model_before_evaluating(tmp_
                                        "not of this model: "), log[-2000:]
     assert "of the model's tensors are not in the weights (backbone." in last and "[1/2]" not in log
     assert not (tmp_path / "sweep" / "sweep.json").exists()
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_ocr_train_refuses_a_crafted_states_file_before_paddleocr_unpickles_it(tmp_path, data):
+    """PaddleOCR's save_load.py reads Global.checkpoints' .states with pickle.load: ocr-train reads the whole set with
+    the checked reader first (issue 24.7)."""
+    import pickle
+
+    out = tmp_path / "out"
+    rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.epoch_num=1", "Global.eval_batch_step=[0,100000]"])
+    assert rc == 0, log[-3000:]
+    marker = tmp_path / "pwned"
+    with open(out / "latest.states", "wb") as handle:
+        pickle.dump({"best_model_dict": {}, "x": _RunsCode(marker)}, handle, protocol=2)
+    rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.epoch_num=2", f"Global.checkpoints={out}/latest"])
+    last = log.strip().splitlines()[-1]
+    assert rc == 2 and last == (f"ema-callback: error: Global.checkpoints: {out}/latest.states: refused to load: it "
+                                "names the global posix.system, which a file of weights never needs (loading it "
+                                "would run code); nothing of it was executed"), log[-3000:]
+    assert not marker.exists()

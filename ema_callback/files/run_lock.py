@@ -7,8 +7,10 @@ at start-up, in one line naming the other run (host, pid, start time, command), 
 
 The kernel drops the lock when its process dies, however it dies, so a crashed run never leaves the folder stuck,
 and liveness needs no PID (it holds across PID namespaces, containers and, where the file system supports
-``flock``, hosts). The file itself is never removed (removing a lock file races with the next run opening it).
-Locks are per process: the same process may take the same folder again (a second ``fit`` in one script).
+``flock``, hosts). A run removes the file when it ends (a crashed run leaves it unlocked, which the next run takes);
+a run that locked a file then checks that the name still refers to it, so a file removed meanwhile is never held
+by two runs. Locks are per process: the same process may take the same folder again (a second ``fit`` in one
+script).
 """
 from __future__ import annotations
 
@@ -38,17 +40,24 @@ class RunLock:
         if held is not None:
             held._count += 1
             return held
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError as exc:
-            raise EMAFileError(f"{self.folder}: cannot take the run lock {NAME} ({exc.strerror or exc})") from None
-        if not try_lock(fd):
-            other = _describe(fd)
-            os.close(fd)
-            raise EMAFileError(f"{self.folder}: another run is writing into this folder ({other}); two runs in one "
-                               "folder would overwrite each other's checkpoints: give this run another output folder, "
-                               "or wait for that run to end")
+        while True:
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as exc:
+                raise EMAFileError(f"{self.folder}: cannot take the run lock {NAME} ({exc.strerror or exc})") from None
+            if not try_lock(fd):
+                other = _describe(fd)
+                os.close(fd)
+                raise EMAFileError(f"{self.folder}: another run is writing into this folder ({other}); two runs in "
+                                   "one folder would overwrite each other's checkpoints: give this run another output "
+                                   "folder, or wait for that run to end")
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the file was removed by the run that ended meanwhile: take the new one
         note = json.loads(owner_note())
         note["command"] = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]
         os.ftruncate(fd, 0)
@@ -61,6 +70,10 @@ class RunLock:
         self._count -= 1
         if self._fd is not None and self._count <= 0:
             _HELD.pop(self.folder, None)
+            try:
+                os.remove(self.path)  # while still locked: a run waiting on this file will see it gone
+            except OSError:
+                pass
             os.close(self._fd)
             self._fd = None
 

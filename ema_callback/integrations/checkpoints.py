@@ -182,16 +182,18 @@ def check_checkpoint_files(prefix: str, suffixes: Sequence[str], option: str) ->
     from ema_callback.files.state_file import read_state
 
     recover(os.path.dirname(os.path.abspath(prefix)) or ".")
-    for suffix in suffixes:
-        path = prefix + suffix
-        if not os.path.exists(path):
-            continue
-        try:
+    present = [prefix + suffix for suffix in suffixes if os.path.exists(prefix + suffix)]
+    ours = {}
+    try:
+        for path in present:  # every file read safely first (one at a time: nothing kept)
             data = checked_load(path)
-            if suffix == ".pdema" and isinstance(data, dict) and ("format" in data or STATE_KEY in data):
-                read_state(path, key=None if "format" in data else STATE_KEY)
-        except EMAFileError as exc:
-            raise EMAFileError(f"{option}: {exc}") from None
+            if path.endswith(".pdema") and isinstance(data, dict) and ("format" in data or STATE_KEY in data):
+                ours[path] = None if "format" in data else STATE_KEY
+            del data
+        for path, key in ours.items():  # then our .pdema verified whole (digest, fields, companions)
+            read_state(path, key=key)
+    except EMAFileError as exc:
+        raise EMAFileError(f"{option}: {exc}") from None
 
 
 def lock_run(*folders: Optional[str]) -> list:

@@ -156,10 +156,16 @@ class EMACallback(paddle.callbacks.Callback):
         self.board = CandidateBoard(self.ema, self.config, self.higher_is_better)
         place_features(self.ema, self.folder, only_rank0_evaluates=False)
         log_start(self.ema)
-        self._install_save_hook()
-        source = self._resume_source()
-        if source is not None:
-            resume_ema(self.ema, source, self.network)
+        if self._in_fit:  # the set-up is checked: this run now writes its folders
+            self._lock_folders()
+        try:
+            self._install_save_hook()
+            source = self._resume_source()
+            if source is not None:
+                resume_ema(self.ema, source, self.network)
+        except BaseException:
+            self._release_locks()
+            raise
 
     def _resume_source(self) -> Optional[str]:
         """The checkpoint (prefix) this run continues, decided once (see ``resume`` in the class docstring):
@@ -248,6 +254,16 @@ class EMACallback(paddle.callbacks.Callback):
         save.__wrapped__ = original
         model.save = save
 
+    def _lock_folders(self) -> None:
+        """One run per folder (``files.run_lock``): this fit's folder and ``EMA.posthoc.dir``, until fit ends."""
+        if not self._locks:
+            self._locks = lock_run(self.folder, (self.config.posthoc or {}).get("dir"))
+
+    def _release_locks(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
+
     def raw_state_dict(self) -> Dict[str, np.ndarray]:
         """The raw (trained) weights, whether or not the EMA weights are currently in the network."""
         live = {k: v.numpy() for k, v in self.network.state_dict().items()}
@@ -330,13 +346,13 @@ class EMACallback(paddle.callbacks.Callback):
         self._resolve_monitor()
         self._fit_dir = _fit_save_dir()
         self._check_posthoc_folder()
-        self._locks = lock_run(self.folder, (self.config.posthoc or {}).get("dir"))
         self._resume_source()  # decided (and a resume= set loaded) before the first step
         self._in_fit = True
         if self.ema is None and self.batch is not None:
             self._build_engine()  # else at the first train_batch, once the global batch is measured
         elif self.ema is not None:
             self._restore_raw()
+            self._lock_folders()
         self._pending_updates = []
         self._install_batch_hook()
 
@@ -412,9 +428,7 @@ class EMACallback(paddle.callbacks.Callback):
         if self.ema.num_updates == 0:
             logger.warning("EMA: no EMA update happened during fit (%d optimizer steps, start_step=%d)",
                            self.ema.num_steps, self.config.start_step)
-        for lock in self._locks:
-            lock.release()
-        self._locks = []
+        self._release_locks()
         if self.final_weights == "ema":
             self.ema.apply_to(self.network)
         if self.board is not None:
