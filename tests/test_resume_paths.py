@@ -192,3 +192,25 @@ def test_model_load_reads_the_set_with_the_checked_reader_first(first_half, tmp_
         model.load(str(first_half / "1"))
     assert f"{first_half / '1.pdopt'}: refused to load: it names the global posix.system" in str(info.value)
     assert not marker.exists() and same(weights(model.network), before)
+
+
+def test_a_missing_pdema_beside_ema_weights_is_refused_naming_the_choice(straight, first_half, caplog):
+    """final.pdparams hold EMA weights; without final.pdema a resume would train on them as raw. The folder's set
+    index (written with every set) says what they hold: refused in one line naming EMA.restart; with it, the EMA
+    starts anew from them, said in one line."""
+    os.remove(first_half / "final.pdema")
+    train, _ = loaders()
+    with guard():
+        model = make_model(seed=4)
+        model.load(str(first_half / "final"))
+    before = weights(model.network)
+    with guard(), pytest.raises(EMAFileError) as info:
+        model.fit(train, epochs=1, verbose=0, callbacks=[EMACallback(decay=0.9)])
+    message = str(info.value)
+    assert message.startswith(f"{first_half / 'final'}.pdparams: hold the EMA weights (ema) of the run that saved")
+    assert "EMA.restart: true" in message and "\n" not in message
+    assert same(weights(model.network), before)
+    with guard(), caplog.at_level(logging.INFO, logger="ema_callback"):
+        model.fit(train, epochs=1, verbose=0, callbacks=[EMACallback(decay=0.9, restart=True)])
+    assert any("(EMA.restart: they are the EMA weights of the run that saved them)" in r.getMessage()
+               for r in caplog.records)

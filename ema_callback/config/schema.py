@@ -110,6 +110,10 @@ OPTIONS: Tuple[Option, ...] = (
            "[0.05, 0.1]), `snapshot_every` optimizer steps or `snapshot_every_epochs`, `snapshot_dtype` "
            "(float16|float32, default float16), `dir` (default: posthoc/ beside the checkpoints). "
            "`ema-callback posthoc` reconstructs any other length afterwards."),
+    Option("restart", False, "bool",
+           "Resume a checkpoint whose `.pdema` is missing while its folder holds other EMA checkpoints (so its "
+           "`.pdparams` likely hold EMA weights): start a new EMA from the loaded weights, taken as raw. Without it "
+           "that resume is refused in one line."),
     Option("save_as", "ema", "choice",
            "What the suite's own weight files hold: `ema` (its eval/export/infer tools use EMA) with the raw weights "
            "in the `.pdema` file, or `raw` (suite files untouched, EMA written beside them).",
@@ -311,6 +315,7 @@ class EMAConfig:
     switch_every: int = 0
     switch_every_epochs: float = 0.0
     posthoc: Optional[Dict[str, Any]] = None
+    restart: bool = False
     save_as: str = "ema"
 
     @classmethod

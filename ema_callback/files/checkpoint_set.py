@@ -252,6 +252,12 @@ class StagedWrite:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         return target
 
+    def record_sets(self, entries) -> None:
+        """What the ``.pdparams`` of the sets saved now hold (``files.set_index``), published with them."""
+        from ema_callback.files.set_index import NAME, write_updated
+
+        write_updated(self.folder, self.path(NAME), entries)
+
     def staged_bytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.tmp, r)) for r in _staged_files(self.tmp)
                    if os.path.isfile(os.path.join(self.tmp, r)))

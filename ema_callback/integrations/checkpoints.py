@@ -74,12 +74,39 @@ def _differs(model_state: Mapping[str, Any], weights: Mapping[str, np.ndarray]) 
                for name in weights)
 
 
+def check_missing_state(checkpoint: str, config, log=logger) -> bool:
+    """A resumed checkpoint without its ``.pdema``: one line, and the EMA starts anew from the loaded weights; refused
+    when the folder's set index (``files.set_index``) says these ``.pdparams`` hold EMA weights (a resume would train
+    on them as raw), unless ``EMA.restart`` says to start anew from them."""
+    from ema_callback.files.set_index import entry_of
+    from ema_callback.files.state_file import fingerprint
+
+    path = ema_file(checkpoint)
+    prefix = checkpoint_prefix(checkpoint)
+    folder, name = os.path.split(os.path.abspath(prefix))
+    entry = entry_of(folder, name) or entry_of(os.path.dirname(folder), os.path.basename(folder) + "/" + name)
+    held_ema = entry is not None and entry["hold"] != "raw" and os.path.isfile(prefix + ".pdparams")
+    if held_ema and entry["sha1"] is not None:
+        arrays = checked_load(prefix + ".pdparams")
+        held_ema = isinstance(arrays, dict) and fingerprint(
+            {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}) == entry["sha1"]
+    if held_ema and not config.restart:
+        raise EMAFileError(f"{prefix}.pdparams: hold the EMA weights ({entry['hold']}) of the run that saved them, and "
+                           f"their {os.path.basename(path)} (the raw weights) is missing, so a resume would train on "
+                           f"EMA weights as raw; restore {os.path.basename(path)}, or set EMA.restart: true "
+                           "(-o EMA.restart=true, EMACallback(restart=True)) to start a new EMA from them as raw")
+    log.warning("EMA: %s has no EMA state beside it (%s): the EMA starts from the loaded weights at update 0%s",
+                prefix + ".pdparams", os.path.basename(path),
+                " (EMA.restart: they are the EMA weights of the run that saved them)" if held_ema else "")
+    return True
+
+
 def resume_ema(ema, checkpoint: str, network, log=logger) -> bool:
-    """Continue the EMA from ``<checkpoint>.pdema`` and put its raw weights into ``network``; False if absent."""
+    """Continue the EMA from ``<checkpoint>.pdema`` and put its raw weights into ``network``; False if absent (then
+    ``check_missing_state`` decides whether the EMA may start anew)."""
     path = ema_file(checkpoint)
     if not os.path.exists(path):
-        log.warning("EMA: %s has no EMA state beside it (%s): the EMA starts from the loaded weights at update 0",
-                    checkpoint_prefix(checkpoint) + ".pdparams", os.path.basename(path))
+        check_missing_state(checkpoint, ema.config, log)
         return False
     state = ema.load(path)
     raw = state.get("raw_weights")

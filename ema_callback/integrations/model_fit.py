@@ -240,14 +240,17 @@ class EMACallback(paddle.callbacks.Callback):
             folder, name = os.path.split(os.path.abspath(path))
             with StagedWrite(folder) as stage:  # every file complete before it gets its final name
                 result = original(stage.path(name), training)
+                stale = []
                 if self.ema is not None and is_rank0():  # .pdparams hold what the network holds now
-                    held = self.ema.applied_label or RAW
-                    save_ema_state(self.ema, [stage.path(name)], self.network, self.raw_state_dict(),
-                                   numpy_state(self.network),
+                    held, arrays = self.ema.applied_label or RAW, numpy_state(self.network)
+                    save_ema_state(self.ema, [stage.path(name)], self.network, self.raw_state_dict(), arrays,
                                    candidate=held if self.board is not None and self.board.active else None)
-                # with the EMA off, the .pdema of an earlier EMA run under this name would no longer belong here
-                stage.publish(last=(name + ".pdema",),
-                              remove=stale_state_files([name]) if self.ema is None and is_rank0() else ())
+                    stage.record_sets({name: {"hold": held, "sha1": fingerprint(arrays)}})
+                elif is_rank0():  # EMA off: an earlier EMA run's .pdema under this name no longer belongs here
+                    stale = [f for f in stale_state_files([name]) if os.path.isfile(os.path.join(folder, f))]
+                    if stale:
+                        stage.record_sets({name: {"hold": RAW, "sha1": None}})
+                stage.publish(last=(name + ".pdema",), remove=stale)
             return result
 
         save._ema_callback = self

@@ -43,9 +43,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ema_callback.integrations.suite_checkout import PADDLEDET, find_checkout
 from ema_callback.files.checkpoint_set import StagedWrite
-from ema_callback.integrations.checkpoints import (STATE_KEY, check_checkpoint_files, checkpoint_prefix,
-                                                  describe_start_weights, ema_file, lock_run, numpy_state,
-                                                  place_features, ppdet_state, restore_raw_weights, stale_state_files)
+from ema_callback.integrations.checkpoints import (STATE_KEY, check_checkpoint_files, check_missing_state,
+                                                  checkpoint_prefix, describe_start_weights, ema_file, lock_run,
+                                                  numpy_state, place_features, ppdet_state, restore_raw_weights,
+                                                  stale_state_files)
 from ema_callback.core.run_report import log_start
 from ema_callback.integrations.evaluation import before_eval_start
 from ema_callback.integrations.candidates import RAW, CandidateBoard
@@ -293,6 +294,8 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
         def resume_weights(self, weights):
             if isinstance(getattr(self, "ema", None), PpdetEMA):
                 self.ema.resume_path = weights
+                if not os.path.exists(ema_file(weights)):  # ppdet would load the .pdparams as the raw weights
+                    check_missing_state(weights, self.ema.engine.config)
                 return super().resume_weights(weights)
             result = super().resume_weights(weights)  # EMA off: ppdet loads the .pdparams (EMA weights, if any)
             restore_raw_weights(weights, self.model, "drop EMA.enable=false (or use -o EMA.enable=true) to continue "
@@ -484,13 +487,18 @@ def _staged_save_model(original, ema_enabled: bool):
         with StagedWrite(save_dir) as stage:
             result = original(model, optimizer, stage.tmp, save_name, last_epoch, ema_model, *args, **kwargs)
             pdema, pdopt = stage.path(save_name + ".pdema"), stage.path(save_name + ".pdopt")
-            if isinstance(model, dict) and isinstance(model.get(STATE_KEY), dict) and os.path.isfile(pdopt):
-                state = dict(model[STATE_KEY])
-                state[COMPANIONS] = list(state.get(COMPANIONS) or []) + [
-                    {"suffix": ".pdopt", "sha256": file_sha256(pdopt), "sections": {}}]
-                atomic_save(dict(model, **{STATE_KEY: signed(state)}), pdema)
+            state = model.get(STATE_KEY) if isinstance(model, dict) else None
+            if isinstance(state, dict):
+                references = list(state.get(COMPANIONS) or [])
+                if os.path.isfile(pdopt):
+                    references.append({"suffix": ".pdopt", "sha256": file_sha256(pdopt), "sections": {}})
+                    atomic_save(dict(model, **{STATE_KEY: signed(dict(state, **{COMPANIONS: references}))}), pdema)
+                sha1 = next((r.get("sha1") for r in references if r.get("suffix") == ".pdparams"), None)
+                stage.record_sets({n: {"hold": state.get("pdparams_hold") or "ema", "sha1": sha1} for n in names})
             stale = [] if ema_enabled else [r for r in stale_state_files(names) if
                                             os.path.isfile(os.path.join(save_dir, r))]
+            if stale:
+                stage.record_sets({n: {"hold": "raw", "sha1": None} for n in names})
             stage.publish(last=(save_name + ".pdema",), remove=stale)
         return result
 

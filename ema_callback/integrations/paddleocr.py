@@ -41,6 +41,7 @@ from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.config.files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
 from ema_callback.files.checkpoint_set import StagedWrite
+from ema_callback.files.state_file import fingerprint
 from ema_callback.integrations.output_rollback import OutputGuard
 from ema_callback.integrations.suite_checkout import suite_errors_named
 
@@ -231,6 +232,7 @@ class PaddleOCRHooks:
             with StagedWrite(model_path) as stage:  # EMA off over an EMA run's set: its .pdema goes with the save
                 log = _FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
                 result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix, **kwargs)
+                stage.record_sets({r: {"hold": RAW, "sha1": None} for r in relatives})
                 stage.publish(remove=stale)
             logger.info("EMA: off; removed %s, which described the set this save replaced", ", ".join(stale))
             return result
@@ -242,15 +244,16 @@ class PaddleOCRHooks:
             if self.config.save_as == "raw" or before_eval_start(self.ema, self.config) or chosen == RAW:
                 # raw: PaddleOCR's files untouched; before eval_start_step the best model is chosen on raw weights
                 result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix, **kwargs)
-                held = raw
+                held, label = raw, RAW
             else:
                 with self.ema.swapped(model, chosen):
                     result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix,
                                       **kwargs)
-                    held = numpy_state(model)
+                    held, label = numpy_state(model), chosen
             if is_rank0():
                 save_ema_state(self.ema, [stage.path(r) for r in relatives], unwrap(model), raw, held,
                                self.config.save_as, candidate=chosen if self.board.active else None)
+                stage.record_sets({r: {"hold": label, "sha1": fingerprint(held)} for r in relatives})
                 which = f"; {prefix}.pdparams hold {chosen}" if self.board.active else ""
                 logger.info("EMA: saved %s.pdema (%s%s)", os.path.join(model_path, prefix), self.ema.summary(), which)
             stage.publish(last=tuple(r + ".pdema" for r in relatives))
