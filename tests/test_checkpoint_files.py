@@ -13,7 +13,7 @@ from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.files.checkpoint_io import EMAFileError, atomic_save, checked_load
 from ema_callback.files.state_file import read_state
 
-from conftest import make_net, train_steps
+from conftest import RunsCode, make_net, train_steps
 from fit_helpers import loaders, make_model, weights
 
 
@@ -41,18 +41,11 @@ def test_files_get_the_mode_open_would_give_them(tmp_path, umask_022):
     assert mode(tmp_path / "private.pdema") == 0o600
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 def test_a_crafted_pdema_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "0.pdema"
-    path.write_bytes(pickle.dumps({"format": "ema-callback/2", "shadow": _RunsCode(marker)}))
+    path.write_bytes(pickle.dumps({"format": "ema-callback/2", "shadow": RunsCode(marker)}))
     with pytest.raises(EMAFileError) as info:
         checked_load(str(path))
     assert str(info.value) == (f"{path}: refused to load: it names the global posix.system, which a file of weights "

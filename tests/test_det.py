@@ -19,7 +19,7 @@ from ema_callback.config.schema import EMAConfigError
 from ema_callback.core.engine import ExponentialMovingAverage
 from datasets import write_coco_dataset
 
-from conftest import PADDLEDET_ROOT, make_net, needs_paddledet, tool_command
+from conftest import PADDLEDET_ROOT, RunsCode, make_net, needs_paddledet, tool_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(PADDLEDET_ROOT, "configs", "picodet", "picodet_xs_320_coco_lcnet.yml")
@@ -501,13 +501,6 @@ def test_merge_config_elsewhere_rewrites_a_relative_base_and_says_what_det_train
     assert (tmp_path / "beside.yml").read_text().startswith("_BASE_: ['base.yml']\nsnapshot_epoch: 1\n")
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 @pytest.mark.parametrize("suffix", [".pdema", ".pdopt"])
 def test_det_train_refuses_a_crafted_resume_file_before_ppdet_loads_it(coco, tmp_path, suffix):
@@ -520,7 +513,7 @@ def test_det_train_refuses_a_crafted_resume_file_before_ppdet_loads_it(coco, tmp
     assert rc == 0, log[-4000:]
     marker = tmp_path / "pwned"
     with open(coco / "output" / "crafted" / f"model_final{suffix}", "wb") as handle:
-        pickle.dump({"x": _RunsCode(marker)}, handle)
+        pickle.dump({"x": RunsCode(marker)}, handle)
     rc, log = det_train(cwd, "-r", "output/crafted/model_final", "-o", "save_dir=output/crafted2")
     last = log.strip().splitlines()[-1]
     assert rc == 2 and last == (f"ema-callback: error: -r: output/crafted/model_final{suffix}: refused to load: it "

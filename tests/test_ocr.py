@@ -17,7 +17,7 @@ from ema_callback.demo.text_lines import write_rec_dataset
 from datasets import write_det_dataset
 from ema_callback.files.state_file import read_state, signed
 
-from conftest import PADDLEOCR_ROOT, needs_paddleocr
+from conftest import PADDLEOCR_ROOT, RunsCode, needs_paddleocr
 from ocr_helpers import (DET_CFG, REC_CFG, REPO, TIMEOUT, assert_eval_reproduces_best, data_overrides, env,
                          logged_metrics, ocr_train, paddleocr_tool, run)
 
@@ -366,13 +366,6 @@ def test_posthoc_sweep_refuses_snapshots_of_another_model_before_evaluating(tmp_
     assert not (tmp_path / "sweep" / "sweep.json").exists()
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 def test_ocr_train_refuses_a_crafted_states_file_before_paddleocr_unpickles_it(tmp_path, data):
     """PaddleOCR's save_load.py reads Global.checkpoints' .states with pickle.load: ocr-train reads the whole set with
@@ -384,7 +377,7 @@ def test_ocr_train_refuses_a_crafted_states_file_before_paddleocr_unpickles_it(t
     assert rc == 0, log[-3000:]
     marker = tmp_path / "pwned"
     with open(out / "latest.states", "wb") as handle:
-        pickle.dump({"best_model_dict": {}, "x": _RunsCode(marker)}, handle, protocol=2)
+        pickle.dump({"best_model_dict": {}, "x": RunsCode(marker)}, handle, protocol=2)
     rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.epoch_num=2", f"Global.checkpoints={out}/latest"])
     last = log.strip().splitlines()[-1]
     assert rc == 2 and last == (f"ema-callback: error: Global.checkpoints: {out}/latest.states: refused to load: it "

@@ -15,6 +15,7 @@ import pytest
 from ema_callback import EMACallback
 from ema_callback.errors import EMAConfigError, EMAFileError
 
+from conftest import RunsCode
 from fit_helpers import loaders, make_model, weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -172,19 +173,12 @@ def test_a_second_run_into_a_folder_a_live_run_is_writing_is_refused(tmp_path):
         make_model().fit(loaders()[0], epochs=1, verbose=0, save_dir=folder, callbacks=[EMACallback(decay=0.9)])
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 def test_model_load_reads_the_set_with_the_checked_reader_first(first_half, tmp_path):
     """hapi's Model.load unpickles with paddle.load; the files are checked before it does."""
     marker = tmp_path / "pwned"
     with open(first_half / "1.pdopt", "wb") as handle:
-        pickle.dump({"x": _RunsCode(marker)}, handle)
+        pickle.dump({"x": RunsCode(marker)}, handle)
     with guard():
         model = make_model(seed=4)
     before = weights(model.network)
