@@ -405,6 +405,17 @@ def build_allocation_bombs(root: str) -> str:
                    "UnpackBigParamInfor@@": {"w": {"slices": ["w@@.0"], "OriginShape": (2 ** 40, 2 ** 40)}}}))
     m.add("int_from_1MB_digits.pdparams", in_state(call(glob_op("builtins", "int"), "9" * 10 ** 6)))
     m.add("two_million_none.pdparams", _many_nones(2 * 10 ** 6), expect="either")
+    # keys made to collide in the hash table (CPython hashes ints modulo 2**61 - 1): quadratic to insert
+    collide = [i * (2 ** 61 - 1) for i in range(40000)]
+    m.add("colliding_int_keys.pdparams", pickle.dumps({k: 0 for k in collide}, protocol=4))
+    m.add("colliding_int_set.pdparams", pickle.dumps({"s": set(collide)}, protocol=4))
+    m.add("colliding_int_frozenset.pdparams", pickle.dumps({"s": frozenset(collide)}, protocol=4))
+    m.add("colliding_float_keys.pdparams", pickle.dumps({float(k): 0 for k in collide[:5000]}, protocol=4))
+    # decoders that are slow (punycode is quadratic) or unknown (a LookupError)
+    m.add("str_punycode_160KB.pdparams", in_state(call(glob_op("builtins", "str"), b"a" * 160000 + b"-", "punycode")))
+    m.add("str_unknown_codec.pdparams", in_state(call(glob_op("builtins", "str"), b"x", "nope")))
+    m.add("bytearray_zlib_codec.pdparams", in_state(call(glob_op("builtins", "bytearray"), "x", "zlib_codec")))
+    m.add("long4_4KB.pdparams", in_state(Op(pickle.LONG4 + struct.pack("<i", 4096) + b"\x7f" * 4096)))
     return m.save()
 
 

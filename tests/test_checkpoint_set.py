@@ -138,3 +138,44 @@ def test_names_inside_a_journal_are_never_paths(tmp_path):
     (staging / ".publish.json").write_text('{"files": ["../escaped", "evil"]}')
     assert recover(str(folder)) == []
     assert not (tmp_path / "escaped").exists() and not staging.exists() and not (folder / "evil").exists()
+
+
+def test_a_symbolic_link_in_a_journals_path_is_never_followed(tmp_path):
+    """A dead writer's staging folder whose journal moves a file into best_model/, where best_model is a link to a
+    folder outside: nothing is written or removed outside (the review's repro: ~/.ssh/authorized_keys)."""
+    folder, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("secret")
+    folder.mkdir()
+    os.symlink(outside, folder / "best_model")
+    staging = folder / (PREFIX + "evil")
+    (staging / "best_model").mkdir(parents=True)
+    (staging / ".lock").write_text("{}")
+    (staging / "best_model" / "authorized_keys").write_text("attacker")
+    (staging / ".publish.json").write_text('{"files": ["best_model/authorized_keys"], "remove": ["best_model/id_rsa"]}')
+    recover(str(folder))
+    assert sorted(os.listdir(outside)) == ["id_rsa"] and (outside / "id_rsa").read_text() == "secret"
+    with pytest.raises(EMAFileError, match="leads out of the folder"):
+        with StagedWrite(str(folder)) as stage:
+            open(stage.path("best_model/model.pdparams"), "wb").write(b"x")
+    assert sorted(os.listdir(outside)) == ["id_rsa"]
+
+
+def test_an_exception_after_the_commit_finishes_the_publish(tmp_path, monkeypatch):
+    """Ctrl-C (or any exception) between the moves of a committed publish: the new set is whole, not mixed."""
+    folder = str(tmp_path)
+    write_set(folder, OLD)
+    real_replace, moves = os.replace, []
+
+    def interrupted(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if ".ema-staging-" in str(src) and not str(src).endswith((".tmp",)) and os.path.dirname(str(dst)) != \
+                os.path.dirname(str(src)):
+            moves.append(dst)
+            if len(moves) == 2:
+                raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_new_set(folder)
+    monkeypatch.undo()
+    assert read_set(folder) == NEW and staging_folders(folder) == []

@@ -8,7 +8,7 @@ import pytest
 from ema_callback import EMAConfig
 from ema_callback.core.run_report import log_before_eval
 from ema_callback.core.engine import ExponentialMovingAverage
-from ema_callback.files.state_file import signed
+from ema_callback.files.state_file import with_digest
 from ema_callback.files.checkpoint_io import EMAFileError
 from ema_callback.core.schedules import decay_at
 
@@ -244,7 +244,7 @@ def test_mismatched_pdema_lists_keys_and_touches_nothing(trajectory, tmp_path):
     del wrong["shadow"]["0.weight"]
     wrong["shadow"]["head.extra"] = np.zeros(3, np.float32)
     wrong["shadow"]["8.weight"] = np.zeros((2, 2), np.float32)
-    paddle.save(signed(wrong), path)  # re-signed: the model check itself refuses it
+    paddle.save(with_digest(wrong), path)  # digest renewed: the model check itself refuses it
     before_model, before_ema = snapshot(model), ema.state_dict()
     with pytest.raises(EMAFileError) as err:
         ema.load(path)

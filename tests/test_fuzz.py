@@ -23,7 +23,7 @@ def check_loaded(cfg, block):
         if key == "posthoc" and value is False:
             assert got is None  # `posthoc: false` is the default: off
             continue
-        if isinstance(value, str) and NUMBER.match(value.strip()):
+        if isinstance(value, str) and NUMBER.match(value.strip()) and isinstance(got, (int, float)):
             value = float(value)  # a number written as a string ('1e4': PyYAML 1.1 reads it so) is that number
         if isinstance(value, list) and all(isinstance(v, str) and NUMBER.match(v.strip()) for v in value):
             value = [float(v) for v in value]

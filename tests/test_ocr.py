@@ -15,7 +15,7 @@ import yaml
 from ema_callback.demo.text_lines import write_rec_dataset
 
 from datasets import write_det_dataset
-from ema_callback.files.state_file import read_state, signed
+from ema_callback.files.state_file import read_state, with_digest
 
 from conftest import PADDLEOCR_ROOT, RunsCode, needs_paddleocr
 from ocr_helpers import (DET_CFG, REC_CFG, REPO, TIMEOUT, assert_eval_reproduces_best, data_overrides, env,
@@ -219,7 +219,7 @@ def test_bad_input_gives_one_line_errors_and_touches_no_file(tmp_path, data):
     state = read_state(str(out / "latest.pdema"))
     first = sorted(state["shadow"])[0]
     state["shadow"]["head.extra"] = state["shadow"].pop(first)
-    paddle.save(signed(state), str(out / "latest.pdema"))  # re-signed: the model check itself refuses it
+    paddle.save(with_digest(state), str(out / "latest.pdema"))  # digest renewed: the model check itself refuses it
     before = folder_state(str(out))
     rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.epoch_num=2", f"Global.checkpoints={out}/latest"])
     last = log.strip().splitlines()[-1]

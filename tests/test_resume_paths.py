@@ -208,3 +208,54 @@ def test_a_missing_pdema_beside_ema_weights_is_refused_naming_the_choice(straigh
         model.fit(train, epochs=1, verbose=0, callbacks=[EMACallback(decay=0.9, restart=True)])
     assert any("(EMA.restart: they are the EMA weights of the run that saved them)" in r.getMessage()
                for r in caplog.records)
+
+
+def test_resume_without_the_optimizer_state_is_refused_and_reset_optimizer_continues_the_ema(first_half, caplog):
+    os.remove(first_half / "final.pdopt")
+    train, _ = loaders()
+    with guard():
+        model = make_model(seed=4)
+    with guard(), pytest.raises(EMAFileError) as info:
+        model.fit(train, epochs=1, verbose=0, callbacks=[EMACallback(decay=0.9, resume=str(first_half / "final"))])
+    assert "final.pdopt: no such file; a resume restores the weights and the optimizer state" in str(info.value)
+    assert "model.load(path, reset_optimizer=True)" in str(info.value)
+    with guard(), caplog.at_level(logging.INFO, logger="ema_callback"):
+        model.load(str(first_half / "final"), reset_optimizer=True)
+        callback = EMACallback(decay=0.9, final_weights="raw")
+        model.fit(train, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.ema.num_steps == 36 and any("resumed from" in r.getMessage() for r in caplog.records)
+
+
+def test_ema_off_over_ema_weights_without_their_pdema_is_refused(first_half):
+    """With the EMA off the raw weights come from the .pdema; when it is missing and the folder's set index says the
+    .pdparams hold EMA weights, training on them as raw is refused (EMA.restart: true allows it)."""
+    os.remove(first_half / "final.pdema")
+    train, _ = loaders()
+    with guard():
+        model = make_model(seed=4)
+        model.load(str(first_half / "final"))
+    with guard(), pytest.raises(EMAFileError, match=r"hold the EMA weights of the run that saved them"):
+        model.fit(train, epochs=1, verbose=0, callbacks=[EMACallback(enable=False)])
+    with guard():
+        model.fit(train, epochs=1, verbose=0, callbacks=[EMACallback(enable=False, restart=True)])
+
+
+def test_a_second_resume_from_the_same_step_keeps_both_abandoned_series(tmp_path):
+    from ema_callback.posthoc.snapshots import load_snapshots
+
+    train, _ = loaders()
+    block = {"sigma_rels": [0.05, 0.1], "snapshot_every": 4}
+    folder = str(tmp_path / "run")
+    with guard():
+        make_model().fit(train, epochs=2, verbose=0, save_dir=folder,
+                         callbacks=[EMACallback(decay=0.9, posthoc=block)])
+    for _ in range(2):  # fit writes no checkpoint here, so 0 stays the set of step 12
+        with guard():
+            again = make_model(seed=4)
+            again.load(os.path.join(folder, "0"))
+            again.fit(train, epochs=1, verbose=0,
+                      callbacks=[EMACallback(decay=0.9, posthoc=block, save_dir=folder)])
+    aside = sorted(glob.glob(folder + "/posthoc-run-*-after-12*"))
+    assert len(aside) == 2 and all(sorted(os.listdir(a)) == [f"phema-{s:09d}.safetensors" for s in (16, 20, 24)]
+                                   for a in aside), aside
+    assert [s.step for s in load_snapshots(os.path.join(folder, "posthoc"))] == [4, 8, 12, 16, 20, 24]

@@ -332,7 +332,12 @@ class EMAConfig:
                 raise _unknown_key_error(name)
             if name == "decay" and isinstance(value, (list, tuple)):
                 raise EMAConfigError(f"{_key(name)}: expected a number; several EMAs are EMA.decays: {list(value)!r}")
-            values[name] = value if value is None and opt.default is None else _check_value(opt, value)
+            try:
+                values[name] = value if value is None and opt.default is None else _check_value(opt, value)
+            except (OverflowError, ValueError) as exc:  # e.g. an integer of 400 digits where a number belongs
+                if isinstance(exc, EMAConfigError):
+                    raise
+                raise EMAConfigError(f"{_key(name)}: {str(value)[:40]}... is out of range ({exc})") from None
         _check_combination(values)
         return cls(**values)
 

@@ -23,7 +23,8 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from ema_callback.errors import EMAConfigError, EMAFileError, short_list
+from ema_callback.config.schema import EMAConfig
+from ema_callback.errors import EMAConfigError, EMAFileError, one_line, short_list
 from ema_callback.files.state_file import FORMAT, READABLE_FORMATS, check_fields
 
 
@@ -100,6 +101,10 @@ def check_state(ema, state: Mapping[str, Any], source: str) -> None:
         found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
         raise EMAFileError(f"{source}: not an ema-callback state (format {found!r}, expected {FORMAT!r})")
     check_fields(state, source)
+    try:
+        EMAConfig.from_block(state["config"])  # the saved settings are keys of this version's schema
+    except (EMAConfigError, OverflowError, ValueError, TypeError) as exc:
+        raise EMAFileError(f"{source}: field config: {one_line(exc, 300)}") from None
     _compare(source, "field shadow", state.get("shadow") or {},
              {e.name: list(e.tensor.shape) for e in ema.averaged_entries})
     copies = ema.tensors.copies_numpy()

@@ -130,5 +130,5 @@ def checked_load(path: str) -> Any:
         raise EMAFileError(f"{path}: refused to load: not plain data as paddle.save writes it ({exc}); nothing of it "
                            "was built") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            ImportError, RuntimeError, OSError, MemoryError, UnicodeDecodeError, OverflowError) as exc:
+            ImportError, RuntimeError, OSError, MemoryError, UnicodeError, OverflowError, LookupError) as exc:
         raise EMAFileError(f"{path}: truncated or corrupt file ({type(exc).__name__}: {one_line(exc, 160)})") from None

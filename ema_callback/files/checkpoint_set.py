@@ -41,6 +41,7 @@ PREFIX = ".ema-staging-"
 PREPARING = ".ema-prep-"  # a staging folder before its lock is taken (then renamed to PREFIX...)
 LOCK = ".lock"
 JOURNAL = ".publish.json"
+MAX_JOURNAL = 1 << 20  # a journal lists a few file names
 STALE_SECONDS = 600  # a folder of ours with no lock file that is older than this is a leftover (a live writer has
 # no lock file for the microseconds between making its folder and creating the file)
 
@@ -93,9 +94,30 @@ def _staged_files(root: str) -> List[str]:
     return files
 
 
+def _inside(folder: str, relative: str) -> bool:
+    """Whether ``relative`` names a place inside ``folder`` through real folders only: no ``..``, no absolute path,
+    and no part on the way that is a symbolic link (which would lead a move or a removal out of the folder)."""
+    if not _safe_relative(relative):
+        return False
+    parts = relative.replace("\\", "/").split("/")[:-1]
+    path = folder
+    for part in parts:
+        path = os.path.join(path, part)
+        if os.path.islink(path) or (os.path.exists(path) and not os.path.isdir(path)):
+            return False
+    return True
+
+
 def _move_into_place(staging: str, folder: str, order: Sequence[str], check_present: bool) -> List[str]:
     moved = []
     for relative in order:
+        if not _inside(folder, relative):
+            if check_present:
+                raise EMAFileError(f"{folder}: {relative} leads out of the folder (a part of it is a symbolic link); "
+                                   "this checkpoint set was not saved")
+            logger.warning("EMA: %s: a staged file %s leads out of the folder (a symbolic link on the way): left "
+                           "alone", folder, relative)
+            continue
         source, target = os.path.join(staging, relative), os.path.join(folder, relative)
         if not os.path.isfile(source):
             if check_present:
@@ -115,10 +137,12 @@ def _journal(staging: str) -> Optional[Tuple[List[str], List[str]]]:
     unreadable)."""
     path = os.path.join(staging, JOURNAL)
     try:
+        if os.path.getsize(path) > MAX_JOURNAL or os.path.islink(path):
+            return None
         with open(path, "r", encoding="utf-8") as handle:
             journal = json.load(handle)
         order, remove = journal.get("files"), journal.get("remove", [])
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     if not isinstance(order, list) or not isinstance(remove, list) or \
             not all(_safe_relative(r) for r in order + remove):
@@ -131,7 +155,7 @@ def _remove_stale(folder: str, names: Sequence[str]) -> List[str]:
     removed = []
     for relative in names:
         path = os.path.join(folder, relative)
-        if os.path.isfile(path) and not os.path.islink(path):
+        if _inside(folder, relative) and os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
             removed.append(relative)
     return removed
@@ -209,7 +233,7 @@ def _recover_one(folder: str, staging: str) -> List[str]:
         journal = _journal(staging) if os.path.basename(staging).startswith(PREFIX) else None
         moved = _move_into_place(staging, folder, journal[0], check_present=False) if journal else []
         if journal:
-            moved += [f"{r} (removed)" for r in _remove_stale(folder, journal[1])]
+            moved += [f"{r} (removed)" for r in _remove_stale(folder, [r for r in journal[1] if r not in journal[0]])]
         if moved:
             logger.warning("EMA: %s: finished publishing a checkpoint set whose save was killed after it was "
                            "committed (%s): the new set is whole", folder, ", ".join(moved))
@@ -222,8 +246,6 @@ def _recover_one(folder: str, staging: str) -> List[str]:
 class StagedWrite:
     """Write a checkpoint set into a staging folder, then publish it as one (see the module docstring)."""
 
-    PREFIX = PREFIX
-
     def __init__(self, folder: str):
         self.folder = os.path.abspath(folder)
         try:
@@ -231,23 +253,30 @@ class StagedWrite:
         except OSError as exc:
             raise EMAFileError(f"{self.folder}: cannot create the checkpoint folder ({exc.strerror or exc})") from None
         recover(self.folder)
-        preparing = tempfile.mkdtemp(prefix=PREPARING, dir=self.folder)
-        lock = os.path.join(preparing, LOCK)
-        self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try_lock(self._lock_fd, blocking=True)
-        if os.fstat(self._lock_fd).st_ino != os.stat(lock).st_ino:  # a recovery took the folder meanwhile
-            os.close(self._lock_fd)
-            raise EMAFileError(f"{preparing}: removed by another process while this save was starting; save again")
-        os.write(self._lock_fd, owner_note().encode())
-        self.tmp = os.path.join(self.folder, PREFIX + os.path.basename(preparing)[len(PREPARING):])
-        os.rename(preparing, self.tmp)  # the lock is held on the inode: it moves with the folder
+        self._lock_fd = -1
+        try:
+            preparing = tempfile.mkdtemp(prefix=PREPARING, dir=self.folder)
+            lock = os.path.join(preparing, LOCK)
+            self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try_lock(self._lock_fd, blocking=True)
+            if os.fstat(self._lock_fd).st_ino != os.stat(lock).st_ino:  # a recovery took the folder meanwhile
+                raise FileNotFoundError(lock)
+            os.write(self._lock_fd, owner_note().encode())
+            self.tmp = os.path.join(self.folder, PREFIX + os.path.basename(preparing)[len(PREPARING):])
+            os.rename(preparing, self.tmp)  # the lock is held on the inode: it moves with the folder
+        except OSError as exc:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+            raise EMAFileError(f"{self.folder}: cannot start a checkpoint save here ({exc.strerror or exc}); nothing "
+                               "was changed") from None
         _OWN[self.tmp] = self
         self.published = False
 
     def path(self, relative: str) -> str:
         """Where to write the file ``relative`` (a name, or ``sub/name``) of the set."""
-        if not _safe_relative(relative):
-            raise EMAFileError(f"{relative!r}: not a file name inside the checkpoint folder")
+        if not _inside(self.folder, relative):
+            raise EMAFileError(f"{self.folder}: {relative} leads out of the folder (.., an absolute path, or a symbolic "
+                               "link on the way); this checkpoint set is not saved")
         target = os.path.join(self.tmp, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         return target
@@ -292,7 +321,8 @@ class StagedWrite:
     def close(self) -> None:
         """Remove the staging folder, its lock file last (a kill meanwhile leaves a folder a recovery removes)."""
         _OWN.pop(self.tmp, None)
-        _remove_staging(self.tmp)
+        if not getattr(self, "_keep", False):
+            _remove_staging(self.tmp)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -300,8 +330,24 @@ class StagedWrite:
     def __enter__(self) -> "StagedWrite":
         return self
 
+    def _finish_committed(self) -> None:
+        """A publish interrupted after its commit (an exception, Ctrl-C): finish it, as recovery would after a kill,
+        so that the new set is whole instead of mixed."""
+        journal = _journal(self.tmp) if os.path.isdir(self.tmp) else None
+        if journal and not self.published:
+            try:
+                _move_into_place(self.tmp, self.folder, journal[0], check_present=False)
+                _remove_stale(self.folder, [r for r in journal[1] if r not in journal[0]])
+                self.published = True
+            except OSError as exc:  # left to the next recovery: keep the staging folder and its journal
+                logger.warning("EMA: %s: a committed save could not be finished now (%s); the next save or resume "
+                               "in this folder finishes it", self.folder, exc.strerror or exc)
+                self._keep = True
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
+            if exc_type is not None:
+                self._finish_committed()
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 needed = self.staged_bytes() if os.path.isdir(self.tmp) else 0
                 from ema_callback.files.checkpoint_io import free_space
@@ -311,6 +357,10 @@ class StagedWrite:
                                    "previous one before it replaces it, so it needs room for a second copy of the set "
                                    f"({needed / 2**20:,.1f} MiB were written when the disk filled); the previous set "
                                    "is whole") from None
+            if isinstance(exc, OSError):
+                raise EMAFileError(f"{self.folder}: the checkpoint set could not be saved ({exc.strerror or exc}); "
+                                   f"{'the new set is whole' if self.published else 'the previous set is whole'}") \
+                    from None
         finally:
             self.close()
         return False

@@ -154,7 +154,20 @@ class _Obj:
 
 _MARK = object()
 _SCALAR_KINDS = ("none", "bool", "int", "float", "str", "bytes")
-_MUTABLE = ("list", "dict", "set", "array", "dtype")
+_HASH_MODULUS = 2 ** 61 - 1  # CPython hashes ints modulo this: larger ones can be made to collide at will
+_TEXT_CODECS = ("utf-8", "utf8", "latin1", "latin-1", "ascii")
+
+
+def _check_keys(keys: List["_Obj"], what: str) -> None:
+    """Keys of a dict or items of a set: strings, booleans, None and ints below 2**61 - 1 (``paddle.save`` writes
+    string keys). Others are refused: tuples or floats could be crafted to collide in the hash table (quadratic
+    time), and large ints collide by construction."""
+    for key in keys:
+        if key.kind in ("str", "bool", "none"):
+            continue
+        if key.kind == "int" and isinstance(key.value, int) and abs(key.value) < _HASH_MODULUS:
+            continue
+        raise UnsafePickle(f"a {what} of kind {key.kind} (only strings and small integers are read as keys)")
 
 
 def _dtype_itemsize(text: Any) -> Optional[int]:
@@ -218,6 +231,8 @@ def _decimal(data, pos, size):
     line, pos = _line(data, pos, size)
     if line in (b"00", b"01"):
         return line == b"01", pos
+    if len(line) > 160:
+        raise UnsafePickle(f"a number line of {len(line):,} digits at offset {pos:,}")
     try:
         return int(line.rstrip(b"L")), pos
     except ValueError:
@@ -235,8 +250,8 @@ def _long(length_fmt: Optional[str]):
 
     def read(data, pos, size):
         (length, _, _), end = counted(data, pos, size)
-        if length > 4096:
-            raise UnsafePickle(f"an integer of {length:,} bytes at offset {pos:,}")
+        if length > 64:
+            raise UnsafePickle(f"an integer of {length:,} bytes at offset {pos:,} (at most 64 are read)")
         return int.from_bytes(data[end - length:end], "little", signed=True), end
     return read
 
@@ -314,6 +329,10 @@ class _Scan:
     def _add_to(self, target: Any, kinds: tuple, items: List[_Obj], what: str) -> None:
         if target is _MARK or target.kind not in kinds:
             raise UnsafePickle(f"{what} into a {getattr(target, 'kind', 'mark')}")
+        if target.kind == "dict":
+            _check_keys(items[0::2], "dict key")
+        elif target.kind == "set":
+            _check_keys(items, "set item")
         if target.shared:
             raise UnsafePickle(f"{what} into a container after it was referenced (paddle.save never does that)")
         for item in items:
@@ -334,6 +353,9 @@ class _Scan:
         if kind in ("builtins.tuple", "builtins.list", "builtins.set", "builtins.frozenset", "builtins.dict"):
             if len(a) > 1 or (a and a[0].kind not in ("list", "tuple", "dict", "set", "frozenset")):
                 raise UnsafePickle(f"{kind} called with other arguments than one container")
+            if a and kind in ("builtins.set", "builtins.frozenset", "builtins.dict") and a[0].kind != "dict":
+                if a[0].items is None or a[0].nodes > 1:  # its items are not known here: only an empty one
+                    raise UnsafePickle(f"{kind} built from a {a[0].kind} (its items would be hashed unchecked)")
             made.kind = {"builtins.tuple": "tuple", "builtins.list": "list", "builtins.set": "set",
                          "builtins.frozenset": "frozenset", "builtins.dict": "dict"}[kind]
             return made
@@ -344,11 +366,15 @@ class _Scan:
             if kind == "builtins.bytearray" and a and a[0].kind not in ("bytes", "str"):
                 raise UnsafePickle("builtins.bytearray called with a size (it would allocate from a number in the "
                                    "file); only bytes or a string are read")
+            if len(a) == 2 and (a[1].kind != "str" or str(a[1].value).lower() not in _TEXT_CODECS):
+                raise UnsafePickle(f"{kind} called with the encoding {str(a[1].value)[:20]!r} (only "
+                                   f"{', '.join(_TEXT_CODECS)} are read)")
             made.kind = {"builtins.str": "str", "builtins.bytearray": "bytes"}.get(kind, "int")
             return made
         if kind == "odict":
-            if len(a) > 1 or (a and a[0].kind not in ("list", "tuple")):
-                raise UnsafePickle("collections.OrderedDict called with other arguments than pairs")
+            if len(a) > 1 or (a and (a[0].kind not in ("list", "tuple") or a[0].nodes > 1)):
+                raise UnsafePickle("collections.OrderedDict called with pairs (its keys would be hashed unchecked); "
+                                   "paddle.save writes OrderedDict() then its items")
             made.kind = "dict"
             return made
         if kind == "encode":
@@ -490,6 +516,8 @@ class _Scan:
                 items = self._pop_mark()
                 if name == "DICT" and len(items) % 2:
                     raise UnsafePickle("DICT of an odd number of items")
+                if name in ("DICT", "FROZENSET"):
+                    _check_keys(items[0::2] if name == "DICT" else items, "dict key" if name == "DICT" else "set item")
                 self._push(self._container(name.lower(), items, keep=name == "TUPLE"))
             elif name == "APPEND":
                 item = self._pop()

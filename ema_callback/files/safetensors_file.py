@@ -22,7 +22,7 @@ import numpy as np
 
 from ema_callback.errors import EMAFileError, one_line
 
-MAX_HEADER = 100_000_000  # the safetensors library's own limit
+MAX_HEADER = 16 << 20  # a snapshot's header lists its tensors: ~100 bytes each (the library itself allows 100 MB)
 DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "F16": np.float16,
           "U32": np.uint32, "I32": np.int32, "F32": np.float32, "U64": np.uint64, "I64": np.int64,
           "F64": np.float64}
@@ -107,8 +107,12 @@ class SafetensorsFile:
         if size > MAX_HEADER or size > self.size - 8:
             raise EMAFileError(f"{path}: not a safetensors file (a header of {size:,} bytes declared; the file holds "
                                f"{self.size - 8:,} after the length, and at most {MAX_HEADER:,} are read)")
+        text = self._read(fd, 8, size)
+        containers = text.count(b"{") + text.count(b"[")
+        if containers > size // 16 + 16:  # a tensor entry is ~60 bytes with 3 of them: '{},{},...' is not
+            raise EMAFileError(f"{path}: damaged safetensors header ({containers:,} objects in {size:,} bytes)")
         try:
-            header = json.loads(self._read(fd, 8, size).decode("utf-8"))
+            header = json.loads(text.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise EMAFileError(f"{path}: damaged safetensors header ({type(exc).__name__}: {one_line(exc, 100)})") \
                 from None

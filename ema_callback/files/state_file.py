@@ -1,5 +1,5 @@
 """The ``.pdema`` file: the EMA state beside a suite's checkpoint, each tensor stored once per checkpoint set,
-signed with a digest and checked whole before anything uses it.
+with a digest of its payload, and checked whole before anything uses it.
 
 A ``.pdema`` holds the engine's ``state_dict()`` (counters, settings, the uncorrected shadow, copied tensors) and,
 where a way in needs them, the raw weights. Its *companions* are the files of the same prefix that the suite (or
@@ -66,6 +66,11 @@ def fingerprint(arrays: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def arrays_fingerprint(loaded: Mapping[str, Any]) -> str:
+    """``fingerprint`` of the arrays of a loaded ``.pdparams`` (other entries left out)."""
+    return fingerprint({k: v for k, v in loaded.items() if isinstance(v, np.ndarray)})
+
+
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -85,7 +90,7 @@ def _feed(digest, value: Any) -> None:
         digest.update(f"A{array.dtype.str}{array.shape};".encode())
         digest.update(memoryview(array).cast("B") if array.size else b"")
     elif isinstance(value, int):
-        digest.update(f"I{value};".encode())
+        digest.update(f"I{value:x};".encode())  # hexadecimal: no digit limit (decimal stops at 4,300 digits)
     elif isinstance(value, float):
         digest.update(f"F{value.hex()};".encode())
     elif isinstance(value, str):
@@ -113,8 +118,8 @@ def payload_digest(state: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def signed(state: Mapping[str, Any]) -> Dict[str, Any]:
-    """``state`` with its ``digest``."""
+def with_digest(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """``state`` with its ``digest`` (a checksum anyone can recompute: it detects damage, not intent)."""
     out = dict(state)
     out[DIGEST] = payload_digest(out)
     return out
@@ -130,12 +135,15 @@ def _same_bits(a: Any, b: Any) -> bool:
 
 
 def store_once(state: Mapping[str, Any], companions: Mapping[str, Mapping[str, np.ndarray]],
-               files: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+               files: Optional[Mapping[str, str]] = None,
+               fingerprints: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """``state`` with every section entry a companion holds bit for bit replaced by a reference to it, the file
-    companions fingerprinted, and signed.
+    companions fingerprinted, and its digest added.
 
     ``companions`` maps a suffix (``".pdparams"``) to the arrays that ``<prefix><suffix>`` holds; ``files`` maps a
-    suffix of ``FILE_COMPANIONS`` to the path of the file written for this set (its bytes are fingerprinted).
+    suffix of ``FILE_COMPANIONS`` to the path of the file written for this set (its bytes are fingerprinted);
+    ``fingerprints``: the companions' ``fingerprint`` where the caller has it already (one set saved under several
+    names).
     """
     out = dict(state)
     references = []
@@ -150,11 +158,21 @@ def store_once(state: Mapping[str, Any], companions: Mapping[str, Mapping[str, n
                 taken[section] = names
                 kept = set(values) - set(names)
                 out[section] = {name: value for name, value in values.items() if name in kept}
-        references.append({"suffix": suffix, "sha1": fingerprint(arrays), "sections": taken})
-    for suffix, path in (files or {}).items():
-        references.append({"suffix": suffix, "sha256": file_sha256(path), "sections": {}})
+        sha1 = (fingerprints or {}).get(suffix) or fingerprint(arrays)
+        references.append({"suffix": suffix, "sha1": sha1, "sections": taken})
     out[COMPANIONS] = references
-    return signed(out)
+    for suffix, path in (files or {}).items():
+        out = add_file_companion(out, suffix, path)
+    return with_digest(out)
+
+
+def add_file_companion(state: Mapping[str, Any], suffix: str, path: str) -> Dict[str, Any]:
+    """``state`` that also fingerprints the file ``path`` (a ``FILE_COMPANIONS`` suffix of its set), digest
+    renewed: a ``.pdopt`` or ``.states`` written after the state (ppdet writes its ``.pdopt`` last)."""
+    out = dict(state)
+    out[COMPANIONS] = list(out.get(COMPANIONS) or []) + [{"suffix": suffix, "sha256": file_sha256(path),
+                                                          "sections": {}}]
+    return with_digest(out)
 
 
 def _check_references(references: Any, path: str) -> list:
@@ -189,16 +207,15 @@ def resolve(state: Dict[str, Any], path: str) -> Dict[str, Any]:
     for reference in references:
         suffix = reference["suffix"]
         companion = prefix + suffix
+        if suffix in FILE_COMPANIONS:  # a missing one was left out on purpose (model.load(reset_optimizer=True))
+            if os.path.isfile(companion) and file_sha256(companion) != reference["sha256"]:
+                raise _stale(path, companion)
+            continue
         if not os.path.isfile(companion):
             raise EMAFileError(f"{path}: its companion {companion} is missing, so the checkpoint set is incomplete; "
                                "restore it, or resume from another checkpoint")
-        if suffix in FILE_COMPANIONS:
-            if file_sha256(companion) != reference["sha256"]:
-                raise _stale(path, companion)
-            continue
         arrays = checked_load(companion)
-        if not isinstance(arrays, dict) or fingerprint({k: v for k, v in arrays.items()
-                                                        if isinstance(v, np.ndarray)}) != reference["sha1"]:
+        if not isinstance(arrays, dict) or arrays_fingerprint(arrays) != reference["sha1"]:
             raise _stale(path, companion)
         for section, names in reference["sections"].items():
             missing = [n for n in names if n not in arrays]
@@ -233,8 +250,13 @@ def _count(state: Mapping[str, Any], name: str, path: str, required: bool = True
 
 
 def _fraction(value: Any) -> bool:
-    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_)) \
-        and math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.floating, np.integer)):
+        return False
+    try:
+        number = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(number) and 0.0 <= number <= 1.0
 
 
 def _tensors(state: Mapping[str, Any], name: str, path: str, finite: bool, kinds: str = "biufc") -> None:
@@ -254,10 +276,8 @@ def _tensors(state: Mapping[str, Any], name: str, path: str, finite: bool, kinds
 
 
 def check_fields(state: Mapping[str, Any], path: str) -> None:
-    """Every field of a resolved state has the type and range the engine writes (see the module docstring)."""
-    from ema_callback.config.schema import EMAConfig
-    from ema_callback.errors import EMAConfigError
-
+    """Every field of a resolved state has the type and range the engine writes (see the module docstring); the
+    ``config`` entry's keys are checked against the schema by the engine (``core.engine_state``)."""
     steps = _count(state, "num_steps", path)
     updates = _count(state, "num_updates", path)
     skipped = _count(state, "num_skipped", path, required=False)
@@ -269,10 +289,7 @@ def check_fields(state: Mapping[str, Any], path: str) -> None:
     config = state.get("config")
     if not isinstance(config, Mapping):
         raise _field(path, "config", "a mapping of EMA: keys", config)
-    try:
-        parsed = EMAConfig.from_block(config)
-    except EMAConfigError as exc:
-        raise EMAFileError(f"{path}: field config: {exc}") from None
+    nan_guard = config.get("nan_guard", True) is not False
     labels = state.get("labels", ["ema"])
     if not isinstance(labels, list) or not labels or not all(isinstance(l, str) and len(l) <= 64 for l in labels):
         raise _field(path, "labels", "a list of names", labels)
@@ -294,12 +311,12 @@ def check_fields(state: Mapping[str, Any], path: str) -> None:
         if not isinstance(values, list) or (name != "decays" and len(values) != len(labels)) or not all(
                 (allowed_none and v is None) or _fraction(v) for v in values):
             raise _field(path, name, f"a list of {len(labels)} numbers in [0, 1]", values)
-    _tensors(state, "shadow", path, finite=parsed.nan_guard, kinds="f")
+    _tensors(state, "shadow", path, finite=nan_guard, kinds="f")
     for name in ("copies", "raw_weights"):
         _tensors(state, name, path, finite=False)
     shadow = state.get("shadow") or {}
     for j, values in enumerate(others, start=1):
-        _tensors({"shadows": values}, "shadows", path, finite=parsed.nan_guard, kinds="f")
+        _tensors({"shadows": values}, "shadows", path, finite=nan_guard, kinds="f")
         if set(values) != set(shadow) or any(np.shape(values[k]) != np.shape(shadow[k]) for k in shadow):
             raise EMAFileError(f"{path}: field shadows[{j}]: other tensor names or shapes than the primary shadow")
     run_id = state.get("run_id")
@@ -323,21 +340,23 @@ def verify(state: Any, path: str) -> Dict[str, Any]:
         stored = state.get(DIGEST)
         try:
             actual = payload_digest(state)
-        except TypeError as exc:
-            raise EMAFileError(f"{path}: field {DIGEST}: the payload holds {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EMAFileError(f"{path}: field {DIGEST}: the payload cannot be digested ({one_line(exc, 80)})") \
+                from None
         if stored != actual:
             raise EMAFileError(f"{path}: the digest does not match the payload (the file was changed or damaged "
                                "after it was written); nothing of it was used")
     return state
 
 
-def read_state(path: str, key: Optional[str] = None) -> Dict[str, Any]:
+def read_state(path: str, key: Optional[str] = None, data: Any = None) -> Dict[str, Any]:
     """The complete EMA state in ``path`` (or in its entry ``key``), verified, companions resolved, fields checked.
 
     Returns the whole file's dict (other entries such as ``raw_weights`` included); without ``key`` the file must
-    be an ema-callback state. Nothing outside the file is changed.
+    be an ema-callback state. ``data``: the file as ``checked_load`` read it, where the caller has it. Nothing
+    outside the file is changed.
     """
-    data = checked_load(path)
+    data = checked_load(path) if data is None else data
     if not isinstance(data, dict):
         raise EMAFileError(f"{path}: not an ema-callback state (a {type(data).__name__})")
     state = verify(data.get(key) if key is not None else data, path)

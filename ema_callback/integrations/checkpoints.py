@@ -22,7 +22,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ema_callback.files.checkpoint_io import EMAFileError, checked_load
+from ema_callback.errors import EMAFileError
+from ema_callback.files.checkpoint_io import checked_load
 from ema_callback.files.state_file import read_state
 
 logger = logging.getLogger("ema_callback")
@@ -61,9 +62,9 @@ def raw_weights_in(path: str) -> Dict[str, np.ndarray]:
     """The raw weights a ``.pdema`` holds: ours (``raw_weights``) or ppdet's convention (the file's tensors)."""
     data = checked_load(path)
     if isinstance(data, dict) and "format" in data:
-        return dict(read_state(path).get("raw_weights") or {})
+        return dict(read_state(path, data=data).get("raw_weights") or {})
     if isinstance(data, dict) and STATE_KEY in data:  # det-train's file: ppdet's raw weights + our state
-        data = read_state(path, key=STATE_KEY)  # refuses a damaged or stale state (its .pdparams overwritten since)
+        data = read_state(path, key=STATE_KEY, data=data)  # refuses a damaged or stale state
     if not isinstance(data, dict):
         raise EMAFileError(f"{path}: expected a state dict of weights, found a {type(data).__name__}")
     return {k: v for k, v in data.items() if isinstance(v, np.ndarray)}
@@ -74,30 +75,39 @@ def _differs(model_state: Mapping[str, Any], weights: Mapping[str, np.ndarray]) 
                for name in weights)
 
 
-def check_missing_state(checkpoint: str, config, log=logger) -> bool:
-    """A resumed checkpoint without its ``.pdema``: one line, and the EMA starts anew from the loaded weights; refused
-    when the folder's set index (``files.set_index``) says these ``.pdparams`` hold EMA weights (a resume would train
-    on them as raw), unless ``EMA.restart`` says to start anew from them."""
+def _holds_ema_weights(checkpoint: str) -> Optional[str]:
+    """What the folder's set index (``files.set_index``) says ``<checkpoint>.pdparams`` hold, when that is an EMA
+    (its label) and their fingerprint still matches; else None."""
     from ema_callback.files.set_index import entry_of
-    from ema_callback.files.state_file import fingerprint
+    from ema_callback.files.state_file import arrays_fingerprint
 
-    path = ema_file(checkpoint)
     prefix = checkpoint_prefix(checkpoint)
     folder, name = os.path.split(os.path.abspath(prefix))
     entry = entry_of(folder, name) or entry_of(os.path.dirname(folder), os.path.basename(folder) + "/" + name)
-    held_ema = entry is not None and entry["hold"] != "raw" and os.path.isfile(prefix + ".pdparams")
-    if held_ema and entry["sha1"] is not None:
+    if entry is None or entry["hold"] == "raw" or not os.path.isfile(prefix + ".pdparams"):
+        return None
+    if entry["sha1"] is not None:
         arrays = checked_load(prefix + ".pdparams")
-        held_ema = isinstance(arrays, dict) and fingerprint(
-            {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}) == entry["sha1"]
-    if held_ema and not config.restart:
-        raise EMAFileError(f"{prefix}.pdparams: hold the EMA weights ({entry['hold']}) of the run that saved them, and "
-                           f"their {os.path.basename(path)} (the raw weights) is missing, so a resume would train on "
-                           f"EMA weights as raw; restore {os.path.basename(path)}, or set EMA.restart: true "
+        if not isinstance(arrays, dict) or arrays_fingerprint(arrays) != entry["sha1"]:
+            return None
+    return entry["hold"]
+
+
+def check_missing_state(checkpoint: str, config, log=logger) -> bool:
+    """A resumed checkpoint without its ``.pdema``: one line, and the EMA starts anew from the loaded weights; refused
+    when the folder's set index says these ``.pdparams`` hold EMA weights (a resume would train on them as raw),
+    unless ``EMA.restart`` says to start anew from them."""
+    path = ema_file(checkpoint)
+    prefix = checkpoint_prefix(checkpoint)
+    held = _holds_ema_weights(checkpoint)
+    if held and not config.restart:
+        raise EMAFileError(f"{prefix}.pdparams: hold the EMA weights ({held}) of the run that saved them, and their "
+                           f"{os.path.basename(path)} (the raw weights) is missing, so a resume would train on EMA "
+                           f"weights as raw; restore {os.path.basename(path)}, or set EMA.restart: true "
                            "(-o EMA.restart=true, EMACallback(restart=True)) to start a new EMA from them as raw")
     log.warning("EMA: %s has no EMA state beside it (%s): the EMA starts from the loaded weights at update 0%s",
                 prefix + ".pdparams", os.path.basename(path),
-                " (EMA.restart: they are the EMA weights of the run that saved them)" if held_ema else "")
+                " (EMA.restart: they are the EMA weights of the run that saved them)" if held else "")
     return True
 
 
@@ -112,15 +122,25 @@ def resume_ema(ema, checkpoint: str, network, log=logger) -> bool:
     raw = state.get("raw_weights")
     if raw:
         network.set_state_dict(raw)
+    claim = getattr(ema.features.get("posthoc"), "claim_folder", None)
+    if claim is not None:  # now that the load succeeded: snapshots later than its step move aside
+        claim()
     log.info("EMA: resumed from %s at optimizer step %d (%d updates); raw weights %s", path, ema.num_steps,
              ema.num_updates, "restored from it" if raw else "from the checkpoint")
     return True
 
 
-def restore_raw_weights(checkpoint: str, network, how_to_keep: str, log=logger) -> bool:
-    """EMA is off, the resumed checkpoint has a ``.pdema``: train on from its raw weights, in one line."""
+def restore_raw_weights(checkpoint: str, network, how_to_keep: str, config=None, log=logger) -> bool:
+    """EMA is off, the resumed checkpoint has a ``.pdema``: train on from its raw weights, in one line. Without its
+    ``.pdema``, ``.pdparams`` the folder's set index says hold EMA weights are refused (unless ``EMA.restart``)."""
     path = ema_file(checkpoint)
     if not os.path.exists(path):
+        if _holds_ema_weights(checkpoint) and not getattr(config, "restart", False):
+            raise EMAFileError(f"{checkpoint_prefix(checkpoint)}.pdparams: hold the EMA weights of the run that saved "
+                               f"them, and their {os.path.basename(path)} (the raw weights) is missing, so this run "
+                               f"would train on EMA weights as raw; restore {os.path.basename(path)}, or set "
+                               "EMA.restart: true (-o EMA.restart=true, EMACallback(restart=True)) to train on from "
+                               "them as raw")
         return False
     raw = raw_weights_in(path)
     if not raw:
@@ -158,7 +178,7 @@ def describe_start_weights(weights: str, option: str, log=logger) -> Optional[st
 
 
 def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[str, np.ndarray]],
-                   held: Mapping[str, np.ndarray], save_as: str = "ema", candidate: Optional[str] = None) -> None:
+                   held: Mapping[str, np.ndarray], save_as: str = "ema", candidate: Optional[str] = None) -> str:
     """Write ``<prefix>.pdema`` (and with ``save_as: raw`` ``<prefix>.ema.pdparams``) for each of ``prefixes``,
     each tensor once per set. One checkpoint saved under several names (PaddleOCR's ``best_accuracy`` and
     ``best_model/model``) is built and fingerprinted once; each ``.pdema`` also fingerprints the ``.pdopt`` and
@@ -168,10 +188,11 @@ def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[
     ``raw``: the raw weights (None where the suite keeps them itself, as ppdet's ``.pdema`` does);
     ``candidate``: which candidate the suite selected (with several EMAs or ``select: best``): recorded as what the
     ``.pdparams`` hold, or under ``save_as: raw`` (whose ``.pdparams`` hold the raw weights) as what
-    ``.ema.pdparams`` holds (the selected EMA, or the primary when raw won).
+    ``.ema.pdparams`` holds (the selected EMA, or the primary when raw won). Returns the ``.pdparams``'
+    fingerprint (``state_file.fingerprint`` of ``held``).
     """
     from ema_callback.files.checkpoint_io import atomic_write_bytes, saved_bytes
-    from ema_callback.files.state_file import FILE_COMPANIONS, store_once
+    from ema_callback.files.state_file import FILE_COMPANIONS, fingerprint, store_once
 
     companions: Dict[str, Mapping[str, np.ndarray]] = {".pdparams": held}
     files: Dict[str, bytes] = {}
@@ -186,10 +207,13 @@ def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[
             state["pdparams_hold"], state["ema_pdparams_hold"] = "raw", label
     elif candidate is not None:
         state["pdparams_hold"] = candidate
+    sha1s = {suffix: fingerprint(arrays) for suffix, arrays in companions.items()}
     for prefix in prefixes:
         beside = {suffix: prefix + suffix for suffix in FILE_COMPANIONS if os.path.isfile(prefix + suffix)}
-        for suffix, data in dict(files, **{".pdema": saved_bytes(store_once(state, companions, beside))}).items():
+        pdema = saved_bytes(store_once(state, companions, beside, sha1s))
+        for suffix, data in dict(files, **{".pdema": pdema}).items():
             atomic_write_bytes(data, prefix + suffix)
+    return sha1s[".pdparams"]
 
 
 STALE_SUFFIXES = (".pdema", ".ema.pdparams")  # what a set saved again with the EMA off must not keep
@@ -200,11 +224,11 @@ def stale_state_files(names: Sequence[str]) -> list:
     return [name + suffix for name in names for suffix in STALE_SUFFIXES]
 
 
-def check_checkpoint_files(prefix: str, suffixes: Sequence[str], option: str) -> None:
+def check_checkpoint_files(prefix: str, suffixes: Sequence[str], option: str, verify_state: bool = True) -> None:
     """Before a suite's own code unpickles the files of a checkpoint set: finish or undo a save killed in that folder
     (``checkpoint_set.recover``), then read every file of ``prefix`` + ``suffixes`` that exists with the bounded,
-    code-free reader (an ema-callback ``.pdema`` is verified whole: digest, fields, companions); one line naming
-    ``option`` and the file refuses it."""
+    code-free reader (with ``verify_state``, an ema-callback ``.pdema`` is also verified whole: digest, fields,
+    companions); one line naming ``option`` and the file refuses it."""
     from ema_callback.files.checkpoint_set import recover
     from ema_callback.files.state_file import read_state
 
@@ -214,7 +238,8 @@ def check_checkpoint_files(prefix: str, suffixes: Sequence[str], option: str) ->
     try:
         for path in present:  # every file read safely first (one at a time: nothing kept)
             data = checked_load(path)
-            if path.endswith(".pdema") and isinstance(data, dict) and ("format" in data or STATE_KEY in data):
+            if verify_state and path.endswith(".pdema") and isinstance(data, dict) and (
+                    "format" in data or STATE_KEY in data):
                 ours[path] = None if "format" in data else STATE_KEY
             del data
         for path, key in ours.items():  # then our .pdema verified whole (digest, fields, companions)

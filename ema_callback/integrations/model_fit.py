@@ -43,7 +43,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import numpy as np
 
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
-from ema_callback.errors import EMAError
+from ema_callback.errors import EMAError, EMAFileError
 from ema_callback.config.files import check_section_name, read_yaml
 from ema_callback.core.paddle_compat import paddle
 from ema_callback.core.engine import ExponentialMovingAverage
@@ -242,10 +242,11 @@ class EMACallback(paddle.callbacks.Callback):
                 result = original(stage.path(name), training)
                 stale = []
                 if self.ema is not None and is_rank0():  # .pdparams hold what the network holds now
-                    held, arrays = self.ema.applied_label or RAW, numpy_state(self.network)
-                    save_ema_state(self.ema, [stage.path(name)], self.network, self.raw_state_dict(), arrays,
-                                   candidate=held if self.board is not None and self.board.active else None)
-                    stage.record_sets({name: {"hold": held, "sha1": fingerprint(arrays)}})
+                    held = self.ema.applied_label or RAW
+                    sha1 = save_ema_state(self.ema, [stage.path(name)], self.network, self.raw_state_dict(),
+                                          numpy_state(self.network),
+                                          candidate=held if self.board is not None and self.board.active else None)
+                    stage.record_sets({name: {"hold": held, "sha1": sha1}})
                 elif is_rank0():  # EMA off: an earlier EMA run's .pdema under this name no longer belongs here
                     stale = [f for f in stale_state_files([name]) if os.path.isfile(os.path.join(folder, f))]
                     if stale:
@@ -300,6 +301,9 @@ class EMACallback(paddle.callbacks.Callback):
             counter = OptimizerStepCounter(model._optimizer, read_found_inf=not self.ema.deferred)
             try:
                 return original(*args, **kwargs)
+            except BaseException:
+                self._release_locks()  # fit ends here without on_train_end: its folders are free again
+                raise
             finally:
                 counter.close()
                 self._pending_updates += counter.pop_flags()
@@ -409,7 +413,10 @@ class EMACallback(paddle.callbacks.Callback):
             self._told_off = True
         source = self._resume_source() if self.resume or loaded_checkpoint(self.model) else None
         if source is not None:
-            restore_raw_weights(source, self.network, "pass enable=True to continue the EMA as well")
+            restore_raw_weights(source, self.network, "pass enable=True to continue the EMA as well",
+                                config=self.config)
+        self._fit_dir = _fit_save_dir()
+        self._lock_folders()  # its saves may remove an earlier EMA run's .pdema: one run per folder still
         self._install_save_hook()
 
     def on_epoch_begin(self, epoch=None, logs=None) -> None:
@@ -423,6 +430,7 @@ class EMACallback(paddle.callbacks.Callback):
 
     def on_train_end(self, logs=None) -> None:
         if self.ema is None:
+            self._release_locks()
             return
         self._restore_raw()
         self._flush_updates()
@@ -619,7 +627,7 @@ def _record_model_loads() -> None:
     @functools.wraps(original)
     def load(self, path, *args, **kwargs):
         prefix = checkpoint_prefix(str(path))
-        check_checkpoint_files(prefix, (".pdparams", ".pdopt", ".pdema"), f"Model.load({path!r})")
+        check_checkpoint_files(prefix, (".pdparams", ".pdopt", ".pdema"), f"Model.load({path!r})", verify_state=False)
         result = original(self, path, *args, **kwargs)
         setattr(self, LOADED, (prefix, _weights_fingerprint(self.network)))
         return result

@@ -66,11 +66,19 @@ DET_ONLY_UNSUPPORTED = {"save_as": "ema"}
 
 
 # ---------------------------------------------------------------------------- configuration
-def load_ppdet_yaml(path: str, _seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+MAX_BASE_FILES = 64  # a ppdet config reads 5-10; a file listed twice at every level would make it exponential
+
+
+def load_ppdet_yaml(path: str, _seen: Tuple[str, ...] = (), _count: Optional[List[int]] = None) -> Dict[str, Any]:
     """A ppdet config with its ``_BASE_`` files merged (later files and the file itself win)."""
     path = os.path.abspath(path)
     if path in _seen:
         raise EMAConfigError(f"{path}: _BASE_ includes itself")
+    _count = [0] if _count is None else _count
+    _count[0] += 1
+    if _count[0] > MAX_BASE_FILES:
+        raise EMAConfigError(f"{path}: more than {MAX_BASE_FILES} _BASE_ files read for one config (a file listed "
+                             "more than once at several levels?)")
     data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise EMAConfigError(f"{path}: expected a YAML mapping")
@@ -81,7 +89,7 @@ def load_ppdet_yaml(path: str, _seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
             raise EMAConfigError(f"{path}: _BASE_ entry {base!r} resolves to {os.path.abspath(base_path)}, which does "
                                  "not exist; _BASE_ paths are relative to the file that names them: fix the path "
                                  "(an absolute path into your PaddleDetection checkout works from anywhere)")
-        _deep_merge(merged, load_ppdet_yaml(base_path, _seen + (path,)))
+        _deep_merge(merged, load_ppdet_yaml(base_path, _seen + (path,), _count))
     _deep_merge(merged, {k: v for k, v in data.items() if k != "_BASE_"})
     return merged
 
@@ -299,7 +307,7 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 return super().resume_weights(weights)
             result = super().resume_weights(weights)  # EMA off: ppdet loads the .pdparams (EMA weights, if any)
             restore_raw_weights(weights, self.model, "drop EMA.enable=false (or use -o EMA.enable=true) to continue "
-                                "the EMA as well")
+                                "the EMA as well", config=config)
             return result
 
         def train(self, validate=False):
@@ -437,7 +445,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import ppdet.engine.callbacks as ppdet_callbacks
 
     original_save = ppdet_callbacks.save_model
-    locks = lock_run(suite.get("save_dir") or "output") if config.enable else []
+    locks = lock_run(suite.get("save_dir") or "output")  # EMA off too: its saves may remove a stale .pdema
     try:
         if config.enable or resume:  # with EMA off, only a resume needs our Trainer (raw weights back)
             ppdet.engine.Trainer = _make_trainer_class(config, extra)
@@ -476,7 +484,7 @@ def _staged_save_model(original, ema_enabled: bool):
     fingerprints the ``.pdopt`` ppdet wrote after it (so a mixed set is refused at resume); with it off, a ``.pdema``
     an earlier EMA run left under the same name is removed with the save (ppdet writes none then)."""
     from ema_callback.files.checkpoint_io import atomic_save
-    from ema_callback.files.state_file import COMPANIONS, file_sha256, signed
+    from ema_callback.files.state_file import COMPANIONS, add_file_companion
 
     def save_model(model, optimizer, save_dir, save_name, last_epoch, ema_model=None, *args, **kwargs):
         import paddle
@@ -489,11 +497,11 @@ def _staged_save_model(original, ema_enabled: bool):
             pdema, pdopt = stage.path(save_name + ".pdema"), stage.path(save_name + ".pdopt")
             state = model.get(STATE_KEY) if isinstance(model, dict) else None
             if isinstance(state, dict):
-                references = list(state.get(COMPANIONS) or [])
-                if os.path.isfile(pdopt):
-                    references.append({"suffix": ".pdopt", "sha256": file_sha256(pdopt), "sections": {}})
-                    atomic_save(dict(model, **{STATE_KEY: signed(dict(state, **{COMPANIONS: references}))}), pdema)
-                sha1 = next((r.get("sha1") for r in references if r.get("suffix") == ".pdparams"), None)
+                if os.path.isfile(pdopt):  # ppdet writes it after the .pdema: fingerprinted now, .pdema written again
+                    state = add_file_companion(state, ".pdopt", pdopt)
+                    atomic_save(dict(model, **{STATE_KEY: state}), pdema)
+                sha1 = next((r.get("sha1") for r in state.get(COMPANIONS) or [] if r.get("suffix") == ".pdparams"),
+                            None)
                 stage.record_sets({n: {"hold": state.get("pdparams_hold") or "ema", "sha1": sha1} for n in names})
             stale = [] if ema_enabled else [r for r in stale_state_files(names) if
                                             os.path.isfile(os.path.join(save_dir, r))]

@@ -41,7 +41,6 @@ from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.config.files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
 from ema_callback.files.checkpoint_set import StagedWrite
-from ema_callback.files.state_file import fingerprint
 from ema_callback.integrations.output_rollback import OutputGuard
 from ema_callback.integrations.suite_checkout import suite_errors_named
 
@@ -171,7 +170,7 @@ class PaddleOCRHooks:
             self._start_ema(model, optimizer, checkpoints, logger_, _batch_info(config, train_dataloader))
         elif checkpoints:
             restore_raw_weights(checkpoints, unwrap(model), "add -o EMA.enable=true (or resume with the run's own "
-                                "config.yml) to continue the EMA as well", logger_)
+                                "config.yml) to continue the EMA as well", config=self.config, log=logger_)
         result = self._originals["train"](config, train_dataloader, valid_dataloader, device, model, loss_class,
                                           optimizer, lr_scheduler, post_process_class, eval_class,
                                           pre_best_model_dict, logger_, *args, **kwargs)
@@ -251,9 +250,9 @@ class PaddleOCRHooks:
                                       **kwargs)
                     held, label = numpy_state(model), chosen
             if is_rank0():
-                save_ema_state(self.ema, [stage.path(r) for r in relatives], unwrap(model), raw, held,
-                               self.config.save_as, candidate=chosen if self.board.active else None)
-                stage.record_sets({r: {"hold": label, "sha1": fingerprint(held)} for r in relatives})
+                sha1 = save_ema_state(self.ema, [stage.path(r) for r in relatives], unwrap(model), raw, held,
+                                      self.config.save_as, candidate=chosen if self.board.active else None)
+                stage.record_sets({r: {"hold": label, "sha1": sha1} for r in relatives})
                 which = f"; {prefix}.pdparams hold {chosen}" if self.board.active else ""
                 logger.info("EMA: saved %s.pdema (%s%s)", os.path.join(model_path, prefix), self.ema.summary(), which)
             stage.publish(last=tuple(r + ".pdema" for r in relatives))
@@ -301,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     guard = OutputGuard(save_dir if config.enable else None)
     hooks = PaddleOCRHooks(program, config, guard if config.enable else None,
                            resolved_block=config.to_block() if wanted else None)
-    locks = lock_run(save_dir) if config.enable else []
+    locks = lock_run(save_dir)  # with the EMA off too: its saves may remove an earlier EMA run's .pdema
     try:
         with guard, hooks.installed(), suite_errors_named(root, "PaddleOCR"):
             runpy.run_path(train_script, run_name="__main__")
@@ -351,10 +350,16 @@ def _global_value(suite: Dict[str, Any], overrides: List[str], key: str) -> Any:
 def _check_start_files(suite: Dict[str, Any], overrides: List[str]) -> None:
     """Every file PaddleOCR's ``load_model`` will unpickle (``pickle.load``/``paddle.load``, which run any code a file
     names) is read first by the bounded, code-free reader: the set of ``Global.checkpoints`` (``.pdparams``,
-    ``.pdopt``, ``.states``, and our ``.pdema``) and ``Global.pretrained_model``; a file that fails is refused in one
-    line before PaddleOCR starts."""
+    ``.pdopt``, ``.states``, and our ``.pdema``), ``Global.pretrained_model`` and a distillation config's
+    ``Architecture.Models.*.pretrained``; a file that fails is refused in one line before PaddleOCR starts (a URL is
+    PaddleOCR's to download and read)."""
     for key, suffixes in (("checkpoints", (".pdparams", ".pdopt", ".states", ".pdema")),
                           ("pretrained_model", (".pdparams",))):
         value = _global_value(suite, overrides, key)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and "://" not in value:
             check_checkpoint_files(checkpoint_prefix(value), suffixes, f"Global.{key}")
+    models = (suite.get("Architecture") or {}).get("Models") if isinstance(suite.get("Architecture"), dict) else None
+    for name, sub in (models or {}).items() if isinstance(models, dict) else ():
+        value = sub.get("pretrained") if isinstance(sub, dict) else None
+        if isinstance(value, str) and value and "://" not in value:
+            check_checkpoint_files(checkpoint_prefix(value), (".pdparams",), f"Architecture.Models.{name}.pretrained")

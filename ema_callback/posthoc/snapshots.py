@@ -79,9 +79,12 @@ def run_of(path: str) -> str:
 
 
 def _number(value: Any, integer: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A number >= 0 (a whole one with ``integer``) below 2**62, finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         return False
-    return (isinstance(value, int) if integer else math.isfinite(value)) and value >= 0
+    if isinstance(value, int):
+        return 0 <= value < 2 ** 62
+    return math.isfinite(value) and value >= 0
 
 
 def check_header(header: Any, path: str, step_in_name: int) -> Dict[str, Any]:

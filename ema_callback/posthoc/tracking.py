@@ -80,8 +80,8 @@ class PosthocProfiles(Feature):
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.run_id = str(state.get("run_id") or LEGACY_RUN)  # the resumed run's series continues
         self.resumed_at = int(state["num_steps"])
-        self._claimed = None
-        self.claim_folder()
+        self._claimed = None  # claim_folder runs once the whole load succeeded (the way in calls it) or at the
+        # first snapshot
 
     def claim_folder(self) -> None:
         """On rank 0, once the folder is known: other runs' snapshots, and this run's later than the step it resumed
@@ -144,10 +144,18 @@ def move_aside(folder: str, run_id: str, resumed_at: Optional[int] = None) -> Li
             moved.setdefault(f"run-{run_id}-after-{resumed_at}", []).append(path)
     out = []
     for suffix, group in moved.items():
-        target = f"{folder.rstrip(os.sep)}-{suffix}"
-        os.makedirs(target, exist_ok=True)
-        for path in group:
-            os.replace(path, os.path.join(target, os.path.basename(path)))
+        target, n = f"{folder.rstrip(os.sep)}-{suffix}", 1
+        while os.path.lexists(target):  # moved aside before (a second resume from the same step): keep both
+            n += 1
+            target = f"{folder.rstrip(os.sep)}-{suffix}-{n}"
+        try:
+            os.makedirs(target)
+            for path in group:
+                os.replace(path, os.path.join(target, os.path.basename(path)))
+        except OSError as exc:
+            raise EMAFileError(f"EMA.posthoc: {folder}: snapshots of {suffix[4:]} could not be moved aside into "
+                               f"{target} ({exc.strerror or exc}); move them by hand or give EMA.posthoc.dir another "
+                               "folder") from None
         steps = [int(NAME.match(os.path.basename(p)).group(1)) for p in group]
         if "-after-" in suffix:
             logger.warning("EMA.posthoc: %s held %d snapshot(s) of this run (%s) later than the step it resumed from "
