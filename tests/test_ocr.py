@@ -167,6 +167,16 @@ def test_resume_from_the_runs_config_continues_the_ema_and_a_forgotten_ema_keeps
     assert f"training continues from the raw weights in {tmp_path}/part/iter_epoch_2.pdema" in log, log[-3000:]
     assert not os.path.exists(tmp_path / "forgot" / "latest.pdema")
     assert same_tensors(params(str(tmp_path / "forgot" / "latest.pdparams")), a["raw_weights"])
+    # the EMA off *in the EMA run's own folder* (issue 24.6): its save of latest removes latest.pdema with it, and a
+    # second resume, with the EMA back on, starts a new EMA from those raw weights, saying so (before: refused)
+    rc, log = ocr_train(plain, str(tmp_path / "part"), data, "rec",
+                        ["Global.epoch_num=5", f"Global.checkpoints={tmp_path}/part/latest", *common])
+    assert rc == 0, log[-3000:]
+    assert not os.path.exists(tmp_path / "part" / "latest.pdema") and "EMA: off; removed latest.pdema" in log
+    rc, log = ocr_train(plain, str(tmp_path / "part"), data, "rec",
+                        ["Global.epoch_num=6", f"Global.checkpoints={tmp_path}/part/latest", *common, *ema])
+    assert rc == 0, log[-3000:]
+    assert "latest.pdparams has no EMA state beside it (latest.pdema): the EMA starts from the loaded weights" in log
 
 
 def test_bad_input_gives_one_line_errors_and_touches_no_file(tmp_path, data):
