@@ -77,6 +77,49 @@ def test_posthoc_profiles(trajectory, backend, update_every, tmp_path):
                                        err_msg=f"profile {j} {name}")
 
 
+def reference_sparse_profile(init, states, names, gamma, k_engine, k_profile):
+    """A profile updated every ``k_profile`` EMA updates (the EMA updating every ``k_engine`` steps): its v-th
+    update at time t_v = (v k_profile + 1) k_engine steps, beta_v = (t_(v-1) / t_v)^(gamma+1) with t_(-1) = 0 (the
+    power-function average of the weights it saw; numpy float64, from the formula)."""
+    p = {n: init[n].astype(np.float64) for n in names}
+    u, times = 0, [0.0]
+    for step, weights in enumerate(states, start=1):
+        if step % k_engine:
+            continue
+        if u % k_profile == 0:
+            t = (u + 1) * k_engine
+            beta = (times[-1] / t) ** (gamma + 1.0)
+            p = {n: beta * p[n] + (1 - beta) * weights[n].astype(np.float64) for n in names}
+            times.append(float(t))
+        u += 1
+    return p, times[-1]
+
+
+@pytest.mark.parametrize("update_every", EVERY)
+@pytest.mark.parametrize("backend", STORES)
+def test_posthoc_profiles_updated_every_few_ema_updates(trajectory, backend, update_every, tmp_path):
+    """``posthoc.update_every: 4`` (what length: auto tracks): exact against the formula on both stores, the EMAs
+    untouched by it, and the snapshot's time is the profiles' last update."""
+    from ema_callback.posthoc.snapshots import load_snapshots
+
+    init, states = trajectory
+    steps = 61 * update_every
+    _, ema = run(trajectory, backend, steps, decay=0.99, update_every=update_every,
+                 posthoc={"sigma_rels": [0.05, 0.10], "snapshot_every": steps, "dir": str(tmp_path),
+                          "update_every": 4})
+    for j, gamma in enumerate(ema.features["posthoc"].gammas):
+        expected, time = reference_sparse_profile(init, states[:steps], averaged_names(ema), gamma, update_every, 4)
+        got = ema.averaged_numpy(ema.num_candidates + j)
+        for name in expected:
+            scale = max(float(np.abs(expected[name]).max()), 1e-3)
+            np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=2e-6 * scale,
+                                       err_msg=f"profile {j} {name}")
+    assert load_snapshots(str(tmp_path))[-1].time == time == (60 + 1) * update_every  # updates 0, 4, ..., 60
+    plain = reference_ema(init, states[:steps], averaged_names(ema), [], schedule="threshold", decay=0.99,
+                          update_every=update_every)
+    np.testing.assert_allclose(ema.averaged_numpy(0)["4.weight"], plain["4.weight"], rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("update_every", EVERY)
 @pytest.mark.parametrize("backend", STORES)
 def test_switch_puts_the_ema_into_the_weights_bit_for_bit(trajectory, backend, update_every):

@@ -108,7 +108,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("posthoc", None, "posthoc",
            "Post-hoc EMA (EDM2): a mapping turns it on: `sigma_rels` (tracked power-function profiles, default "
            "[0.05, 0.1]), `snapshot_every` optimizer steps or `snapshot_every_epochs`, `snapshot_dtype` "
-           "(float16|float32, default float16), `dir` (default: posthoc/ beside the checkpoints). "
+           "(float16|float32, default float16), `dir` (default: posthoc/ beside the checkpoints), `update_every` "
+           "(profiles updated every N EMA updates, default 1: exact for any N, a fraction of the cost). "
            "`ema-callback posthoc` reconstructs any other length afterwards."),
     Option("restart", False, "bool",
            "Resume a checkpoint whose `.pdema` is missing while its folder holds other EMA checkpoints (so its "
@@ -212,7 +213,7 @@ def _check_list(opt: Option, value: Any) -> Optional[List[float]]:
 
 
 POSTHOC_DEFAULTS = {"sigma_rels": [0.05, 0.10], "snapshot_every": 0, "snapshot_every_epochs": 0.0,
-                    "snapshot_dtype": "float16", "dir": None}
+                    "snapshot_dtype": "float16", "dir": None, "update_every": 1}
 
 
 def _check_posthoc(value: Any) -> Optional[Dict[str, Any]]:
@@ -251,6 +252,11 @@ def _check_posthoc(value: Any) -> Optional[Dict[str, Any]]:
         elif key == "dir":
             if item is not None and not (isinstance(item, str) and item):
                 raise EMAConfigError(f"{name}: expected a folder path, got {item!r}")
+            out[key] = item
+        elif key == "update_every":
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                raise EMAConfigError(f"{name}: expected a whole number >= 1 of EMA updates between profile "
+                                     f"updates, got {item!r}")
             out[key] = item
     if bool(out["snapshot_every"]) == bool(out["snapshot_every_epochs"]):
         raise EMAConfigError("EMA.posthoc.snapshot_every: give how often snapshots are taken, in optimizer steps "

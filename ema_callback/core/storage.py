@@ -229,16 +229,17 @@ class NumpyStore(ShadowStore):
                     else:
                         np.multiply(source, take, out=shadow)
             return True
-        if self.count > 1 and self.numel >= PARALLEL_MIN:  # the odd shadows on the second core
+        active = [j for j, w in enumerate(weights) if w != 0.0]  # weight 0 (a profile between its updates): untouched
+        if len(active) > 1 and self.numel >= PARALLEL_MIN:  # every other shadow on the second core
             if self._scratch2 is None:
                 self._scratch2 = np.empty_like(self._scratch)
-            other = _worker().submit(_lerp_chunks, pairs, range(1, self.count, 2), takes, self._scratch2)
+            other = _worker().submit(_lerp_chunks, pairs, active[1::2], takes, self._scratch2)
             try:
-                _lerp_chunks(pairs, range(0, self.count, 2), takes, scratch)
+                _lerp_chunks(pairs, active[0::2], takes, scratch)
             finally:
                 other.result()
         else:
-            _lerp_chunks(pairs, range(self.count), takes, scratch)
+            _lerp_chunks(pairs, active, takes, scratch)
         return True
 
     def numpy_values(self, shadow: int = 0) -> List[np.ndarray]:
@@ -370,8 +371,10 @@ class PaddleStore(ShadowStore):
                     paddle.full_like(t[:1], 1.0 - w).reshape([])
                 if j == 0:
                     new = t.lerp_(shadow, keep)  # t + d*(s - t) = s + (1-d)*(w - s): one fused pass, in place
-                else:
-                    new = paddle.lerp(t, shadow, keep)
+                else:  # s + (1-d)*(w - s), as the host store computes it: exactly s at weight 0 (a profile's pause)
+                    take = w.astype("float32") if isinstance(w, paddle.Tensor) else \
+                        paddle.full_like(t[:1], w).reshape([])
+                    new = paddle.lerp(shadow, t, take)
                 if condition is not None:
                     paddle.where_(condition, new, shadow)  # a skipped update keeps s bit for bit
                 self._write(new, j)

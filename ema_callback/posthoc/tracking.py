@@ -1,10 +1,13 @@
 """Post-hoc EMA during training (``EMA.posthoc``), as an engine feature: the tracked power-function profiles and
 their snapshots (reading them back and reconstructing is ``posthoc``).
 
-Each tracked ``sigma_rel`` is one extra shadow of the engine's store, updated in the same pass as the EMAs with
-``beta = (u / (u + 1))^(gamma + 1)`` after ``u`` updates (EDM2, Karras et al. 2024, Algorithm 1 with time in
-optimizer steps and ``dt = update_every`` steps per update: ``1 - dt/t = u/(u+1)`` at ``t = (u+1) dt``;
-``power_math.gamma_of`` maps sigma_rel to gamma). Every ``snapshot_every`` optimizer steps rank 0 writes
+Each tracked ``sigma_rel`` is one extra shadow of the engine's store, updated in the same pass as the EMAs, every
+``k = posthoc.update_every`` EMA updates (EDM2, Karras et al. 2024, Algorithm 1, with time counted in EMA updates:
+the profile's v-th update is the engine's update ``v k`` and happens at time ``t_v = v k + 1``, with
+``beta_v = (t_(v-1) / t_v)^(gamma + 1)``, ``t_(-1) = 0``: the power-function average of the weights it saw, exact
+for any ``k``; ``k = 1`` gives ``beta = (u / (u + 1))^(gamma + 1)`` after ``u`` updates; ``power_math.gamma_of``
+maps sigma_rel to gamma). Between its updates a profile's decay is 1 and the host store does not touch it, so
+``k = 4`` costs a quarter of a shadow per step. Every ``snapshot_every`` optimizer steps rank 0 writes
 ``<dir>/phema-<step>.safetensors`` (see ``snapshots`` for the format), under a temporary name then renamed.
 
 A series belongs to one run: ``run_id`` (new for a fresh run, carried by the ``.pdema`` into a resume) is in every
@@ -43,6 +46,7 @@ class PosthocProfiles(Feature):
         self.sigma_rels: List[float] = list(block.get("sigma_rels") or [])
         self.gammas: List[float] = [float(gamma_of(s)) for s in self.sigma_rels]
         self.labels = tuple(f"phema{s:g}" for s in self.sigma_rels)
+        self.every = int(block.get("update_every", 1) or 1)  # EMA updates between profile updates
         self.period = snapshot_period(block, batch)
         self.dtype = np.float16 if block.get("snapshot_dtype", "float16") == "float16" else np.float32
         self.folder: Optional[str] = block.get("dir")  # None: the way in sets posthoc/ beside its checkpoints
@@ -56,8 +60,14 @@ class PosthocProfiles(Feature):
         return cls(config.posthoc, batch) if config.posthoc else None
 
     def decays(self, updates: int) -> List[float]:
-        u = float(updates)
-        return [(u / (u + 1.0)) ** (g + 1.0) for g in self.gammas]
+        """The profiles' decays for the engine's next update (``updates`` done before it): 1 between their own
+        updates, ``(t_(v-1) / t_v)^(gamma + 1)`` at their v-th (see the module docstring)."""
+        k, u = self.every, int(updates)
+        if u % k:
+            return [1.0] * len(self.gammas)
+        v = u // k
+        ratio = ((v - 1) * k + 1.0) / (v * k + 1.0) if v > 0 else 0.0
+        return [ratio ** (g + 1.0) for g in self.gammas]
 
     def device_decays(self, updates):
         """The same on the device: ``updates`` a 0-d float64 device tensor (no host read)."""
@@ -68,7 +78,19 @@ class PosthocProfiles(Feature):
         if self._exponents is None:  # gamma + 1, moved to the device once
             self._exponents = move_to(paddle.to_tensor([g + 1.0 for g in self.gammas], dtype="float64"),
                                       updates.place)
-        return paddle.pow(updates / (updates + 1.0), self._exponents)
+        k = float(self.every)
+        if k == 1.0:
+            return paddle.pow(updates / (updates + 1.0), self._exponents)
+        v = paddle.floor(updates / k)
+        ratio = paddle.clip((v - 1.0) * k + 1.0, min=0.0) / (v * k + 1.0)
+        due = (updates - v * k) == 0.0
+        return paddle.where(due, paddle.pow(ratio, self._exponents), paddle.ones_like(self._exponents))
+
+    def profile_time(self, updates: int, update_every: int) -> int:
+        """The time (optimizer steps) the profiles stand at after ``updates`` EMA updates: their last update's."""
+        if updates <= 0:
+            return 0
+        return (((updates - 1) // self.every) * self.every + 1) * update_every
 
     def after_update(self, ema) -> None:
         if due(ema.num_steps, ema.config.start_step, self.period):
@@ -116,7 +138,7 @@ class PosthocProfiles(Feature):
         for name, tensor in ema.model.state_dict().items():
             if name not in averaged:
                 arrays[f"other:{name}"] = np.asarray(tensor.numpy())
-        header = {"step": ema.num_steps, "time": ema.num_updates * ema.config.update_every,
+        header = {"step": ema.num_steps, "time": self.profile_time(ema.num_updates, ema.config.update_every),
                   "updates": ema.num_updates, "sigma_rels": self.sigma_rels, "gammas": self.gammas, "names": names,
                   "shapes": shapes, "fingerprint": names_fingerprint(names, shapes), "dtype": np.dtype(self.dtype).name,
                   "run": self.run_id}
