@@ -11,7 +11,7 @@ PADDLE26_PKG ?= paddlepaddle==2.6.2
 PADDLE26_TESTS ?= tests/test_engine.py tests/test_callback.py tests/test_config.py tests/test_checkpoint_io.py tests/test_horizon.py \
 	tests/test_bn_and_switch.py tests/test_bn_recorder.py tests/test_store_parity.py tests/test_posthoc.py tests/test_posthoc_math.py \
 	tests/test_optimizer_steps.py tests/test_examples.py tests/test_paddle_support.py tests/test_checkpoint_files.py tests/test_device_path.py \
-	tests/test_checkpoint_set.py tests/test_resume_paths.py \
+	tests/test_checkpoint_set.py tests/test_resume_paths.py tests/test_finite_check.py \
 	tests/test_ocr.py::test_rec_eval_metric_is_the_ema_metric_and_tools_use_the_ema_weights \
 	tests/test_det.py::test_det_train_end_to_end
 # The suite checkouts the end-to-end tests train with: $PADDLEOCR_ROOT / $PADDLEDET_ROOT if set, else the copies in
