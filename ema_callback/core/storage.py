@@ -111,8 +111,8 @@ _WORKER = None
 
 
 def _worker():
-    """One worker thread (numpy releases the GIL in its array loops): with several EMAs the odd shadows are
-    updated there while the calling thread updates the even ones."""
+    """One worker thread (numpy releases the GIL in its array loops): with several EMAs it updates every shadow
+    over the second half of the weights while the calling thread updates them over the first half."""
     global _WORKER
     if _WORKER is None:
         from concurrent.futures import ThreadPoolExecutor
@@ -134,6 +134,21 @@ def _lerp_chunks(pairs, indices, takes, scratch) -> None:
                 np.subtract(w, s, out=t)
                 t *= takes[j]
                 s += t
+
+
+def _halves(pairs):
+    """``pairs`` cut into two lists of about equal element counts (the pair across the middle cut at a chunk
+    boundary), so that two threads each read half of the weights and of every shadow."""
+    total = sum(source.size for _, source in pairs)
+    middle, seen, first, second = total // 2, 0, [], []
+    for shadows, source in pairs:
+        cut = min(source.size, max(0, -(-(middle - seen) // CHUNK) * CHUNK))  # this pair's elements in the first
+        if cut:
+            first.append(([s[:cut] for s in shadows], source[:cut]) if cut < source.size else (shadows, source))
+        if cut < source.size:
+            second.append(([s[cut:] for s in shadows], source[cut:]) if cut else (shadows, source))
+        seen += source.size
+    return first, second
 
 
 def _finite(array: np.ndarray) -> bool:
@@ -235,12 +250,13 @@ class NumpyStore(ShadowStore):
                         np.multiply(source, take, out=shadow)
             return True
         active = [j for j, w in enumerate(weights) if w != 0.0]  # weight 0 (a profile between its updates): untouched
-        if len(active) > 1 and self.numel >= PARALLEL_MIN:  # every other shadow on the second core
+        if len(active) > 1 and self.numel >= PARALLEL_MIN:  # the second half of the weights on the second core
             if self._scratch2 is None:
                 self._scratch2 = np.empty_like(self._scratch)
-            other = _worker().submit(_lerp_chunks, pairs, active[1::2], takes, self._scratch2)
+            first, second = _halves(pairs)
+            other = _worker().submit(_lerp_chunks, second, active, takes, self._scratch2)
             try:
-                _lerp_chunks(pairs, active[0::2], takes, scratch)
+                _lerp_chunks(first, active, takes, scratch)
             finally:
                 other.result()
         else:
