@@ -104,7 +104,7 @@ def test_start_line_for_a_decay_tuned_for_another_batch():
 def test_each_shadow_equals_a_single_ema_run_with_its_decay(trajectory, backend, monkeypatch):
     from ema_callback.core import storage
 
-    if backend == "numpy-two-threads":  # the second half of the weights on the worker thread, as for 1M+ elements
+    if backend == "numpy-two-threads":  # the worker thread shares the blocks of the weights, as for 1M+ elements
         monkeypatch.setattr(storage, "PARALLEL_MIN", 0)
         backend = "numpy"
     decays = [0.9, 0.99, 0.999]

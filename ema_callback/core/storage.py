@@ -107,12 +107,14 @@ class ShadowStore:
 
 SMALL = 4096  # tensors below this many elements are gathered with one np.concatenate per step
 PARALLEL_MIN = 1 << 20  # with several shadows of at least this many elements, two threads share them
+BLOCK = 4 * CHUNK  # what one thread takes at a time from the weights when two share them
 _WORKER = None
 
 
 def _worker():
-    """One worker thread (numpy releases the GIL in its array loops): with several EMAs it updates every shadow
-    over the second half of the weights while the calling thread updates them over the first half."""
+    """One worker thread (numpy releases the GIL in its array loops): with several EMAs it and the calling thread
+    take blocks of the weights in turn from one list, each updating every shadow over its blocks, so that a
+    thread that gets no core (other work on the machine) leaves its share to the one that has one."""
     global _WORKER
     if _WORKER is None:
         from concurrent.futures import ThreadPoolExecutor
@@ -136,19 +138,17 @@ def _lerp_chunks(pairs, indices, takes, scratch) -> None:
                 s += t
 
 
-def _halves(pairs):
-    """``pairs`` cut into two lists of about equal element counts (the pair across the middle cut at a chunk
-    boundary), so that two threads each read half of the weights and of every shadow."""
-    total = sum(source.size for _, source in pairs)
-    middle, seen, first, second = total // 2, 0, [], []
-    for shadows, source in pairs:
-        cut = min(source.size, max(0, -(-(middle - seen) // CHUNK) * CHUNK))  # this pair's elements in the first
-        if cut:
-            first.append(([s[:cut] for s in shadows], source[:cut]) if cut < source.size else (shadows, source))
-        if cut < source.size:
-            second.append(([s[cut:] for s in shadows], source[cut:]) if cut else (shadows, source))
-        seen += source.size
-    return first, second
+def _blocks(pairs, size: int) -> list:
+    """``pairs`` cut into pieces of at most ``size`` elements (views: the shadows' pieces write into the store)."""
+    return [([s[a:a + size] for s in shadows], source[a:a + size]) if size < source.size else (shadows, source)
+            for shadows, source in pairs for a in range(0, source.size, size)]
+
+
+def _lerp_shared(blocks, indices, takes, scratch) -> None:
+    """``_lerp_chunks`` over the blocks this thread takes from ``blocks``, an iterator shared with the other thread
+    (taking the next block is atomic under the GIL): each block is updated once, by whichever thread is free."""
+    for block in blocks:
+        _lerp_chunks([block], indices, takes, scratch)
 
 
 def _finite(array: np.ndarray) -> bool:
@@ -250,13 +250,13 @@ class NumpyStore(ShadowStore):
                         np.multiply(source, take, out=shadow)
             return True
         active = [j for j, w in enumerate(weights) if w != 0.0]  # weight 0 (a profile between its updates): untouched
-        if len(active) > 1 and self.numel >= PARALLEL_MIN:  # the second half of the weights on the second core
+        if len(active) > 1 and self.numel >= PARALLEL_MIN:  # two threads share the blocks of the weights
             if self._scratch2 is None:
                 self._scratch2 = np.empty_like(self._scratch)
-            first, second = _halves(pairs)
-            other = _worker().submit(_lerp_chunks, second, active, takes, self._scratch2)
+            blocks = iter(_blocks(pairs, BLOCK))
+            other = _worker().submit(_lerp_shared, blocks, active, takes, self._scratch2)
             try:
-                _lerp_chunks(first, active, takes, scratch)
+                _lerp_shared(blocks, active, takes, scratch)
             finally:
                 other.result()
         else:
