@@ -103,9 +103,9 @@ soak: $(VENV)/.test-installed
 # Paddle 3.3.1 on every model, checkpoint bytes per setting, then the Paddle 2.6 update path on the large models;
 # their tables go to docs/ and into docs/performance.md (docs/regenerate.py --no-run).
 bench: $(VENV)/.test-installed $(VENV26)/.test-installed
-	$(BIN)/python benchmarks/bench_update.py --reps 9 $(ARGS)
+	$(BIN)/python benchmarks/bench_update.py --reps 15 $(ARGS)
 	$(BIN)/python benchmarks/checkpoint_sizes.py
-	$(BIN26)/python benchmarks/bench_update.py --reps 9 --models resnet50,pp-ocrv4-rec,picodet-xs --device-models '' \
+	$(BIN26)/python benchmarks/bench_update.py --reps 15 --models resnet50,pp-ocrv4-rec,picodet-xs --device-models '' \
 		--several-models '' --no-training --out bench_output/paddle26
 	cp bench_output/tables.md docs/bench_cpu.md; cp bench_output/results.json docs/bench_cpu.json
 	cp bench_output/checkpoint_sizes.md bench_output/checkpoint_sizes.json docs/

@@ -109,6 +109,53 @@ def hostile_files(report: Dict) -> str:
             f"{report['cpu']} (`docs/hostile_files.json`).\n")
 
 
+def _ratio(stat: Dict) -> str:
+    return f"{stat['median']:.2f}x [{stat['q25']:.2f}-{stat['q75']:.2f}]"
+
+
+def bench_summary(bench: Dict) -> str:
+    """The figures docs/performance.md quotes, from ``docs/bench_cpu.json`` (what ``make bench`` measured): each
+    bound against its median, with the spread, the CPU and the load on the machine."""
+    load = bench.get("load_average", [float("nan")] * 2)
+    out = [f"Measured on {bench['machine']}, load average {load[0]:.1f} at the start and {load[1]:.1f} at the end "
+           f"(`docs/bench_cpu.json`); each figure is the median over {bench['reps']} repetitions [interquartile "
+           "range]."]
+    rows = bench["update"]
+    out += ["", "- **Guarded update over the floor** (bound 1.35x): " + "; ".join(
+        f"{r['model']} {_ratio(r['ours_over_floor'])}, {'within' if r['within_bound'] else '**not within**'}"
+        for r in rows) + ". Without the guard: " + "; ".join(
+        f"{r['model']} {_ratio(r['ours_no_guard_over_floor'])}" for r in rows) + ". The same floor twice (A/A, the "
+        "resolution of these ratios): " + "; ".join(
+        f"{r['model']} {_ratio(r['floor_again_over_floor'])}" for r in rows if "floor_again_over_floor" in r) + "."]
+    several = [r for r in bench["update"] if r.get("several")]
+    if several:
+        ks = sorted(several[0]["several"]["over_one"], key=int)
+        bounds = " / ".join(f"{several[0]['several']['bound'][k]:.1f}" for k in ks)
+        out += ["- **" + " / ".join(ks) + " EMAs in one pass over one EMA**, CPU default path (bounds " + bounds
+                + "): " + "; ".join(
+                    f"{r['model']} " + " / ".join(f"{r['several']['over_one'][k]['median']:.2f}" for k in ks)
+                    + " (" + " / ".join("within" if r["several"]["within_bound"][k] else "**not within**" for k in ks)
+                    + (f"; load average {r['several']['load']:.1f}" if "load" in r["several"] else "") + ")"
+                    for r in several) + "."]
+    autos = [r for r in bench["update"] if r.get("auto")]
+    if autos:
+        out += ["- **The automatic mode's update** (one EMA and two post-hoc profiles updated every 4th update) over "
+                "one EMA's, per optimizer step (bound 1.3x): " + "; ".join(
+                    f"{r['model']} {_ratio(r['auto']['over_one'])}, "
+                    f"{'within' if r['auto']['within_bound'] else '**not within**'}" for r in autos) + ". It keeps "
+                "three float32 shadows in memory (" + ", ".join(
+                    f"{r['model']} {r['auto']['shadow_bytes'] / 2 ** 20:.1f} MiB" for r in autos) + ") and its 4 "
+                "snapshots per run take " + ", ".join(
+                    f"{r['model']} {r['auto']['run_bytes'] / 2 ** 20:.1f} MiB "
+                    f"({r['auto']['run_in_float32_copies']:.2f} float32 copies of the averaged weights)"
+                    for r in autos) + " on disk."]
+    if bench.get("training"):
+        out += ["- **On a training step** the automatic mode adds: " + "; ".join(
+            f"{r['model']}, {r['step_ms']:.1f} ms without EMA: {o['median']:+.1f}% [{o['q25']:+.1f}, {o['q75']:+.1f}]"
+            for r in bench["training"] for o in [r["overhead_pct"]["automatic mode"]]) + "."]
+    return "\n".join(out) + "\n"
+
+
 def blocks() -> Dict[str, str]:
     """Every generated block, from the files in docs/ and the code."""
     from ema_callback.demo.run import _label, candidates_table, headline_table
@@ -140,6 +187,7 @@ def blocks() -> Dict[str, str]:
         "options": option_table(),
         "start-lines": start_lines(),
         "bench-cpu": _read("bench_cpu.md"),
+        "bench-summary": bench_summary(_load("bench_cpu.json")),
         "bench-paddle26": _read("bench_cpu_paddle26.md"),
         "checkpoint-sizes": _read("checkpoint_sizes.md"),
         "hostile-files": hostile_files(_load("hostile_files.json")),

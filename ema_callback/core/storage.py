@@ -14,8 +14,10 @@ write values take ``shadow=`` (default 0).
 
 ``NumpyStore`` (CPU, float32): one contiguous float32 buffer; sources are read through zero-copy views of
 the live tensors' memory (``paddle_compat.host_view``, the same on Paddle 2.6 and 3.x) and the update runs in
-cache-sized chunks (3 numpy ops per 64Ki elements, one scratch buffer). Measured by ``benchmarks/bench_update.py`` on ResNet50 (paddle 3.3.1, this project's 2-core
-CPU, medians of 9): 47.7 ms per update with the NaN/Inf guard, 1.45x a flat float32 update of the same size.
+cache-sized chunks (3 numpy ops per 64Ki elements, one scratch buffer). It is bound by the memory bandwidth of one
+core: a flat float32 update moves 12 bytes per element, the guarded one 16 (the NaN/Inf test reads every weight
+before anything is written). What ``benchmarks/bench_update.py`` measured, with its spread and the CPU, is in
+docs/performance.md.
 
 ``PaddleStore`` (the device path: weights on a GPU, or float16/bfloat16 storage): one flat Paddle tensor; an update
 makes no host synchronisation (see the class docstring for its passes, bytes and allocations).
