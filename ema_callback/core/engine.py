@@ -108,6 +108,8 @@ class ExponentialMovingAverage:
                                              on_host=on_host, backend=self.backend, place=place,
                                              count=len(self.labels))
         self.store.check_finite = self.config.nan_guard
+        self.store.pausable = frozenset(
+            self.labels.index(label) for f in self.features.values() if getattr(f, "every", 1) > 1 for label in f.labels)
         self.deferred = bool(getattr(self.store, "deferred", False))  # the device path: no host read in step()
         self._device = DeviceCounters(self.store.flat.place, self.decays, len(self.labels) - self.num_candidates,
                                       self._feature_decays_on_device) if self.deferred else None
@@ -354,6 +356,23 @@ class ExponentialMovingAverage:
         self._backup, self._applied_label = backup, self.labels[j]
         for feature in self.features.values():
             feature.after_apply(self, self.labels[j])
+        if extra:
+            self.tensors.clear_views()
+
+    def apply_values(self, model: Optional[paddle.nn.Layer], values: Mapping[str, np.ndarray], label: str) -> None:
+        """Put ``values`` (EMA weights from elsewhere, by state-dict name: a post-hoc reconstruction) into the model
+        as ``apply_to`` puts a shadow: the raw values kept for ``restore``, ``applied_label`` is ``label``, each
+        feature's ``after_apply`` runs."""
+        self._check_model(model)
+        if self._backup is not None:
+            raise RuntimeError("EMA weights are already applied; call restore(model) first")
+        extra = set().union(*(f.backup_ids() for f in self.features.values()))
+        with paddle.no_grad():
+            backup = self.tensors.backup(e for e in self.entries if e.role != FOLLOW or id(e.tensor) in extra)
+            self.tensors.write_values(values)
+        self._backup, self._applied_label = backup, label
+        for feature in self.features.values():
+            feature.after_apply(self, label)
         if extra:
             self.tensors.clear_views()
 

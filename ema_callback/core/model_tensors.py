@@ -102,6 +102,13 @@ class ModelTensors:
         for e in self.copied:
             copy_into(e.tensor, self.copies[e.name])
 
+    def write_values(self, values: Mapping[str, np.ndarray]) -> None:
+        """The averaged and copied tensors take ``values`` (by state-dict name; others as they are): weights from
+        elsewhere, such as a post-hoc reconstruction, put in for an evaluation."""
+        for e in list(self.averaged) + list(self.copied):
+            if e.name in values:
+                copy_into(e.tensor, np.asarray(values[e.name]).reshape(e.tensor.shape))
+
     def restore(self, saved: Mapping[str, Any]) -> None:
         """Put ``backup``'s values back, bit for bit."""
         for e in self.entries:

@@ -71,6 +71,7 @@ class ShadowStore:
         self.numel = int(self.offsets[-1])
 
     check_finite = True  # the NaN/Inf guard (EMA.nan_guard)
+    pausable: frozenset = frozenset()  # shadows whose weight is 0 between their own updates (posthoc.update_every)
 
     def lerp_(self, sources: Sequence[paddle.Tensor], weight, reset: bool = False) -> bool:
         raise NotImplementedError
@@ -394,10 +395,10 @@ class PaddleStore(ShadowStore):
                     paddle.full_like(t[:1], 1.0 - w).reshape([])
                 if j == 0:
                     new = t.lerp_(shadow, keep)  # t + d*(s - t) = s + (1-d)*(w - s): one fused pass, in place
-                else:  # s + (1-d)*(w - s), as the host store computes it: exactly s at weight 0 (a profile's pause)
-                    take = w.astype("float32") if isinstance(w, paddle.Tensor) else \
-                        paddle.full_like(t[:1], w).reshape([])
-                    new = paddle.lerp(shadow, t, take)
+                else:
+                    new = paddle.lerp(t, shadow, keep)
+                    if j in self.pausable and isinstance(w, paddle.Tensor):  # weight 0: the shadow bit for bit
+                        paddle.where_(w.astype("float32") > 0, new, shadow)
                 if condition is not None:
                     paddle.where_(condition, new, shadow)  # a skipped update keeps s bit for bit
                 self._write(new, j)
