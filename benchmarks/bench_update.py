@@ -14,9 +14,10 @@ and keeps each variant's fastest call):
   control: how finely this run's ratios resolve);
 * swap in + restore (``apply_to`` + ``restore``) against one plain copy of the weights;
 * for ``--several-models``: 2, 3 and 4 EMAs in one pass (``decays``) against the one EMA (bound ``1 + 0.6 (k - 1)``),
-  and the automatic mode's update (one EMA with bias correction and two post-hoc profiles, ``posthoc.update_every:
-  4``) per optimizer step, timed over 4 steps, against the one EMA (bound 1.3x); then the bytes of one of its
-  snapshots (written once, after the timing) and of the 4 a run writes;
+  and the automatic mode's update (one EMA with bias correction and two post-hoc profiles updated every 8th EMA
+  update, the smallest gap ``auto_length.profile_every`` gives: runs up to 16,000 steps; longer runs cost less) per
+  optimizer step, timed over 8 steps, against the one EMA (bound 1.3x); then the bytes of one of its snapshots
+  (written once, after the timing) and of the 5 a run writes at most;
 * the shadow's bytes for ``storage_dtype`` float32/float16 and ``device`` same/cpu.
 
 For ``--device-models`` the forced device path gets its own interleaving (one EMA, no guard, 2/3/4 EMAs, a flat
@@ -53,6 +54,7 @@ from ema_callback.core.paddle_compat import paddle  # noqa: E402  (checks the Pa
 from ema_callback import EMAConfig  # noqa: E402
 from ema_callback.core.engine import ExponentialMovingAverage  # noqa: E402
 from ema_callback.core.storage import CHUNK  # noqa: E402
+from ema_callback.integrations.auto_length import PROFILE_EVERY, SNAPSHOTS  # noqa: E402
 
 DECAY = 0.999
 
@@ -102,7 +104,9 @@ MODELS = {
 # ---------------------------------------------------------------------------- timing
 GUARDED_BOUND = 1.35  # the guarded one-EMA update over the floor
 AUTO_BOUND = 1.3  # the automatic mode's update cost per optimizer step over one EMA's
-AUTO_EVERY = 4  # its profiles' posthoc.update_every: one timed call is this many optimizer steps
+AUTO_EVERY = PROFILE_EVERY[0]  # the profiles' smallest gap (runs up to 16,000 steps; longer runs cost less): one
+# timed call is this many optimizer steps
+AUTO_SNAPSHOTS = SNAPSHOTS + 1  # at most: 4 in the run and one at its end
 
 
 def several_bound(k):
@@ -203,12 +207,12 @@ def _steps(step, n):
 
 def _auto_disk(engine):
     """Memory of the automatic mode's shadows, and the bytes of one snapshot it writes (written here once, after the
-    timing) and of the 4 a run writes, also in float32 copies of the averaged weights."""
+    timing) and of the most a run writes, also in float32 copies of the averaged weights."""
     path = engine.features["posthoc"].write_snapshot(engine)
     one = os.path.getsize(path)
     return {"shadow_bytes": engine.store.nbytes, "averaged_elements": engine.store.numel, "snapshot_bytes": one,
-            "snapshots_per_run": 4, "run_bytes": 4 * one,
-            "run_in_float32_copies": 4 * one / (4 * engine.store.numel)}  # over 4 bytes per averaged element
+            "snapshots_per_run": AUTO_SNAPSHOTS, "run_bytes": AUTO_SNAPSHOTS * one, "profile_every": AUTO_EVERY,
+            "run_in_float32_copies": AUTO_SNAPSHOTS * one / (4 * engine.store.numel)}  # over 4 bytes per averaged element
 
 
 def bench_model(name, reps, calls, several=False):
@@ -495,7 +499,7 @@ def _other_tables(results):
     if autos:
         lines += ["", f"| automatic mode (1 EMA + {len(AUTO_PROFILES)} post-hoc profiles every {AUTO_EVERY}th update) "
                   f"| 1 EMA ms | automatic mode ms per step | automatic / 1 EMA | within {AUTO_BOUND}x? "
-                  "| shadows in memory | one snapshot | 4 snapshots per run | = fp32 copies of the averaged weights |",
+                  f"| shadows in memory | one snapshot | {AUTO_SNAPSHOTS} snapshots per run (at most) | = fp32 copies of the averaged weights |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in autos:
             a = r["auto"]

@@ -40,7 +40,24 @@ def main(out):
                    "final_bn": {k: hashlib.sha1(v.numpy().tobytes()).hexdigest()  # EMA weights in after fit
                                 for k, v in model.network.state_dict().items() if "_mean" in k or "_variance" in k},
                    "recomputed_from": cb.ema.features["recompute_bn"].used,
-                   "num_steps": cb.ema.num_steps, "world": dist.get_world_size()}, handle)
+                   "num_steps": cb.ema.num_steps, "world": dist.get_world_size(),
+                   "auto": auto_fit(out, rank)}, handle)
+
+
+def auto_fit(out, rank):
+    """length: auto (issue 26): each rank's own save_dir, rank 0 alone writes snapshots; the candidates reach every
+    rank from rank 0, so both evaluate the same weights, pick the same and end holding the same parameters."""
+    model = make_model()
+    sampler = paddle.io.DistributedBatchSampler(Blobs(64, 1), batch_size=8, shuffle=False)
+    train = paddle.io.DataLoader(Blobs(64, 1), batch_sampler=sampler)
+    evald = paddle.io.DataLoader(Blobs(32, 2), batch_size=16)
+    save_dir = os.path.join(out, f"auto_rank{rank}")
+    cb = EMACallback(eval_raw=True)
+    model.fit(train, evald, epochs=4, verbose=0, save_dir=save_dir, callbacks=[cb])
+    return {"values": {k: e.value for k, e in cb.auto.evaluated.items()}, "pick": cb.auto.decision.label,
+            "final": {k: hashlib.sha1(v.numpy().tobytes()).hexdigest() for k, v in model.network.state_dict().items()
+                      if "_mean" not in k and "_variance" not in k},
+            "files": sorted(os.listdir(save_dir)) if os.path.isdir(save_dir) else []}
 
 
 if __name__ == "__main__":

@@ -23,11 +23,13 @@ def test_last_quarter_is_the_evaluations_after_three_quarters_of_the_run():
     assert [s for s, _ in last_quarter(series)] == list(range(500, 641, 20))
 
 
-def test_recommend_best_final_then_calmer_then_table_order():
-    rows = [{"candidate": "ema_a", "final": 0.8, "noise": 0.02}, {"candidate": "ema_b", "final": 0.8, "noise": 0.01},
-            {"candidate": "raw", "final": 0.7, "noise": 0.05}]
-    assert recommend(rows, True) == "ema_b"
-    rows[1]["noise"] = 0.02
-    assert recommend(rows, True) == "ema_a"  # a full tie: the earlier
-    assert recommend(rows, False) == "raw"  # lower is better
+def test_recommend_keeps_the_primary_unless_another_beats_it_beyond_its_noise():
+    rows = [{"candidate": "ema_a", "final": 0.80, "noise": 0.02}, {"candidate": "ema_b", "final": 0.83, "noise": 0.01},
+            {"candidate": "raw", "final": 0.70, "noise": 0.05}]
+    assert recommend(rows, True) == "ema_a"  # +0.03 < 2 x sqrt(2) x 0.02
+    rows[1]["final"] = 0.86
+    assert recommend(rows, True) == "ema_b"  # +0.06 > 0.057
+    assert recommend(rows, False) == "raw"  # lower is better: 0.10 below
+    rows[0]["noise"] = None
+    assert recommend(rows, True) == "ema_a"  # no measure of the noise: the primary
     assert recommend([], True) is None

@@ -23,23 +23,36 @@ def demo(out, *extra):
 
 @pytest.mark.slow
 def test_short_demo_prints_the_headline_and_every_candidate_twice_the_same(tmp_path):
+    """The default demo runs length auto: raw, the default length and the pick; the same numbers in a second
+    process, bit for bit."""
     first = demo(tmp_path / "a")
     for row in ("| weights | final val acc | validation noise, last quarter |", "| raw weights | ",
-                "| EMA half-life 2000 images |", "| EMA half-life 4000 images |", "| EMA half-life 16000 images |",
-                "points of final accuracy", "recommended: "):
+                "| EMA, default length (half-life ", "Length auto picked ", "points over the default",
+                "length auto, at the end of the run (val acc): raw weights "):
         assert row in first.stdout, first.stdout[-3000:]
-    assert "EMA candidates (acc, higher is better):" in first.stderr
+    assert "EMA candidates (acc, higher is better):" in first.stderr and "EMA: length auto picked" in first.stderr
     assert "To copy construct from a tensor" not in first.stderr  # issue 25.8: numpy batches, no copy of a tensor
     results = json.loads((tmp_path / "a" / "results.json").read_text())
-    table = json.loads((tmp_path / "a" / "ema_candidates.json").read_text())
-    assert [r["candidate"] for r in table["candidates"]] == ["ema_hl2000img", "ema_hl4000img", "ema_hl16000img", "raw"]
-    assert results["recommended"] == table["recommended"]  # one rule, one answer
+    auto = json.loads((tmp_path / "a" / "ema_auto.json").read_text())
+    assert results["auto"]["pick"] == auto["label"] == results["recommended"]  # the headline's EMA is the pick
+    assert len(results["auto"]["values"]) <= 10
     assert results["steps"] == [10, 20, 30, 40] and results["summary"]["raw"]["noise_evaluations"] == 1
     assert (tmp_path / "a" / "curves.png").stat().st_size > 10_000
     demo(tmp_path / "b")  # a second process: the same numbers, bit for bit
     again = json.loads((tmp_path / "b" / "results.json").read_text())
     results.pop("seconds"), again.pop("seconds")
     assert results == again
+
+
+@pytest.mark.slow
+def test_the_several_ema_demo_compares_stated_lengths(tmp_path):
+    first = demo(tmp_path / "a", "--half-lives", "2000,4000,16000")
+    for row in ("| EMA half-life 2000 images |", "| EMA half-life 4000 images |", "| EMA half-life 16000 images |",
+                "points of final accuracy", "recommended: "):
+        assert row in first.stdout, first.stdout[-3000:]
+    table = json.loads((tmp_path / "a" / "ema_candidates.json").read_text())
+    assert [r["candidate"] for r in table["candidates"]] == ["ema_hl2000img", "ema_hl4000img", "ema_hl16000img", "raw"]
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["recommended"] == table["recommended"]
 
 
 @pytest.mark.slow

@@ -35,3 +35,8 @@ def test_two_rank_fit_has_equal_shadows_and_only_rank0_writes(tmp_path):
     rank0_files = sorted(os.listdir(tmp_path / "save_rank0"))
     assert {"0.pdema", "1.pdema", "final.pdema", "final.pdparams"} <= set(rank0_files)
     assert os.listdir(tmp_path / "save_rank1") == []
+    # length: auto on 2 ranks: the same candidates evaluated (values equal), the same pick, the same final weights
+    a0, a1 = r0["auto"], r1["auto"]
+    assert len(a0["values"]) >= 6 and a0["values"] == a1["values"] and a0["pick"] == a1["pick"]
+    assert a0["final"] == a1["final"]
+    assert "ema_auto.json" in a0["files"] and "posthoc" in a0["files"] and a1["files"] in ([], ["posthoc"])

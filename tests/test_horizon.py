@@ -15,7 +15,7 @@ from ema_callback.core.run_report import describe_length, realized
 from ema_callback.files.state_file import read_state
 
 from conftest import make_net, snapshot
-from fit_helpers import loaders, make_model
+from fit_helpers import Blobs, loaders, make_model
 
 
 class RawWeights(paddle.callbacks.Callback):
@@ -193,8 +193,10 @@ def test_fit_logs_every_candidate_and_writes_the_table(tmp_path):
 
 def test_select_best_keeps_the_raw_weights_when_they_win_and_says_so(tmp_path, caplog):
     """A horizon far longer than the run: the EMA stays near the initial weights, raw is better; EarlyStopping's
-    best model then holds the raw weights."""
-    train, evald = loaders()
+    best model then holds the raw weights. Evaluated in 12 batches of 4: the one rule's paired bootstrap needs at
+    least 10 units."""
+    train, _ = loaders()
+    evald = paddle.io.DataLoader(Blobs(48, 2), batch_size=4, shuffle=False)
     model = make_model()
     cb = EMACallback(decay=0.99999, schedule="constant", eval_raw=True, select="best", monitor="acc")
     early = paddle.callbacks.EarlyStopping(monitor="acc", mode="max", patience=10, save_best_model=True)

@@ -88,7 +88,7 @@ def apply_overrides(block: Optional[Mapping[str, Any]], overrides: Iterable[Tupl
     forms = [k for k in LENGTH_KEYS if layer.get(k) is not None]
     if len(forms) > 1:
         raise EMAConfigError(f"-o {where[forms[0]]} and -o {where[forms[1]]}: give the EMA length one way in one list "
-                             "of overrides (decay, decays, half_life_images or half_life_epochs); an override replaces "
+                             "of overrides (decay, decays, half_life_images, half_life_epochs or length); an override replaces "
                              "the form of the YAML's EMA: section or --ema-config block")
     return layered(merged, layer)
 
@@ -239,10 +239,14 @@ def merged_block(block: Optional[Mapping[str, Any]], suite_section: Any,
 
 def resolve_block(suite_config: Mapping[str, Any], block_file: Optional[str] = None,
                   overrides: Iterable[Tuple[List[str], Any]] = ()) -> EMAConfig:
-    """``merged_block`` of a block file, a suite config's section and overrides, validated."""
+    """``merged_block`` of a block file, a suite config's section and overrides, validated; a merged block that
+    states no length is ``length: auto`` (``integrations.auto_length``)."""
     block = read_block_file(block_file) if block_file else {}
     own = suite_config.get(SECTION) if isinstance(suite_config, Mapping) else None
-    return EMAConfig.from_block(merged_block(block, own, overrides))
+    merged = merged_block(block, own, overrides)
+    if not any(merged.get(k) is not None for k in LENGTH_KEYS):
+        merged["length"] = "auto"
+    return EMAConfig.from_block(merged)
 
 
 def has_ema_request(suite_config: Mapping[str, Any], block_file: Optional[str], overrides: Sequence) -> bool:

@@ -16,7 +16,7 @@ from ema_callback.errors import EMAConfigError  # re-exported: ema_callback.conf
 from ema_callback.core.schedules import SCHEDULES
 
 SECTION = "EMA"
-LENGTH_KEYS = ("decay", "decays", "half_life_images", "half_life_epochs")  # one form of the EMA length per block
+LENGTH_KEYS = ("decay", "decays", "half_life_images", "half_life_epochs", "length")  # one form of the length per block
 WARM_UP_KEYS = ("schedule", "tau", "inv_gamma", "power", "min_decay", "bias_correction")  # what schedule auto decides
 
 
@@ -49,6 +49,11 @@ OPTIONS: Tuple[Option, ...] = (
     Option("half_life_epochs", None, "positive_or_list",
            "Half-life in epochs of the training set (number or list): `half_life_images` = x * dataset size. "
            "Instead of `decay`."),
+    Option("length", None, "choice",
+           "`auto`: the length is picked at the end of the run from its own evaluation (post-hoc EMA profiles, "
+           "kept to the default unless another length beats it by more than the measured uncertainty), and the "
+           "pick is saved as the model. What a block or `EMACallback` that states no length runs.",
+           choices=("auto",)),
     Option("decay_batch_size", None, "int",
            "Global batch (images per optimizer update) that `decay`/`decays` were tuned for: the run uses "
            "d^kappa, kappa = measured global batch / this (the EMA scaling rule, Busbridge et al. 2023).", low=1),
@@ -268,8 +273,8 @@ def _check_combination(values: Mapping[str, Any]) -> None:
     """One form of the EMA length; ``decay_batch_size`` only with a decay; list-only keys only with a list."""
     forms = [k for k in LENGTH_KEYS if values.get(k) is not None]
     if len(forms) > 1:
-        raise EMAConfigError(f"{_key(forms[1])}: give the EMA length one way (decay, decays, half_life_images or "
-                             f"half_life_epochs), not both {forms[0]} and {forms[1]}")
+        raise EMAConfigError(f"{_key(forms[1])}: give the EMA length one way (decay, decays, half_life_images, "
+                             f"half_life_epochs or length: auto), not both {forms[0]} and {forms[1]}")
     if values.get("switch_every") and values.get("switch_every_epochs"):
         raise EMAConfigError(f"{_key('switch_every_epochs')}: give the Switch EMA period one way, not both "
                              "switch_every and switch_every_epochs")
@@ -298,6 +303,7 @@ class EMAConfig:
     decays: Optional[List[float]] = None
     half_life_images: Any = None  # a number or a list of numbers
     half_life_epochs: Any = None
+    length: Optional[str] = None  # "auto": picked at the end of the run (integrations.auto_length)
     decay_batch_size: Optional[int] = None
     schedule: str = "auto"
     tau: float = 2000.0
@@ -353,6 +359,12 @@ class EMAConfig:
         return cls.from_block(kwargs)
 
     @property
+    def auto(self) -> bool:
+        """``length: auto``: a way in resolves it for the run (``integrations.auto_length``) before the engine is
+        built; the engine itself takes a stated length."""
+        return self.length == "auto"
+
+    @property
     def in_user_units(self) -> bool:
         """Whether the length is stated in images or epochs (``half_life_*``, or a decay with ``decay_batch_size``)."""
         return self.decay_batch_size is not None or self.length_key.startswith("half_life")
@@ -373,7 +385,8 @@ class EMAConfig:
 
     @property
     def length_key(self) -> str:
-        """Which form states the EMA length: ``decay``, ``decays``, ``half_life_images`` or ``half_life_epochs``."""
+        """Which form states the EMA length: ``decay``, ``decays``, ``half_life_images``, ``half_life_epochs`` or
+        ``length`` (auto)."""
         return next((k for k in LENGTH_KEYS[1:] if getattr(self, k) is not None), "decay")
 
     def to_block(self) -> Dict[str, Any]:

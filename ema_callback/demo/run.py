@@ -1,14 +1,18 @@
 """``ema-callback demo``: what EMA does to a real training run, in under three minutes on a CPU.
 
 Trains a small CRNN-style text recognizer (convolutional encoder, BiLSTM sequence head, CTC loss) on
-synthetic text-line images (characters 0-9A-Z) rendered with Pillow, with ``paddle.Model.fit`` and ``EMACallback``
-keeping several EMAs of different half-lives in one pass, each evaluated beside the raw weights of the same run
-(``eval_raw``: the raw weights with the plugin are bit-identical to a run without it, so one run shows both).
-Prints the headline (raw against the recommended EMA: final validation accuracy and validation noise), then every
-candidate, and writes ``results.json``, ``curves.png`` and ``ema_candidates.json`` (+ ``.png``) to ``--out``.
+synthetic text-line images (characters 0-9A-Z) rendered with Pillow, with ``paddle.Model.fit`` and an
+``EMACallback`` that states no length: ``length: auto``. The default-length EMA is evaluated beside the raw weights
+of the same run every ``--eval-every`` steps (``eval_raw``: the raw weights with the plugin are bit-identical to a
+run without it, so one run shows both), and at the end the length is picked from the run's own evaluation
+(``integrations.auto_length``). Prints the headline (raw against the automatic pick: final validation accuracy,
+validation noise, the pick's gain with its standard error), then every candidate, and writes ``results.json``,
+``curves.png``, ``ema_auto.json`` (+ ``.png``) and ``ema_candidates.json`` (+ ``.png``) to ``--out``.
+``--half-lives 2000,4000,16000`` runs several EMAs of stated lengths in one pass instead, ``--posthoc`` also sweeps
+post-hoc lengths after the run.
 
 Validation noise is the residual standard deviation of validation accuracy around a linear trend over the last
-quarter of training (``candidates.trend_noise``); the recommendation is ``candidates.recommend``'s rule.
+quarter of training (``candidates.trend_noise``).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from ema_callback.demo.text_lines import ALPHANUMERIC, make_text_lines
 HEIGHT, WIDTH, MAX_LABEL = 32, 128, 8
 ALPHABET = ALPHANUMERIC
 DATA_STYLE = dict(alphabet=ALPHABET, min_len=4, max_len=MAX_LABEL, noise=28.0, max_rotation=3.0)
-DEFAULTS = dict(steps=640, eval_every=20, train_size=4000, batch_size=32, lr=0.004, half_lives="2000,4000,16000",
+DEFAULTS = dict(steps=640, eval_every=20, train_size=4000, batch_size=32, lr=0.004, half_lives="",
                 eval_size=512, seed=7)
 
 
@@ -43,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam learning rate (default %(default)s: a "
                                                                     "noisy run, as high rates are)")
     p.add_argument("--half-lives", default=DEFAULTS["half_lives"],
-                   help="EMA half-lives in training images, one EMA each (default %(default)s)")
+                   help="EMA half-lives in training images, one EMA each (default: none stated, length auto)")
     p.add_argument("--decay", type=float, default=None, help="one EMA of this decay instead of --half-lives")
     p.add_argument("--schedule", default="auto",
                    help="EMA decay schedule (default auto: half-lives hold from the first update)")
@@ -202,8 +206,15 @@ def prepared_model(initial: Dict[str, np.ndarray], seed: int, lr: float):
 
 
 def run(args: argparse.Namespace, progress=print) -> Dict:
-    """One ``Model.fit`` with ``EMACallback`` (every EMA and the raw weights evaluated side by side); the results
-    are the candidates table's (``CandidateBoard.summary``), with the headline: raw against the recommended EMA."""
+    """One ``Model.fit`` with ``EMACallback`` (the EMAs and the raw weights evaluated side by side, and with length
+    auto the pick at the end); the results are the candidates table's (``CandidateBoard.summary``) and the pick's,
+    with the headline: raw against the automatic pick (or the recommended EMA)."""
+    return results_of(fit(args, progress))
+
+
+def fit(args: argparse.Namespace, progress=print, held_out: int = 0) -> Dict:
+    """The demo's training run; returns what it made (``model``, ``ema`` the callback, the validation loader, with
+    ``held_out`` > 0 a loader of that many more text lines the run never saw, ``table`` and ``posthoc``)."""
     paddle, TextLines, TinyCRNN, CTCLoss, SequenceAccuracy, CyclingBatches = _modules()
     from ema_callback.integrations.model_fit import EMACallback
 
@@ -216,9 +227,11 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
     out = getattr(args, "candidates_dir", None) or args.out
     posthoc_dir = os.path.join(out, "posthoc")
     started = time.time()
-    images, labels = make_text_lines(args.train_size + args.eval_size, args.seed, **DATA_STYLE)
+    images, labels = make_text_lines(args.train_size + args.eval_size + held_out, args.seed, **DATA_STYLE)
     train = TextLines(images[:args.train_size], labels[:args.train_size])
-    valid = TextLines(images[args.train_size:], labels[args.train_size:])
+    end = args.train_size + args.eval_size
+    valid = TextLines(images[args.train_size:end], labels[args.train_size:end])
+    held = TextLines(images[end:], labels[end:]) if held_out else None
     progress(f"rendered {len(images)} synthetic text lines in {time.time() - started:.1f}s; "
              f"{args.steps} steps x batch {args.batch_size}, evaluation every {args.eval_every} steps")
     paddle.seed(args.seed)
@@ -232,12 +245,13 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
 
         def on_eval_end(self, logs=None):
             self.evaluations += 1
-            shown = " | ".join(f"{k[4:]} {float(np.mean(v)):.3f}" for k, v in (logs or {}).items()
-                               if k.startswith("acc_"))
+            shown = " | ".join(f"{'EMA' if k == 'acc' else k[4:]} {float(np.mean(v)):.3f}"
+                               for k, v in (logs or {}).items() if k == "acc" or k.startswith("acc_"))
             progress(f"  step {self.evaluations * args.eval_every:5d}/{args.steps}  {shown}  "
                      f"({time.time() - started:.0f}s)")
 
-    length = {"decay": args.decay} if args.decay is not None else {"half_life_images": half_lives}
+    length = {"decay": args.decay} if args.decay is not None else \
+        {"half_life_images": half_lives} if half_lives else {}  # none stated: length auto
     if getattr(args, "posthoc", False):
         length["posthoc"] = {"sigma_rels": [0.05, 0.10], "snapshot_every": args.eval_every,
                              "snapshot_dtype": "float32", "dir": posthoc_dir}
@@ -245,15 +259,30 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
     ema.save_dir = out  # ema_candidates.json goes here (no checkpoints, so no resume look-up)
     batches = CyclingBatches(len(train), args.batch_size, args.eval_every, args.seed)
     train_loader = NumpyBatches(paddle.io.DataLoader(train, batch_sampler=batches))
-    valid_loader = NumpyBatches(paddle.io.DataLoader(valid, batch_size=128, shuffle=False))
+    # batches of 32: 16 paired units for length auto's bootstrap (per batch in Model.fit; the accuracy is the same)
+    valid_loader = NumpyBatches(paddle.io.DataLoader(valid, batch_size=32, shuffle=False))
     model.fit(train_loader, valid_loader, epochs=args.steps // args.eval_every, verbose=0,
               callbacks=[ema, Progress()])
     table = ema.board.summary()
     rows = {r["candidate"]: r for r in table["candidates"]}
     posthoc = _posthoc_sweep((model, valid_loader), posthoc_dir, rows, progress) \
         if getattr(args, "posthoc", False) else None
+    held_loader = NumpyBatches(paddle.io.DataLoader(held, batch_size=128, shuffle=False)) if held else None
+    return {"args": args, "model": model, "ema": ema, "valid": valid_loader, "held_out": held_loader,
+            "table": table, "posthoc": posthoc, "started": started, "paddle": paddle.__version__}
+
+
+def results_of(fitted: Dict) -> Dict:
+    """``run``'s results from ``fit``'s."""
+    args, ema, table, posthoc = fitted["args"], fitted["ema"], fitted["table"], fitted["posthoc"]
+    rows = {r["candidate"]: r for r in table["candidates"]}
     recommended = table["recommended"]
     headline = {name: {"final_acc": rows[name]["final"], "noise": rows[name]["noise"]} for name in ("raw", recommended)}
+    auto = _auto_results(ema.auto) if ema.auto is not None else None
+    if auto is not None:  # the headline's EMA is the pick; its gain is over the raw weights at the end
+        recommended = auto["pick"]
+    pick_final = auto["values"][auto["pick"]] if auto else rows[recommended]["final"]
+    calm = rows[ema.board.primary] if auto else rows[recommended]
     return {
         "settings": {k: getattr(args, k) for k in ("steps", "eval_every", "batch_size", "lr", "decay", "half_lives",
                                                    "schedule", "eval_size", "train_size", "seed")},
@@ -261,18 +290,39 @@ def run(args: argparse.Namespace, progress=print) -> Dict:
         "recommended": recommended,
         "recommendation_rule": table["recommendation_rule"],
         "headline": headline,
-        "gain_points": round(100 * (rows[recommended]["final"] - rows["raw"]["final"]), 6),
-        "calmer": (rows["raw"]["noise"] / rows[recommended]["noise"]
-                   if rows[recommended]["noise"] and rows["raw"]["noise"] is not None else None),
+        "gain_points": round(100 * (pick_final - rows["raw"]["final"]), 6),
+        "calmer": (rows["raw"]["noise"] / calm["noise"] if calm["noise"] and rows["raw"]["noise"] is not None
+                   else None),
+        "auto": auto,
         "steps": [step for step, _ in rows["raw"]["curve"]],
         "curves": {name: [value for _, value in r["curve"]] for name, r in rows.items()},
         "summary": {name: {"final_acc": r["final"], "best_acc": r["best"], "noise": r["noise"],
                            "noise_evaluations": r["noise_evaluations"],
                            "half_weight_images": r.get("half_weight_images")} for name, r in rows.items()},
         "posthoc": posthoc,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, paddle {paddle.__version__}",
-        "seconds": round(time.time() - started, 1),
+        "machine": f"{cpu_model()}, paddle {fitted['paddle']}",
+        "seconds": round(time.time() - fitted["started"], 1),
     }
+
+
+def cpu_model() -> str:
+    """``Intel(R) Xeon(R) ... (x86_64, 2 cores)``: the CPU a timing or a figure that depends on it came from."""
+    name = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return f"{name or platform.processor() or 'unknown CPU'} ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _auto_results(auto) -> Dict:
+    """What length: auto picked at the end: the decision, every candidate's value and length."""
+    decision = auto.decision.as_dict()
+    return {"pick": decision["label"], "default": decision["default"], "decision": decision,
+            "values": {label: e.value for label, e in auto.evaluated.items()},
+            "lengths": {label: auto.length_of(label) for label in auto.evaluated},
+            "default_half_life_images": auto.plan.half_life_steps * auto.plan.global_batch}
 
 
 def _posthoc_sweep(fitted, folder: str, rows: Dict, progress) -> Dict:
@@ -297,6 +347,8 @@ def _posthoc_sweep(fitted, folder: str, rows: Dict, progress) -> Dict:
 
 
 def _label(name: str) -> str:
+    if name.startswith("sigma"):
+        return f"EMA sigma_rel {name[5:]}"
     return "raw weights" if name == "raw" else f"EMA {_pretty(name)}" if name != "ema" else "EMA"
 
 
@@ -305,7 +357,9 @@ def _noise(value: Optional[float]) -> str:
 
 
 def headline_table(results: Dict) -> str:
-    """The seed's comparison: raw against the recommended EMA (what the README shows first)."""
+    """The seed's comparison: raw against the automatic pick (or, with stated lengths, the recommended EMA)."""
+    if results.get("auto"):
+        return _auto_headline(results)
     rec = results["recommended"]
     rows = ["| weights | final val acc | validation noise, last quarter |", "|---|---|---|"]
     for name in ("raw", rec):
@@ -315,6 +369,32 @@ def headline_table(results: Dict) -> str:
     calmer = f"{results['calmer']:.1f}x calmer" if results.get("calmer") else "noise not measured"
     rows += ["", f"{_label(rec)}: {results['gain_points']:+.1f} points of final accuracy, {calmer} than the raw "
                  f"weights of the same run."]
+    return "\n".join(rows)
+
+
+def _auto_headline(results: Dict) -> str:
+    """raw weights, the default length (its curve, its noise) and the automatic pick, at the end of one run."""
+    auto, summary = results["auto"], results["summary"]
+    d, default, pick = auto["decision"], auto["default"], auto["pick"]
+
+    def row(name: str, text: str, final: float, noise: str) -> str:
+        return f"| {text}{' **(length auto)**' if name == pick else ''} | {final:.3f} | {noise} |"
+
+    rows = ["| weights | final val acc | validation noise, last quarter |", "|---|---|---|",
+            row("raw", "raw weights", summary["raw"]["final_acc"], _noise(summary["raw"]["noise"])),
+            row(default, f"EMA, default length (half-life {auto['default_half_life_images']:,.0f} images)",
+                summary[default]["final_acc"], _noise(summary[default]["noise"]))]
+    if pick not in (default, "raw"):
+        rows.append(row(pick, f"EMA, {auto['lengths'][pick]}", auto["values"][pick], "-"))
+    se = f" +- {100 * d['se']:.1f}" if d.get("se") else ""
+    raw_se = f" +- {100 * d['se_over_raw']:.1f}" if d.get("se_over_raw") else ""
+    over_raw = (f", {100 * d['gain_over_raw']:+.1f}{raw_se} points over the raw weights"
+                if d.get("gain_over_raw") is not None else "")
+    calmer = f" The default length is {results['calmer']:.1f}x calmer than the raw weights." \
+        if results.get("calmer") else ""
+    picked = "the default length" if pick == default else "the raw weights" if pick == "raw" else _label(pick)
+    rows += ["", f"Length auto picked {picked}: {100 * d['gain']:+.1f}{se} points over the default{over_raw} "
+                 f"({d['reason']}).{calmer}"]
     return "\n".join(rows)
 
 
@@ -331,7 +411,8 @@ def candidates_table(results: Dict) -> str:
 
 def format_table(results: Dict) -> str:
     s = results["settings"]
-    length = f"EMA decay {s['decay']}" if s.get("decay") is not None else f"EMA half-lives {s['half_lives']} images"
+    length = f"EMA decay {s['decay']}" if s.get("decay") is not None else \
+        f"EMA half-lives {s['half_lives']} images" if s.get("half_lives") else "EMA length auto"
     noise_evals = results["summary"]["raw"]["noise_evaluations"]
     rows = [f"EMA demo: tiny CRNN + CTC on synthetic text lines (0-9A-Z, 4-8 chars), {s['steps']} steps, batch "
             f"{s['batch_size']}, Adam lr {s['lr']}, {length} (schedule {s['schedule']}), evaluation every "
@@ -339,6 +420,10 @@ def format_table(results: Dict) -> str:
             "Every candidate:", "", candidates_table(results), "",
             f"recommended: {_label(results['recommended'])} (rule: {results['recommendation_rule']}); validation "
             f"noise: residual std of val acc around a linear trend over the last quarter ({noise_evals} evaluations)"]
+    if results.get("auto"):
+        auto = results["auto"]
+        rows += ["", "length auto, at the end of the run (val acc): " + ", ".join(
+            f"{_label(label)} {value:.3f}" for label, value in auto["values"].items())]
     if results.get("posthoc"):
         ph = results["posthoc"]
         rows += ["", f"post-hoc EMA (sigma_rel 0.01..0.25 reconstructed from the 0.05/0.10 snapshots at step "
@@ -360,11 +445,17 @@ def plot(results: Dict, path: str) -> Optional[str]:
     plt = pyplot()
     if plt is None:
         return None
-    rec = results["recommended"]
+    rec, auto = results["recommended"], results.get("auto")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(results["steps"], results["curves"]["raw"], "-o", ms=3, label="raw weights", color="#c44e52")
-    if rec != "raw":
-        ax.plot(results["steps"], results["curves"][rec], "-o", ms=3, label=_label(rec), color="#4c72b0")
+    shown = auto["default"] if auto else rec  # length auto: the default length's curve, the pick at the end
+    if shown != "raw":
+        text = f"EMA, default length (half-life {auto['default_half_life_images']:,.0f} images)" if auto \
+            else _label(shown)
+        ax.plot(results["steps"], results["curves"][shown], "-o", ms=3, label=text, color="#4c72b0")
+    if auto and auto["pick"] not in (auto["default"], "raw"):
+        ax.plot([results["steps"][-1]], [auto["values"][auto["pick"]]], "*", ms=12, color="#55a868",
+                label=f"length auto's pick, {auto['lengths'][auto['pick']]}")
     cut = 0.75 * results["steps"][-1]
     ax.axvspan(cut, results["steps"][-1], color="0.92", zorder=0, label="last quarter (noise measured)")
     ax.set_xlabel("optimizer step")

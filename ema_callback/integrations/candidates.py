@@ -15,17 +15,20 @@ The candidates are the EMAs (``ema.labels``: ``ema0.9999``, ``ema_hl5000img``, .
 horizon, with the recommendation, writes it as ``ema_candidates.json`` in ``folder`` and, when matplotlib is
 installed, ``ema_candidates.png`` (validation curves).
 
-The recommendation (one rule, used by every way in and the demo): the best **final** main metric (the last
-evaluation); a tie goes to the calmer curve (smaller ``noise``), then to the earlier candidate of the table
-(primary, other EMAs, raw). ``noise`` is the standard deviation of the metric's residuals around a least-squares
-line over the evaluations of the last quarter of training (steps after 3/4 of the last evaluated step): the jumps
-between evaluations without the trend (``trend_noise``; None with fewer than 3 evaluations there).
+The recommendation and ``select: best`` follow the one rule of the product (``honest_pick.decide``, also used by
+``length: auto`` and ``posthoc sweep``): the primary, unless another candidate beats it by more than 2 standard
+errors of the difference (from paired per-batch results where the way in has them, else from the metric's noise:
+with 5 or more EMAs its smoothness over their lengths, else ``sqrt(2) x`` the primary's ``noise``). ``noise`` is
+the standard deviation of the metric's residuals around a least-squares line over the evaluations of the last
+quarter of training (steps after 3/4 of the last evaluated step): the jumps between evaluations without the trend
+(``trend_noise``; None with fewer than 3 evaluations there).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
@@ -62,15 +65,27 @@ def trend_noise(series: List) -> Optional[float]:
     return float(np.sqrt(np.sum(residuals ** 2) / (len(series) - 2)))
 
 
-def recommend(rows: List[Dict[str, Any]], higher_is_better: bool) -> Optional[str]:
-    """The module docstring's rule: best final metric, then the smaller noise, then table order."""
-    def key(indexed):
-        index, row = indexed
-        final = row["final"] if higher_is_better else -row["final"]
-        noise = row.get("noise")
-        return (final, -(noise if noise is not None else float("inf")), -index)
+RULE = ("the primary unless another candidate's final metric beats it by more than 2 standard errors (a paired "
+        "bootstrap of the last evaluation where the way in counts per sample, else sqrt(2) x the primary's noise, "
+        "or the noise over lengths with 5 or more EMAs): honest_pick.decide")
 
-    return max(enumerate(rows), key=key)[1]["candidate"] if rows else None
+
+def recommend(rows: List[Dict[str, Any]], higher_is_better: bool, primary: Optional[str] = None,
+              lengths: Optional[Mapping[str, float]] = None,
+              units: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """The one rule (``honest_pick.decide``) over the candidates' final metrics: the primary (the first row unless
+    named) unless another beats it by more than 2 standard errors, from the last evaluation's paired ``units`` where
+    the way in has them, else the primary's validation noise (``noise``) or, with 5 or more EMAs, the metric's
+    smoothness over their lengths (``lengths``: log half-life)."""
+    if not rows:
+        return None
+    from ema_callback.integrations.honest_pick import Evaluated, decide
+
+    primary = primary or rows[0]["candidate"]
+    evaluated = {r["candidate"]: Evaluated(r["candidate"], float(r["final"]), (units or {}).get(r["candidate"]),
+                                           (lengths or {}).get(r["candidate"])) for r in rows}
+    noise = next((r.get("noise") for r in rows if r["candidate"] == primary), None)
+    return decide(evaluated, primary, higher_is_better, RAW, noise).label
 
 
 def metric_value(value: Any) -> Optional[float]:
@@ -94,6 +109,7 @@ class CandidateBoard:
         self.higher_is_better = higher_is_better
         self.history: List[Dict[str, Any]] = []
         self.winner: Optional[str] = None  # the candidate selected at the latest evaluation
+        self.units: Optional[Mapping[str, Any]] = None  # the latest evaluation's paired units (see ``pick``)
         self.key: Optional[str] = None  # the main metric
 
     @property
@@ -126,22 +142,38 @@ class CandidateBoard:
         with self.ema.swapped(model, label):
             yield
 
-    def pick(self, results: Mapping[str, Mapping[str, Any]], key: str) -> str:
-        """The selected candidate: the primary, or with ``select: best`` the best ``key`` among ``results``."""
-        self.key = key
+    def lengths(self) -> Dict[str, float]:
+        """Each EMA's log half-life in optimizer steps (its place among lengths, for ``honest_pick``)."""
+        out = {}
+        for label, decay in zip(self.ema.candidate_labels, self.ema.decays):
+            if 0 < decay < 1:
+                out[label] = math.log(math.log(0.5) / math.log(decay))
+        return out
+
+    def pick(self, results: Mapping[str, Mapping[str, Any]], key: str,
+             units: Optional[Mapping[str, Any]] = None) -> str:
+        """The selected candidate: the primary, or with ``select: best`` the one rule's pick among ``results``
+        (``honest_pick.decide``: the primary unless another beats it by more than 2 standard errors, from ``units``
+        (per label: each evaluation unit's numerator and denominator) where the way in has them, else from the
+        metric's noise)."""
+        from ema_callback.integrations.honest_pick import Evaluated, decide
+
+        self.key, self.units = key, units
         if self.config.select != "best":
             return self.primary
         order = [self.primary] + [l for l in self.ema.candidate_labels[1:] if l in results] + ([RAW] if RAW in results else [])
-        scored = [(metric_value(results[l].get(key)), l) for l in order if l in results]
-        scored = [(v, l) for v, l in scored if v is not None and v == v]
-        if not scored:
+        lengths = self.lengths()
+        evaluated = {}
+        for label in order:
+            value = metric_value(results[label].get(key)) if label in results else None
+            if value is not None and value == value:
+                evaluated[label] = Evaluated(label, value, (units or {}).get(label), lengths.get(label))
+        if not evaluated:
             names = ", ".join(sorted({k for r in results.values() for k in r}))
             raise KeyError(f"select: best compares {key!r}, which is not among the evaluation's metrics ({names})")
-        best = scored[0]
-        for value, label in scored[1:]:
-            if (value > best[0]) if self.higher_is_better else (value < best[0]):
-                best = (value, label)
-        return best[1]
+        if self.primary not in evaluated:
+            return next(iter(evaluated))
+        return decide(evaluated, self.primary, self.higher_is_better, RAW, self.noise_of(self.primary)).label
 
     def record(self, step: int, results: Mapping[str, Mapping[str, Any]], key: str, winner: str) -> None:
         """Keep one evaluation's results; log the comparison line."""
@@ -166,6 +198,14 @@ class CandidateBoard:
         return out
 
     # ---------------------------------------------------------------- the end of training
+    def noise_of(self, label: str) -> Optional[float]:
+        """``trend_noise`` of ``label``'s main metric over the last quarter of the evaluations (None: too few)."""
+        if self.key is None:
+            return None
+        series = [(h["step"], h["results"][label][self.key]) for h in self.history
+                  if label in h["results"] and self.key in h["results"][label]]
+        return trend_noise(last_quarter(series))
+
     def summary(self) -> Dict[str, Any]:
         """Every candidate's final and best main metric, and the recommended one."""
         key, rows = self.key, []
@@ -190,8 +230,8 @@ class CandidateBoard:
             rows.append(row)
         return {"metric": key, "higher_is_better": self.higher_is_better, "select": self.config.select,
                 "primary": self.primary, "candidates": rows,
-                "recommended": recommend(rows, self.higher_is_better),
-                "recommendation_rule": "best final metric; ties: smaller noise (last quarter), then table order",
+                "recommended": recommend(rows, self.higher_is_better, self.primary, self.lengths(), self.units),
+                "recommendation_rule": RULE,
                 "selected_last": self.winner}
 
     def table(self) -> str:
@@ -210,8 +250,9 @@ class CandidateBoard:
             noise = f"{row['noise']:.4f}" if row["noise"] is not None else "-"
             lines.append(f"  {row['candidate']:<18} {decay:>12} {row['final']:>10.5g} {row['best']:>10.5g} "
                          f"{row['best_step']:>12} {noise:>8} {half:>20} {start:>8}")
-        lines.append(f"  recommended: {data['recommended']} (best final {data['metric']}; ties: the calmer, then "
-                     "table order); noise: residual std around a linear trend over the last quarter")
+        lines.append(f"  recommended: {data['recommended']} (the primary unless another's final {data['metric']} "
+                     "beats it by more than 2 standard errors); noise: residual std around a linear trend over the "
+                     "last quarter")
         return "\n".join(lines)
 
     def finish(self, folder: Optional[str], write: bool = True) -> Optional[str]:

@@ -34,6 +34,7 @@ Ordering contract (holds wherever the callback stands in the list):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import logging
@@ -59,6 +60,8 @@ from ema_callback.files.checkpoint_io import checked_load
 from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.files.state_file import read_state
 from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
+from ema_callback.integrations.auto_length import AutoPick, has_length, ratio_units, resolve as resolve_length
+from ema_callback.integrations.honest_pick import Evaluated
 
 logger = logging.getLogger("ema_callback")
 
@@ -99,6 +102,8 @@ class EMACallback(paddle.callbacks.Callback):
         super().__init__()
         base = config if isinstance(config, EMAConfig) else EMAConfig.from_block(config)
         self.config = base.replace(**kwargs) if kwargs else base
+        if not isinstance(config, EMAConfig) and not has_length(dict(config or {}, **kwargs)):
+            self.config = self.config.replace(length="auto")  # no length stated: picked at the end of the run
         if final_weights not in ("ema", "raw"):
             raise EMAConfigError(f"final_weights: expected 'ema' or 'raw', got {final_weights!r}")
         self.final_weights = final_weights
@@ -123,6 +128,7 @@ class EMACallback(paddle.callbacks.Callback):
         self._policy = EvaluationPolicy(self.config)
         self._told_off = False
         self._resume_decided, self._resume_prefix = False, None
+        self.auto: Optional[AutoPick] = None  # length: auto, once the engine is built
         self._locks: list = []  # this run's lock on its folders (one run per folder)
 
     @classmethod
@@ -151,11 +157,15 @@ class EMACallback(paddle.callbacks.Callback):
                                "paddle.enable_static(); call paddle.disable_static() before building paddle.Model")
         if self.monitor is None:  # evaluate() without fit
             self._resolve_monitor()
-        self.ema = ExponentialMovingAverage(self.network, self.config, optimizer=getattr(self.model, "_optimizer", None),
+        engine_config, plan = resolve_length(self.config, self._whole_run(self.batch), self.folder)
+        self.ema = ExponentialMovingAverage(self.network, engine_config, optimizer=getattr(self.model, "_optimizer", None),
                                             backend=self.backend, batch=self.batch)
-        self.board = CandidateBoard(self.ema, self.config, self.higher_is_better)
+        self.board = CandidateBoard(self.ema, engine_config, self.higher_is_better)
         place_features(self.ema, self.folder, only_rank0_evaluates=False)
         log_start(self.ema)
+        if plan is not None:
+            self.auto = AutoPick(self.ema, plan, self.higher_is_better, every_rank=True)
+            logger.info("EMA: %s", plan.describe(sum(int(np.prod(e.tensor.shape)) for e in self.ema.averaged_entries)))
         if self._in_fit:  # the set-up is checked: this run now writes its folders
             self._lock_folders()
         try:
@@ -166,6 +176,18 @@ class EMACallback(paddle.callbacks.Callback):
         except BaseException:
             self._release_locks()
             raise
+
+    def _whole_run(self, batch: Optional[BatchInfo]) -> Optional[BatchInfo]:
+        """``batch`` with ``total_steps`` counting the steps a resumed checkpoint already took (a resumed ``fit`` is
+        called for the remaining epochs): what ``length: auto`` sizes itself by, the same as the run's start did."""
+        source = self._resume_source() if self.config.auto else None
+        if batch is None or source is None or batch.total_steps is None or not os.path.isfile(source + ".pdema"):
+            return batch
+        data = checked_load(source + ".pdema")
+        done = data.get("num_steps") if isinstance(data, dict) else None
+        if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+            return batch
+        return dataclasses.replace(batch, total_steps=batch.total_steps + done)
 
     def _resume_source(self) -> Optional[str]:
         """The checkpoint (prefix) this run continues, decided once (see ``resume`` in the class docstring):
@@ -243,9 +265,9 @@ class EMACallback(paddle.callbacks.Callback):
                 stale = []
                 if self.ema is not None and is_rank0():  # .pdparams hold what the network holds now
                     held = self.ema.applied_label or RAW
+                    several = (self.board is not None and self.board.active) or self.auto is not None
                     sha1 = save_ema_state(self.ema, [stage.path(name)], self.network, self.raw_state_dict(),
-                                          numpy_state(self.network),
-                                          candidate=held if self.board is not None and self.board.active else None)
+                                          numpy_state(self.network), candidate=held if several else None)
                     stage.record_sets({name: {"hold": held, "sha1": sha1}})
                 elif is_rank0():  # EMA off: an earlier EMA run's .pdema under this name no longer belongs here
                     stale = [f for f in stale_state_files([name]) if os.path.isfile(os.path.join(folder, f))]
@@ -440,11 +462,41 @@ class EMACallback(paddle.callbacks.Callback):
             logger.warning("EMA: no EMA update happened during fit (%d optimizer steps, start_step=%d)",
                            self.ema.num_steps, self.config.start_step)
         self._release_locks()
-        if self.final_weights == "ema":
+        if self.auto is not None:
+            self._pick_length()
+        elif self.final_weights == "ema":
             self.ema.apply_to(self.network)
         if self.board is not None:
             self.board.finish(self.folder, write=is_rank0())
             self._log_final_weights()
+
+    def _pick_length(self) -> None:
+        """``length: auto`` at the end of fit (``auto_length``): evaluate the candidates with ``Model.evaluate`` on
+        fit's eval data, per batch for the paired uncertainty; the pick goes into the network (``final_weights:
+        'ema'``), so ``final.pdparams`` (written next by ModelCheckpoint) and ``model.save`` hold it."""
+        auto = self.auto
+        auto.metric = self.monitor
+        if getattr(self.model, "_test_dataloader", None) is None:
+            logger.warning("EMA: length auto: fit had no eval_data, so nothing can be compared: the default length "
+                           "(%s) is kept", auto.length_of(auto.default))
+            label = auto.default
+        else:
+            def evaluate(label: str) -> Evaluated:
+                units = _PerBatchUnits(self.monitor)
+                with auto.weights(label, self.network):
+                    result = self._evaluate_here(extra=[units])
+                value = metric_value(result.get(self.monitor))
+                return Evaluated(label, float(value) if value is not None else float("nan"), units.array())
+
+            label = auto.run(evaluate, trend_noise=self.board.noise_of(auto.default) if self.board else None).label
+            if is_rank0():
+                auto.write(self.folder)
+        if self.final_weights == "ema" and label != RAW:
+            if label == auto.default:
+                self.ema.apply_to(self.network)
+            else:
+                self.ema.apply_values(self.network, auto.values(label, self.network), label)
+        auto.close()
 
     def _log_final_weights(self) -> None:
         """After the candidates table: which weights the network holds now (and fit's ``final.pdparams``, which
@@ -491,14 +543,17 @@ class EMACallback(paddle.callbacks.Callback):
             return
         labels = self.board.to_evaluate()
         nested = labels if self.config.select == "best" else labels[:-1]  # fit's own evaluation runs the last
+        units = {}
         for label in nested:
             if label == self.board.primary:
                 self.extra_logs[DRIFT] = log_before_eval(self.ema)
+            tap = _PerBatchUnits(self.monitor)
             with self.board.weights(label, self.network):
-                self._eval_results[label] = self._evaluate_here()
+                self._eval_results[label] = self._evaluate_here(extra=[tap])
+            units[label] = tap.array()
         if self.config.select == "best":
             try:
-                chosen = self.board.pick(self._eval_results, self.monitor)
+                chosen = self.board.pick(self._eval_results, self.monitor, units)
             except KeyError as exc:
                 raise EMAConfigError(f"EMACallback(monitor={self.monitor!r}): {exc.args[0]}") from None
         else:
@@ -529,8 +584,9 @@ class EMACallback(paddle.callbacks.Callback):
         labels = (self.ema.labels if self.ema is not None else []) + [RAW]
         return name != DRIFT and name not in NOT_LOGGED and not any(name.endswith("_" + l) for l in labels)
 
-    def _evaluate_here(self) -> Dict[str, Any]:
-        """Evaluate the network as it is on fit's eval loader, leaving fit's own state as it was."""
+    def _evaluate_here(self, extra: Optional[list] = None) -> Dict[str, Any]:
+        """Evaluate the network as it is on fit's eval loader, leaving fit's own state as it was (``extra``:
+        callbacks that watch the evaluation)."""
         model = self.model
         loader = getattr(model, "_test_dataloader", None)
         if loader is None:
@@ -539,7 +595,7 @@ class EMACallback(paddle.callbacks.Callback):
         saved = {k: getattr(model, k) for k in ("num_iters", "stop_training", "_test_dataloader") if hasattr(model, k)}
         mean = _EvalLossMean()
         try:
-            result = dict(model.evaluate(loader, verbose=0, callbacks=[mean]))
+            result = dict(model.evaluate(loader, verbose=0, callbacks=[mean] + list(extra or [])))
             if "loss" in result and mean.mean is not None:
                 result["loss"] = mean.mean
         finally:
@@ -573,6 +629,32 @@ class EMACallback(paddle.callbacks.Callback):
             self.board.record(self.ema.num_steps, results, key, self._evaluating)
         if not self._in_fit and self.ema is not None and self.ema.applied and self.final_weights == "raw":
             self._restore_raw()  # standalone evaluate(): leave the model as it was
+
+
+class _PerBatchUnits(paddle.callbacks.Callback):
+    """Each evaluation batch's (numerator, count) of ``metric``, for a paired comparison of candidates: hapi logs a
+    metric accumulated over the batches so far (``value x seen`` differences give each batch's sum) and the loss
+    of each batch (``loss x size``)."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric, self.pairs, self._seen, self._total = metric, [], 0.0, 0.0
+
+    def on_eval_batch_end(self, step, logs=None) -> None:
+        logs = logs or {}
+        value, size = metric_value(logs.get(self.metric)), float(logs.get("batch_size") or 0)
+        if value is None or size <= 0:
+            return
+        if self.metric == "loss":
+            self.pairs.append((value * size, size))
+            return
+        seen = self._seen + size
+        total = value * seen
+        self.pairs.append((total - self._total, size))
+        self._seen, self._total = seen, total
+
+    def array(self):
+        return ratio_units(self.pairs)
 
 
 class _EvalLossMean(paddle.callbacks.Callback):

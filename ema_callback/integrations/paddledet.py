@@ -41,6 +41,8 @@ import runpy
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
+
 from ema_callback.integrations.suite_checkout import PADDLEDET, find_checkout
 from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.integrations.checkpoints import (STATE_KEY, check_checkpoint_files, check_missing_state,
@@ -51,6 +53,8 @@ from ema_callback.core.run_report import log_start
 from ema_callback.integrations.evaluation import before_eval_start
 from ema_callback.integrations.candidates import RAW, CandidateBoard
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
+from ema_callback.integrations.auto_length import AutoPick, resolve as resolve_length
+from ema_callback.integrations.honest_pick import Evaluated
 from ema_callback.errors import EMAError
 from ema_callback.config.files import (check_section_name, load_suite_yaml, read_yaml, resolve_block, split_overrides,
                             why_disabled)
@@ -257,9 +261,15 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                     frozen = [re.escape(n) for n, p in self.model.named_parameters()
                               if p.stop_gradient and not n.endswith(("_mean", "_variance"))]
                     ema_config = config.replace(exclude=list(config.exclude) + [f"^{n}$" for n in frozen])
+                batch = _batch_info(cfg, self)
+                ema_config, plan = resolve_length(ema_config, batch, cfg.save_dir)
                 self.ema = PpdetEMA(self.model, ema_config, optimizer=self.optimizer,
-                                    cycle_epoch=extra.get("cycle_epoch", -1), batch=_batch_info(cfg, self))
+                                    cycle_epoch=extra.get("cycle_epoch", -1), batch=batch)
                 self._ema_board = CandidateBoard(self.ema.engine, ema_config)
+                self._ema_auto = AutoPick(self.ema.engine, plan) if plan is not None else None
+                if plan is not None:
+                    logger.info("EMA: %s", plan.describe(sum(int(np.prod(e.tensor.shape))
+                                                             for e in self.ema.engine.averaged_entries)))
                 place_features(self.ema.engine, cfg.save_dir, only_rank0_evaluates=True)  # ppdet: rank 0 only
                 self._ema_eval_metrics: Dict[str, float] = {}
                 self._ema_state_callback = EMAStateCallback(self)
@@ -316,10 +326,54 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 logger.info("EMA: finished: %s", self.ema.engine.summary())
                 from ema_callback.integrations.checkpoints import is_rank0
 
+                if self._ema_auto is not None and is_rank0():  # ppdet evaluates and saves on rank 0 only
+                    self._pick_length(validate)
                 self._ema_board.finish(self.cfg.save_dir, write=is_rank0())
                 if self.ema.counter is not None:
                     self.ema.counter.close()
             return result
+
+        def _pick_length(self, validate: bool) -> None:
+            """``length: auto`` at the end (``auto_length``): each candidate through ppdet's own
+            ``_eval_with_loader`` (with only a metric-reading callback: its Checkpointer saves nothing); mAP is no
+            per-sample mean, so the uncertainty is the noise of the metric over nearby lengths. The pick is saved
+            as ``best_model`` and ``model_final`` through ppdet's own ``save_model`` (raw weights in the
+            ``.pdema``)."""
+            auto = self._ema_auto
+            loader = getattr(self, "_eval_loader", None)
+            if not validate or loader is None:
+                logger.warning("EMA: length auto: no evaluation (--eval) in this run, so nothing can be compared: "
+                               "the default length (%s) is kept", auto.length_of(auto.default))
+                auto.close()
+                return
+
+            def evaluate(label: str) -> Evaluated:
+                own = self._compose_callback
+                self._compose_callback = ComposeCallback([self._ema_state_callback])  # no Checkpointer, no logger
+                try:
+                    with auto.weights(label, self.model):
+                        Trainer._eval_with_loader(self, loader)
+                finally:
+                    self._compose_callback = own
+                metrics = dict(self._ema_eval_metrics)
+                auto.metric = auto.metric or next(iter(metrics), None)
+                return Evaluated(label, float(metrics.get(auto.metric, float("nan"))))
+
+            label = auto.run(evaluate, trend_noise=self._ema_board.noise_of(auto.default)).label
+            auto.write(self.cfg.save_dir)
+            import paddle
+
+            import ppdet.engine.callbacks as ppdet_callbacks
+
+            raw = {k: v for k, v in self.model.state_dict().items()}
+            picked = auto.values(label, self.model)
+            weight = dict(raw, **{STATE_KEY: ppdet_state(self.ema.engine, raw, picked, pdparams_hold=label)})
+            for name in ("best_model", "model_final"):
+                ppdet_callbacks.save_model(weight, self.optimizer, self.cfg.save_dir, name, self.cfg.epoch,
+                                           ema_model={k: paddle.to_tensor(v) for k, v in picked.items()})
+            logger.info("EMA: length auto: %s written as best_model and model_final in %s", label,
+                        self.cfg.save_dir)
+            auto.close()
 
     return EMATrainer
 

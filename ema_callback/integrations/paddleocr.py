@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import os
 import runpy
 import sys
 from typing import Any, Dict, List, Optional
+
+import numpy as np
 
 from ema_callback.integrations.suite_checkout import PADDLEOCR, find_checkout
 from ema_callback.integrations.evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
@@ -42,6 +45,8 @@ from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.config.files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
 from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.integrations.output_rollback import OutputGuard
+from ema_callback.integrations.auto_length import AutoPick, ratio_units, resolve as resolve_length
+from ema_callback.integrations.honest_pick import Evaluated
 from ema_callback.integrations.suite_checkout import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
@@ -129,6 +134,9 @@ class PaddleOCRHooks:
         self.save_dir: Optional[str] = None
         self._originals: Dict[str, Any] = {}
         self._policy = EvaluationPolicy(config)
+        self.auto = None  # length: auto, once the engine is built
+        self._eval_call = self._save_call = None  # the arguments of PaddleOCR's last eval / save of latest
+        self._pick: Optional[str] = None  # the candidate length: auto picked (what best_accuracy is saved with)
 
     @contextlib.contextmanager
     def installed(self):
@@ -176,16 +184,56 @@ class PaddleOCRHooks:
                                           pre_best_model_dict, logger_, *args, **kwargs)
         if self.ema is not None:
             logger.info("EMA: finished: %s", self.ema.summary())
+            if self.auto is not None and is_rank0():  # PaddleOCR evaluates and saves on rank 0 only
+                self._pick_length(model, logger_)
             self.board.finish(self.save_dir, write=is_rank0())
         return result
+
+    def _pick_length(self, model, logger_) -> None:
+        """``length: auto`` at the end (``auto_length``): each candidate through PaddleOCR's own ``eval`` (the
+        arguments of its last evaluation), per batch where its metric counts samples (``correct_num``/``all_num``,
+        the recognizers' ``acc``); the pick is written as ``best_accuracy`` (and ``best_model/model``) through
+        PaddleOCR's own ``save_model``, the raw weights in their ``.pdema``."""
+        auto = self.auto
+        if self._eval_call is None or self._save_call is None:
+            logger.warning("EMA: length auto: no evaluation%s during training, so nothing can be compared: the "
+                           "default length (%s) is kept", "" if self._eval_call else " (Global.eval_batch_step)",
+                           auto.length_of(auto.default))
+            auto.close()
+            return
+        args, kwargs = self._eval_call
+        eval_class = kwargs.get("eval_class", args[2] if len(args) > 2 else None)
+        auto.metric = getattr(eval_class, "main_indicator", None)
+        original = self._originals["eval"]
+
+        def evaluate(label: str) -> Evaluated:
+            call_args, call_kwargs, tap = _tapped(args, kwargs, eval_class)
+            with auto.weights(label, model):
+                metric = dict(original(model, *call_args, **call_kwargs))
+            return Evaluated(label, float(metric.get(auto.metric, float("nan"))), tap.array())
+
+        label = auto.run(evaluate, trend_noise=self.board.noise_of(auto.default)).label
+        auto.write(self.save_dir)
+        self._pick = label
+        optimizer, model_path, config, kwargs = self._save_call
+        best = dict(kwargs.get("best_model_dict") or {}, **{auto.metric: auto.evaluated[label].value})
+        self._save_model(model, optimizer, model_path, logger_, config, is_best=True, prefix="best_accuracy",
+                         **dict(kwargs, best_model_dict=best))
+        logger.info("EMA: length auto: %s written as %s (best_accuracy, best_model/model)", label,
+                    os.path.join(model_path, "best_accuracy.pdparams"))
+        auto.close()
 
     def _start_ema(self, model, optimizer, checkpoints, logger_, batch) -> None:
         from ema_callback.core.engine import ExponentialMovingAverage
         from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
 
         self.model = model
-        self.ema = ExponentialMovingAverage(model, self.config, optimizer=optimizer, batch=batch)
-        self.board = CandidateBoard(self.ema, self.config)
+        engine_config, plan = resolve_length(self.config, batch, self.save_dir)
+        self.ema = ExponentialMovingAverage(model, engine_config, optimizer=optimizer, batch=batch)
+        self.board = CandidateBoard(self.ema, engine_config)
+        if plan is not None:
+            self.auto = AutoPick(self.ema, plan)
+            logger_.info("EMA: %s", plan.describe(sum(int(np.prod(e.tensor.shape)) for e in self.ema.averaged_entries)))
         place_features(self.ema, self.save_dir, only_rank0_evaluates=True)  # PaddleOCR evaluates on rank 0 only
         log_start(self.ema, logger_)
         if checkpoints:
@@ -205,15 +253,18 @@ class PaddleOCRHooks:
             metric = original(model, *args, **kwargs)
             self.board.winner = RAW
             return dict(metric, **raw_suffixed(metric)) if c.eval_raw else metric
+        self._eval_call = (args, kwargs)
         eval_class = kwargs.get("eval_class", args[2] if len(args) > 2 else None)
         key = getattr(eval_class, "main_indicator", None)
-        results, drift = {}, None
+        results, drift, units = {}, None, {}
         for label in self.board.to_evaluate():
             if label == self.board.primary:
                 drift = log_before_eval(self.ema)
+            call_args, call_kwargs, tap = _tapped(args, kwargs, eval_class)
             with self.board.weights(label, model):
-                results[label] = dict(original(model, *args, **kwargs))
-        winner = self.board.pick(results, key) if key else self.board.primary
+                results[label] = dict(original(model, *call_args, **call_kwargs))
+            units[label] = tap.array()
+        winner = self.board.pick(results, key, units) if key else self.board.primary
         self.board.record(self.ema.num_steps, results, key or "", winner)
         metric = self.board.logged(results, winner)
         metric[DRIFT] = drift  # PaddleOCR logs it and hands it to its W&B/VisualDL writer
@@ -235,17 +286,24 @@ class PaddleOCRHooks:
                 stage.publish(remove=stale)
             logger.info("EMA: off; removed %s, which described the set this save replaced", ", ".join(stale))
             return result
+        if prefix == "latest":
+            self._save_call = (optimizer, model_path, config, dict(kwargs))
         raw = numpy_state(unwrap(model))
         with StagedWrite(model_path) as stage:  # a crash never leaves a partial file under a final name
             log = _FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
-            # best_accuracy holds the candidate selected at the evaluation that made it best (select: best)
+            # best_accuracy holds the candidate selected at the evaluation that made it best (select: best), or at
+            # the end the one length: auto picked
             chosen = self.board.winner if prefix == "best_accuracy" and self.board.winner else self.board.primary
+            if prefix == "best_accuracy" and self._pick is not None:
+                chosen = self._pick
             if self.config.save_as == "raw" or before_eval_start(self.ema, self.config) or chosen == RAW:
                 # raw: PaddleOCR's files untouched; before eval_start_step the best model is chosen on raw weights
                 result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix, **kwargs)
                 held, label = raw, RAW
             else:
-                with self.ema.swapped(model, chosen):
+                weights = self.auto.weights(chosen, model) if self._pick is not None and chosen == self._pick \
+                    else self.ema.swapped(model, chosen)
+                with weights:
                     result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix,
                                       **kwargs)
                     held, label = numpy_state(model), chosen
@@ -257,6 +315,60 @@ class PaddleOCRHooks:
                 logger.info("EMA: saved %s.pdema (%s%s)", os.path.join(model_path, prefix), self.ema.summary(), which)
             stage.publish(last=tuple(r + ".pdema" for r in relatives))
         return result
+
+
+class _UnitTap:
+    """A PaddleOCR metric that counts samples (``correct_num`` / ``all_num``: the recognizers' ``acc``), watched for a
+    paired comparison of candidates: each sample's (correct, 1) where its input is a batch of ``(preds, labels)``
+    pairs (``RecMetric``), else each call's (correct, count). The metric itself gets every call as it came, so its
+    sums (and their last bits) are PaddleOCR's own; the per-sample counts come from a shallow copy of it called one
+    sample at a time."""
+
+    def __init__(self, metric):
+        self._metric, self.pairs, self._single = metric, [], None
+
+    @staticmethod
+    def _counts(metric):
+        return getattr(metric, "correct_num", None), getattr(metric, "all_num", None)
+
+    def _record(self, metric, *args, **kwargs):
+        before = self._counts(metric)
+        out = metric(*args, **kwargs)
+        after = self._counts(metric)
+        if all(isinstance(v, (int, float)) for v in before + after) and after[1] > before[1]:
+            self.pairs.append((after[0] - before[0], after[1] - before[1]))
+        return out
+
+    def __call__(self, *args, **kwargs):
+        pair = args[0] if args else None
+        if isinstance(self._counts(self._metric)[1], (int, float)) and isinstance(pair, (tuple, list)) and \
+                len(pair) == 2 and all(isinstance(p, list) for p in pair) and len(pair[0]) == len(pair[1]) > 1:
+            out = self._metric(*args, **kwargs)
+            if self._single is None:
+                self._single = copy.copy(self._metric)
+            for pred, label in zip(*pair):  # one sample at a time, on the copy: per-sample units
+                self._record(self._single, ([pred], [label]), *args[1:], **kwargs)
+            return out
+        return self._record(self._metric, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._metric, name)
+
+    def array(self):
+        return ratio_units(self.pairs)
+
+
+def _tapped(args, kwargs, eval_class):
+    """``program.eval``'s arguments with ``eval_class`` watched by a ``_UnitTap`` (args, kwargs, the tap)."""
+    tap = _UnitTap(eval_class)
+    call_args, call_kwargs = list(args), dict(kwargs)
+    if eval_class is None:
+        return call_args, call_kwargs, tap  # nothing to watch: its array() is None
+    if "eval_class" in call_kwargs or len(call_args) <= 2:
+        call_kwargs["eval_class"] = tap
+    else:
+        call_args[2] = tap
+    return call_args, call_kwargs, tap
 
 
 def _batch_info(config: Dict[str, Any], train_dataloader):

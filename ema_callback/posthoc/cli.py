@@ -6,14 +6,17 @@
 
 ``sweep`` evaluates every reconstruction through the suite's **own** ``tools/eval.py`` (PaddleOCR on the YAML's
 ``Eval`` section, ppdet on its ``EvalDataset``), run as ``python tools/eval.py`` would be, then writes
-``sweep.json``, ``sweep.md``, ``sweep.png`` (metric against sigma_rel, the tracked profiles marked) and the best
-reconstruction as ``best.pdparams`` with ``best.json`` saying what it is. For ``Model.fit`` users the same is the
+``sweep.json``, ``sweep.md``, ``sweep.png`` (metric against sigma_rel, the tracked profiles marked) and the
+reconstruction the one rule picks (``honest_pick.decide``: sigma_rel 0.10, always evaluated, unless another beats it
+by more than 2 standard errors of the metric's noise over the lengths) as ``best.pdparams`` with ``best.json``
+saying what it is. For ``Model.fit`` users the same is the
 Python API ``ema_callback.posthoc.PostHocEMA(folder).sweep(model, eval_fn, sigma_rels)``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -24,6 +27,8 @@ from typing import List, Optional, Tuple
 from ema_callback.errors import EMAConfigError
 from ema_callback.integrations.suite_checkout import PADDLEOCR, Suite, checkout_for_one_of
 from ema_callback.plots import pyplot
+from ema_callback.integrations.auto_length import DEFAULT_SIGMA
+from ema_callback.integrations.honest_pick import Evaluated, decide
 from ema_callback.posthoc.snapshots import PostHocEMA, parse_sigma_rels
 
 AP = re.compile(r"Average Precision  \(AP\) @\[ IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = ([-\d.]+)")
@@ -107,6 +112,8 @@ def sweep(args) -> int:
     args.suite, args.root = _suite(args)
     post = PostHocEMA(args.snapshots)
     sigmas = parse_sigma_rels(args.sigma_rel)
+    if not any(abs(s - DEFAULT_SIGMA) < 1e-12 for s in sigmas):  # the one rule compares against the default
+        sigmas = sorted(sigmas + [DEFAULT_SIGMA])
     print(f"post-hoc EMA: {post.disk_use()}; tracked sigma_rel {', '.join(map(str, post.sigma_rels))}; "
           f"steps {post.steps[0]}..{post.steps[-1]}", flush=True)
     for sigma in sigmas:
@@ -125,10 +132,14 @@ def sweep(args) -> int:
             rows.append({"sigma_rel": sigma, "metric": value, "extrapolated": outside})
             print(f"  [{i}/{len(sigmas)}] sigma_rel {sigma:.4f}: {name} {value:.6g}"
                   f"{'  (extrapolated: outside the tracked profiles)' if outside else ''}", flush=True)
-    best = max(rows, key=lambda r: r["metric"])
+    evaluated = {f"{r['sigma_rel']:g}": Evaluated(f"{r['sigma_rel']:g}", r["metric"], None, math.log(r["sigma_rel"]))
+                 for r in rows}
+    decision = decide(evaluated, f"{DEFAULT_SIGMA:g}", raw=None)  # the one rule: the default unless beaten
+    best = next(r for r in rows if f"{r['sigma_rel']:g}" == decision.label)
     post.export(best["sigma_rel"], os.path.join(args.out, "best.pdparams"), args.at_step)
     at = post.coefficients(best["sigma_rel"], args.at_step)[2].step  # the snapshot the targets are at
-    summary = {"metric": name, "rows": rows, "best": best, "at_step": at, "tracked_sigma_rels": post.sigma_rels,
+    summary = {"metric": name, "rows": rows, "best": best, "decision": decision.as_dict(), "at_step": at,
+               "tracked_sigma_rels": post.sigma_rels,
                "snapshots": os.path.abspath(args.snapshots), "disk": post.disk_use(),
                "evaluation": "PaddleOCR tools/eval.py" if args.suite is PADDLEOCR else "PaddleDetection tools/eval.py"}
     with open(os.path.join(args.out, "sweep.json"), "w") as handle:
@@ -145,7 +156,7 @@ def sweep(args) -> int:
     with open(os.path.join(args.out, "sweep.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"best: sigma_rel {best['sigma_rel']:.4f} ({name} {best['metric']:.6g}) -> "
+    print(f"best: sigma_rel {best['sigma_rel']:.4f} ({name} {best['metric']:.6g}; {decision.reason}) -> "
           f"{os.path.join(args.out, 'best.pdparams')}")
     plot_sweep(rows, post.sigma_rels, name, os.path.join(args.out, "sweep.png"))
     return 0

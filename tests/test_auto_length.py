@@ -1,0 +1,137 @@
+"""length: auto (issue 26): a block or callback that states no length tracks post-hoc profiles beside a default
+EMA, picks the length at the end through the run's own evaluation with the one honest rule, and saves the pick."""
+import json
+import logging
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from ema_callback import EMACallback, EMAConfig
+from ema_callback.errors import EMAConfigError
+from ema_callback.files.state_file import read_state
+from ema_callback.integrations.auto_length import COARSE, REFINE, half_life_steps
+
+from fit_helpers import Blobs, loaders, make_model, weights
+
+guard = paddle.utils.unique_name.guard
+
+
+def fit_auto(tmp_path, lr=0.05, epochs=4, eval_data=True, **kwargs):
+    train, evald = loaders(n_train=96)
+    with guard():
+        model = make_model(lr=lr)
+        callback = EMACallback(**kwargs)
+        model.fit(train, evald if eval_data else None, epochs=epochs, verbose=0, save_dir=str(tmp_path),
+                  callbacks=[callback])
+    return model, callback
+
+
+def test_no_length_stated_is_length_auto_and_an_explicit_length_is_not():
+    assert EMACallback().config.auto and EMACallback(eval_raw=True).config.auto
+    assert EMACallback({"eval_raw": True}).config.auto and EMACallback(length="auto").config.auto
+    assert not EMACallback(decay=0.99).config.auto and not EMACallback(half_life_images=100).config.auto
+    assert not EMACallback(EMAConfig()).config.auto  # an EMAConfig is taken as it is (decay 0.9999)
+    with pytest.raises(EMAConfigError, match=r"give the EMA length one way .* not both decay and length"):
+        EMACallback(decay=0.99, length="auto")
+
+
+def test_the_pick_is_evaluated_through_fit_and_saved_as_the_model(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="ema_callback"):
+        model, callback = fit_auto(tmp_path)
+    auto = callback.auto
+    lines = [r.getMessage() for r in caplog.records]
+    steps = 4 * 12
+    start = next(line for line in lines if "length auto:" in line and "the default length" in line)
+    assert f"half-life {half_life_steps(steps) * 8:,.0f} images ({half_life_steps(steps):,.1f} of the run's 48" in start
+    assert "post-hoc profiles sigma_rel 0.05, 0.15 updated every 8 EMA updates, 3 snapshots" in start  # 16, 32, 48
+    # the candidates: raw, the default, the coarse grid, at most REFINE more; each evaluated once, with units
+    assert len(auto.evaluated) <= 2 + len(COARSE) + REFINE <= 10
+    assert all(e.units is not None and e.units[:, 1].sum() == 48 for e in auto.evaluated.values())
+    decision = auto.decision
+    table = json.load(open(tmp_path / "ema_auto.json"))
+    assert table["label"] == decision.label and table["metric"] == "acc" and os.path.exists(tmp_path / "ema_auto.png")
+    picked = next(line for line in lines if line.startswith("EMA: length auto picked"))
+    assert decision.reason in picked and "over the default" in picked
+    # the pick is the model: the network, final.pdparams, and the .pdema says so
+    held = "raw" if decision.label == "raw" else decision.label
+    final = paddle.load(str(tmp_path / "final.pdparams"), return_numpy=True)
+    live = weights(model.network)
+    assert all(np.asarray(final[k]).tobytes() == live[k].tobytes() for k in live)
+    expected = {k: np.asarray(v) for k, v in auto.values(decision.label, model.network).items()} \
+        if held != "raw" else callback.raw_state_dict()
+    assert all(live[k].tobytes() == expected[k].astype(live[k].dtype).tobytes() for k in live)
+    state = read_state(str(tmp_path / "final.pdema"))
+    assert state.get("pdparams_hold") == held
+    # the evaluation reproduces the logged metric of the pick
+    assert float(np.ravel(model.evaluate(loaders()[1], verbose=0)["acc"])[0]) == pytest.approx(
+        auto.evaluated[decision.label].value)
+
+
+def test_a_converged_model_keeps_the_default_and_says_why(tmp_path, caplog):
+    """lr 0: the weights never move, so every length is the same weights: the default is kept."""
+    with caplog.at_level(logging.INFO, logger="ema_callback"):
+        _, callback = fit_auto(tmp_path, lr=0.0)
+    decision = callback.auto.decision
+    assert decision.label == callback.auto.default and decision.gain == 0.0
+    assert decision.reason.startswith("no candidate is better than the default")
+    assert any("length auto picked half-life" in r.getMessage() and "(sigma_rel 0.1, the default)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_without_evaluation_data_the_default_is_kept_in_one_line(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="ema_callback"):
+        model, callback = fit_auto(tmp_path, eval_data=False)
+    assert any("fit had no eval_data, so nothing can be compared: the default length" in r.getMessage()
+               for r in caplog.records)
+    assert callback.ema.applied_label == callback.auto.default
+
+
+def test_length_auto_on_a_stream_of_unknown_length_fails_before_anything_is_written(tmp_path):
+    class Stream(paddle.io.IterableDataset):
+        def __iter__(self):
+            blobs = Blobs(32, 1)
+            return (blobs[i] for i in range(len(blobs)))
+
+    with guard():
+        model = make_model()
+    with pytest.raises(EMAConfigError, match=r"^EMA\.length: auto needs the number of optimizer steps"):
+        model.fit(paddle.io.DataLoader(Stream(), batch_size=8), epochs=1, verbose=0, save_dir=str(tmp_path / "run"),
+                  callbacks=[EMACallback()])
+    assert not os.path.exists(tmp_path / "run") or os.listdir(tmp_path / "run") == []
+
+
+def test_a_resumed_auto_run_sizes_itself_by_the_whole_run_and_continues_exactly(tmp_path):
+    """Killed after 2 of 4 epochs and resumed for the other 2: the same default length, the same snapshots and the
+    same EMA as the run that was never stopped (what a post-hoc series already does)."""
+    from ema_callback.posthoc.snapshots import load_snapshots
+
+    train, evald = loaders(n_train=96)
+    with guard():
+        straight = make_model()
+        full = EMACallback(final_weights="raw", save_dir=str(tmp_path / "straight"))
+        straight.fit(train, evald, epochs=4, verbose=0, callbacks=[full])
+    class StopAfterTwoEpochs(paddle.callbacks.Callback):  # a run of 4 epochs that stops after 2 (a kill)
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.model.stop_training = True
+
+    with guard():
+        make_model().fit(train, evald, epochs=4, verbose=0, save_dir=str(tmp_path / "run"),
+                         callbacks=[EMACallback(), StopAfterTwoEpochs()])
+    with guard():
+        again = make_model(seed=4)
+        again.load(str(tmp_path / "run" / "1"))
+        resumed = EMACallback(final_weights="raw", save_dir=str(tmp_path / "run"))
+        again.fit(train, evald, epochs=2, verbose=0, callbacks=[resumed])
+    assert resumed.auto.plan.total_steps == full.auto.plan.total_steps == 48
+    a, b = full.ema.state_dict(), resumed.ema.state_dict()
+    assert a["num_steps"] == b["num_steps"] == 48 and all(a["shadow"][k].tobytes() == b["shadow"][k].tobytes()
+                                                          for k in a["shadow"])
+    snaps = [load_snapshots(str(tmp_path / f / "posthoc")) for f in ("straight", "run")]
+    # the same series, and one more: the stopped run picked its length at its end (step 24) from a snapshot there
+    assert [s.step for s in snaps[1]] == sorted([s.step for s in snaps[0]] + [24])
+    resumed_series = {s.step: s for s in snaps[1]}
+    assert all(x.profile(j).tobytes() == resumed_series[x.step].profile(j).tobytes() for x in snaps[0] for j in (0, 1))
+    assert resumed.auto.decision.label == full.auto.decision.label
