@@ -3,6 +3,7 @@ once the folder is recovered; a live writer's staging folder is never taken, whe
 folder that vanished and a full disk are said in one line, the previous set whole."""
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,7 +124,9 @@ def test_a_full_disk_says_what_a_save_needs_and_keeps_the_previous_set(small_dis
             stage.publish()
     message = str(info.value)
     assert message.startswith(folder) and "No space left on device" in message and "second copy" in message
-    assert "MiB free" in message and "\n" not in message
+    assert re.search(r"No space left on device: [\d.,]+ (MiB|KiB|bytes) free\)", message) and "\n" not in message
+    old_bytes = sum(len(v) for k, v in OLD.items() if k.startswith("x."))  # the x.* set the staged x.pdparams replaces
+    assert f"the set it replaces holds {old_bytes} bytes" in message, message
     assert read_set(folder) == OLD and staging_folders(folder) == []
 
 

@@ -42,11 +42,18 @@ def atomic_write_text(text: str, path: str) -> None:
 
 
 def free_space(folder: str) -> str:
-    """``'12.5 MiB free'`` on the device of ``folder``, for a full disk's message."""
+    """``'12.5 MiB free'`` (or KiB, bytes) on the device of ``folder``, for a full disk's message."""
     try:
-        return f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free"
+        return f"{size_text(shutil.disk_usage(folder).free)} free"
     except OSError:
         return "free space unknown"
+
+
+def size_text(n: int) -> str:
+    """``'1.3 MiB'``, ``'10.2 KiB'`` or ``'40 bytes'``."""
+    if n >= 2**20:
+        return f"{n / 2**20:,.1f} MiB"
+    return f"{n / 2**10:,.1f} KiB" if n >= 2**10 else f"{n} bytes"
 
 
 def atomic_write_bytes(data: bytes, path: str) -> None:

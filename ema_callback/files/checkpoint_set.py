@@ -291,6 +291,21 @@ class StagedWrite:
         return sum(os.path.getsize(os.path.join(self.tmp, r)) for r in _staged_files(self.tmp)
                    if os.path.isfile(os.path.join(self.tmp, r)))
 
+    def replaced_bytes(self) -> int:
+        """The bytes of the files in the folder that belong to the sets being saved (same name up to the first dot
+        as a staged file: ``latest.pdparams`` staged -> ``latest.*``): what a second copy of the set takes."""
+        total, seen = 0, set()
+        for relative in _staged_files(self.tmp):
+            folder = os.path.join(self.folder, os.path.dirname(relative))
+            stem = os.path.basename(relative).split(".")[0] + "."
+            if (folder, stem) in seen or not os.path.isdir(folder):
+                continue
+            seen.add((folder, stem))
+            for entry in os.scandir(folder):
+                if entry.name.startswith(stem) and entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+        return total
+
     def publish(self, last: Sequence[str] = (), remove: Sequence[str] = ()) -> List[str]:
         """Commit the staged files and move them over their final names (``last`` ones last), then remove the
         files of ``remove`` (names relative to the folder: files of the set that the new one makes stale, such as
@@ -349,14 +364,17 @@ class StagedWrite:
             if exc_type is not None:
                 self._finish_committed()
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                needed = self.staged_bytes() if os.path.isdir(self.tmp) else 0
-                from ema_callback.files.checkpoint_io import free_space
+                written = self.staged_bytes() if os.path.isdir(self.tmp) else 0
+                replaced = self.replaced_bytes() if os.path.isdir(self.tmp) else 0
+                from ema_callback.files.checkpoint_io import free_space, size_text
 
+                size = f"about {size_text(max(replaced, written))} free (the set it replaces holds " \
+                    f"{size_text(replaced)}; {size_text(written)} of the new one were written when the disk filled)" \
+                    if replaced else f"more than the {size_text(written)} of the new set written when the disk filled"
                 raise EMAFileError(f"{self.folder}: the checkpoint set could not be saved (No space left on "
                                    f"device: {free_space(self.folder)}); a save writes the whole new set beside the "
-                                   "previous one before it replaces it, so it needs room for a second copy of the set "
-                                   f"({needed / 2**20:,.1f} MiB were written when the disk filled); the previous set "
-                                   "is whole") from None
+                                   f"previous one before it replaces it, so it needs room for a second copy of the "
+                                   f"set: {size}; the previous set is whole") from None
             if isinstance(exc, OSError):
                 raise EMAFileError(f"{self.folder}: the checkpoint set could not be saved ({exc.strerror or exc}); "
                                    f"{'the new set is whole' if self.published else 'the previous set is whole'}") \
