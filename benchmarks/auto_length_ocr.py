@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
+from auto_length import seed_table  # noqa: E402
 from ema_callback.demo.run import cpu_model  # noqa: E402
 
 CONFIG = "configs/rec/rec_mv3_none_bilstm_ctc.yml"
@@ -145,21 +146,11 @@ def report(rows: list) -> dict:
 
 def markdown(data: dict, epochs: int) -> str:
     lines = [f"PaddleOCR `{data['config']}` shrunk to CPU (MobileNetV3 small x0.35, {data['sizes']['train']:,} "
-             f"synthetic digit lines, batch 32, {epochs} epochs, `benchmarks/auto_length_ocr.py`), trained with `ema-callback ocr-train -o "
-             f"EMA.eval_raw=true`; held-out split: {data['sizes']['held']:,} lines, scored by PaddleOCR's own "
+             f"synthetic digit lines, batch 32, {epochs} epochs, `benchmarks/auto_length_ocr.py`), trained with "
+             f"`ema-callback ocr-train -o EMA.eval_raw=true`; held-out split: {data['sizes']['held']:,} lines, scored by PaddleOCR's own "
              f"`tools/eval.py`; oracle: the best of 12 lengths (sigma_rel {data['grid'][0]:g} to "
-             f"{data['grid'][-1]:g}) on it. Measured on {data['machine']}.", "",
-             "| seed | pick | val gain over default (+- se) | held-out: raw | default | pick | oracle (sigma_rel) | "
-             "held-out gain | minutes |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in data["seeds"]:
-        h = r["held_out"]
-        se = f" +- {100 * r['reported_se']:.1f}" if r["reported_se"] else ""
-        lines.append(f"| {r['seed']} | {r['pick']} | {100 * r['reported_gain']:+.1f}{se} | {h['raw']:.3f} | "
-                     f"{h['default']:.3f} | {h['pick']:.3f} | {r['oracle']:.3f} ({r['oracle_sigma']:g}) | "
-                     f"{100 * r['held_out_gain']:+.1f} | {r['seconds'] / 60:.1f} |")
-    lines.append("")
-    for name, (value, ok) in data["checks"].items():
-        lines.append(f"- {name}: {value} ({'holds' if ok else 'does not hold'})")
+             f"{data['grid'][-1]:g}) on it. Measured on {data['machine']}.", ""]
+    lines += seed_table(data, "minutes", lambda r: f"{r['seconds'] / 60:.1f}")
     return "\n".join(lines) + "\n"
 
 

@@ -20,13 +20,14 @@ renders.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-from typing import Dict
+from typing import Dict, List, Sequence, Tuple
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(DOCS)
@@ -112,28 +113,46 @@ def seeds_table(seeds: Dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def spread(seeds: Dict, results: Dict) -> str:
-    """The README's line on what varies: the seeds' range of each figure, and the time as a range."""
+def seed_files() -> List[Tuple[str, Dict]]:
+    """The default demo's runs over seeds, one file per machine: ``demo_seeds.json`` (the machine the other figures
+    come from) first, then ``demo_seeds_<cpu>.json`` of other machines (``--seeds-file``)."""
+    names = ["demo_seeds.json"] * os.path.exists(os.path.join(DOCS, "demo_seeds.json"))
+    names += sorted(os.path.basename(p) for p in glob.glob(os.path.join(DOCS, "demo_seeds_*.json")))
+    return [(name, _load(name)) for name in names]
+
+
+def _span(values, fmt) -> str:
+    return f"{fmt.format(min(values))} to {fmt.format(max(values))}"
+
+
+def _seed_figures(seeds: Dict) -> str:
+    """One machine's range over seeds: raw, the pick, the gain and the calm."""
+    rows = list(seeds.values())
+    return (f"raw {_span([r['summary']['raw']['final_acc'] for r in rows], '{:.3f}')}, the pick "
+            f"{_span([r['auto']['values'][r['auto']['pick']] for r in rows], '{:.3f}')}, "
+            f"**{_span([r['gain_points'] for r in rows], '{:+.1f}')} points** over raw, the default length "
+            f"**{_span([r['calmer'] for r in rows], '{:.1f}')}x calmer**")
+
+
+def spread(seeds: Dict, results: Dict, others: Sequence[Tuple[str, Dict]] = ()) -> str:
+    """The README's line on what varies: the seeds' range of each figure, and the time as a range, on this machine
+    and on every other machine measured (``others``: file name, seeds)."""
     if not seeds:
         return "Other seeds: not measured yet (`python docs/regenerate.py --seeds 1,2,3,4,5,6,7`).\n"
     rows = list(seeds.values())
-
-    def span(values, fmt):
-        return f"{fmt.format(min(values))} to {fmt.format(max(values))}"
-
     held = sum(1 for r in rows if claim_holds(r))
-    gains = [r["gain_points"] for r in rows]
-    calm = [r["calmer"] for r in rows]
-    raw = [r["summary"]["raw"]["final_acc"] for r in rows]
-    pick = [r["auto"]["values"][r["auto"]["pick"]] for r in rows]
     seconds = [r["seconds"] for r in rows] + [results["seconds"]]
     names = ", ".join(str(k) for k in sorted(seeds, key=int))
-    return (f"Seeds {names} ([the demo](docs/demo.md), `docs/demo_seeds.json`): raw {span(raw, '{:.3f}')}, the pick "
-            f"{span(pick, '{:.3f}')}, **{span(gains, '{:+.1f}')} points** over raw, the default length "
-            f"**{span(calm, '{:.1f}')}x calmer**; the claim (at least +1 point and 2.5x calmer) holds on {held} of "
-            f"{len(rows)}, and `tests/test_docs.py` asserts it on each. A run takes **{min(seconds):.0f} to "
-            f"{max(seconds):.0f} s** on {results['machine']}. Other CPUs give other digits (Paddle's CPU kernels "
-            "choose code paths by instruction set) and other times; the claim is what is tested.\n")
+    text = (f"Seeds {names} ([the demo](docs/demo.md), `docs/demo_seeds.json`): {_seed_figures(seeds)}; the claim "
+            f"(at least +1 point and 2.5x calmer) holds on {held} of {len(rows)}, and `tests/test_docs.py` asserts "
+            f"it on each. A run takes **{min(seconds):.0f} to {max(seconds):.0f} s** on {results['machine']}.")
+    for name, other in others:
+        runs = list(other.values())
+        text += (f" On {runs[0]['machine']}, the same seeds (`docs/{name}`): {_seed_figures(other)}; the claim holds "
+                 f"on {sum(1 for r in runs if claim_holds(r))} of {len(runs)}; a run takes "
+                 f"**{_span([r['seconds'] for r in runs], '{:.0f}')} s**.")
+    return text + (" Paddle's CPU kernels choose code paths by instruction set, so each CPU gives its own digits; the "
+                   "claim is what is tested.\n")
 
 
 def auto_table(results: Dict) -> str:
@@ -216,7 +235,9 @@ def blocks() -> Dict[str, str]:
     ph, pa = posthoc["posthoc"], posthoc["auto"]
     best = ph["best"]
     outside = [r["sigma_rel"] for r in ph["rows"] if r["extrapolated"]]
-    seeds = _load("demo_seeds.json") if os.path.exists(os.path.join(DOCS, "demo_seeds.json")) else {}
+    machines = seed_files()
+    seeds = dict(machines[0][1]) if machines and machines[0][0] == "demo_seeds.json" else {}
+    others = [(name, found) for name, found in machines if name != "demo_seeds.json"]
     bench_auto = ""
     for what, name in (("The demo's task", "auto_length"), ("A PaddleOCR recognizer", "auto_length_ocr")):
         found = os.path.exists(os.path.join(DOCS, f"{name}.md"))
@@ -230,12 +251,14 @@ def blocks() -> Dict[str, str]:
                      f"evaluations at the end for length auto, took **{results['seconds']} s** on "
                      f"{results['machine']} (`docs/demo_results.json`). The raw weights come from the same run: "
                      "with the plugin they are bit-identical to a run without it (`tests/test_demo.py`).\n\n"
-                     + spread(seeds, results)),
+                     + spread(seeds, results, others)),
         "demo-auto": auto_table(results),
         "demo-candidates": candidates_table(several) + "\n\n" + (
             f"Recommended by the one rule: {_label(several['recommended'])} "
             f"(`docs/demo_several_results.json`, {several['seconds']} s).\n"),
-        "demo-seeds": seeds_table(seeds) if seeds else "Not measured yet: `python docs/regenerate.py --seeds ...`.\n",
+        "demo-seeds": (seeds_table(seeds) if seeds else "Not measured yet: `python docs/regenerate.py --seeds ...`.\n")
+        + "".join(f"\nThe same seeds on {list(found.values())[0]['machine']} (`docs/{name}`):\n\n{seeds_table(found)}"
+                  for name, found in others),
         "demo-posthoc": (f"`ema-callback demo --posthoc` runs length auto with two stated power-function profiles "
                          f"(sigma_rel 0.05 and 0.10, a snapshot every {posthoc['settings']['eval_every']} steps) and "
                          f"then reconstructs sigma_rel 0.01 to 0.25 from their snapshots at step {ph['at_step']}, each "
@@ -292,8 +315,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--no-run", action="store_true", help="re-render the pages from docs/ only")
     p.add_argument("--seeds", default="", help="also run the default demo on these seeds (a,b,c)")
+    p.add_argument("--seeds-file", default="demo_seeds.json",
+                   help="where --seeds go in docs/: demo_seeds.json (this machine's figures), or 'machine': "
+                        "demo_seeds_<this cpu>.json, another machine's runs beside them (with --no-run)")
     p.add_argument("--work", default=os.path.join(REPO, "build", "docs"), help="where the demos write")
     args = p.parse_args()
+    if args.seeds_file == "machine":
+        from ema_callback.demo.run import cpu_model
+
+        args.seeds_file = "demo_seeds_" + re.sub(r"[^a-z0-9]+", "_", cpu_model().lower()).strip("_")[:48] + ".json"
+    if not re.fullmatch(r"demo_seeds(_[a-z0-9_]+)?\.json", args.seeds_file):
+        p.error(f"--seeds-file {args.seeds_file}: expected demo_seeds.json or demo_seeds_<cpu>.json")
     if not args.no_run:
         plain, several = os.path.join(args.work, "demo"), os.path.join(args.work, "demo_several")
         posthoc = os.path.join(args.work, "demo_posthoc")
@@ -313,13 +345,13 @@ def main() -> int:
         found = {}
         for seed in [int(v) for v in args.seeds.split(",") if v.strip()]:
             out = os.path.join(args.work, f"seed{seed}")
-            if seed == DEFAULTS["seed"] and not args.no_run:
+            if seed == DEFAULTS["seed"] and not args.no_run and args.seeds_file == "demo_seeds.json":
                 out = os.path.join(args.work, "demo")  # the default run is this seed's
             else:
                 _demo(out, "--seed", str(seed))
             found[str(seed)] = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
             found[str(seed)].pop("curves")
-        with open(os.path.join(DOCS, "demo_seeds.json"), "w", encoding="utf-8") as handle:
+        with open(os.path.join(DOCS, args.seeds_file), "w", encoding="utf-8") as handle:
             json.dump(found, handle, indent=1)
     changed = []
     for path, text in render_pages(blocks()).items():
