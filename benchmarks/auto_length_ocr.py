@@ -121,7 +121,8 @@ def one_seed(seed: int, root: str, work: str, epochs: int, eval_every: int) -> d
         "pick": eval_acc(root, config, held, f"Global.checkpoints={out}/best_accuracy", os.path.join(folder, "eval_pick.log")),
     }
     sweep = os.path.join(folder, "sweep_held_out")
-    run([sys.executable, "-m", "ema_callback.cli", "posthoc", "sweep", "--snapshots", os.path.join(out, "posthoc"),
+    run([sys.executable, "-m", "ema_callback.cli", "posthoc", "sweep", "--paddleocr-root", root,
+         "--snapshots", os.path.join(out, "posthoc"),
          "--sigma-rel", ",".join(f"{s:g}" for s in GRID), "--out", sweep, "-c", config, "-o", *held], root,
         os.path.join(folder, "sweep.log"))
     swept = json.load(open(os.path.join(sweep, "sweep.json"), encoding="utf-8"))

@@ -21,13 +21,14 @@ class Blobs(paddle.io.Dataset):
         return len(self.y)
 
 
-def make_model(seed=0, lr=0.05, amp_configs=None):
+def make_model(seed=0, lr=0.05, amp_configs=None, metrics=True):
     with paddle.utils.unique_name.guard():  # same parameter names in every model: optimizer states load
         net = make_net(seed)
     model = paddle.Model(net, inputs=[paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")],
                          labels=[paddle.static.InputSpec([None, 1], "int64", "y")])
     opt = paddle.optimizer.Momentum(learning_rate=lr, parameters=net.parameters())
-    model.prepare(opt, paddle.nn.CrossEntropyLoss(), paddle.metric.Accuracy(), amp_configs=amp_configs)
+    model.prepare(opt, paddle.nn.CrossEntropyLoss(), paddle.metric.Accuracy() if metrics else None,
+                  amp_configs=amp_configs)
     return model
 
 

@@ -59,14 +59,58 @@ def test_the_pick_is_evaluated_through_fit_and_saved_as_the_model(tmp_path, capl
     final = paddle.load(str(tmp_path / "final.pdparams"), return_numpy=True)
     live = weights(model.network)
     assert all(np.asarray(final[k]).tobytes() == live[k].tobytes() for k in live)
-    expected = {k: np.asarray(v) for k, v in auto.values(decision.label, model.network).items()} \
-        if held != "raw" else callback.raw_state_dict()
-    assert all(live[k].tobytes() == expected[k].astype(live[k].dtype).tobytes() for k in live)
+    assert decision.label in ("raw", auto.default), decision  # a rebuilt length: the next test
+    expected = callback.ema.averaged_numpy(0) if held != "raw" else callback.raw_state_dict()
+    assert expected and all(live[k].tobytes() == np.asarray(expected[k]).astype(live[k].dtype).tobytes()
+                            for k in expected)
     state = read_state(str(tmp_path / "final.pdema"))
     assert state.get("pdparams_hold") == held
     # the evaluation reproduces the logged metric of the pick
     assert float(np.ravel(model.evaluate(loaders()[1], verbose=0)["acc"])[0]) == pytest.approx(
         auto.evaluated[decision.label].value)
+
+
+def test_a_rebuilt_length_picked_is_what_fit_ends_on_and_saves(tmp_path, monkeypatch, caplog):
+    """The pick forced to a length rebuilt from the snapshots (sigma_rel 0.2, neither raw nor the default): the
+    network after fit, final.pdparams and the .pdema's pdparams_hold are that reconstruction, read back from the
+    run's own snapshot folder; the raw weights stay in the .pdema; the end line names the pick."""
+    from ema_callback.integrations import auto_length
+    from ema_callback.posthoc.snapshots import PostHocEMA
+
+    real = auto_length.decide
+
+    def forced(evaluated, default, *args, **kwargs):
+        decision = real(evaluated, default, *args, **kwargs)
+        decision.label, decision.value = "sigma0.2", evaluated["sigma0.2"].value
+        return decision
+
+    monkeypatch.setattr(auto_length, "decide", forced)
+    with caplog.at_level(logging.INFO, logger="ema_callback"):
+        model, callback = fit_auto(tmp_path, eval_raw=True)
+    expected = PostHocEMA(str(tmp_path / "posthoc")).reconstruct(0.2)
+    live = weights(model.network)
+    final = paddle.load(str(tmp_path / "final.pdparams"), return_numpy=True)
+    assert set(expected) <= set(live) and any(k.endswith("weight") for k in expected)
+    for k, v in expected.items():
+        assert live[k].tobytes() == np.asarray(v).astype(live[k].dtype).tobytes(), k
+        assert np.asarray(final[k]).tobytes() == live[k].tobytes(), k
+    state = read_state(str(tmp_path / "final.pdema"))
+    assert state["pdparams_hold"] == "sigma0.2"
+    raw = callback.raw_state_dict()
+    assert any(not np.array_equal(raw[k], live[k]) for k in expected)  # the pick is not the raw weights
+    assert any("after fit the network holds sigma0.2 (length auto's pick" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_with_no_ema_update_keeps_the_raw_weights_and_saves_them(tmp_path, caplog):
+    """start_step beyond the run: no EMA update, so nothing to compare; fit ends on the raw weights, writes
+    final.pdparams and says why (it crashed rebuilding a length from a snapshot of time 0)."""
+    with caplog.at_level(logging.INFO, logger="ema_callback"):
+        model, callback = fit_auto(tmp_path, start_step=1000)
+    assert callback.auto.decision.label == "raw" and not callback.auto.evaluated
+    final = paddle.load(str(tmp_path / "final.pdparams"), return_numpy=True)
+    live = weights(model.network)
+    assert all(np.asarray(final[k]).tobytes() == live[k].tobytes() for k in live)
+    assert any("length auto: no EMA update happened in this run" in r.getMessage() for r in caplog.records)
 
 
 def test_a_converged_model_keeps_the_default_and_says_why(tmp_path, caplog):
@@ -135,3 +179,36 @@ def test_a_resumed_auto_run_sizes_itself_by_the_whole_run_and_continues_exactly(
     resumed_series = {s.step: s for s in snaps[1]}
     assert all(x.profile(j).tobytes() == resumed_series[x.step].profile(j).tobytes() for x in snaps[0] for j in (0, 1))
     assert resumed.auto.decision.label == full.auto.decision.label
+
+
+class _StopAfterEpoch(paddle.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            self.model.stop_training = True
+
+
+def test_a_resumed_run_continues_the_plan_it_started_with(tmp_path, caplog):
+    """A run of 4 epochs stopped after 2, resumed with fit(epochs=4) (the full count, not the 2 left): the default
+    length, the profiles' gap and the snapshot period stay those of the run's start (its shadows were built with
+    them), and one line says what this fit's own count would have given; it changed them silently before."""
+    train, evald = loaders(n_train=96)
+    with guard():
+        first = EMACallback()
+        make_model().fit(train, evald, epochs=4, verbose=0, save_dir=str(tmp_path),
+                         callbacks=[first, _StopAfterEpoch(1)])
+    with guard():
+        model = make_model(seed=4)
+        model.load(str(tmp_path / "1"))
+        again = EMACallback(save_dir=str(tmp_path))
+        with caplog.at_level(logging.INFO, logger="ema_callback"):
+            model.fit(train, evald, epochs=4, verbose=0, callbacks=[again])
+    assert again.ema.num_steps == 24 + 48
+    assert again.ema.config.half_life_images == first.ema.config.half_life_images
+    keys = ("sigma_rels", "update_every", "snapshot_every")
+    assert {k: again.ema.config.posthoc[k] for k in keys} == {k: first.ema.config.posthoc[k] for k in keys}
+    assert any("the resumed run's plan continues" in r.getMessage() and "this fit's own count (72 steps)" in
+               r.getMessage() for r in caplog.records)

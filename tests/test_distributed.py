@@ -40,3 +40,7 @@ def test_two_rank_fit_has_equal_shadows_and_only_rank0_writes(tmp_path):
     assert len(a0["values"]) >= 6 and a0["values"] == a1["values"] and a0["pick"] == a1["pick"]
     assert a0["final"] == a1["final"]
     assert "ema_auto.json" in a0["files"] and "posthoc" in a0["files"] and a1["files"] in ([], ["posthoc"])
+    # ... and on the loss, each rank's own share of split evaluation data: rank 0's values on both, one pick
+    l0, l1 = r0["auto_loss"], r1["auto_loss"]
+    assert l0["metric"] == "loss" and len(l0["values"]) >= 6
+    assert l0["values"] == l1["values"] and l0["pick"] == l1["pick"] and l0["final"] == l1["final"]

@@ -85,3 +85,36 @@ def test_too_few_units_for_a_bootstrap_fall_back_to_the_next_measure():
     evaluated = {"ema": Evaluated("ema", 118 / 128, four), "s": Evaluated("s", 122 / 128, better, length=-2.0)}
     decision = decide(evaluated, "ema", trend_noise=0.005)
     assert "validation noise" in decision.method and decision.label == "s"
+
+
+def test_lengths_on_a_smooth_curve_never_make_raw_win_by_a_hair():
+    """Without per-unit results, lengths lying exactly on a curve have a smoothness noise of ~0; the raw weights
+    (which have no length) ahead of the default by 1e-4 must not win on that, and with the validation noise known
+    the larger of the two estimates judges a length."""
+    sigmas = [0.03, 0.06, 0.12, 0.2, 0.085, 0.155]
+    evaluated = {f"sigma{s:g}": Evaluated(f"sigma{s:g}", 0.8 - 0.01 * math.log(s / 0.1) ** 2, length=math.log(s))
+                 for s in sigmas}
+    evaluated["ema"] = Evaluated("ema", 0.8)
+    evaluated["raw"] = Evaluated("raw", 0.8001)
+    d = decide(evaluated, "ema")
+    assert d.label == "ema" and "no measure of the noise" in d.reason, d.reason
+    evaluated["sigma0.085"] = Evaluated("sigma0.085", 0.8 + 0.003, length=math.log(0.085))  # off the curve
+    with_trend = decide(evaluated, "ema", trend_noise=0.01)  # sqrt(2) x 0.01 > the smoothness estimate
+    assert with_trend.label == "ema" and "validation noise" in with_trend.method, with_trend
+    assert "smooth curve" in decide(evaluated, "ema", trend_noise=0.0005).method  # now the larger estimate
+
+
+def test_a_candidate_whose_metric_is_not_a_number_hides_no_winner():
+    units = correct_units(np.random.default_rng(1).random(400) < 0.6)
+    better = units.copy()
+    better[: 120, 0] = 1  # far beyond 2 standard errors
+    evaluated = {"nan": Evaluated("nan", float("nan"), units), "ema": Evaluated("ema", _acc(units), units),
+                 "ema2": Evaluated("ema2", _acc(better), better)}
+    assert decide(evaluated, "ema").label == "ema2"
+    evaluated["ema"] = Evaluated("ema", float("nan"), units)
+    d = decide(evaluated, "ema")
+    assert d.label == "ema" and "not a number" in d.reason
+
+
+def _acc(units):
+    return float(units[:, 0].sum() / units[:, 1].sum())

@@ -430,3 +430,19 @@ def test_length_auto_picks_through_paddleocrs_eval_and_best_accuracy_holds_the_p
     assert float(re.findall(r"acc:([-\d.e]+)", eval_log)[-1]) == pytest.approx(picked, abs=1e-6)
     state = read_state(os.path.join(out, "best_accuracy.pdema"))
     assert state["pdparams_hold"] == auto["label"]
+    # PaddleOCR's uniform output layout, and an EMA: block with no other key (EMA.enable=true): the pick goes to
+    # <dir>/best_accuracy/ (not under latest/), with its inference export, and its .pdema says what the .pdparams hold
+    uniform = str(tmp_path / "uniform")
+    rc, log = ocr_train(plain, uniform, data, "rec", [
+        "Global.epoch_num=4", "Global.eval_batch_step=[0,8]", "Train.loader.shuffle=false",
+        "Global.uniform_output_enabled=true", "Global.pdx_model_name=tiny_rec", "EMA.enable=true"])
+    assert rc == 0, log[-3000:]
+    auto = json.load(open(os.path.join(uniform, "ema_auto.json")))
+    best = os.path.join(uniform, "best_accuracy", "best_accuracy")
+    assert os.path.isfile(best + ".pdparams")
+    assert not os.path.exists(os.path.join(uniform, "latest", "best_accuracy.pdparams"))
+    assert os.path.isdir(os.path.join(uniform, "best_accuracy", "inference"))
+    assert read_state(best + ".pdema")["pdparams_hold"] == auto["label"]
+    picked = next(r["value"] for r in auto["rows"] if r["candidate"] == auto["label"])
+    rc, eval_log = paddleocr_tool("eval.py", plain, data, "rec", [f"Global.checkpoints={best}"], str(tmp_path))
+    assert rc == 0 and float(re.findall(r"acc:([-\d.e]+)", eval_log)[-1]) == pytest.approx(picked, abs=1e-6)

@@ -90,7 +90,8 @@ class AutoPlan:
                 f"{posthoc.get('update_every', 1)} EMA updates, {self.snapshots} snapshots of about "
                 f"{per_snapshot / 2**20:,.1f} MiB each; at the end at most {2 + len(COARSE) + REFINE} evaluations "
                 "(raw, the default, lengths rebuilt from the snapshots) pick the length, the default kept unless "
-                "another beats it by more than 2 standard errors, and the pick is saved as the model")
+                "another beats it by more than 2 standard errors, and the pick is saved as the model (Model.fit: with "
+                "final_weights='ema', its default)")
 
 
 def profile_every(total_steps: int) -> int:
@@ -107,11 +108,52 @@ def has_length(block: Optional[Dict[str, Any]]) -> bool:
     return bool(block) and any(block.get(k) is not None for k in LENGTH_KEYS)
 
 
-def resolve(config: EMAConfig, batch, folder: Optional[str]) -> Tuple[EMAConfig, Optional[AutoPlan]]:
+def saved_plan(pdema: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The length and post-hoc settings a resumed ``length: auto`` run used, from its ``.pdema`` (ours, or ppdet's
+    with ours under ``ema_callback_state``; read by the checked loader; the resume checks the file whole later):
+    ``{"half_life_images", "posthoc", "source"}``, or None where there is none."""
+    if not pdema or not os.path.isfile(pdema):
+        return None
+    from ema_callback.files.checkpoint_io import checked_load
+
+    data = checked_load(pdema)
+    if isinstance(data, dict) and isinstance(data.get("ema_callback_state"), dict):
+        data = data["ema_callback_state"]
+    block = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(block, dict):
+        return None
+    images, posthoc = block.get("half_life_images"), block.get("posthoc")
+    if not isinstance(images, (int, float)) or isinstance(images, bool) or not images > 0 or \
+            not isinstance(posthoc, dict) or not posthoc.get("update_every"):
+        return None
+    return {"half_life_images": float(images), "posthoc": dict(posthoc), "source": pdema}
+
+
+def resolve(config: EMAConfig, batch, folder: Optional[str],
+            resumed: Optional[Dict[str, Any]] = None) -> Tuple[EMAConfig, Optional[AutoPlan]]:
     """``(engine config, plan)``: for ``length: auto`` the config the engine runs (see the module docstring), else
-    ``(config, None)``. ``folder``: where the snapshots go when the block names none (None: a temporary folder)."""
+    ``(config, None)``. ``folder``: where the snapshots go when the block names none (None: a temporary folder).
+    ``resumed`` (``saved_plan``): a resumed run continues the plan it started with (default length, profile gap,
+    snapshot period), whatever this run's own step count would give: its shadows were built with them."""
     if not config.auto:
         return config, None
+    if resumed is not None and not config.posthoc and getattr(batch, "global_batch", 0) > 0:
+        posthoc = dict(resumed["posthoc"])
+        temporary = None
+        if not folder:
+            temporary = tempfile.mkdtemp(prefix="ema-auto-")
+        posthoc["dir"] = temporary
+        images = resumed["half_life_images"]
+        engine_config = config.replace(length=None, half_life_images=images, posthoc=posthoc)
+        total = max(1, int(round(images / batch.global_batch / (math.log(2.0) * DEFAULT_SIGMA))))
+        own = getattr(batch, "total_steps", None)
+        if own and abs(half_life_steps(own) * batch.global_batch - images) > 0.5:
+            logger.info("EMA: length auto: the resumed run's plan continues (%s): default half-life %s images, "
+                        "profiles every %s EMA updates, a snapshot every %s steps, as over its %s optimizer steps; "
+                        "this fit's own count (%s steps) would give %s images", resumed["source"], f"{images:,.0f}",
+                        posthoc.get("update_every"), posthoc.get("snapshot_every"), f"{total:,}", f"{own:,}",
+                        f"{half_life_steps(own) * batch.global_batch:,.0f}")
+        return engine_config, AutoPlan(config, engine_config, total, batch.global_batch, temporary)
     total = getattr(batch, "total_steps", None) if batch is not None else None
     if not total or batch.global_batch <= 0:
         raise EMAConfigError("EMA.length: auto needs the number of optimizer steps the run will take and its global "
@@ -190,9 +232,16 @@ class AutoPick:
     def run(self, evaluate: Callable[[str], Evaluated], trend_noise: Optional[float] = None) -> Decision:
         """Evaluate the candidates (``evaluate(label)`` runs the way in's evaluation with ``weights(label)`` in the
         model and returns its ``Evaluated``) and decide."""
+        if self.ema.num_updates == 0:  # no EMA and no profile holds anything but the start: nothing to compare
+            self.decision = Decision(RAW, float("nan"), self.default, float("nan"), 0.0, None, "none",
+                                     f"no EMA update happened in this run ({self.ema.num_steps} optimizer steps, "
+                                     f"start_step {self.ema.config.start_step}): the raw weights are kept")
+            logger.warning("EMA: length auto: %s", self.decision.reason)
+            return self.decision
+
         def once(label: str, length: Optional[float] = None) -> Evaluated:
             if label not in self.evaluated:
-                result = evaluate(label)
+                result = self._shared(evaluate(label))
                 result.length = length
                 self.evaluated[label] = result
                 logger.info("EMA: length auto: %s -> %s %.6g", label, self.metric or "metric", result.value)
@@ -213,6 +262,25 @@ class AutoPick:
         self.decision = decide(self.evaluated, self.default, self.higher_is_better, RAW, trend_noise)
         self._log()
         return self.decision
+
+    def _shared(self, result: Evaluated) -> Evaluated:
+        """With ``every_rank``: rank 0's value and units on every rank (a metric such as the loss is each rank's own
+        share of the data), so that every rank evaluates the same candidates and makes the same decision."""
+        import paddle
+
+        if not (self.every_rank and paddle.distributed.get_world_size() > 1):
+            return result
+        value = paddle.to_tensor(np.array([result.value], dtype=np.float64))
+        paddle.distributed.broadcast(value, src=0)
+        units = result.units if result.units is not None else np.zeros((0, 2), dtype=np.float64)
+        count = paddle.to_tensor(np.array([len(units)], dtype=np.int64))
+        paddle.distributed.broadcast(count, src=0)
+        n = int(count.numpy()[0])
+        carried = paddle.to_tensor(np.ascontiguousarray(units, dtype=np.float64) if paddle.distributed.get_rank() == 0
+                                   else np.zeros((n, 2), dtype=np.float64))
+        if n:
+            paddle.distributed.broadcast(carried, src=0)
+        return Evaluated(result.label, float(value.numpy()[0]), carried.numpy() if n else None, result.length)
 
     def values(self, label: str, model) -> Dict[str, np.ndarray]:
         """The full state dict of candidate ``label`` (for the suite's files)."""

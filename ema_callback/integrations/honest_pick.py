@@ -10,12 +10,15 @@ The default candidate is kept unless the best one beats it by more than the unce
    (samples or batches: accuracy is the sum of correct over the sum of counts), the same units for every
    candidate; a paired bootstrap (2,000 resamples of the units, seeded) of the difference of the two ratios, with
    at least 10 units (PaddleOCR's ``RecMetric``: one per image; ``Model.fit``: one per evaluation batch);
-2. **the smoothness of the metric over nearby lengths**, when at least 5 lengths were evaluated: the residual
-   standard deviation of the metric around a quadratic in log length is the noise of one evaluation, and
-   ``se = sqrt(2) x`` it;
-3. **the validation noise of the default over the last quarter of training** (residuals around a line,
-   ``candidates.trend_noise``), ``se = sqrt(2) x`` it;
-4. none of these: the default is kept, and the decision says why.
+2. without them, the larger of two estimates of one evaluation's noise, ``se = sqrt(2) x`` it:
+   **the validation noise of the default over the last quarter of training** (residuals around a line,
+   ``candidates.trend_noise``) and **the smoothness of the metric over nearby lengths** (the residual standard
+   deviation around a quadratic in log length, when at least 5 lengths were evaluated). Nearby lengths share most
+   of their weights, so their residuals can be near 0 while two distant candidates differ by real noise: the
+   smoothness alone never judges the raw weights, which have no length;
+3. none of these, or an uncertainty of 0: the default is kept, and the decision says why.
+
+Candidates whose metric is not a number are left out; a default that is not a number is kept, and said.
 
 With ``Z = 2`` (one-sided, about 97.7%) the maximum of up to 10 candidates' noise alone rarely clears the bar, so a
 winner is a real gain. The decision reports the pick, its value, its gain over the default and over the raw weights
@@ -104,23 +107,32 @@ def decide(evaluated: Mapping[str, Evaluated], default: str, higher_is_better: b
     """The module docstring's rule over ``evaluated`` (by label; ``default`` among them)."""
     sign = 1.0 if higher_is_better else -1.0
     base = evaluated[default]
-    best = max(evaluated.values(), key=lambda e: (sign * e.value, e.label == default))
-    smooth = smoothness_noise(list(evaluated.values()))
+    finite = [e for e in evaluated.values() if np.isfinite(e.value)] or [base]
+    best = max(finite, key=lambda e: (sign * e.value, e.label == default))
+    smooth = smoothness_noise(finite)
 
     def uncertainty(a: Evaluated, b: Evaluated):
         se = paired_se(a.units, b.units)
         if se is not None:
             return se, f"paired bootstrap over {len(a.units)} evaluation units"
-        if smooth is not None:
-            return float(np.sqrt(2.0) * smooth), "sqrt(2) x the noise of the metric around a smooth curve over lengths"
-        if trend_noise is not None:
-            return float(np.sqrt(2.0) * trend_noise), "sqrt(2) x the default's validation noise in the last quarter"
-        return None, "no measure of the noise"
+        sources = []
+        if trend_noise is not None and np.isfinite(trend_noise):
+            sources.append((float(np.sqrt(2.0) * trend_noise), "sqrt(2) x the default's validation noise in the last "
+                            "quarter"))
+        if smooth is not None and raw not in (a.label, b.label):
+            sources.append((float(np.sqrt(2.0) * smooth), "sqrt(2) x the noise of the metric around a smooth curve "
+                            "over lengths"))
+        sources = [(se, how) for se, how in sources if se > 0]
+        if not sources:
+            return None, "no measure of the noise"
+        return max(sources)
 
     rows = [{"candidate": e.label, "value": e.value, "length": e.length} for e in evaluated.values()]
     gain = sign * (best.value - base.value)
     se, method = uncertainty(best, base)
-    if best.label == default:
+    if not np.isfinite(base.value):
+        label, reason = default, "the default's metric is not a number: it is kept"
+    elif best.label == default:
         ties = [e.label for e in evaluated.values() if e.label != default and e.value == base.value]
         label, reason = default, ("no candidate is better than the default" + (f" ({len(ties)} equal to it)"
                                                                              if ties else ""))

@@ -60,7 +60,8 @@ from ema_callback.files.checkpoint_io import checked_load
 from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.files.state_file import read_state
 from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
-from ema_callback.integrations.auto_length import AutoPick, has_length, ratio_units, resolve as resolve_length
+from ema_callback.integrations.auto_length import (AutoPick, has_length, ratio_units, resolve as resolve_length,
+                                                    saved_plan)
 from ema_callback.integrations.honest_pick import Evaluated
 
 logger = logging.getLogger("ema_callback")
@@ -157,7 +158,9 @@ class EMACallback(paddle.callbacks.Callback):
                                "paddle.enable_static(); call paddle.disable_static() before building paddle.Model")
         if self.monitor is None:  # evaluate() without fit
             self._resolve_monitor()
-        engine_config, plan = resolve_length(self.config, self._whole_run(self.batch), self.folder)
+        source = self._resume_source() if self.config.auto else None
+        engine_config, plan = resolve_length(self.config, self._whole_run(self.batch), self.folder,
+                                             resumed=saved_plan(source + ".pdema") if source else None)
         self.ema = ExponentialMovingAverage(self.network, engine_config, optimizer=getattr(self.model, "_optimizer", None),
                                             backend=self.backend, batch=self.batch)
         self.board = CandidateBoard(self.ema, engine_config, self.higher_is_better)
@@ -504,18 +507,27 @@ class EMACallback(paddle.callbacks.Callback):
         data = self.board.summary() if self.board.active else {}
         if not data:
             return
-        held = self.board.primary if self.final_weights == "ema" else RAW
-        line = (f"EMA: after fit the network holds {held} ({'the primary EMA' if held != RAW else 'the raw weights'}: "
-                f"final_weights={self.final_weights!r})")
+        decision = self.auto.decision if self.auto is not None else None
+        if decision is not None:  # length auto decided what the network holds; the table is the evaluations' record
+            held = decision.label if self.final_weights == "ema" else RAW
+            why = "length auto's pick" if held == decision.label else "the raw weights"
+        else:
+            held = self.board.primary if self.final_weights == "ema" else RAW
+            why = "the primary EMA" if held != RAW else "the raw weights"
+        line = f"EMA: after fit the network holds {held} ({why}: final_weights={self.final_weights!r})"
         if self._fit_dir:
             line += f", and so will {os.path.join(self._fit_dir, 'final.pdparams')}"
-        recommended = data["recommended"]
+        recommended = decision.label if decision is not None else data["recommended"]
         if recommended != held:
             picked = " (select: best chooses what a best-model file saved at an evaluation holds, not the weights " \
                      "fit ends on)" if self.config.select == "best" else ""
-            how = "EMACallback(final_weights='raw') ends fit on them" if recommended == RAW else \
-                f"callback.ema.apply_to(model.network, {recommended!r}) puts it in the network"
-            line += f"; the table recommends {recommended}, which is not applied{picked}: {how}"
+            if decision is not None:
+                line += f"; length auto picked {recommended}, which is not applied: EMACallback(final_weights='ema') " \
+                        "ends fit on the pick"
+            else:
+                how = "EMACallback(final_weights='raw') ends fit on them" if recommended == RAW else \
+                    f"callback.ema.apply_to(model.network, {recommended!r}) puts it in the network"
+                line += f"; the table recommends {recommended}, which is not applied{picked}: {how}"
         logger.info("%s", line)
 
     # ------------------------------------------------------------------ evaluation events

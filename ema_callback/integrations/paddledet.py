@@ -53,7 +53,7 @@ from ema_callback.core.run_report import log_start
 from ema_callback.integrations.evaluation import before_eval_start
 from ema_callback.integrations.candidates import RAW, CandidateBoard
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
-from ema_callback.integrations.auto_length import AutoPick, resolve as resolve_length
+from ema_callback.integrations.auto_length import AutoPick, resolve as resolve_length, saved_plan
 from ema_callback.integrations.honest_pick import Evaluated
 from ema_callback.errors import EMAError
 from ema_callback.config.files import (check_section_name, load_suite_yaml, read_yaml, resolve_block, split_overrides,
@@ -262,7 +262,8 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                               if p.stop_gradient and not n.endswith(("_mean", "_variance"))]
                     ema_config = config.replace(exclude=list(config.exclude) + [f"^{n}$" for n in frozen])
                 batch = _batch_info(cfg, self)
-                ema_config, plan = resolve_length(ema_config, batch, cfg.save_dir)
+                resumed = saved_plan(ema_file(extra["resume"])) if extra.get("resume") and ema_config.auto else None
+                ema_config, plan = resolve_length(ema_config, batch, cfg.save_dir, resumed=resumed)
                 self.ema = PpdetEMA(self.model, ema_config, optimizer=self.optimizer,
                                     cycle_epoch=extra.get("cycle_epoch", -1), batch=batch)
                 self._ema_board = CandidateBoard(self.ema.engine, ema_config)
@@ -339,6 +340,8 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
             per-sample mean, so the uncertainty is the noise of the metric over nearby lengths. The pick is saved
             as ``best_model`` and ``model_final`` through ppdet's own ``save_model`` (raw weights in the
             ``.pdema``)."""
+            import paddle
+
             auto = self._ema_auto
             loader = getattr(self, "_eval_loader", None)
             if not validate or loader is None:
@@ -351,7 +354,7 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 own = self._compose_callback
                 self._compose_callback = ComposeCallback([self._ema_state_callback])  # no Checkpointer, no logger
                 try:
-                    with auto.weights(label, self.model):
+                    with auto.weights(label, self.model), paddle.no_grad():  # as ppdet's train loop evaluates
                         Trainer._eval_with_loader(self, loader)
                 finally:
                     self._compose_callback = own
@@ -361,8 +364,9 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
 
             label = auto.run(evaluate, trend_noise=self._ema_board.noise_of(auto.default)).label
             auto.write(self.cfg.save_dir)
-            import paddle
-
+            if not auto.evaluated:  # nothing was compared (no EMA update): ppdet's own best_model stays
+                auto.close()
+                return
             import ppdet.engine.callbacks as ppdet_callbacks
 
             raw = {k: v for k, v in self.model.state_dict().items()}
@@ -502,7 +506,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     locks = lock_run(suite.get("save_dir") or "output")  # EMA off too: its saves may remove a stale .pdema
     try:
         if config.enable or resume:  # with EMA off, only a resume needs our Trainer (raw weights back)
-            ppdet.engine.Trainer = _make_trainer_class(config, extra)
+            ppdet.engine.Trainer = _make_trainer_class(config, dict(extra, resume=resume))
         ppdet_callbacks.save_model = _staged_save_model(original_save, config.enable)
         with suite_errors_named(root, "PaddleDetection"):
             runpy.run_path(train_script, run_name="__main__")

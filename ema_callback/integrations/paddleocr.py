@@ -45,7 +45,7 @@ from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.config.files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
 from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.integrations.output_rollback import OutputGuard
-from ema_callback.integrations.auto_length import AutoPick, ratio_units, resolve as resolve_length
+from ema_callback.integrations.auto_length import AutoPick, ratio_units, resolve as resolve_length, saved_plan
 from ema_callback.integrations.honest_pick import Evaluated
 from ema_callback.integrations.suite_checkout import suite_errors_named
 
@@ -214,9 +214,22 @@ class PaddleOCRHooks:
 
         label = auto.run(evaluate, trend_noise=self.board.noise_of(auto.default)).label
         auto.write(self.save_dir)
+        if not auto.evaluated:  # nothing was compared (no EMA update): PaddleOCR's own best_accuracy stays
+            auto.close()
+            return
         self._pick = label
         optimizer, model_path, config, kwargs = self._save_call
         best = dict(kwargs.get("best_model_dict") or {}, **{auto.metric: auto.evaluated[label].value})
+        global_config = config.get("Global") or {}
+        if global_config.get("uniform_output_enabled"):  # PaddleOCR 2.10's layout: <dir>/best_accuracy/, inference
+            model_path = os.path.join(global_config.get("save_model_dir") or os.path.dirname(model_path),
+                                      "best_accuracy")
+            export = getattr(self.program, "export", None)
+            if export is not None:
+                with auto.weights(label, model):
+                    export(config, model, os.path.join(model_path, "inference"))
+            if kwargs.get("save_model_info"):
+                kwargs = dict(kwargs, save_model_info=dict(kwargs["save_model_info"], metric=best))
         self._save_model(model, optimizer, model_path, logger_, config, is_best=True, prefix="best_accuracy",
                          **dict(kwargs, best_model_dict=best))
         logger.info("EMA: length auto: %s written as %s (best_accuracy, best_model/model)", label,
@@ -228,7 +241,8 @@ class PaddleOCRHooks:
         from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
 
         self.model = model
-        engine_config, plan = resolve_length(self.config, batch, self.save_dir)
+        resumed = saved_plan(checkpoints + ".pdema") if checkpoints and self.config.auto else None
+        engine_config, plan = resolve_length(self.config, batch, self.save_dir, resumed=resumed)
         self.ema = ExponentialMovingAverage(model, engine_config, optimizer=optimizer, batch=batch)
         self.board = CandidateBoard(self.ema, engine_config)
         if plan is not None:
@@ -309,7 +323,8 @@ class PaddleOCRHooks:
                     held, label = numpy_state(model), chosen
             if is_rank0():
                 sha1 = save_ema_state(self.ema, [stage.path(r) for r in relatives], unwrap(model), raw, held,
-                                      self.config.save_as, candidate=chosen if self.board.active else None)
+                                      self.config.save_as,
+                                      candidate=chosen if self.board.active or self.auto is not None else None)
                 stage.record_sets({r: {"hold": label, "sha1": sha1} for r in relatives})
                 which = f"; {prefix}.pdparams hold {chosen}" if self.board.active else ""
                 logger.info("EMA: saved %s.pdema (%s%s)", os.path.join(model_path, prefix), self.ema.summary(), which)
