@@ -207,14 +207,17 @@ def bench_summary(bench: Dict) -> str:
                     for r in several) + "."]
     autos = [r for r in bench["update"] if r.get("auto")]
     if autos:
+        gap = autos[0]["auto"].get("profile_every", 4)  # bench files before the field: every 4th
         out += ["- **The automatic mode's update** (one EMA and two post-hoc profiles updated every "
-                f"{autos[0]['auto'].get('profile_every', 4)}th update, the smallest gap: runs up to 16,000 steps) over "
+                f"{gap}th update, the smallest gap, which runs of up to {(gap + 1) * 1000 - 1:,} optimizer steps use; "
+                "longer runs update the profiles less often) over "
                 "one EMA's, per optimizer step (bound 1.3x): " + "; ".join(
                     f"{r['model']} {_ratio(r['auto']['over_one'])}, "
                     f"{'within' if r['auto']['within_bound'] else '**not within**'}" for r in autos) + ". It keeps "
                 "three float32 shadows in memory (" + ", ".join(
                     f"{r['model']} {r['auto']['shadow_bytes'] / 2 ** 20:.1f} MiB" for r in autos) + ") and its "
-                f"{autos[0]['auto']['snapshots_per_run']} snapshots per run (at most) take " + ", ".join(
+                f"{autos[0]['auto']['snapshots_per_run']} snapshots per run (runs of 48 steps or more; a shorter run "
+                "writes up to 6) take " + ", ".join(
                     f"{r['model']} {r['auto']['run_bytes'] / 2 ** 20:.1f} MiB "
                     f"({r['auto']['run_in_float32_copies']:.2f} float32 copies of the averaged weights)"
                     for r in autos) + " on disk."]
