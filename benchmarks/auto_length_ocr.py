@@ -146,7 +146,7 @@ def report(rows: list) -> dict:
 
 
 def markdown(data: dict, epochs: int) -> str:
-    lines = [f"PaddleOCR `{data['config']}` shrunk to CPU (MobileNetV3 small x0.35, {data['sizes']['train']:,} "
+    lines = [f"`PaddleOCR/{data['config']}` (in its checkout) shrunk to CPU (MobileNetV3 small x0.35, {data['sizes']['train']:,} "
              f"synthetic digit lines, batch 32, {epochs} epochs, `benchmarks/auto_length_ocr.py`), trained with "
              f"`ema-callback ocr-train -o EMA.eval_raw=true`; held-out split: {data['sizes']['held']:,} lines, scored by PaddleOCR's own "
              f"`tools/eval.py`; oracle: the best of 12 lengths (sigma_rel {data['grid'][0]:g} to "

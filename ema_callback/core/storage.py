@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ema_callback.core.paddle_compat import cast_rounded, data_pointer, host_flat, host_view, move_to, paddle
+from ema_callback.core.paddle_compat import cast_rounded, data_pointers, host_flat, host_view, move_to, paddle
 
 CHUNK = 1 << 16  # elements per numpy pass: 256 KiB of float32 stays in L2
 
@@ -108,7 +108,8 @@ class ShadowStore:
         raise NotImplementedError
 
 
-SMALL = 4096  # tensors below this many elements are gathered with one np.concatenate per step
+SMALL = 16384  # tensors below this many elements are gathered with one np.concatenate per step (a copy of
+# 64 KiB costs less than the Python calls of updating it on its own: picodet-xs 0.80 -> 0.64 ms per update)
 PARALLEL_MIN = 1 << 20  # with several shadows of at least this many elements, two threads share them
 BLOCK = 4 * CHUNK  # what one thread takes at a time from the weights when two share them
 _WORKER = None
@@ -205,7 +206,7 @@ class NumpyStore(ShadowStore):
     def _pairs(self, sources: Sequence[paddle.Tensor]):
         """(shadows, source) pairs to update, flat float32 arrays: each big tensor, then the small segment; the
         shadows as a list (one array per EMA)."""
-        ptrs = [data_pointer(s) for s in sources]
+        ptrs = data_pointers(sources)
         if ptrs == self._source_ptrs or all(_is_cpu(s) and s.dtype == paddle.float32 for s in sources):
             if ptrs != self._source_ptrs:  # new or re-allocated tensors (set_state_dict, to(), ...)
                 # zero-copy views of contiguous tensors stay valid while the allocation does (the pointers are
