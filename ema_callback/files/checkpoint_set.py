@@ -368,7 +368,8 @@ class StagedWrite:
                 replaced = self.replaced_bytes() if os.path.isdir(self.tmp) else 0
                 from ema_callback.files.checkpoint_io import free_space, size_text
 
-                size = f"about {size_text(max(replaced, written))} free (the set it replaces holds " \
+                need = f"about {size_text(replaced)}" if replaced >= written else f"at least {size_text(written)}"
+                size = f"{need} free (the set it replaces holds " \
                     f"{size_text(replaced)}; {size_text(written)} of the new one were written when the disk filled)" \
                     if replaced else f"more than the {size_text(written)} of the new set written when the disk filled"
                 raise EMAFileError(f"{self.folder}: the checkpoint set could not be saved (No space left on "
