@@ -26,10 +26,15 @@ def test_last_quarter_is_the_evaluations_after_three_quarters_of_the_run():
 def test_recommend_keeps_the_primary_unless_another_beats_it_beyond_its_noise():
     rows = [{"candidate": "ema_a", "final": 0.80, "noise": 0.02}, {"candidate": "ema_b", "final": 0.83, "noise": 0.01},
             {"candidate": "raw", "final": 0.70, "noise": 0.05}]
-    assert recommend(rows, True) == "ema_a"  # +0.03 < 2 x sqrt(2) x 0.02
+    assert recommend(rows, True) == "ema_a"  # +0.03 < 2 x hypot(0.02, 0.01) = 0.045: both candidates' noise
     rows[1]["final"] = 0.86
-    assert recommend(rows, True) == "ema_b"  # +0.06 > 0.057
-    assert recommend(rows, False) == "raw"  # lower is better: 0.10 below
+    assert recommend(rows, True) == "ema_b"  # +0.06 > 0.045
+    assert recommend(rows, False) == "ema_a"  # lower is better: raw 0.10 below, within 2 x hypot(0.02, 0.05) = 0.108
+    rows[2]["final"] = 0.65
+    assert recommend(rows, False) == "raw"  # 0.15 below
     rows[0]["noise"] = None
+    assert recommend(rows, True) == "ema_b"  # only the best's noise known: 0.06 > 2 x sqrt(2) x 0.01
+    for row in rows:
+        row["noise"] = None
     assert recommend(rows, True) == "ema_a"  # no measure of the noise: the primary
     assert recommend([], True) is None

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import tempfile
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -229,7 +229,8 @@ class AutoPick:
             finally:
                 self.ema.restore(model)
 
-    def run(self, evaluate: Callable[[str], Evaluated], trend_noise: Optional[float] = None) -> Decision:
+    def run(self, evaluate: Callable[[str], Evaluated],
+            trend_noise: Union[None, float, Dict[str, Optional[float]]] = None) -> Decision:
         """Evaluate the candidates (``evaluate(label)`` runs the way in's evaluation with ``weights(label)`` in the
         model and returns its ``Evaluated``) and decide."""
         if self.ema.num_updates == 0:  # no EMA and no profile holds anything but the start: nothing to compare

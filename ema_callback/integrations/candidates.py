@@ -75,7 +75,7 @@ def recommend(rows: List[Dict[str, Any]], higher_is_better: bool, primary: Optio
               units: Optional[Mapping[str, Any]] = None) -> Optional[str]:
     """The one rule (``honest_pick.decide``) over the candidates' final metrics: the primary (the first row unless
     named) unless another beats it by more than 2 standard errors, from the last evaluation's paired ``units`` where
-    the way in has them, else the primary's validation noise (``noise``) or, with 5 or more EMAs, the metric's
+    the way in has them, else the candidates' validation noise (``noise``) or, with 5 or more EMAs, the metric's
     smoothness over their lengths (``lengths``: log half-life)."""
     if not rows:
         return None
@@ -84,8 +84,7 @@ def recommend(rows: List[Dict[str, Any]], higher_is_better: bool, primary: Optio
     primary = primary or rows[0]["candidate"]
     evaluated = {r["candidate"]: Evaluated(r["candidate"], float(r["final"]), (units or {}).get(r["candidate"]),
                                            (lengths or {}).get(r["candidate"])) for r in rows}
-    noise = next((r.get("noise") for r in rows if r["candidate"] == primary), None)
-    return decide(evaluated, primary, higher_is_better, RAW, noise).label
+    return decide(evaluated, primary, higher_is_better, RAW, {r["candidate"]: r.get("noise") for r in rows}).label
 
 
 def metric_value(value: Any) -> Optional[float]:
@@ -173,7 +172,7 @@ class CandidateBoard:
             raise KeyError(f"select: best compares {key!r}, which is not among the evaluation's metrics ({names})")
         if self.primary not in evaluated:
             return next(iter(evaluated))
-        return decide(evaluated, self.primary, self.higher_is_better, RAW, self.noise_of(self.primary)).label
+        return decide(evaluated, self.primary, self.higher_is_better, RAW, self.noises(evaluated)).label
 
     def record(self, step: int, results: Mapping[str, Mapping[str, Any]], key: str, winner: str) -> None:
         """Keep one evaluation's results; log the comparison line."""
@@ -198,6 +197,10 @@ class CandidateBoard:
         return out
 
     # ---------------------------------------------------------------- the end of training
+    def noises(self, labels) -> Dict[str, Optional[float]]:
+        """``noise_of`` each label (for ``honest_pick.decide``)."""
+        return {label: self.noise_of(label) for label in labels}
+
     def noise_of(self, label: str) -> Optional[float]:
         """``trend_noise`` of ``label``'s main metric over the last quarter of the evaluations (None: too few)."""
         if self.key is None:

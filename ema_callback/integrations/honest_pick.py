@@ -10,10 +10,11 @@ The default candidate is kept unless the best one beats it by more than the unce
    (samples or batches: accuracy is the sum of correct over the sum of counts), the same units for every
    candidate; a paired bootstrap (2,000 resamples of the units, seeded) of the difference of the two ratios, with
    at least 10 units (PaddleOCR's ``RecMetric``: one per image; ``Model.fit``: one per evaluation batch);
-2. without them, the larger of two estimates of one evaluation's noise, ``se = sqrt(2) x`` it:
-   **the validation noise of the default over the last quarter of training** (residuals around a line,
-   ``candidates.trend_noise``) and **the smoothness of the metric over nearby lengths** (the residual standard
-   deviation around a quadratic in log length, when at least 5 lengths were evaluated). Nearby lengths share most
+2. without them, the larger of two estimates: **the validation noise over the last quarter of training**
+   (residuals around a line, ``candidates.trend_noise``) of the two candidates, ``se = sqrt(n_a^2 + n_b^2)``
+   (``sqrt(2) x`` the one known where only one has a series, the default's or the best's), and **the smoothness of
+   the metric over nearby lengths** (``sqrt(2) x`` the residual standard deviation around a quadratic in log
+   length, when at least 5 lengths were evaluated). Nearby lengths share most
    of their weights, so their residuals can be near 0 while two distant candidates differ by real noise: the
    smoothness alone never judges the raw weights, which have no length;
 3. none of these, or an uncertainty of 0: the default is kept, and the decision says why.
@@ -27,7 +28,7 @@ with their standard errors, and how they were measured.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
@@ -103,8 +104,15 @@ def smoothness_noise(evaluated: List[Evaluated]) -> Optional[float]:
 
 
 def decide(evaluated: Mapping[str, Evaluated], default: str, higher_is_better: bool = True,
-           raw: Optional[str] = "raw", trend_noise: Optional[float] = None) -> Decision:
-    """The module docstring's rule over ``evaluated`` (by label; ``default`` among them)."""
+           raw: Optional[str] = "raw",
+           trend_noise: Union[None, float, Mapping[str, Optional[float]]] = None) -> Decision:
+    """The module docstring's rule over ``evaluated`` (by label; ``default`` among them). ``trend_noise``: the
+    validation noise of the default (a number), or of each candidate that has one (by label)."""
+    def noise(label: str) -> Optional[float]:
+        value = trend_noise.get(label) if isinstance(trend_noise, Mapping) else \
+            (trend_noise if label == default else None)
+        return float(value) if value is not None and np.isfinite(value) else None
+
     sign = 1.0 if higher_is_better else -1.0
     base = evaluated[default]
     finite = [e for e in evaluated.values() if np.isfinite(e.value)] or [base]
@@ -116,9 +124,12 @@ def decide(evaluated: Mapping[str, Evaluated], default: str, higher_is_better: b
         if se is not None:
             return se, f"paired bootstrap over {len(a.units)} evaluation units"
         sources = []
-        if trend_noise is not None and np.isfinite(trend_noise):
-            sources.append((float(np.sqrt(2.0) * trend_noise), "sqrt(2) x the default's validation noise in the last "
-                            "quarter"))
+        known = [n for n in (noise(a.label), noise(b.label)) if n is not None]
+        if len(known) == 2:
+            sources.append((float(np.hypot(*known)), "the two candidates' validation noise in the last quarter, "
+                            "combined"))
+        elif known:
+            sources.append((float(np.sqrt(2.0) * known[0]), "sqrt(2) x the validation noise in the last quarter"))
         if smooth is not None and raw not in (a.label, b.label):
             sources.append((float(np.sqrt(2.0) * smooth), "sqrt(2) x the noise of the metric around a smooth curve "
                             "over lengths"))

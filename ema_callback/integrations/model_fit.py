@@ -491,7 +491,7 @@ class EMACallback(paddle.callbacks.Callback):
                 value = metric_value(result.get(self.monitor))
                 return Evaluated(label, float(value) if value is not None else float("nan"), units.array())
 
-            label = auto.run(evaluate, trend_noise=self.board.noise_of(auto.default) if self.board else None).label
+            label = auto.run(evaluate, trend_noise=self.board.noises((auto.default, RAW)) if self.board else None).label
             if is_rank0():
                 auto.write(self.folder)
         if self.final_weights == "ema" and label != RAW:

@@ -362,7 +362,7 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 auto.metric = auto.metric or next(iter(metrics), None)
                 return Evaluated(label, float(metrics.get(auto.metric, float("nan"))))
 
-            label = auto.run(evaluate, trend_noise=self._ema_board.noise_of(auto.default)).label
+            label = auto.run(evaluate, trend_noise=self._ema_board.noises((auto.default, RAW))).label
             auto.write(self.cfg.save_dir)
             if not auto.evaluated:  # nothing was compared (no EMA update): ppdet's own best_model stays
                 auto.close()

@@ -212,7 +212,7 @@ class PaddleOCRHooks:
                 metric = dict(original(model, *call_args, **call_kwargs))
             return Evaluated(label, float(metric.get(auto.metric, float("nan"))), tap.array())
 
-        label = auto.run(evaluate, trend_noise=self.board.noise_of(auto.default)).label
+        label = auto.run(evaluate, trend_noise=self.board.noises((auto.default, RAW))).label
         auto.write(self.save_dir)
         if not auto.evaluated:  # nothing was compared (no EMA update): PaddleOCR's own best_accuracy stays
             auto.close()
