@@ -66,8 +66,8 @@ def trend_noise(series: List) -> Optional[float]:
 
 
 RULE = ("the primary unless another candidate's final metric beats it by more than 2 standard errors (a paired "
-        "bootstrap of the last evaluation where the way in counts per sample, else sqrt(2) x the primary's noise, "
-        "or the noise over lengths with 5 or more EMAs): honest_pick.decide")
+        "bootstrap of the last evaluation where the way in counts per sample, else the two candidates' validation "
+        "noise combined, or the noise over lengths with 5 or more EMAs): honest_pick.decide")
 
 
 def recommend(rows: List[Dict[str, Any]], higher_is_better: bool, primary: Optional[str] = None,
