@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 
@@ -345,31 +345,29 @@ class ExponentialMovingAverage:
     def apply_to(self, model: Optional[paddle.nn.Layer] = None, shadow=0) -> None:
         """Put EMA values (of ``shadow``, an index or label) into the model's tensors in place (``model_tensors``);
         the raw values are kept for ``restore``; then each feature's ``after_apply`` (BatchNorm recomputation)."""
-        self._check_model(model)
-        if self._backup is not None:
-            raise RuntimeError("EMA weights are already applied; call restore(model) first")
+        self._check_can_apply(model)
         j = self.shadow_index(shadow)
-        extra = set().union(*(f.backup_ids() for f in self.features.values()))  # e.g. BatchNorm statistics
-        with paddle.no_grad():
-            backup = self.tensors.backup(e for e in self.entries if e.role != FOLLOW or id(e.tensor) in extra)
-            self.tensors.write_averaged(self.store, j, self._correction(j))
-        self._backup, self._applied_label = backup, self.labels[j]
-        for feature in self.features.values():
-            feature.after_apply(self, self.labels[j])
-        if extra:
-            self.tensors.clear_views()
+        self._apply(self.labels[j], lambda: self.tensors.write_averaged(self.store, j, self._correction(j)))
 
     def apply_values(self, model: Optional[paddle.nn.Layer], values: Mapping[str, np.ndarray], label: str) -> None:
         """Put ``values`` (EMA weights from elsewhere, by state-dict name: a post-hoc reconstruction) into the model
         as ``apply_to`` puts a shadow: the raw values kept for ``restore``, ``applied_label`` is ``label``, each
         feature's ``after_apply`` runs."""
+        self._check_can_apply(model)
+        self._apply(label, lambda: self.tensors.write_values(values))
+
+    def _check_can_apply(self, model: Optional[paddle.nn.Layer]) -> None:
         self._check_model(model)
         if self._backup is not None:
             raise RuntimeError("EMA weights are already applied; call restore(model) first")
+
+    def _apply(self, label: str, write: Callable[[], None]) -> None:
+        """Back up what ``restore`` puts back (the averaged and copied tensors, and what features name, e.g.
+        BatchNorm statistics), ``write`` the EMA values in, then each feature's ``after_apply``."""
         extra = set().union(*(f.backup_ids() for f in self.features.values()))
         with paddle.no_grad():
             backup = self.tensors.backup(e for e in self.entries if e.role != FOLLOW or id(e.tensor) in extra)
-            self.tensors.write_values(values)
+            write()
         self._backup, self._applied_label = backup, label
         for feature in self.features.values():
             feature.after_apply(self, label)
