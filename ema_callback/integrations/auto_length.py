@@ -69,7 +69,11 @@ class AutoPlan:
         self.config, self.engine_config = config, engine_config
         self.total_steps, self.global_batch = total_steps, global_batch
         self.temporary_dir = temporary_dir
-        self.half_life_steps = half_life_steps(total_steps)
+
+    @property
+    def half_life_steps(self) -> float:
+        """The default length in optimizer steps: the half-life in images the engine runs, over the global batch."""
+        return self.engine_config.half_life_images / self.global_batch
 
     @property
     def snapshots(self) -> int:
