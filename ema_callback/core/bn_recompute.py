@@ -141,6 +141,7 @@ class BatchNormRecompute(Feature):
         self.recorder = BatchRecorder(model, size)
         self.collective = True
         self.used = 0  # batches used by the last recomputation
+        self.closed = self._said_closed = False
 
     @classmethod
     def build(cls, config, batch, model) -> Optional["BatchNormRecompute"]:
@@ -156,6 +157,10 @@ class BatchNormRecompute(Feature):
 
     def after_apply(self, ema, label: str) -> None:
         if not self.recorder.batches:
+            if self.closed and not self._said_closed:
+                logger.info("EMA: recompute_bn: training has ended and its recorded batches were released: the "
+                            "BatchNorm statistics are not recomputed for %s", label)
+                self._said_closed = True
             return
         self.used = recompute(self.model, self.recorder.batches, collective=self.collective)
         logger.info("EMA: BatchNorm statistics of %s recomputed for its weights: %d layers over the last %d training "
@@ -166,4 +171,13 @@ class BatchNormRecompute(Feature):
         return {"recompute_bn_batches": self.used}
 
     def close(self) -> None:
+        """The forward pre-hook removed and the recorded batches dropped: the model is as it was found (an
+        ``apply_to`` after this recomputes nothing and says so once)."""
         self.recorder.close()
+        self.recorder.batches.clear()
+        self.closed = True
+
+    def reopen(self) -> None:
+        if self.closed:
+            self.recorder = BatchRecorder(self.model, self.recorder.batches.maxlen)
+            self.closed = False

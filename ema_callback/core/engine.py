@@ -313,6 +313,18 @@ class ExponentialMovingAverage:
         """sha1 of the shadows and copied tensors (equal on every rank of a data-parallel run)."""
         return fingerprint_of(self)
 
+    def close(self) -> None:
+        """Training has ended: every feature undoes what it installed on the model (``Feature.close``: the BatchNorm
+        recorder's hook and batches). The shadows, counters and ``apply_to``/``save`` stay usable."""
+        for feature in self.features.values():
+            feature.close()
+
+    def reopen(self) -> None:
+        """Training starts again on this engine (``Model.fit`` called again): the features install themselves
+        again."""
+        for feature in self.features.values():
+            feature.reopen()
+
     def summary(self) -> str:
         return (f"optimizer step {self.num_steps}, {self.num_updates} updates, {self.num_skipped} skipped for "
                 f"NaN/Inf, shadow sha1 {self.fingerprint()[:16]} (rank {paddle.distributed.get_rank()})")

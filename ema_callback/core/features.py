@@ -8,7 +8,9 @@ plus one line there), and the engine calls every feature at these named points:
 * ``after_update(ema)``: after each real update (decided on the host, so the device path stays sync-free);
 * ``backup_ids()``: ids of tensors besides the averaged ones that ``apply_to`` backs up and ``restore`` puts back;
 * ``after_apply(ema, label)``: the EMA values of shadow ``label`` are in the model;
-* ``state()`` / ``load_state(state)``: its entries of the ``.pdema``; ``close()``: undo what it installed.
+* ``state()`` / ``load_state(state)``: its entries of the ``.pdema``;
+* ``close()``: undo what it installed on the model and drop what it holds of the run (training has ended: every way
+  in calls ``engine.close()`` then); ``reopen()``: install it again (``Model.fit`` called again on the same engine).
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ class Feature:
         return None
 
     def close(self) -> None:
+        return None
+
+    def reopen(self) -> None:
         return None
 
 

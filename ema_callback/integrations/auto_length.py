@@ -36,6 +36,7 @@ import numpy as np
 
 from ema_callback.config.schema import EMAConfig
 from ema_callback.errors import EMAConfigError
+from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates, metric_value
 from ema_callback.integrations.honest_pick import Decision, Evaluated, decide
 
 logger = logging.getLogger("ema_callback")
@@ -179,7 +180,7 @@ def resolve(config: EMAConfig, batch, folder: Optional[str],
 
 
 class AutoPick:
-    """The end of an auto run: candidates, their evaluation through ``evaluate``, the decision, the outputs."""
+    """The end of an auto run: candidates, their evaluation (``run``), the decision, the outputs."""
 
     def __init__(self, ema, plan: AutoPlan, higher_is_better: bool = True, every_rank: bool = False):
         """``every_rank``: every data-parallel rank runs the end together (``Model.fit``, whose evaluation is
@@ -233,10 +234,11 @@ class AutoPick:
             finally:
                 self.ema.restore(model)
 
-    def run(self, evaluate: Callable[[str], Evaluated],
+    def run(self, measure: Callable[[], Measured], model,
             trend_noise: Union[None, float, Dict[str, Optional[float]]] = None) -> Decision:
-        """Evaluate the candidates (``evaluate(label)`` runs the way in's evaluation with ``weights(label)`` in the
-        model and returns its ``Evaluated``) and decide."""
+        """Evaluate the candidates and decide: each candidate's weights go into ``model`` (``weights``) and the way
+        in's own evaluation ``measure()`` (``candidate_eval``) gives its metrics and per-unit sums; the value
+        compared is ``metric`` (the first metric the evaluation reports when ``metric`` is not set)."""
         if self.ema.num_updates == 0:  # no EMA and no profile holds anything but the start: nothing to compare
             self.decision = Decision(RAW, float("nan"), self.default, float("nan"), 0.0, None, "none",
                                      f"no EMA update happened in this run ({self.ema.num_steps} optimizer steps, "
@@ -246,7 +248,10 @@ class AutoPick:
 
         def once(label: str, length: Optional[float] = None) -> Evaluated:
             if label not in self.evaluated:
-                result = self._shared(evaluate(label))
+                metrics, units = evaluate_candidates([label], lambda l: self.weights(l, model), measure)
+                self.metric = self.metric or next(iter(metrics[label]), None)
+                value = metric_value(metrics[label].get(self.metric)) if self.metric else None
+                result = self._shared(Evaluated(label, float("nan") if value is None else value, units[label]))
                 result.length = length
                 self.evaluated[label] = result
                 logger.info("EMA: length auto: %s -> %s %.6g", label, self.metric or "metric", result.value)

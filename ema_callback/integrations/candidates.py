@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 from ema_callback.plots import pyplot
 from ema_callback.core.run_report import log_realized, realized
+from ema_callback.integrations.candidate_eval import metric_value
 from ema_callback.integrations.evaluation import RAW_SUFFIX
 
 logger = logging.getLogger("ema_callback")
@@ -85,16 +86,6 @@ def recommend(rows: List[Dict[str, Any]], higher_is_better: bool, primary: Optio
     evaluated = {r["candidate"]: Evaluated(r["candidate"], float(r["final"]), (units or {}).get(r["candidate"]),
                                            (lengths or {}).get(r["candidate"])) for r in rows}
     return decide(evaluated, primary, higher_is_better, RAW, {r["candidate"]: r.get("noise") for r in rows}).label
-
-
-def metric_value(value: Any) -> Optional[float]:
-    """A metric as a float (``Model.evaluate`` gives ``loss`` as a one-element list); None if not a number."""
-    while isinstance(value, (list, tuple)) and value:
-        value = value[0]
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 class CandidateBoard:

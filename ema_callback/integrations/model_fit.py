@@ -62,7 +62,7 @@ from ema_callback.files.state_file import read_state
 from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
 from ema_callback.integrations.auto_length import (AutoPick, has_length, ratio_units, resolve as resolve_length,
                                                     saved_plan)
-from ema_callback.integrations.honest_pick import Evaluated
+from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
 
 logger = logging.getLogger("ema_callback")
 
@@ -384,6 +384,7 @@ class EMACallback(paddle.callbacks.Callback):
             self._build_engine()  # else at the first train_batch, once the global batch is measured
         elif self.ema is not None:
             self._restore_raw()
+            self.ema.reopen()  # a second fit on this engine: its features install themselves again
             self._lock_folders()
         self._pending_updates = []
         self._install_batch_hook()
@@ -472,6 +473,7 @@ class EMACallback(paddle.callbacks.Callback):
         if self.board is not None:
             self.board.finish(self.folder, write=is_rank0())
             self._log_final_weights()
+        self.ema.close()  # the model as it was found: no feature's hook stays on it
 
     def _pick_length(self) -> None:
         """``length: auto`` at the end of fit (``auto_length``): evaluate the candidates with ``Model.evaluate`` on
@@ -484,14 +486,8 @@ class EMACallback(paddle.callbacks.Callback):
                            "(%s) is kept", auto.length_of(auto.default))
             label = auto.default
         else:
-            def evaluate(label: str) -> Evaluated:
-                units = _PerBatchUnits(self.monitor)
-                with auto.weights(label, self.network):
-                    result = self._evaluate_here(extra=[units])
-                value = metric_value(result.get(self.monitor))
-                return Evaluated(label, float(value) if value is not None else float("nan"), units.array())
-
-            label = auto.run(evaluate, trend_noise=self.board.noises((auto.default, RAW)) if self.board else None).label
+            label = auto.run(self._measure, self.network,
+                             trend_noise=self.board.noises((auto.default, RAW)) if self.board else None).label
             if is_rank0():
                 auto.write(self.folder)
         if self.final_weights == "ema" and label != RAW:
@@ -555,14 +551,12 @@ class EMACallback(paddle.callbacks.Callback):
             return
         labels = self.board.to_evaluate()
         nested = labels if self.config.select == "best" else labels[:-1]  # fit's own evaluation runs the last
-        units = {}
-        for label in nested:
+        def before(label: str) -> None:
             if label == self.board.primary:
                 self.extra_logs[DRIFT] = log_before_eval(self.ema)
-            tap = _PerBatchUnits(self.monitor)
-            with self.board.weights(label, self.network):
-                self._eval_results[label] = self._evaluate_here(extra=[tap])
-            units[label] = tap.array()
+
+        self._eval_results, units = evaluate_candidates(nested, lambda label: self.board.weights(label, self.network),
+                                                        self._measure, before)
         if self.config.select == "best":
             try:
                 chosen = self.board.pick(self._eval_results, self.monitor, units)
@@ -595,6 +589,12 @@ class EMACallback(paddle.callbacks.Callback):
         """A metric name without a candidate suffix (and not the drift)."""
         labels = (self.ema.labels if self.ema is not None else []) + [RAW]
         return name != DRIFT and name not in NOT_LOGGED and not any(name.endswith("_" + l) for l in labels)
+
+    def _measure(self) -> Measured:
+        """``Model.evaluate`` on fit's eval loader (``_evaluate_here``) of the network as it is, with each batch's
+        (sum, count) of ``monitor`` (``_PerBatchUnits``) for a paired comparison of candidates."""
+        units = _PerBatchUnits(self.monitor)
+        return self._evaluate_here(extra=[units]), units.array()
 
     def _evaluate_here(self, extra: Optional[list] = None) -> Dict[str, Any]:
         """Evaluate the network as it is on fit's eval loader, leaving fit's own state as it was (``extra``:

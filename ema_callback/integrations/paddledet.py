@@ -34,19 +34,20 @@ names the ppdet keys it replaced (their ``ema_black_list`` is not carried over: 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import runpy
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ema_callback.integrations.suite_checkout import PADDLEDET, find_checkout
 from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.integrations.checkpoints import (STATE_KEY, check_checkpoint_files, check_missing_state,
-                                                  checkpoint_prefix, describe_start_weights, ema_file, lock_run,
+                                                  checkpoint_prefix, describe_start_weights, ema_file, is_rank0, lock_run,
                                                   numpy_state, place_features, ppdet_state, restore_raw_weights,
                                                   stale_state_files)
 from ema_callback.core.run_report import log_start
@@ -54,7 +55,7 @@ from ema_callback.integrations.evaluation import before_eval_start
 from ema_callback.integrations.candidates import RAW, CandidateBoard
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.integrations.auto_length import AutoPick, resolve as resolve_length, saved_plan
-from ema_callback.integrations.honest_pick import Evaluated
+from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
 from ema_callback.errors import EMAError
 from ema_callback.config.files import (check_section_name, load_suite_yaml, read_yaml, resolve_block, split_overrides,
                             why_disabled)
@@ -287,19 +288,17 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
             if board is None or not board.active or not isinstance(raw, dict) or \
                     before_eval_start(self.ema.engine, board.config):  # raw weights until eval_start_step
                 return super()._eval_with_loader(loader)
-            engine, results = self.ema.engine, {}
+            engine = self.ema.engine
             labels = board.to_evaluate()
             nested = labels if board.config.select == "best" else labels[:-1]
-            own = self._compose_callback
-            self._compose_callback = ComposeCallback([self._ema_state_callback])  # no Checkpointer, no logger
-            try:
-                for label in nested:
-                    logger.info("EMA: evaluating candidate %s", label)
-                    self.model.set_dict(raw if label == RAW else self.ema.weights(label))
-                    super()._eval_with_loader(loader)
-                    results[label] = dict(self._ema_eval_metrics)
-            finally:
-                self._compose_callback = own
+
+            @contextlib.contextmanager
+            def holding(label: str):  # ppdet puts the weights it evaluates next in itself: no restore here
+                logger.info("EMA: evaluating candidate %s", label)
+                self.model.set_dict(raw if label == RAW else self.ema.weights(label))
+                yield
+
+            results, _ = evaluate_candidates(nested, holding, self._ema_measure(loader))
             key = next(iter(next(iter(results.values()), {})), None) if results else None
             chosen = board.pick(results, key) if board.config.select == "best" and key else board.primary
             self.model.set_dict(raw if chosen == RAW else self.ema.weights(chosen))
@@ -309,6 +308,21 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
             key = key or next(iter(results[chosen]), "")
             board.record(engine.num_steps, results, key, chosen)
             self.model.set_dict(self.ema.weights())  # ppdet restores the raw weights after this
+
+        def _ema_measure(self, loader) -> Callable[[], Measured]:
+            """ppdet's own ``_eval_with_loader`` on the model as it is, with only a metric-reading callback (its
+            Checkpointer saves nothing, its logger prints nothing): the main metrics; mAP is no per-sample mean, so
+            no units."""
+            def measure() -> Measured:
+                own = self._compose_callback
+                self._compose_callback = ComposeCallback([self._ema_state_callback])
+                try:
+                    Trainer._eval_with_loader(self, loader)
+                finally:
+                    self._compose_callback = own
+                return dict(self._ema_eval_metrics), None
+
+            return measure
 
         def resume_weights(self, weights):
             if isinstance(getattr(self, "ema", None), PpdetEMA):
@@ -322,16 +336,19 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
             return result
 
         def train(self, validate=False):
-            result = super().train(validate)
-            if isinstance(getattr(self, "ema", None), PpdetEMA):
-                logger.info("EMA: finished: %s", self.ema.engine.summary())
-                from ema_callback.integrations.checkpoints import is_rank0
-
-                if self._ema_auto is not None and is_rank0():  # ppdet evaluates and saves on rank 0 only
-                    self._pick_length(validate)
-                self._ema_board.finish(self.cfg.save_dir, write=is_rank0())
-                if self.ema.counter is not None:
-                    self.ema.counter.close()
+            ours = isinstance(getattr(self, "ema", None), PpdetEMA)
+            try:
+                result = super().train(validate)
+                if ours:
+                    logger.info("EMA: finished: %s", self.ema.engine.summary())
+                    if self._ema_auto is not None and is_rank0():  # ppdet evaluates and saves on rank 0 only
+                        self._pick_length(validate)
+                    self._ema_board.finish(self.cfg.save_dir, write=is_rank0())
+            finally:
+                if ours:
+                    if self.ema.counter is not None:
+                        self.ema.counter.close()
+                    self.ema.engine.close()  # the model as it was found: no feature's hook stays on it
             return result
 
         def _pick_length(self, validate: bool) -> None:
@@ -350,19 +367,9 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 auto.close()
                 return
 
-            def evaluate(label: str) -> Evaluated:
-                own = self._compose_callback
-                self._compose_callback = ComposeCallback([self._ema_state_callback])  # no Checkpointer, no logger
-                try:
-                    with auto.weights(label, self.model), paddle.no_grad():  # as ppdet's train loop evaluates
-                        Trainer._eval_with_loader(self, loader)
-                finally:
-                    self._compose_callback = own
-                metrics = dict(self._ema_eval_metrics)
-                auto.metric = auto.metric or next(iter(metrics), None)
-                return Evaluated(label, float(metrics.get(auto.metric, float("nan"))))
-
-            label = auto.run(evaluate, trend_noise=self._ema_board.noises((auto.default, RAW))).label
+            with paddle.no_grad():  # as ppdet's train loop evaluates
+                label = auto.run(self._ema_measure(loader), self.model,
+                                 trend_noise=self._ema_board.noises((auto.default, RAW))).label
             auto.write(self.cfg.save_dir)
             if not auto.evaluated:  # nothing was compared (no EMA update): ppdet's own best_model stays
                 auto.close()

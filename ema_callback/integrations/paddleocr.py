@@ -30,7 +30,7 @@ import logging
 import os
 import runpy
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -46,7 +46,7 @@ from ema_callback.config.files import check_section_name, has_ema_request, load_
 from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.integrations.output_rollback import OutputGuard
 from ema_callback.integrations.auto_length import AutoPick, ratio_units, resolve as resolve_length, saved_plan
-from ema_callback.integrations.honest_pick import Evaluated
+from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
 from ema_callback.integrations.suite_checkout import suite_errors_named
 
 logger = logging.getLogger("ema_callback")
@@ -156,6 +156,8 @@ class PaddleOCRHooks:
                 setattr(self.program, name, original)
             if self.counter is not None:
                 self.counter.close()
+            if self.ema is not None:
+                self.ema.close()  # the model as it was found: no feature's hook stays on it
 
     # ---------------------------------------------------------------- config.yml
     def _merge_config(self, config, opts, *args, **kwargs):
@@ -202,17 +204,9 @@ class PaddleOCRHooks:
             auto.close()
             return
         args, kwargs = self._eval_call
-        eval_class = kwargs.get("eval_class", args[2] if len(args) > 2 else None)
-        auto.metric = getattr(eval_class, "main_indicator", None)
-        original = self._originals["eval"]
-
-        def evaluate(label: str) -> Evaluated:
-            call_args, call_kwargs, tap = _tapped(args, kwargs, eval_class)
-            with auto.weights(label, model):
-                metric = dict(original(model, *call_args, **call_kwargs))
-            return Evaluated(label, float(metric.get(auto.metric, float("nan"))), tap.array())
-
-        label = auto.run(evaluate, trend_noise=self.board.noises((auto.default, RAW))).label
+        auto.metric = getattr(_eval_class(args, kwargs), "main_indicator", None)
+        label = auto.run(self._measure(model, args, kwargs), model,
+                         trend_noise=self.board.noises((auto.default, RAW))).label
         auto.write(self.save_dir)
         if not auto.evaluated:  # nothing was compared (no EMA update): PaddleOCR's own best_accuracy stays
             auto.close()
@@ -258,6 +252,17 @@ class PaddleOCRHooks:
         logger_.info("EMA: %s", ", ".join(f"{k}: {v}" for k, v in self.config.to_block().items()))
 
     # ---------------------------------------------------------------- eval
+    def _measure(self, model, args, kwargs) -> Callable[[], Measured]:
+        """PaddleOCR's own ``eval`` with the arguments it was called with, on the model as it is: its metrics, and
+        per-sample units where its metric counts samples (``_UnitTap``)."""
+        original = self._originals["eval"]
+
+        def measure() -> Measured:
+            call_args, call_kwargs, tap = _tapped(args, kwargs, _eval_class(args, kwargs))
+            return original(model, *call_args, **call_kwargs), tap.array()
+
+        return measure
+
     def _eval(self, model, *args, **kwargs):
         original = self._originals["eval"]
         if self.ema is None:  # eval outside train (not through this launcher's train)
@@ -268,20 +273,19 @@ class PaddleOCRHooks:
             self.board.winner = RAW
             return dict(metric, **raw_suffixed(metric)) if c.eval_raw else metric
         self._eval_call = (args, kwargs)
-        eval_class = kwargs.get("eval_class", args[2] if len(args) > 2 else None)
-        key = getattr(eval_class, "main_indicator", None)
-        results, drift, units = {}, None, {}
-        for label in self.board.to_evaluate():
+        key = getattr(_eval_class(args, kwargs), "main_indicator", None)
+        drift = {}
+
+        def before(label: str) -> None:
             if label == self.board.primary:
-                drift = log_before_eval(self.ema)
-            call_args, call_kwargs, tap = _tapped(args, kwargs, eval_class)
-            with self.board.weights(label, model):
-                results[label] = dict(original(model, *call_args, **call_kwargs))
-            units[label] = tap.array()
+                drift[DRIFT] = log_before_eval(self.ema)
+
+        results, units = evaluate_candidates(self.board.to_evaluate(), lambda label: self.board.weights(label, model),
+                                             self._measure(model, args, kwargs), before)
         winner = self.board.pick(results, key, units) if key else self.board.primary
         self.board.record(self.ema.num_steps, results, key or "", winner)
         metric = self.board.logged(results, winner)
-        metric[DRIFT] = drift  # PaddleOCR logs it and hands it to its W&B/VisualDL writer
+        metric[DRIFT] = drift.get(DRIFT)  # PaddleOCR logs it and hands it to its W&B/VisualDL writer
         return metric
 
     # ---------------------------------------------------------------- save
@@ -371,6 +375,11 @@ class _UnitTap:
 
     def array(self):
         return ratio_units(self.pairs)
+
+
+def _eval_class(args, kwargs):
+    """The metric object among ``program.eval``'s arguments (its third, ``eval_class``)."""
+    return kwargs.get("eval_class", args[2] if len(args) > 2 else None)
 
 
 def _tapped(args, kwargs, eval_class):
