@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from bench_update import MODELS, paddle  # noqa: E402  (paddle through ema_callback.core.paddle_compat)
+from bench_update import MODELS, paddle  # noqa: E402  (paddle through ema_callback.paddle_compat)
 
 from ema_callback import EMAConfig  # noqa: E402
 from ema_callback.integrations.checkpoints import numpy_state, save_ema_state  # noqa: E402

@@ -3,11 +3,9 @@
 commands:
     ema-callback demo [--steps N --decay D --out DIR --seed S]
     ema-callback merge-config SUITE.yml BLOCK -o OUT.yml [--set EMA.key=value ...]
-    ema-callback ocr-train -c cfg.yml [-o Key=val ...] [--paddleocr-root DIR] [--ema-config BLOCK]
-    ema-callback det-train -c cfg.yml [-o key=val ...] [--eval] [-r ckpt] [--paddledet-root DIR] [--ema-config BLOCK]
     ema-callback presets                 (the ready EMA: blocks; BLOCK is a file or a preset's name)
     ema-callback posthoc reconstruct|sweep --snapshots DIR --sigma-rel ...   (post-hoc EMA, after training)
-    ema-callback script-path ocr|det     (the script form for python -m paddle.distributed.launch)
+    ema-callback script-path NAME        (the script form of a suite command, for python -m paddle.distributed.launch)
     ema-callback --version
 
 Run ema-callback COMMAND --help for the options of each command.
@@ -20,19 +18,20 @@ from typing import List, Optional
 
 from ema_callback.errors import EMAError, UnsupportedPaddleError
 from ema_callback.config.files import split_overrides
+from ema_callback.integrations.registry import WAYS_IN
 
 
 def _script_path(argv: List[str]) -> int:
-    """``ema-callback script-path ocr|det``: the script to give ``python -m paddle.distributed.launch``."""
+    """``ema-callback script-path ocr|det|...``: the script to give ``python -m paddle.distributed.launch``."""
     import os
 
     parser = argparse.ArgumentParser(prog="ema-callback script-path",
                                      description="Print the path of the script form of ocr-train or det-train, "
                                                  "for python -m paddle.distributed.launch (which takes a script path).")
-    parser.add_argument("command", choices=("ocr", "det"), help="ocr (ocr-train) or det (det-train)")
+    parser.add_argument("command", choices=tuple(w.short for w in WAYS_IN),
+                        help=" or ".join(f"{w.short} ({w.command})" for w in WAYS_IN))
     args = parser.parse_args(argv)
-    names = {"ocr": "launch_ocr.py", "det": "launch_det.py"}
-    print(os.path.join(os.path.dirname(os.path.abspath(__file__)), "integrations", names[args.command]))
+    print(os.path.join(os.path.dirname(os.path.abspath(__file__)), "integrations", f"launch_{args.command}.py"))
     return 0
 
 
@@ -50,7 +49,9 @@ def _merge_config(argv: List[str]) -> int:
     if rest:
         raise EMAError(f"--set {rest[0]!r}: only EMA.* keys can be set here")
     from ema_callback.config.merge import merge_config_files
-    for note in merge_config_files(args.suite, args.block, args.out, overrides):
+    from ema_callback.integrations.paddledet import load_ppdet_yaml  # ppdet's _BASE_ (use_ema), no paddle import
+
+    for note in merge_config_files(args.suite, args.block, args.out, overrides, read_inherited=load_ppdet_yaml):
         print(f"merge-config: {note}")
     print(f"wrote {args.out}")
     return 0
@@ -65,6 +66,13 @@ def _presets(argv: List[str]) -> int:
         print(line)
     print(f"(files in {presets_folder()})")
     return 0
+
+
+def _usage() -> str:
+    """The module docstring with one line per registered suite command (``registry.WAYS_IN``) after merge-config."""
+    lines = __doc__.strip().splitlines()
+    at = next(i for i, line in enumerate(lines) if "ema-callback merge-config" in line) + 1
+    return "\n".join(lines[:at] + [f"    ema-callback {w.command} {w.usage}" for w in WAYS_IN] + lines[at:])
 
 
 def setup_logging() -> None:
@@ -94,14 +102,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands = {
         "demo": lambda rest: __import__("ema_callback.demo.run", fromlist=["main"]).main(rest),
         "merge-config": _merge_config,
-        "ocr-train": lambda rest: __import__("ema_callback.integrations.paddleocr", fromlist=["main"]).main(rest),
-        "det-train": lambda rest: __import__("ema_callback.integrations.paddledet", fromlist=["main"]).main(rest),
+        **{w.command: w.main for w in WAYS_IN},
         "posthoc": lambda rest: __import__("ema_callback.posthoc.cli", fromlist=["main"]).main(rest),
         "script-path": _script_path,
         "presets": _presets,
     }
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(_usage())
         return 0
     if argv[0] == "--version":
         from ema_callback import __version__

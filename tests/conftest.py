@@ -39,7 +39,7 @@ class RunsCode:
 
 def tool_command(script):
     """A suite's own tool as `python SCRIPT` (zlib imported first under Paddle 2.6: Paddle#70538)."""
-    from ema_callback.core.paddle_compat import suite_tool_command
+    from ema_callback.paddle_compat import suite_tool_command
 
     return suite_tool_command(script)
 

@@ -8,7 +8,7 @@ import pytest
 
 from ema_callback import EMAConfig
 from ema_callback.core.engine import ExponentialMovingAverage
-from ema_callback.core.paddle_compat import CPU_CAST_ROUNDS_TO_NEAREST
+from ema_callback.paddle_compat import CPU_CAST_ROUNDS_TO_NEAREST
 
 from conftest import make_net, train_steps
 

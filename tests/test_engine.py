@@ -327,7 +327,7 @@ def round_to_nearest(values, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_storage_cast_rounds_to_nearest_on_every_paddle(dtype):
     # Paddle 2.6's CPU cast truncates toward zero; the store must round like numpy on 2.6 and 3.x alike
-    from ema_callback.core.paddle_compat import cast_rounded
+    from ema_callback.paddle_compat import cast_rounded
 
     values = np.random.default_rng(0).normal(size=20000).astype(np.float32)
     got = cast_rounded(paddle.to_tensor(values), dtype).astype("float32").numpy()

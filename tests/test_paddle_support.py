@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ema_callback.errors import UnsupportedPaddleError
-from ema_callback.core.paddle_compat import check_versions, host_flat, host_view, paddle
+from ema_callback.paddle_compat import check_versions, host_flat, host_view, paddle
 
 
 @pytest.mark.parametrize("paddle_version,numpy_version", [
@@ -42,7 +42,7 @@ def test_the_command_line_gives_one_line_for_an_unsupported_paddle(tmp_path):
 def test_zlib_after_paddle_does_not_crash():
     # Paddle 2.6.2 + Debian 12's zlib: `import paddle` then a first `import zlib` segfaults (Paddle#70538);
     # importing Paddle through ema_callback binds zlib first, so suites that import albumentations keep working
-    code = ("from ema_callback.core.paddle_compat import paddle\nimport zlib\n"
+    code = ("from ema_callback.paddle_compat import paddle\nimport zlib\n"
             "assert zlib.decompress(zlib.compress(b'ema' * 1000)) == b'ema' * 1000\nprint('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]

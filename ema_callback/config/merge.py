@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
@@ -136,14 +136,13 @@ def merge_yaml_text(suite_text: str, block: Mapping[str, Any], block_text: Optio
     return result
 
 
-def _ppdet_uses_its_own_ema(suite_path: str, suite: Mapping[str, Any]) -> bool:
+def _ppdet_uses_its_own_ema(suite_path: str, suite: Mapping[str, Any],
+                            read_inherited: Callable[[str], Mapping[str, Any]]) -> bool:
     if suite.get("use_ema") is True:
         return True
     if not suite.get("_BASE_"):
         return False
-    from ema_callback.integrations.paddledet import load_ppdet_yaml  # follows _BASE_ like ppdet (no paddle import)
-
-    return load_ppdet_yaml(suite_path).get("use_ema") is True
+    return read_inherited(suite_path).get("use_ema") is True
 
 
 def _set_top_level(text: str, key: str, value: Any) -> str:
@@ -189,8 +188,11 @@ def _rebased(text: str, suite_path: str, out_path: str) -> Tuple[str, Optional[s
 
 
 def merge_config_files(suite_path: str, block_path: str, out_path: str,
-                       overrides: Iterable[Tuple[List[str], Any]] = ()) -> List[str]:
-    """``ema-callback merge-config SUITE.yml BLOCK.yml -o OUT.yml``; returns notes to print."""
+                       overrides: Iterable[Tuple[List[str], Any]] = (),
+                       read_inherited: Callable[[str], Mapping[str, Any]] = read_yaml) -> List[str]:
+    """``ema-callback merge-config SUITE.yml BLOCK.yml -o OUT.yml``; returns notes to print. ``read_inherited``: the
+    suite's own reader of a file with the files it inherits (ppdet's ``_BASE_``: ``paddledet.load_ppdet_yaml``,
+    which the suite's adapter owns; the command line passes it)."""
     from ema_callback.config.presets import block_path as resolve
 
     block_path = resolve(block_path)
@@ -209,7 +211,7 @@ def merge_config_files(suite_path: str, block_path: str, out_path: str,
         suite = load_suite_yaml(suite_text) or {}
     except yaml.YAMLError as exc:
         raise EMAConfigError(f"{suite_path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if isinstance(suite, Mapping) and _ppdet_uses_its_own_ema(os.path.abspath(suite_path), suite):
+    if isinstance(suite, Mapping) and _ppdet_uses_its_own_ema(os.path.abspath(suite_path), suite, read_inherited):
         merged = _set_top_level(merged, "use_ema", False)
         notes.append(f"set use_ema: false in {out_path} (use_ema: true in {suite_path} or its _BASE_): the "
                      f"{SECTION}: section replaces ppdet's own EMA, as det-train does with such a config; the file "

@@ -2,7 +2,7 @@
 
 ``EMAConfig.from_block(dict)`` validates a block (types, ranges, unknown keys) and raises ``EMAConfigError``
 with a one-line message naming the key, e.g. ``EMA.decya: unknown key, did you mean 'decay'?``. Reading YAML
-files, ``-o EMA.*`` overrides and their precedence is ``config_files``'s job.
+files, ``-o EMA.*`` overrides and their precedence is ``config.files``'s job.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ema_callback.errors import EMAConfigError  # re-exported: ema_callback.config.EMAConfigError
-from ema_callback.core.schedules import SCHEDULES
+
+SCHEDULES = ("constant", "threshold", "exponential", "power")  # core.schedules implements each (config is below core)
 
 SECTION = "EMA"
 LENGTH_KEYS = ("decay", "decays", "half_life_images", "half_life_epochs", "length")  # one form of the length per block
@@ -407,7 +408,7 @@ class EMAConfig:
 def layered(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
     """``base`` updated with ``top``; a length form in ``top`` replaces the one in ``base`` (``-o EMA.decays=[..]``
     over a section with ``decay: 0.9999`` means the list, not a conflict). Within one layer (one YAML block, one
-    ``-o`` list) two forms are an error (``EMAConfig.from_block``, ``config_files.apply_overrides``).
+    ``-o`` list) two forms are an error (``EMAConfig.from_block``, ``config.files.apply_overrides``).
 
     A length form in ``top`` without a ``schedule`` of its own also drops ``base``'s warm-up (``WARM_UP_KEYS``: its
     schedule, that schedule's parameters and ``bias_correction``), which was chosen for ``base``'s length: ``schedule:

@@ -12,7 +12,7 @@ import logging
 from typing import Callable, List, Optional, Sequence
 
 from ema_callback.config.schema import EMAConfig
-from ema_callback.core.paddle_compat import move_to, paddle
+from ema_callback.paddle_compat import move_to, paddle
 from ema_callback.core.schedules import decay_tensor
 
 logger = logging.getLogger("ema_callback")

@@ -14,9 +14,10 @@ Several EMAs of different lengths (``decays``, or a list of half-lives) are shad
 one pass (``storage``); shadow 0 is the primary, and every reading method takes ``shadow=`` (default 0). The
 decays come from the config and the run's global batch (``horizon``: ``decay_batch_size``, half-lives).
 
-What plugs in beside the average is a feature (``features``), built from the config by ``FEATURES`` and called at
-named points: Switch EMA (``switch_ema``), post-hoc profiles and their snapshots (``posthoc_profiles``), BatchNorm
-statistics recomputed for the EMA weights (``bn_recompute``). ``ema.features[name]`` holds the ones in use.
+What plugs in beside the average is a feature (``core.features``), registered from above the engine, built from the
+config and called at named points: Switch EMA (``core.switch_ema``), post-hoc profiles and their snapshots
+(``posthoc.tracking``), BatchNorm statistics recomputed for the EMA weights (``core.bn_recompute``).
+``ema.features[name]`` holds the ones in use.
 
 ``apply_to(model)`` swaps the averaged values into the model (raw values kept aside), ``restore(model)``
 puts the raw values back bit for bit; ``with ema.swapped(model):`` does both. ``save``/``load`` write and
@@ -33,15 +34,13 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 
-from ema_callback.core.bn_recompute import BatchNormRecompute
 from ema_callback.files.checkpoint_io import atomic_save
 from ema_callback.config.schema import EMAConfig
 from ema_callback.core.device_counters import DeviceCounters, EngineCounter
 from ema_callback.errors import EMAError, EMAFileError, short_list
-from ema_callback.core.features import Feature
+from ema_callback.core.features import Feature, builders
 from ema_callback.core.horizon import BatchInfo, Candidate, candidates
-from ema_callback.core.paddle_compat import numpy_dtype, paddle
-from ema_callback.posthoc.tracking import PosthocProfiles
+from ema_callback.paddle_compat import numpy_dtype, paddle
 from ema_callback.core.rank_sync import average_buffers
 from ema_callback.core.engine_state import fingerprint_of, load_state, state_of
 from ema_callback.core.schedules import decay_at
@@ -49,10 +48,7 @@ from ema_callback.core.model_tensors import ModelTensors
 from ema_callback.core.selection import FOLLOW, Entry, classify, unwrap
 from ema_callback.files.state_file import read_state, store_once
 from ema_callback.core.storage import ShadowStore, make_store
-from ema_callback.core.switch_ema import SwitchEMA
 
-# The features an engine can have, in the order of their shadows and calls: build(config, batch, model) -> or None.
-FEATURES = (PosthocProfiles.build, SwitchEMA.build, BatchNormRecompute.build)
 
 logger = logging.getLogger("ema_callback")
 
@@ -90,7 +86,7 @@ class ExponentialMovingAverage:
         self.decays = [c.decay for c in self.candidates]  # target decay per optimizer step, one per shadow
         self.num_candidates = len(self.decays)  # the EMAs; the features' shadows (post-hoc profiles) follow them
         self.model = unwrap(model)
-        built = [build(self.config, batch, self.model) for build in FEATURES]
+        built = [build(self.config, batch, self.model) for build in builders()]
         self.features: Dict[str, Feature] = {f.name: f for f in built if f is not None}
         self.labels = [c.label for c in self.candidates] + [l for f in self.features.values() for l in f.labels]
         self.entries: List[Entry] = classify(model, self.config.include, self.config.exclude, self.config.buffers)

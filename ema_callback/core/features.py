@@ -1,7 +1,8 @@
 """What plugs into the engine beside the average: Switch EMA (``switch_ema``), post-hoc profiles
-(``posthoc_profiles``), BatchNorm recomputation (``bn_recompute``). Each is a small object that owns its state, its
-entries of the ``.pdema`` and its log lines; ``engine.FEATURES`` lists their builders (a new feature is its own file
-plus one line there), and the engine calls every feature at these named points:
+(``posthoc.tracking``), BatchNorm recomputation (``bn_recompute``). Each is a small object that owns its state, its
+entries of the ``.pdema`` and its log lines. Features are registered from above the engine (``register``, called by
+``ema_callback/__init__.py``, which runs before any ``ema_callback.*`` module: a new feature is its own file plus one
+line there), so the engine imports none of them; it builds the registered ones and calls each at these named points:
 
 * ``labels`` and ``decays(updates)`` / ``device_decays(updates)``: extra shadows it keeps in the engine's store and
   their decay at the next update (a host number / a device tensor: the device path reads nothing back);
@@ -14,7 +15,8 @@ plus one line there), and the engine calls every feature at these named points:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Set, Tuple
+import importlib
+from typing import Any, Callable, Dict, List, Mapping, Set, Tuple
 
 
 class Feature:
@@ -54,3 +56,22 @@ class Feature:
 def due(step: int, start_step: int, period: int) -> bool:
     """Whether optimizer step ``step`` is a periodic action's (every ``period`` steps, after ``start_step``)."""
     return bool(period) and step > start_step and step % period == 0
+
+
+_REGISTERED: List[str] = []  # "module:Class" of each feature, in the order of their shadows and calls
+
+
+def register(path: str) -> None:
+    """Register a feature by its class's import path (``"ema_callback.posthoc.tracking:PosthocProfiles"``); the class
+    has ``build(config, batch, model) -> Feature or None``. Imported when an engine is first built."""
+    if path not in _REGISTERED:
+        _REGISTERED.append(path)
+
+
+def builders() -> List[Callable[..., Any]]:
+    """The registered features' ``build`` functions, in registration order."""
+    out = []
+    for path in _REGISTERED:
+        module, _, name = path.partition(":")
+        out.append(getattr(importlib.import_module(module), name).build)
+    return out

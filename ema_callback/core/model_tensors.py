@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
-from ema_callback.core.paddle_compat import copy_into, data_pointer, host_view, paddle
+from ema_callback.paddle_compat import copy_into, data_pointer, host_view, paddle
 from ema_callback.core.selection import AVERAGE, COPY, FOLLOW, Entry
 from ema_callback.core.storage import NumpyStore
 
@@ -67,7 +67,7 @@ class ModelTensors:
         return {k: (v.numpy() if isinstance(v, paddle.Tensor) else v).copy() for k, v in self.copies.items()}
 
     def load_copies(self, values: Mapping[str, Any], place) -> None:
-        from ema_callback.core.paddle_compat import move_to
+        from ema_callback.paddle_compat import move_to
 
         for name, value in values.items():
             if name in self.copies:

@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from ema_callback.core.paddle_compat import paddle
+from ema_callback.paddle_compat import paddle
 
 
 def average_buffers(store, buffer_indices: List[int], copies: Dict[str, Any], copied: List[str],

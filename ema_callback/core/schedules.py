@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("constant", "threshold", "exponential", "power")
+from ema_callback.config.schema import SCHEDULES  # the names an EMA: block takes; each is implemented here
 
 
 def constant_decay(t: int, decay: float) -> float:

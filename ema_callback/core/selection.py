@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
-from ema_callback.core.paddle_compat import paddle
+from ema_callback.paddle_compat import paddle
 
 AVERAGE = "average"  # shadow = d*shadow + (1-d)*w
 COPY = "copy"  # shadow = w at each update (integer tensors; `buffers: copy`)

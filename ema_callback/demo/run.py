@@ -101,7 +101,7 @@ class NumpyBatches:
 
 def _modules():
     """The paddle parts, imported on first use so ``ema-callback --help`` stays fast."""
-    from ema_callback.core.paddle_compat import paddle
+    from ema_callback.paddle_compat import paddle
     from paddle import nn
 
     class TextLines(paddle.io.Dataset):

@@ -25,7 +25,7 @@ from ema_callback.errors import EMAFileError, one_line  # EMAFileError re-export
 
 def saved_bytes(obj: Any) -> bytes:
     """What ``paddle.save(obj)`` writes, in memory (to write the same object under several names)."""
-    from ema_callback.core.paddle_compat import paddle
+    from ema_callback.paddle_compat import paddle
 
     buffer = io.BytesIO()
     paddle.save(obj, buffer)

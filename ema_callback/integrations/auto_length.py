@@ -102,8 +102,8 @@ class AutoPlan:
 def profile_every(total_steps: int) -> int:
     """The post-hoc profiles' ``update_every`` for a run of ``total_steps``: ``total_steps // 1000`` within 8 and 64
     (each profile then sees about 1,000 weights of a long run, at least ``total_steps / 64``). Its cost per step
-    over one EMA is about ``2 profiles x 0.7 / gap`` (an extra shadow costs 0.65-0.85 of one EMA's update in the same
-    pass; ``docs/performance.md``): at most 1.2x at the gap of 8."""
+    over one EMA is about ``2 profiles x c / gap``, ``c`` what an extra shadow costs in the same pass relative to one
+    EMA's update: ``make bench`` measures it at the gap of 8 (the automatic-mode rows of ``docs/performance.md``)."""
     return max(PROFILE_EVERY[0], min(PROFILE_EVERY[1], int(total_steps) // 1000))
 
 

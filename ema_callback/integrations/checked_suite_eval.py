@@ -1,10 +1,11 @@
 """A suite's own ``tools/eval.py``, refusing weights that do not fit the model its config builds.
 
-    python -m ema_callback.integrations.checked_suite_eval --expect NAMES.json --suite paddleocr|paddledet \
+    python -m ema_callback.integrations.checked_suite_eval --expect NAMES.json --suite paddleocr|paddledet|... \
         ROOT/tools/eval.py -c cfg.yml -o ...
 
-runs the script as ``python tools/eval.py`` would, with the suite's weight loading wrapped (PaddleOCR's
-``ppocr.utils.save_load.load_model``, ppdet's ``Trainer.load_weights``): before any weight is loaded, the names and
+runs the script as ``python tools/eval.py`` would, with the suite's weight loading wrapped by its adapter
+(``SuiteAdapter.install_eval_check``: PaddleOCR's ``ppocr.utils.save_load.load_model``, ppdet's
+``Trainer.load_weights``): before any weight is loaded, the names and
 shapes of the model's state dict are compared with ``NAMES.json`` (``{name: shape}`` of the weights about to be
 evaluated). On a mismatch it prints one line and exits 3, before evaluating: both suites only warn about a
 missing or misshapen tensor and would evaluate random weights (``posthoc sweep`` uses it on every reconstruction).
@@ -53,26 +54,10 @@ def _check(model, expected: Dict[str, List[int]]) -> None:
 
 
 def _install(suite: str, expected: Dict[str, List[int]]) -> None:
-    if suite == "paddleocr":
-        import ppocr.utils.save_load as save_load
+    """The suite's adapter wraps its weight loading with the check (``SuiteAdapter.install_eval_check``)."""
+    from ema_callback.integrations.registry import by_module_name
 
-        original = save_load.load_model
-
-        def load_model(config, model, *args, **kwargs):
-            _check(model, expected)
-            return original(config, model, *args, **kwargs)
-
-        save_load.load_model = load_model  # tools/eval.py imports the name after this
-    else:
-        from ppdet.engine.trainer import Trainer
-
-        original = Trainer.load_weights
-
-        def load_weights(self, *args, **kwargs):
-            _check(self.model, expected)
-            return original(self, *args, **kwargs)
-
-        Trainer.load_weights = load_weights
+    by_module_name()[suite].adapter().install_eval_check(lambda model: _check(model, expected))
 
 
 def main(argv=None) -> None:
@@ -80,7 +65,9 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m ema_callback.integrations.checked_suite_eval")
     p.add_argument("--expect", required=True)
-    p.add_argument("--suite", required=True, choices=("paddleocr", "paddledet"))
+    from ema_callback.integrations.registry import by_module_name
+
+    p.add_argument("--suite", required=True, choices=tuple(by_module_name()))
     p.add_argument("script")
     args, rest = p.parse_known_args(argv)
     with open(args.expect, encoding="utf-8") as handle:

@@ -44,7 +44,7 @@ def place_features(ema, save_dir: Optional[str], only_rank0_evaluates: bool) -> 
 
 def is_rank0() -> bool:
     """Only rank 0 of a data-parallel run writes files."""
-    from ema_callback.core.paddle_compat import paddle
+    from ema_callback.paddle_compat import paddle
 
     return paddle.distributed.get_rank() == 0
 

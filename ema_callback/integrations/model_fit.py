@@ -46,7 +46,7 @@ import numpy as np
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.errors import EMAError, EMAFileError
 from ema_callback.config.files import check_section_name, read_yaml
-from ema_callback.core.paddle_compat import paddle
+from ema_callback.paddle_compat import paddle
 from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.integrations.checkpoints import (check_checkpoint_files, checkpoint_prefix, is_rank0, lock_run,
                                                   numpy_state, place_features, restore_raw_weights, resume_ema,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from ema_callback.core.paddle_compat import paddle
+from ema_callback.paddle_compat import paddle
 
 
 def _found_inf_flag(optimizer):

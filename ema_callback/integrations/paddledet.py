@@ -61,7 +61,7 @@ from ema_callback.config.files import (check_section_name, load_suite_yaml, read
                             why_disabled)
 from ema_callback.files.checkpoint_io import checked_load
 from ema_callback.files.state_file import read_state
-from ema_callback.integrations.suite_checkout import suite_errors_named
+from ema_callback.integrations.suite_adapter import SuiteAdapter, import_from_checkout, release_all, run_suite_script
 
 logger = logging.getLogger("ema_callback")
 
@@ -470,7 +470,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "-h" in argv or "--help" in argv:
         return _print_help(_option_value(argv, "--paddledet-root"))
     args, passthrough = build_parser().parse_known_args(argv)
-    from ema_callback.core import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
+    from ema_callback import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
     root = resolve_root(args.paddledet_root)
     suite = load_ppdet_yaml(args.config)
     check_section_name(suite, args.config)
@@ -496,39 +496,76 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_start_files(suite, resume)
     if isinstance(suite.get("pretrain_weights"), str) and not resume:
         describe_start_weights(suite["pretrain_weights"], "pretrain_weights")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import ppdet.engine
-
-    if os.path.realpath(os.path.dirname(os.path.dirname(ppdet.engine.__file__))) != os.path.realpath(
-            os.path.join(root, "ppdet")):
-        raise EMAConfigError(f"--paddledet-root {root}: imported ppdet from {ppdet.__file__} instead")
-    train_script = os.path.join(root, "tools", "train.py")
-    saved_argv, original = sys.argv, ppdet.engine.Trainer
+    import_from_checkout(root, "ppdet.engine", os.path.join("ppdet", "engine", "__init__.py"), PADDLEDET.option)
     opts = list(det_overrides) + (["use_ema=false"] if not config.enable and suite.get("use_ema") else [])
-    sys.argv = [train_script, "-c", args.config] + passthrough + (["-o", *opts] if opts else [])
-    import ppdet.engine.callbacks as ppdet_callbacks
-
-    original_save = ppdet_callbacks.save_model
     locks = lock_run(suite.get("save_dir") or "output")  # EMA off too: its saves may remove a stale .pdema
     try:
-        if config.enable or resume:  # with EMA off, only a resume needs our Trainer (raw weights back)
-            ppdet.engine.Trainer = _make_trainer_class(config, dict(extra, resume=resume))
-        ppdet_callbacks.save_model = _staged_save_model(original_save, config.enable)
-        with suite_errors_named(root, "PaddleDetection"):
-            runpy.run_path(train_script, run_name="__main__")
+        run_suite_script(root, os.path.join("tools", "train.py"),
+                         ["-c", args.config] + passthrough + (["-o", *opts] if opts else []),
+                         [_seams_installed(config, dict(extra, resume=resume))], ADAPTER.suite.name)
     except SystemExit as exc:
         if exc.code == 2:  # argparse: a mistyped or unknown ppdet argument
             print("ema-callback det-train: the error above is from PaddleDetection's tools/train.py argument parser; "
                   "`ema-callback det-train --help` lists its arguments", file=sys.stderr)
         raise
     finally:
-        sys.argv = saved_argv
+        release_all(locks)
+    return 0
+
+
+@contextlib.contextmanager
+def _seams_installed(config: EMAConfig, extra: Dict[str, Any]):
+    """ppdet's ``Trainer`` (our subclass, with the EMA on or a resume to check) and its ``save_model`` (staged sets)
+    for the run, put back after."""
+    import ppdet.engine
+    import ppdet.engine.callbacks as ppdet_callbacks
+
+    original, original_save = ppdet.engine.Trainer, ppdet_callbacks.save_model
+    try:
+        if config.enable or extra.get("resume"):  # with EMA off, only a resume needs our Trainer (raw weights back)
+            ppdet.engine.Trainer = _make_trainer_class(config, extra)
+        ppdet_callbacks.save_model = _staged_save_model(original_save, config.enable)
+        yield
+    finally:
         ppdet.engine.Trainer = original
         ppdet_callbacks.save_model = original_save
-        for lock in locks:
-            lock.release()
-    return 0
+
+
+AP = re.compile(r"Average Precision  \(AP\) @\[ IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = ([-\d.]+)")
+
+
+class PaddleDetAdapter(SuiteAdapter):
+    """PaddleDetection's answers to the shared layer (``suite_adapter``)."""
+
+    suite = PADDLEDET
+
+    def eval_weights_option(self, prefix: str) -> str:
+        return f"weights={prefix}"
+
+    def install_eval_check(self, check) -> None:
+        from ppdet.engine.trainer import Trainer
+
+        original = Trainer.load_weights
+
+        def load_weights(self, *args, **kwargs):
+            check(self.model)
+            return original(self, *args, **kwargs)
+
+        Trainer.load_weights = load_weights
+
+    def eval_metric(self, log: str, wanted: Optional[str]) -> Tuple[float, str]:
+        """bbox mAP(0.50:0.95), the last COCO summary line of its output (ppdet prints one main metric, which
+        ``wanted`` may only name)."""
+        if wanted and wanted != "bbox_mAP":
+            raise EMAConfigError(f"--metric {wanted}: PaddleDetection's tools/eval.py reports bbox_mAP (the COCO "
+                                 "AP over IoU 0.50:0.95) only")
+        found = AP.findall(log)
+        if not found:
+            raise EMAConfigError("tools/eval.py: no bbox mAP line in its output")
+        return float(found[-1]), "bbox_mAP"
+
+
+ADAPTER = PaddleDetAdapter()
 
 
 def _check_start_files(suite: Mapping[str, Any], resume: Optional[str]) -> None:

@@ -28,9 +28,8 @@ import contextlib
 import copy
 import logging
 import os
-import runpy
-import sys
-from typing import Any, Callable, Dict, List, Optional
+import re
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -47,7 +46,7 @@ from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.integrations.output_rollback import OutputGuard
 from ema_callback.integrations.auto_length import AutoPick, ratio_units, resolve as resolve_length, saved_plan
 from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
-from ema_callback.integrations.suite_checkout import suite_errors_named
+from ema_callback.integrations.suite_adapter import SuiteAdapter, import_from_checkout, release_all, run_suite_script
 
 logger = logging.getLogger("ema_callback")
 
@@ -74,17 +73,8 @@ def resolve_root(explicit: Optional[str]) -> str:
 
 
 def import_program(root: str):
-    """Import ``tools.program`` from ``root`` and check that it is that checkout's module."""
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import tools.program as program
-
-    expected = os.path.join(root, "tools", "program.py")
-    found = os.path.abspath(program.__file__)
-    if os.path.realpath(found) != os.path.realpath(expected):
-        raise EMAConfigError(f"--paddleocr-root {root}: imported tools.program from {found}, expected {expected} "
-                             "(another 'tools' package shadows the checkout; run from elsewhere or fix PYTHONPATH)")
-    return program
+    """``tools.program`` from the checkout ``root`` (``suite_adapter.import_from_checkout``)."""
+    return import_from_checkout(root, "tools.program", os.path.join("tools", "program.py"), PADDLEOCR.option)
 
 
 def unwrap(model):
@@ -410,7 +400,7 @@ def _batch_info(config: Dict[str, Any], train_dataloader):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from ema_callback.core import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
+    from ema_callback import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
     root = resolve_root(args.paddleocr_root)
     suite = read_yaml(args.config)
     if not isinstance(suite, dict):
@@ -431,20 +421,52 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.profiler_options:
         argv_for_paddleocr += ["-p", args.profiler_options]
     program = import_program(root)
-    saved_argv = sys.argv
-    sys.argv = argv_for_paddleocr
     guard = OutputGuard(save_dir if config.enable else None)
     hooks = PaddleOCRHooks(program, config, guard if config.enable else None,
                            resolved_block=config.to_block() if wanted else None)
     locks = lock_run(save_dir)  # with the EMA off too: its saves may remove an earlier EMA run's .pdema
     try:
-        with guard, hooks.installed(), suite_errors_named(root, "PaddleOCR"):
-            runpy.run_path(train_script, run_name="__main__")
+        run_suite_script(root, os.path.join("tools", "train.py"), argv_for_paddleocr[1:], [guard, hooks.installed()],
+                         ADAPTER.suite.name)
         return 0
     finally:
-        sys.argv = saved_argv
-        for lock in locks:
-            lock.release()
+        release_all(locks)
+
+
+class PaddleOCRAdapter(SuiteAdapter):
+    """PaddleOCR's answers to the shared layer (``suite_adapter``)."""
+
+    suite = PADDLEOCR
+
+    def eval_weights_option(self, prefix: str) -> str:
+        return f"Global.checkpoints={prefix}"
+
+    def install_eval_check(self, check) -> None:
+        import ppocr.utils.save_load as save_load
+
+        original = save_load.load_model
+
+        def load_model(config, model, *args, **kwargs):
+            check(model)
+            return original(config, model, *args, **kwargs)
+
+        save_load.load_model = load_model  # tools/eval.py imports the name after this
+
+    def eval_metric(self, log: str, wanted: Optional[str]) -> Tuple[float, str]:
+        """The lines ``INFO: name:value`` after tools/eval.py's ``metric eval ***`` banner: ``wanted``, else the
+        first (the main indicator)."""
+        after = log.split("metric eval ***************")[-1]
+        pairs = re.findall(r"INFO: (\w+):([-\d.e]+)\s*$", after, re.M)
+        if not pairs:
+            raise EMAConfigError("tools/eval.py: no metric lines after 'metric eval' in its output")
+        name = wanted or pairs[0][0]
+        values = dict(pairs)
+        if name not in values:
+            raise EMAConfigError(f"--metric {name}: not among {', '.join(values)}")
+        return float(values[name]), name
+
+
+ADAPTER = PaddleOCRAdapter()
 
 
 # Paths PaddleOCR opens relative to the working directory.

@@ -59,26 +59,29 @@ def find_checkout(suite: Suite, explicit: Optional[str]) -> str:
                         + (" (the pip wheel lacks the training code)" if suite is PADDLEOCR else ""))
 
 
-def checkout_for_one_of(explicit: Sequence[Optional[str]], command: str) -> Tuple[Suite, str]:
-    """For a command that works with either suite (``posthoc sweep``): ``explicit`` is each suite's flag value, in
-    ``SUITES`` order. The suite is the one whose flag is given, else whose environment variable is set, else the
-    one the working directory is a checkout of; then ``find_checkout``. Both given (or set) is an error."""
-    given = [s for s, value in zip(SUITES, explicit) if value]
+def checkout_for_one_of(explicit: Sequence[Optional[str]], command: str,
+                        suites: Sequence[Suite] = ()) -> Tuple[Suite, str]:
+    """For a command that works with any of ``suites`` (default ``SUITES``; ``posthoc sweep`` passes the registered
+    ways in's): ``explicit`` is each suite's flag value, in that order. The suite is the one whose flag is given,
+    else whose environment variable is set, else the one the working directory is a checkout of; then
+    ``find_checkout``. Two given (or set) is an error."""
+    pool = tuple(suites) or SUITES
+    given = [s for s, value in zip(pool, explicit) if value]
     if len(given) > 1:
         raise CheckoutError(f"{command}: {' and '.join(s.option for s in given)} both given; give one: the suite "
                             "whose tools/eval.py evaluates")
     if not given:
-        given = [s for s in SUITES if os.environ.get(s.env)]
+        given = [s for s in pool if os.environ.get(s.env)]
         if len(given) > 1:
             raise CheckoutError(f"{command}: {' and '.join('$' + s.env for s in given)} are both set; give "
-                                f"{' or '.join(s.option for s in SUITES)} to say whose tools/eval.py evaluates")
+                                f"{' or '.join(s.option for s in pool)} to say whose tools/eval.py evaluates")
     if not given:
-        given = [s for s in SUITES if is_checkout(os.getcwd(), s)]
+        given = [s for s in pool if is_checkout(os.getcwd(), s)]
     if not given:
-        raise CheckoutError(f"{command}: which suite evaluates? give {' or '.join(s.option for s in SUITES)} (or set "
-                            f"{' or '.join('$' + s.env for s in SUITES)}, or run from a checkout)")
+        raise CheckoutError(f"{command}: which suite evaluates? give {' or '.join(s.option for s in pool)} (or set "
+                            f"{' or '.join('$' + s.env for s in pool)}, or run from a checkout)")
     suite = given[0]
-    return suite, find_checkout(suite, dict(zip(SUITES, explicit)).get(suite))
+    return suite, find_checkout(suite, dict(zip(pool, explicit)).get(suite))
 
 
 def check_checkout(root: str, option: str, suite: str, required: Sequence[str]) -> str:

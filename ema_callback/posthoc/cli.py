@@ -18,20 +18,18 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from typing import List, Optional, Tuple
 
 from ema_callback.errors import EMAConfigError
-from ema_callback.integrations.suite_checkout import PADDLEOCR, Suite, checkout_for_one_of
+from ema_callback.integrations.suite_checkout import Suite, checkout_for_one_of
 from ema_callback.plots import pyplot
 from ema_callback.integrations.auto_length import DEFAULT_SIGMA
 from ema_callback.integrations.honest_pick import Evaluated, decide
 from ema_callback.posthoc.snapshots import PostHocEMA, parse_sigma_rels
 
-AP = re.compile(r"Average Precision  \(AP\) @\[ IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = ([-\d.]+)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sigma-rel", required=True, help="start:stop:step or a,b,c")
     s.add_argument("--at-step", type=int, default=None)
     s.add_argument("--out", required=True, help="folder for sweep.json/.md/.png and best.pdparams")
-    s.add_argument("--paddleocr-root", default=None,
-                   help="evaluate with this PaddleOCR checkout (default: $PADDLEOCR_ROOT, else the working directory "
-                        "when it is one)")
-    s.add_argument("--paddledet-root", default=None,
-                   help="evaluate with this PaddleDetection checkout (default: $PADDLEDET_ROOT, else the working "
-                        "directory when it is one)")
+    from ema_callback.integrations.registry import adapters
+
+    for adapter in adapters():  # one flag per suite: --paddleocr-root, --paddledet-root, ...
+        s.add_argument(adapter.suite.option, default=None, dest=_dest(adapter.suite),
+                       help=f"evaluate with this {adapter.suite.name} checkout (default: ${adapter.suite.env}, else "
+                            "the working directory when it is one)")
     s.add_argument("-c", "--config", required=True, help="the suite YAML the run trained with")
     s.add_argument("-o", "--opt", nargs="+", action="extend", default=[], help="suite overrides for tools/eval.py")
     s.add_argument("--metric", default=None, help="PaddleOCR: the metric to maximise (default: its first, the "
@@ -60,10 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dest(suite: Suite) -> str:
+    return suite.option.lstrip("-").replace("-", "_")
+
+
 def _suite(args) -> Tuple[Suite, str]:
     """The suite whose ``tools/eval.py`` evaluates, and its checkout, by ``suite_checkout``'s one rule; before any
     work."""
-    suite, root = checkout_for_one_of((args.paddleocr_root, args.paddledet_root), "posthoc sweep")
+    from ema_callback.integrations.registry import adapters
+
+    ways = adapters()
+    suite, root = checkout_for_one_of([getattr(args, _dest(a.suite)) for a in ways], "posthoc sweep",
+                                      [a.suite for a in ways])
+    args.adapter = next(a for a in ways if a.suite is suite)
     if not os.path.isfile(os.path.join(root, "tools", "eval.py")):
         raise EMAConfigError(f"{suite.name} checkout {root}: no tools/eval.py there")
     if not os.path.isfile(args.config):
@@ -75,13 +82,14 @@ def _suite_eval(args, weights_prefix: str, expect: str) -> Tuple[float, str]:
     """(metric, name) from the suite's own tools/eval.py on ``weights_prefix``.pdparams; ``expect`` is a JSON file
     of the weights' ``{name: shape}``, checked against the model the config builds before anything is evaluated
     (``integrations.checked_suite_eval``)."""
-    ocr = args.suite is PADDLEOCR
+    adapter = args.adapter
     script = os.path.join(args.root, "tools", "eval.py")
-    weight_opt = f"Global.checkpoints={weights_prefix}" if ocr else f"weights={weights_prefix}"
     from ema_callback.integrations.checked_suite_eval import MISMATCH_EXIT, PREFIX
+    from ema_callback.integrations.registry import WAYS_IN
 
+    module = next(w.module.rsplit(".", 1)[1] for w in WAYS_IN if w.adapter() is adapter)
     cmd = [sys.executable, "-m", "ema_callback.integrations.checked_suite_eval", "--expect", expect, "--suite",
-           "paddleocr" if ocr else "paddledet", script, "-c", args.config, "-o", weight_opt, *args.opt]
+           module, script, "-c", args.config, "-o", adapter.eval_weights_option(weights_prefix), *args.opt]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = done.stdout + done.stderr
     if done.returncode == MISMATCH_EXIT and PREFIX in log:
@@ -92,20 +100,10 @@ def _suite_eval(args, weights_prefix: str, expect: str) -> Tuple[float, str]:
         tail = "\n".join(log.strip().splitlines()[-15:])
         raise EMAConfigError(f"{script} failed on {weights_prefix}.pdparams (exit {done.returncode}); its last "
                              f"lines:\n{tail}")
-    if not ocr:
-        found = AP.findall(log)
-        if not found:
-            raise EMAConfigError(f"{script}: no bbox mAP line in its output")
-        return float(found[-1]), "bbox_mAP"
-    after = log.split("metric eval ***************")[-1]
-    pairs = re.findall(r"INFO: (\w+):([-\d.e]+)\s*$", after, re.M)
-    if not pairs:
-        raise EMAConfigError(f"{script}: no metric lines after 'metric eval' in its output")
-    name = args.metric or pairs[0][0]
-    values = dict(pairs)
-    if name not in values:
-        raise EMAConfigError(f"--metric {name}: not among {', '.join(values)}")
-    return float(values[name]), name
+    try:
+        return adapter.eval_metric(log, args.metric)
+    except EMAConfigError as exc:
+        raise EMAConfigError(f"{script}: {exc}") from None
 
 
 def sweep(args) -> int:
@@ -141,7 +139,7 @@ def sweep(args) -> int:
     summary = {"metric": name, "rows": rows, "best": best, "decision": decision.as_dict(), "at_step": at,
                "tracked_sigma_rels": post.sigma_rels,
                "snapshots": os.path.abspath(args.snapshots), "disk": post.disk_use(),
-               "evaluation": "PaddleOCR tools/eval.py" if args.suite is PADDLEOCR else "PaddleDetection tools/eval.py"}
+               "evaluation": f"{args.suite.name} tools/eval.py"}
     with open(os.path.join(args.out, "sweep.json"), "w") as handle:
         json.dump(summary, handle, indent=1)
     with open(os.path.join(args.out, "best.json"), "w") as handle:

@@ -73,7 +73,7 @@ class PosthocProfiles(Feature):
         """The same on the device: ``updates`` a 0-d float64 device tensor (no host read)."""
         import paddle
 
-        from ema_callback.core.paddle_compat import move_to
+        from ema_callback.paddle_compat import move_to
 
         if self._exponents is None:  # gamma + 1, moved to the device once
             self._exponents = move_to(paddle.to_tensor([g + 1.0 for g in self.gammas], dtype="float64"),
