@@ -48,6 +48,7 @@ from ema_callback.errors import EMAError, EMAFileError
 from ema_callback.config.files import check_section_name, read_yaml
 from ema_callback.core.paddle_compat import paddle
 from ema_callback.core.engine import ExponentialMovingAverage
+from ema_callback.core.storage import choose_backend
 from ema_callback.integrations.checkpoints import (check_checkpoint_files, checkpoint_prefix, is_rank0, lock_run,
                                                   numpy_state, place_features, restore_raw_weights, resume_ema,
                                                   save_ema_state, stale_state_files)
@@ -85,7 +86,7 @@ class EMACallback(paddle.callbacks.Callback):
         final_weights: ``"ema"`` (default) leaves the EMA weights in the network after ``fit``, so
             ``model.save``/``model.evaluate``/``model.predict`` use them; ``"raw"`` leaves the raw weights.
         backend: the engine's store (``auto``, ``numpy``, ``paddle``, ``reference``; see the engine);
-            ``update_path`` is its former name, still accepted.
+            ``update_path`` is its former name, still read with a deprecation line (both given: an error).
         monitor, mode: the metric the candidates table's recommendation and ``select: best`` compare, and its
             direction, as ``EarlyStopping`` takes them. Default: the first metric given to ``model.prepare``
             (higher is better), else ``loss`` as the mean over the evaluation's batches (``Model.evaluate`` itself
@@ -96,7 +97,7 @@ class EMACallback(paddle.callbacks.Callback):
     """
 
     def __init__(self, config: Union[EMAConfig, Mapping[str, Any], None] = None, *, resume: Optional[str] = None,
-                 save_dir: Optional[str] = None, final_weights: str = "ema", backend: str = "auto",
+                 save_dir: Optional[str] = None, final_weights: str = "ema", backend: Optional[str] = None,
                  update_path: Optional[str] = None, monitor: Optional[str] = None, mode: str = "auto",
                  batch: Optional[BatchInfo] = None,
                  **kwargs: Any):
@@ -120,7 +121,7 @@ class EMACallback(paddle.callbacks.Callback):
         self.save_dir = save_dir
         self._fit_dir: Optional[str] = None  # the running fit's save_dir (read at on_train_begin)
         self.resume = resume if resume is not None else ("auto" if save_dir else None)
-        self.backend = update_path or backend
+        self.backend = choose_backend(backend, update_path, "EMACallback")
         self.ema: Optional[ExponentialMovingAverage] = None
         self.extra_logs: Dict[str, Any] = {}  # added to the evaluation logs: <metric>_raw, ema_drift
         self._copy_suffix = ""  # fit's own metrics are also logged with this suffix ("_raw" before eval_start_step)
