@@ -54,3 +54,49 @@ def test_update_path_is_the_old_name_of_backend(make, caplog):
     with pytest.raises(EMAConfigError, match=rf"^{where}\(backend='torch'\): expected one of auto, numpy, paddle, "
                                              "reference$"):
         make(backend="torch")
+
+
+# ---------------------------------------------------------------- save_as: raw in Model.fit
+def test_save_as_raw_in_model_fit_keeps_the_pdparams_raw_and_writes_the_ema_beside(tmp_path):
+    train, evald = loaders()
+    model = make_model()
+    cb = EMACallback(decay=0.8, schedule="constant", save_as="raw")
+    model.fit(train, evald, epochs=2, verbose=0, save_dir=str(tmp_path), callbacks=[cb])
+    raw, held = cb.raw_state_dict(), weights(model.network)  # after fit the network holds the EMA weights
+    assert cb.ema.applied and any(not np.array_equal(raw[k], held[k]) for k in raw)
+    for prefix in ("final", "deploy"):  # ModelCheckpoint's final save and a user's model.save after fit
+        if prefix == "deploy":
+            model.save(str(tmp_path / prefix))
+        pdparams = paddle.load(str(tmp_path / f"{prefix}.pdparams"))
+        beside = paddle.load(str(tmp_path / f"{prefix}.ema.pdparams"))
+        assert all(np.array_equal(pdparams[k].numpy(), raw[k]) for k in raw), prefix
+        assert all(np.array_equal(beside[k].numpy(), held[k]) for k in held), prefix
+        state = read_state(str(tmp_path / f"{prefix}.pdema"))
+        assert state["config"]["save_as"] == "raw" and state["pdparams_hold"] == "raw"
+    after = weights(model.network)  # the save put the EMA weights back
+    assert all(np.array_equal(after[k], held[k]) for k in held)
+    # an epoch checkpoint (written with the raw weights in the network) also gets its EMA beside it
+    epoch = paddle.load(str(tmp_path / "0.ema.pdparams"))
+    assert set(epoch) == set(raw)
+
+
+def test_save_as_raw_resumes_exactly(tmp_path):
+    train, evald = loaders()
+    guard = paddle.utils.unique_name.guard
+    with guard():
+        straight = make_model()
+        full = EMACallback(decay=0.8, schedule="constant", final_weights="raw")
+        straight.fit(train, epochs=2, verbose=0, callbacks=[full])
+    with guard():
+        first = make_model()
+        first.fit(train, epochs=1, verbose=0, save_dir=str(tmp_path),
+                  callbacks=[EMACallback(decay=0.8, schedule="constant", save_as="raw")])
+    with guard():
+        second = make_model(seed=4)
+        second.load(str(tmp_path / "final"))  # the raw weights (save_as: raw): the run continues from them
+        resumed = EMACallback(decay=0.8, schedule="constant", save_as="raw", final_weights="raw")
+        second.fit(train, epochs=1, verbose=0, callbacks=[resumed])
+    a, b = weights(straight.network), weights(second.network)
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+    ea, eb = full.ema.ema_state_dict(straight.network), resumed.ema.ema_state_dict(second.network)
+    assert all(np.array_equal(ea[k], eb[k]) for k in ea)

@@ -264,14 +264,27 @@ class EMACallback(paddle.callbacks.Callback):
             if not training:
                 return original(path, training)
             folder, name = os.path.split(os.path.abspath(path))
+            # save_as: raw: the .pdparams hold the raw weights even while EMA weights are in the network (after fit,
+            # in an evaluation), and <path>.ema.pdparams what the network holds (else the primary EMA) beside them
+            swap = self.ema is not None and self.config.save_as == "raw" and self.ema.applied
             with StagedWrite(folder) as stage:  # every file complete before it gets its final name
-                result = original(stage.path(name), training)
+                held_ema = numpy_state(self.network) if swap else None
+                if swap:
+                    self.network.set_state_dict(self.raw_state_dict())
+                try:
+                    result = original(stage.path(name), training)
+                finally:
+                    if swap:
+                        self.network.set_state_dict(held_ema)
                 stale = []
                 if self.ema is not None and is_rank0():  # .pdparams hold what the network holds now
                     held = self.ema.applied_label or RAW
                     several = (self.board is not None and self.board.active) or self.auto is not None
-                    sha1 = save_ema_state(self.ema, [stage.path(name)], self.network, self.raw_state_dict(),
-                                          numpy_state(self.network), candidate=held if several else None)
+                    raw = self.raw_state_dict()
+                    sha1 = save_ema_state(self.ema, [stage.path(name)], self.network, raw,
+                                          raw if swap else numpy_state(self.network), self.config.save_as,
+                                          candidate=held if several or swap else None, ema_weights=held_ema)
+                    held = RAW if self.config.save_as == "raw" else held
                     stage.record_sets({name: {"hold": held, "sha1": sha1}})
                 elif is_rank0():  # EMA off: an earlier EMA run's .pdema under this name no longer belongs here
                     stale = [f for f in stale_state_files([name]) if os.path.isfile(os.path.join(folder, f))]
@@ -516,7 +529,10 @@ class EMACallback(paddle.callbacks.Callback):
             held = self.board.primary if self.final_weights == "ema" else RAW
             why = "the primary EMA" if held != RAW else "the raw weights"
         line = f"EMA: after fit the network holds {held} ({why}: final_weights={self.final_weights!r})"
-        if self._fit_dir:
+        if self._fit_dir and self.config.save_as == "raw" and held != RAW:
+            line += (f", and so will {os.path.join(self._fit_dir, 'final.ema.pdparams')} (save_as: raw: final.pdparams "
+                     "hold the raw weights)")
+        elif self._fit_dir:
             line += f", and so will {os.path.join(self._fit_dir, 'final.pdparams')}"
         recommended = decision.label if decision is not None else data["recommended"]
         if recommended != held:
