@@ -59,12 +59,11 @@ def test_recompute_bn_leaves_training_bit_identical_and_the_saved_state_says_so(
     assert read_state(str(tmp_path / "after.pdema"))["recompute_bn_batches"] == 3
 
 
-def test_recompute_bn_without_batchnorm_says_it_does_nothing(caplog):
+def test_recompute_bn_without_batchnorm_is_refused():
     layer = paddle.nn.Sequential(paddle.nn.Linear(4, 4), paddle.nn.ReLU(), paddle.nn.Linear(4, 2))
-    with caplog.at_level(logging.INFO, logger="ema_callback"):
-        ema = ExponentialMovingAverage(layer, EMAConfig(recompute_bn=8))
-    assert "recompute_bn" not in ema.features
-    assert "EMA: recompute_bn: Sequential has no BatchNorm layer; the option does nothing" in caplog.text
+    with pytest.raises(EMAConfigError, match=r"^EMA.recompute_bn: Sequential has no BatchNorm layer, so there are no "
+                                             "statistics to recompute; remove recompute_bn$"):
+        ExponentialMovingAverage(layer, EMAConfig(recompute_bn=8))
 
 
 # ---------------------------------------------------------------- Switch EMA

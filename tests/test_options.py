@@ -100,3 +100,13 @@ def test_save_as_raw_resumes_exactly(tmp_path):
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
     ea, eb = full.ema.ema_state_dict(straight.network), resumed.ema.ema_state_dict(second.network)
     assert all(np.array_equal(ea[k], eb[k]) for k in ea)
+
+
+# ---------------------------------------------------------------- include/exclude patterns that match nothing
+@pytest.mark.parametrize("key", ["include", "exclude"])
+def test_an_include_or_exclude_pattern_that_matches_no_tensor_is_refused(key):
+    net = make_net()
+    with pytest.raises(EMAConfigError, match=rf"^EMA.{key}: 'head_conv' matches no tensor of the model \(names "
+                                             r"like '0.weight'\); fix or remove it$"):
+        ExponentialMovingAverage(net, EMAConfig.from_block({"decay": 0.9, key: ["^1[.]", "head_conv"]}))
+    ExponentialMovingAverage(net, EMAConfig.from_block({"decay": 0.9, key: ["^1[.]"]}))  # matches the BatchNorm
