@@ -250,3 +250,29 @@ def test_eval_all_false_with_one_ema_is_refused():
     one_line_error({"decay": 0.99, "eval_all": False}, "EMA.eval_all: false leaves out the other EMAs of a list, and "
                                                       "this block has one EMA")
     assert EMAConfig.from_block({"decays": [0.9, 0.99], "eval_all": False}).eval_all is False
+
+
+# ---------------------------------------------------------------- a period between EMA updates
+@pytest.mark.parametrize("block,key", [({"switch_every": 5}, "EMA.switch_every"),
+                                       ({"posthoc": {"snapshot_every": 5, "dir": "unused"}},
+                                        "EMA.posthoc.snapshot_every")])
+def test_a_period_that_misses_the_ema_updates_is_refused(block, key):
+    """A switch or snapshot runs after an EMA update: every 5 steps with update_every 2 ran every 10 steps; with
+    start_step 1 (updates at odd steps) a period of 4 never ran."""
+    net = make_net()
+    with pytest.raises(EMAConfigError, match=rf"^{key}: every 5 optimizer steps, but the EMA updates only at steps "
+                                             r"2, 4, \.\.\. \(start_step 0, update_every 2\), so it would run only "
+                                             r"where both meet; give a multiple of update_every \(2\)$"):
+        ExponentialMovingAverage(net, EMAConfig.from_block(dict(block, decay=0.9, update_every=2)))
+    four = {k: (4 if k == "switch_every" else dict(v, snapshot_every=4)) for k, v in block.items()}
+    with pytest.raises(EMAConfigError, match=r"give a multiple of update_every \(2\), and a start_step that is one "
+                                             r"\(now 1\)$"):
+        ExponentialMovingAverage(net, EMAConfig.from_block(dict(four, decay=0.9, update_every=2, start_step=1)))
+    ExponentialMovingAverage(net, EMAConfig.from_block(dict(four, decay=0.9, update_every=2, start_step=2)))
+
+
+def test_an_epoch_period_is_a_whole_number_of_ema_updates():
+    cfg = EMAConfig.from_block({"switch_every": "0.5 epochs", "update_every": 4})
+    assert switch_period(cfg, BatchInfo(8, steps_per_epoch=12)) == 8  # 6 steps rounded to 2 updates of 4
+    assert switch_period(cfg, BatchInfo(8, steps_per_epoch=2)) == 4  # at least one update
+    assert snapshot_period({"snapshot_every": "0.5 epochs"}, BatchInfo(8, steps_per_epoch=12), 4) == 8

@@ -4,8 +4,9 @@
 Spellings (what a YAML value, an ``-o`` override or a keyword argument may be):
 
 * a whole number ``N`` (or ``"N steps"``, ``{steps: N}``): every N optimizer steps;
-* ``"x epochs"`` (or ``"x epoch"``, ``{epochs: x}``): every x epochs of the training set, i.e. round(x * optimizer
-  steps per epoch) optimizer steps (at least 1), x a positive number (``0.5 epochs``);
+* ``"x epochs"`` (or ``"x epoch"``, ``{epochs: x}``): every x epochs of the training set, i.e. x * optimizer steps
+  per epoch, rounded to a whole number of EMA updates (a multiple of ``update_every``, at least one), x a positive
+  number (``0.5 epochs``);
 * ``0``, ``null`` or no key: not given (Switch EMA off; post-hoc EMA then asks for one).
 
 ``parse_period`` checks a value and returns its canonical form (``int`` steps or ``"x epochs"``), the form kept in
@@ -41,9 +42,10 @@ class Period:
             return cls(float(canonical.split()[0]), "epochs")
         return cls(int(canonical), "steps")
 
-    def steps(self, steps_per_epoch: Optional[int], key: str) -> int:
-        """Optimizer steps of one period: the steps, or round(epochs x ``steps_per_epoch``), at least 1. An epoch
-        period where the steps per epoch are unknown is an error naming ``key``."""
+    def steps(self, steps_per_epoch: Optional[int], key: str, multiple: int = 1) -> int:
+        """Optimizer steps of one period: the steps, or epochs x ``steps_per_epoch`` rounded to a multiple of
+        ``multiple`` (``update_every``: a whole number of EMA updates), at least one. An epoch period where the
+        steps per epoch are unknown is an error naming ``key``."""
         if self.unit == "steps":
             return int(self.value)
         if not steps_per_epoch:
@@ -54,7 +56,8 @@ class Period:
         if steps > 2 ** 62:
             raise EMAConfigError(f"{key}: {self.canonical} is {steps:.3g} optimizer steps ({steps_per_epoch:,} per "
                                  "epoch), beyond any run")
-        return max(1, int(round(steps)))
+        multiple = max(1, int(multiple))
+        return max(1, int(round(steps / multiple))) * multiple
 
     @property
     def canonical(self) -> Union[int, str]:

@@ -120,7 +120,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("switch_every", None, "period",
            "Switch EMA (Li et al. 2024): every period copy the EMA weights into the model (and AMP master weights) "
            "and train on from them, optimizer state kept. A period: `500` optimizer steps, or `'0.5 epochs'` "
-           "(`{epochs: 0.5}`: optimizer steps per epoch x 0.5, rounded); not given (or `0`): off."),
+           "(`{epochs: 0.5}`: optimizer steps per epoch x 0.5, rounded to whole EMA updates); not given (or `0`): off. "
+           "A period in steps must be a multiple of `update_every`."),
     Option("posthoc", None, "posthoc",
            "Post-hoc EMA (EDM2): a mapping turns it on: `sigma_rels` (tracked power-function profiles, default "
            "[0.05, 0.1]), `snapshot_every` (required; a period as for `switch_every`: `2000` optimizer steps or "

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Set, Tuple
 
+from ema_callback.errors import EMAConfigError
+
 
 class Feature:
     """The named points, each a no-op unless the feature needs it (see the module docstring)."""
@@ -49,3 +51,18 @@ class Feature:
 def due(step: int, start_step: int, period: int) -> bool:
     """Whether optimizer step ``step`` is a periodic action's (every ``period`` steps, after ``start_step``)."""
     return bool(period) and step > start_step and step % period == 0
+
+
+def check_period(key: str, period: int, config) -> int:
+    """``period`` (optimizer steps) of a periodic action that runs after an EMA update (Switch EMA, a post-hoc
+    snapshot), checked against when the updates happen: at optimizer steps ``start_step + j * update_every``. A
+    period that is not a multiple of ``update_every`` (or a ``start_step`` that is not) would run the action only at
+    the steps both share, or never: one line naming ``key`` instead."""
+    k, start = int(config.update_every), int(config.start_step)
+    if k > 1 and (period % k or start % k):
+        fix = f"a multiple of update_every ({k})" + (f", and a start_step that is one (now {start})" if start % k
+                                                     else "")
+        raise EMAConfigError(f"{key}: every {period:,} optimizer steps, but the EMA updates only at steps "
+                             f"{start + k:,}, {start + 2 * k:,}, ... (start_step {start}, update_every {k}), so it "
+                             f"would run only where both meet; give {fix}")
+    return period

@@ -99,19 +99,20 @@ def half_life_steps(decay: float) -> float:
 
 def switch_period(config: EMAConfig, batch: Optional[BatchInfo] = None) -> int:
     """Optimizer steps between Switch EMA switches (0: off): ``switch_every``, a period in optimizer steps or epochs
-    (``config.period``: epochs x the optimizer steps per epoch, rounded, at least 1)."""
+    (``config.period``: epochs x the optimizer steps per epoch, rounded to a multiple of ``update_every``)."""
     period = Period.of(config.switch_every)
-    return period.steps(batch.steps_per_epoch if batch else None, "EMA.switch_every") if period else 0
+    return period.steps(batch.steps_per_epoch if batch else None, "EMA.switch_every", config.update_every) \
+        if period else 0
 
 
-def snapshot_period(posthoc: dict, batch: Optional[BatchInfo] = None) -> int:
+def snapshot_period(posthoc: dict, batch: Optional[BatchInfo] = None, update_every: int = 1) -> int:
     """Optimizer steps between post-hoc snapshots: ``snapshot_every``, a period in optimizer steps or epochs (as
-    ``switch_period``)."""
+    ``switch_period``; epochs rounded to a multiple of ``update_every``)."""
     period = Period.of(posthoc.get("snapshot_every"))
     if period is None:
         raise EMAConfigError("EMA.posthoc.snapshot_every: give how often snapshots are taken: a number of optimizer "
                              "steps (2000) or of epochs ('1 epochs')")
-    return period.steps(batch.steps_per_epoch if batch else None, "EMA.posthoc.snapshot_every")
+    return period.steps(batch.steps_per_epoch if batch else None, "EMA.posthoc.snapshot_every", update_every)
 
 
 def candidates(config: EMAConfig, batch: Optional[BatchInfo] = None) -> List[Candidate]:
