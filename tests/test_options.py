@@ -276,3 +276,9 @@ def test_an_epoch_period_is_a_whole_number_of_ema_updates():
     assert switch_period(cfg, BatchInfo(8, steps_per_epoch=12)) == 8  # 6 steps rounded to 2 updates of 4
     assert switch_period(cfg, BatchInfo(8, steps_per_epoch=2)) == 4  # at least one update
     assert snapshot_period({"snapshot_every": "0.5 epochs"}, BatchInfo(8, steps_per_epoch=12), 4) == 8
+
+
+def test_a_half_precision_shadow_on_the_numpy_store_is_refused_naming_both():
+    with pytest.raises(EMAConfigError, match=r"^EMA.storage_dtype: float16 with backend='numpy', which stores float32 "
+                                             r"only; use backend 'auto' or 'paddle', or storage_dtype float32$"):
+        ExponentialMovingAverage(make_net(), EMAConfig(decay=0.9, storage_dtype="float16"), backend="numpy")

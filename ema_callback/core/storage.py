@@ -514,6 +514,9 @@ def make_store(shapes: Sequence[Sequence[int]], storage_dtype: str, on_host: boo
         return ReferenceStore(shapes, count)
     if backend == "numpy" or (backend == "auto" and on_host and storage_dtype == "float32"):
         if storage_dtype != "float32":
-            raise ValueError("the numpy update path stores float32 only")
+            from ema_callback.errors import EMAConfigError
+
+            raise EMAConfigError(f"EMA.storage_dtype: {storage_dtype} with backend='numpy', which stores float32 "
+                                 "only; use backend 'auto' or 'paddle', or storage_dtype float32")
         return NumpyStore(shapes, count)
     return PaddleStore(shapes, dtype=storage_dtype, place=paddle.CPUPlace() if on_host else place, count=count)
