@@ -165,12 +165,19 @@ def test_schedule_parameters_with_their_schedule_and_across_layers():
     assert EMAConfig.from_saved(dict(old, select="best", eval_all=False)).select == "primary"
 
 
-def test_ready_blocks_still_load():
-    from ema_callback.config.files import read_block_file
-    from ema_callback.config.presets import presets
+def test_ready_blocks_and_shipped_configs_still_load():
+    """Every EMA: section the repository ships (ready blocks, the tiny suite configs) passes the new checks."""
+    import glob
 
-    for name, (path, _) in presets().items():
-        EMAConfig.from_block(read_block_file(path))
+    from ema_callback.config.files import read_yaml, resolve_block
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob(os.path.join(repo, "configs", "**", "*.yml"), recursive=True)) + \
+        sorted(glob.glob(os.path.join(repo, "tests", "*.yml")))
+    loaded = [p for p in paths if isinstance(read_yaml(p), dict) and "EMA" in read_yaml(p)]
+    assert len(loaded) >= 10
+    for path in loaded:
+        assert resolve_block(read_yaml(path)).enable
 
 
 # ---------------------------------------------------------------- one period type for "steps or epochs"
