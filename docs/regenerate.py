@@ -54,7 +54,8 @@ def option_table() -> str:
     from ema_callback.config.schema import OPTIONS
 
     kinds = {"bool": "bool", "int": "int", "float": "number", "choice": "one of", "regex_list": "regex list",
-             "decay_list": "list of decays", "positive_or_list": "number or list", "posthoc": "mapping"}
+             "decay_list": "list of decays", "positive_or_list": "number or list", "posthoc": "mapping",
+             "period": "steps or epochs"}
     rows = ["| key | default | type | meaning |", "|---|---|---|---|"]
     for o in OPTIONS:
         default = yaml.safe_dump(o.default, default_flow_style=True).strip().removesuffix("...").strip()

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from ema_callback.config.schema import OPTIONS, WARM_UP_KEYS, EMAConfig, EMAConfigError
+from ema_callback.config.schema import OPTIONS, SCHEDULE_PARAMS, WARM_UP_KEYS, EMAConfig, EMAConfigError
 from ema_callback.config.files import (apply_overrides, load_suite_yaml, parse_override, read_block_file, resolve_block,
                                        split_overrides)
 from ema_callback.config.merge import merge_yaml_text
@@ -73,7 +73,8 @@ def test_defaults_and_every_option_documented():
     assert units.effective_schedule == "constant" and units.effective_bias_correction
     named = EMAConfig.from_block({"half_life_images": 1000, "schedule": "threshold"})
     assert named.effective_schedule == "threshold" and not named.effective_bias_correction
-    assert [o.name for o in OPTIONS if o.default is not None] == list(cfg.to_block())
+    assert [o.name for o in OPTIONS if o.default is not None and o.name not in SCHEDULE_PARAMS] == \
+        list(cfg.to_block())  # a schedule's parameters only with that schedule
     assert [f.name for f in dataclasses.fields(EMAConfig)] == [o.name for o in OPTIONS]
     for o in OPTIONS:
         assert getattr(cfg, o.name) == o.default and o.doc
@@ -163,10 +164,11 @@ def test_merge_config_command_writes_the_merged_yaml(tmp_path):
 def test_merge_keeps_the_sections_lines_and_comments():
     suite = ("Global:\n  epoch_num: 3\nEMA:\n  decay: 0.95  # the suite's choice\n  exclude:\n    - head\n"
              "    - neck\n  # a note\n  eval_raw: true\nOptimizer:\n  name: Adam\n")
-    overrides = [parse_override("EMA.decay=0.9"), parse_override("EMA.exclude=[fc]"), parse_override("EMA.tau=50")]
+    overrides = [parse_override("EMA.decay=0.9"), parse_override("EMA.exclude=[fc]"),
+                 parse_override("EMA.start_step=50")]
     merged = merge_yaml_text(suite, {"buffers": "copy"}, None, overrides)
     assert merged == ("Global:\n  epoch_num: 3\nEMA:\n  decay: 0.9  # the suite's choice\n  exclude: [fc]\n"
-                      "  # a note\n  eval_raw: true\n  buffers: copy\n  tau: 50\nOptimizer:\n  name: Adam\n")
+                      "  # a note\n  eval_raw: true\n  buffers: copy\n  start_step: 50\nOptimizer:\n  name: Adam\n")
 
 
 def test_block_file_errors_name_the_file(tmp_path):
@@ -288,7 +290,9 @@ def test_a_length_stated_in_a_higher_layer_without_a_schedule_drops_the_lower_la
         "; schedule auto -> constant with bias correction: this length holds from the first update")
     short = {"decay": 0.998, "schedule": "exponential", "tau": 200, "eval_raw": True}
     assert layered(short, {"decay": 0.99}) == {"decay": 0.99, "eval_raw": True}  # the same holds for decay
-    assert layered(short, {"decay": 0.99, "schedule": "power"}) == dict(short, decay=0.99, schedule="power")
+    assert layered(short, {"decay": 0.99, "schedule": "power"}) == {"decay": 0.99, "schedule": "power",
+                                                                     "eval_raw": True}  # tau was exponential's
+    assert layered(short, {"decay": 0.99, "schedule": "exponential"}) == dict(short, decay=0.99)  # its tau stays
     assert layered(short, {"eval_raw": False}) == dict(short, eval_raw=False)  # no length: the warm-up stays
     cfg = EMAConfig.from_block(short).replace(decay=0.99)  # EMACallback(config, decay=...) is a higher layer too
     assert cfg.schedule == "auto" and cfg.effective_schedule == "threshold" and cfg.tau == 2000.0

@@ -3,7 +3,9 @@ import math
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ema_callback.config.schema import _NUMBER as NUMBER, LENGTH_KEYS, OPTIONS, EMAConfig, EMAConfigError
+from ema_callback.config.period import parse_period
+from ema_callback.config.schema import (_NUMBER as NUMBER, LENGTH_KEYS, OPTION_BY_NAME, OPTIONS, EMAConfig,
+                                        EMAConfigError)
 from ema_callback.config.files import apply_overrides, parse_override
 
 NAMES = [o.name for o in OPTIONS]
@@ -22,6 +24,9 @@ def check_loaded(cfg, block):
         got = getattr(cfg, key)
         if key == "posthoc" and value is False:
             assert got is None  # `posthoc: false` is the default: off
+            continue
+        if OPTION_BY_NAME[key].kind == "period":  # kept in its canonical form: 500 or '0.5 epochs' (0: not given)
+            assert got == parse_period(value, key)
             continue
         if isinstance(value, str) and NUMBER.match(value.strip()) and isinstance(got, (int, float)):
             value = float(value)  # a number written as a string ('1e4': PyYAML 1.1 reads it so) is that number

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from ema_callback.config.deprecated import warn_once
+from ema_callback.config.period import parse_period
 from ema_callback.errors import EMAConfigError  # re-exported: ema_callback.config.EMAConfigError
 
 SCHEDULES = ("constant", "threshold", "exponential", "power")  # core.schedules implements each (config is below core)
@@ -19,6 +21,8 @@ SCHEDULES = ("constant", "threshold", "exponential", "power")  # core.schedules 
 SECTION = "EMA"
 LENGTH_KEYS = ("decay", "decays", "half_life_images", "half_life_epochs", "length")  # one form of the length per block
 WARM_UP_KEYS = ("schedule", "tau", "inv_gamma", "power", "min_decay", "bias_correction")  # what schedule auto decides
+# each schedule parameter and the one schedule that uses it
+SCHEDULE_PARAMS = {"tau": "exponential", "inv_gamma": "power", "power": "power", "min_decay": "power"}
 
 
 @dataclass(frozen=True)
@@ -65,14 +69,17 @@ OPTIONS: Tuple[Option, ...] = (
            "`exponential` d(1-exp(-(t+1)/tau)) (YOLOv5, PaddleDetection); `power` 1-(1+t/inv_gamma)^-power "
            "clamped to [min_decay, d] (timm, diffusers). t = optimizer steps covered by earlier updates.",
            choices=("auto",) + SCHEDULES),
-    Option("tau", 2000.0, "float", "Time constant of `exponential`, in optimizer steps.", low=0.0, low_open=True),
-    Option("inv_gamma", 1.0, "float", "`power` schedule: steps are divided by it.", low=0.0, low_open=True),
-    Option("power", 2.0 / 3.0, "float", "`power` schedule exponent (2/3 for ~100k steps, 3/4 for ~1M).",
+    Option("tau", 2000.0, "float", "`schedule: exponential` only: its time constant, in optimizer steps.",
            low=0.0, low_open=True),
-    Option("min_decay", 0.0, "float", "`power` schedule: lower clamp of the decay.", low=0.0, high=1.0, high_open=True),
-    Option("bias_correction", False, "bool",
-           "Start the average from zero and divide by 1-prod(d_i) (TF `zero_debias`); on by itself under "
-           "`schedule: auto` with a length in the user's units."),
+    Option("inv_gamma", 1.0, "float", "`schedule: power` only: steps are divided by it.", low=0.0, low_open=True),
+    Option("power", 2.0 / 3.0, "float", "`schedule: power` only: its exponent (2/3 for ~100k steps, 3/4 for ~1M).",
+           low=0.0, low_open=True),
+    Option("min_decay", 0.0, "float", "`schedule: power` only: lower clamp of the decay.", low=0.0, high=1.0,
+           high_open=True),
+    Option("bias_correction", None, "bool",
+           "Start the average from zero and divide by 1-prod(d_i) (TF `zero_debias`). Not given: on by itself under "
+           "`schedule: auto` with a length in the user's units (auto is then `constant`), else off. `false` there "
+           "is acted on: no bias correction, so auto gives that length the `threshold` warm-up instead."),
     Option("start_step", 0, "int", "Optimizer steps before averaging starts; until then the shadow copies the weights.",
            low=0),
     Option("update_every", 1, "int",
@@ -84,9 +91,11 @@ OPTIONS: Tuple[Option, ...] = (
            "`copy` the live values at each update, or `skip` (always use the live values). Integer tensors are copied.",
            choices=("average", "copy", "skip")),
     Option("include", [], "regex_list",
-           "Regexes on state-dict names; when set, only matching tensors are averaged (the rest follow the live weights)."),
+           "Regexes on state-dict names; when set, only matching tensors are averaged (the rest follow the live "
+           "weights). A regex that matches no tensor is refused when the EMA is built."),
     Option("exclude", [], "regex_list",
-           "Regexes on state-dict names never averaged; they follow the live weights and keep training."),
+           "Regexes on state-dict names never averaged; they follow the live weights and keep training. A regex that "
+           "matches no tensor is refused when the EMA is built."),
     Option("storage_dtype", "float32", "choice",
            "Shadow precision. float16/bfloat16 halve its memory but round every update "
            "(a decay above ~0.999 then stalls: the increment (1-d)(w-ema) falls below half an ulp).",
@@ -98,22 +107,26 @@ OPTIONS: Tuple[Option, ...] = (
            "untouched). Costs one extra read of the weights (~30% of a CPU update); false skips the check."),
     Option("eval_raw", False, "bool", "Also evaluate the raw weights and log their metrics with a `_raw` suffix."),
     Option("eval_all", True, "bool",
-           "With several EMAs: evaluate every one at each evaluation (`false`: only the primary, and raw with `eval_raw`)."),
+           "With several EMAs: evaluate every one at each evaluation (`false`: only the primary, and raw with "
+           "`eval_raw`); `false` with one EMA is refused."),
     Option("select", "primary", "choice",
            "With several candidates: `primary` keeps the first EMA for best-model selection; `best` selects the best "
-           "evaluated candidate (raw weights included with `eval_raw`) and saves it as the best model.",
+           "evaluated candidate (raw weights included with `eval_raw`) and saves it as the best model; `best` with "
+           "one candidate (one EMA, no `eval_raw`) is refused.",
            choices=("primary", "best")),
     Option("recompute_bn", 0, "int",
            "Before each EMA evaluation and save: reset every BatchNorm layer's running mean/variance and recompute "
-           "them with the EMA weights over the last N training batches (cumulative average); 0 = off.", low=0),
-    Option("switch_every", 0, "int",
-           "Switch EMA (Li et al. 2024): every N optimizer steps copy the EMA weights into the model (and AMP "
-           "master weights) and train on from them, optimizer state kept; 0 = off.", low=0),
-    Option("switch_every_epochs", 0.0, "float",
-           "Switch EMA period in epochs (optimizer steps per epoch x this, rounded); 0 = off.", low=0.0),
+           "them with the EMA weights over the last N training batches (cumulative average); 0 = off. A model "
+           "without BatchNorm refuses it.", low=0),
+    Option("switch_every", None, "period",
+           "Switch EMA (Li et al. 2024): every period copy the EMA weights into the model (and AMP master weights) "
+           "and train on from them, optimizer state kept. A period: `500` optimizer steps, or `'0.5 epochs'` "
+           "(`{epochs: 0.5}`: optimizer steps per epoch x 0.5, rounded to whole EMA updates); not given (or `0`): off. "
+           "A period in steps must be a multiple of `update_every`."),
     Option("posthoc", None, "posthoc",
            "Post-hoc EMA (EDM2): a mapping turns it on: `sigma_rels` (tracked power-function profiles, default "
-           "[0.05, 0.1]), `snapshot_every` optimizer steps or `snapshot_every_epochs`, `snapshot_dtype` "
+           "[0.05, 0.1]), `snapshot_every` (required; a period as for `switch_every`: `2000` optimizer steps or "
+           "`'1 epochs'`), `snapshot_dtype` "
            "(float16|float32, default float16), `dir` (default: posthoc/ beside the checkpoints), `update_every` "
            "(profiles updated every N EMA updates, default 1: exact for any N, a fraction of the cost). "
            "`ema-callback posthoc` reconstructs any other length afterwards."),
@@ -122,8 +135,10 @@ OPTIONS: Tuple[Option, ...] = (
            "`.pdparams` likely hold EMA weights): start a new EMA from the loaded weights, taken as raw. Without it "
            "that resume is refused in one line."),
     Option("save_as", "ema", "choice",
-           "What the suite's own weight files hold: `ema` (its eval/export/infer tools use EMA) with the raw weights "
-           "in the `.pdema` file, or `raw` (suite files untouched, EMA written beside them).",
+           "What the weight files hold (PaddleOCR's checkpoints, `Model.save` and ModelCheckpoint in `Model.fit`): "
+           "`ema` (the suite's eval/export/infer tools use EMA) with the raw weights in the `.pdema` file, or `raw` "
+           "(`.pdparams` hold the raw weights, `<prefix>.ema.pdparams` beside them the EMA weights). `det-train` "
+           "refuses `raw` (ppdet's convention).",
            choices=("ema", "raw")),
 )
 OPTION_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -147,6 +162,8 @@ def _numeric(value: Any) -> Any:
 
 def _check_value(opt: Option, value: Any) -> Any:
     key = _key(opt.name)
+    if opt.kind == "period":
+        return parse_period(value, key)
     if opt.kind in ("int", "float"):
         value = _numeric(value)
     elif opt.kind in ("decay_list", "positive_or_list"):
@@ -218,8 +235,8 @@ def _check_list(opt: Option, value: Any) -> Optional[List[float]]:
     return out[0] if scalar else out
 
 
-POSTHOC_DEFAULTS = {"sigma_rels": [0.05, 0.10], "snapshot_every": 0, "snapshot_every_epochs": 0.0,
-                    "snapshot_dtype": "float16", "dir": None, "update_every": 1}
+POSTHOC_DEFAULTS = {"sigma_rels": [0.05, 0.10], "snapshot_every": None, "snapshot_dtype": "float16", "dir": None,
+                    "update_every": 1}
 
 
 def _check_posthoc(value: Any) -> Optional[Dict[str, Any]]:
@@ -229,6 +246,7 @@ def _check_posthoc(value: Any) -> Optional[Dict[str, Any]]:
     if not isinstance(value, Mapping):
         raise EMAConfigError(f"EMA.posthoc: expected a mapping (sigma_rels, snapshot_every, ...), got {value!r}")
     out = dict(POSTHOC_DEFAULTS)
+    value = _renamed_period(dict(value), "snapshot_every", "snapshot_every_epochs", "EMA.posthoc.")
     for key, item in value.items():
         name = f"EMA.posthoc.{key}"
         if key not in POSTHOC_DEFAULTS:
@@ -244,13 +262,7 @@ def _check_posthoc(value: Any) -> Optional[Dict[str, Any]]:
                 raise EMAConfigError(f"{name}: the same value twice in {item!r}")
             out[key] = [float(v) for v in items]
         elif key == "snapshot_every":
-            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
-                raise EMAConfigError(f"{name}: expected a positive number of optimizer steps, got {item!r}")
-            out[key] = item
-        elif key == "snapshot_every_epochs":
-            if isinstance(item, bool) or not isinstance(item, (int, float)) or not item >= 0 or item == float("inf"):
-                raise EMAConfigError(f"{name}: expected a positive number of epochs, got {item!r}")
-            out[key] = float(item)
+            out[key] = parse_period(item, name)
         elif key == "snapshot_dtype":
             if item not in ("float16", "float32"):
                 raise EMAConfigError(f"{name}: expected one of float16, float32, got {item!r}")
@@ -264,21 +276,53 @@ def _check_posthoc(value: Any) -> Optional[Dict[str, Any]]:
                 raise EMAConfigError(f"{name}: expected a whole number >= 1 of EMA updates between profile "
                                      f"updates, got {item!r}")
             out[key] = item
-    if bool(out["snapshot_every"]) == bool(out["snapshot_every_epochs"]):
-        raise EMAConfigError("EMA.posthoc.snapshot_every: give how often snapshots are taken, in optimizer steps "
-                             "(snapshot_every) or epochs (snapshot_every_epochs), one of them")
+    if out["snapshot_every"] is None:
+        raise EMAConfigError("EMA.posthoc.snapshot_every: give how often snapshots are taken: a number of optimizer "
+                             "steps (2000) or of epochs ('1 epochs')")
     return out
 
 
+def _renamed_period(block: Dict[str, Any], key: str, old: str, prefix: str) -> Dict[str, Any]:
+    """``block`` with the old spelling ``old: x`` (epochs) read as ``key: 'x epochs'``, in one deprecation line; an
+    old ``0`` meant "not given", as ``0`` still does. Both given (not 0) is an error naming both."""
+    if old not in block:
+        return block
+    epochs = block.pop(old)
+    given = epochs is not None and not (isinstance(epochs, (int, float)) and not isinstance(epochs, bool)
+                                        and epochs == 0)
+    if given:
+        if block.get(key) not in (None, 0):
+            raise EMAConfigError(f"{prefix}{old}: give the period one way, not both {key} and {old} (it is "
+                                 f"{prefix}{key}: '{epochs} epochs' now)")
+        if isinstance(epochs, bool) or not isinstance(_numeric(epochs), (int, float)):
+            raise EMAConfigError(f"{prefix}{old}: expected a number of epochs, got {epochs!r}")
+        block[key] = {"epochs": _numeric(epochs)}
+        canonical = parse_period(block[key], prefix + old)
+        warn_once(f"{prefix}{old}: read as {prefix}{key}: {canonical!r} (one key takes optimizer steps or epochs)")
+    return block
+
+
 def _check_combination(values: Mapping[str, Any]) -> None:
-    """One form of the EMA length; ``decay_batch_size`` only with a decay; list-only keys only with a list."""
+    """One form of the EMA length; ``decay_batch_size`` only with a decay; keys that act on several candidates
+    (``select: best``, ``eval_all: false``) only with them; a schedule's parameters only with that schedule."""
     forms = [k for k in LENGTH_KEYS if values.get(k) is not None]
     if len(forms) > 1:
         raise EMAConfigError(f"{_key(forms[1])}: give the EMA length one way (decay, decays, half_life_images, "
                              f"half_life_epochs or length: auto), not both {forms[0]} and {forms[1]}")
-    if values.get("switch_every") and values.get("switch_every_epochs"):
-        raise EMAConfigError(f"{_key('switch_every_epochs')}: give the Switch EMA period one way, not both "
-                             "switch_every and switch_every_epochs")
+    emas = next((len(values[k]) for k in ("decays", "half_life_images", "half_life_epochs")
+                 if isinstance(values.get(k), list)), 1)
+    if values.get("select") == "best" and emas < 2 and not values.get("eval_raw"):
+        raise EMAConfigError(f"{_key('select')}: best chooses among several candidates and this block has one (one "
+                             "EMA, no eval_raw); give several lengths (decays, a list of half_life_images) or "
+                             "eval_raw: true, or remove select")
+    if values.get("eval_all") is False and emas < 2:
+        raise EMAConfigError(f"{_key('eval_all')}: false leaves out the other EMAs of a list, and this block has one "
+                             "EMA; remove eval_all")
+    schedule = values.get("schedule", "auto")
+    for name, owner in SCHEDULE_PARAMS.items():
+        if name in values and schedule != owner:
+            raise EMAConfigError(f"{_key(name)}: a parameter of schedule: {owner}, which this block does not use "
+                                 f"(schedule: {schedule}); set schedule: {owner} or remove {name}")
     if values.get("decay_batch_size") is not None and forms and forms[0] not in ("decay", "decays"):
         raise EMAConfigError(f"{_key('decay_batch_size')}: scales a decay tuned for another batch; a half-life "
                              f"({forms[0]}) is already in images or epochs, whatever the batch: remove one of them")
@@ -311,7 +355,7 @@ class EMAConfig:
     inv_gamma: float = 1.0
     power: float = 2.0 / 3.0
     min_decay: float = 0.0
-    bias_correction: bool = False
+    bias_correction: Optional[bool] = None  # None: schedule auto decides
     start_step: int = 0
     update_every: int = 1
     eval_start_step: int = 0
@@ -325,8 +369,7 @@ class EMAConfig:
     eval_all: bool = True
     select: str = "primary"
     recompute_bn: int = 0
-    switch_every: int = 0
-    switch_every_epochs: float = 0.0
+    switch_every: Optional[Any] = None  # a period: int optimizer steps or "x epochs" (config.period)
     posthoc: Optional[Dict[str, Any]] = None
     restart: bool = False
     save_as: str = "ema"
@@ -339,6 +382,7 @@ class EMAConfig:
         if not isinstance(block, Mapping):
             raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, got {type(block).__name__} {block!r}")
         values = {}
+        block = _renamed_period(dict(block), "switch_every", "switch_every_epochs", SECTION + ".")
         for name, value in block.items():
             opt = OPTION_BY_NAME.get(name) if isinstance(name, str) else None
             if opt is None:
@@ -372,17 +416,21 @@ class EMAConfig:
 
     @property
     def effective_schedule(self) -> str:
-        """The schedule the run uses: ``schedule``, with ``auto`` resolved (``constant`` for a length in the
-        user's units, else ``threshold``, PaddleDetection's and TF's default)."""
+        """The schedule the run uses: ``schedule``, with ``auto`` resolved: ``constant`` (with bias correction) for
+        a length in the user's units, unless ``bias_correction: false`` is stated; else ``threshold``,
+        PaddleDetection's and TF's default (a constant decay without bias correction would start on the initial
+        weights, weight d^n after n updates)."""
         if self.schedule != "auto":
             return self.schedule
-        return "constant" if self.in_user_units else "threshold"
+        return "constant" if self.in_user_units and self.bias_correction is not False else "threshold"
 
     @property
     def effective_bias_correction(self) -> bool:
-        """``bias_correction``, or on by itself where ``auto`` resolves to ``constant`` (the stated length then
-        holds from the first update: update i of n has weight (1-d) d^(n-i) / (1-d^n), none on the start)."""
-        return self.bias_correction or (self.schedule == "auto" and self.in_user_units)
+        """``bias_correction`` as stated, else on by itself where ``auto`` resolves to ``constant`` (the stated length
+        then holds from the first update: update i of n has weight (1-d) d^(n-i) / (1-d^n), none on the start)."""
+        if self.bias_correction is not None:
+            return self.bias_correction
+        return self.schedule == "auto" and self.in_user_units
 
     @property
     def length_key(self) -> str:
@@ -391,15 +439,35 @@ class EMAConfig:
         return next((k for k in LENGTH_KEYS[1:] if getattr(self, k) is not None), "decay")
 
     def to_block(self) -> Dict[str, Any]:
-        """The block as plain YAML-able values (the one length form that is set; unset optional keys left out)."""
+        """The block as plain YAML-able values (the one length form that is set, the schedule parameters of the
+        schedule set; unset optional keys left out): ``from_block`` of it is this config."""
         block = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None or (f.name in LENGTH_KEYS and f.name != self.length_key):
+            if value is None or (f.name in LENGTH_KEYS and f.name != self.length_key) or \
+                    SCHEDULE_PARAMS.get(f.name, self.schedule) != self.schedule:
                 continue
             block[f.name] = list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) \
                 else value
         return block
+
+    @classmethod
+    def from_saved(cls, block: Mapping[str, Any]) -> "EMAConfig":
+        """``from_block`` for the settings a checkpoint holds: files written before issue 27.4's checks hold every key
+        (``tau: 2000.0`` under ``schedule: auto``) and may hold keys their run did not use (``select: best`` with one
+        candidate); those are dropped here, silently (the run that wrote them is over)."""
+        if not isinstance(block, Mapping):
+            return cls.from_block(block)
+        schedule = block.get("schedule", "auto")
+        block = {k: v for k, v in block.items() if SCHEDULE_PARAMS.get(k, schedule) == schedule}
+        emas = next((len(block[k]) for k in ("decays", "half_life_images", "half_life_epochs")
+                     if isinstance(block.get(k), list)), 1)
+        if emas < 2:  # keys for several candidates that such a run kept without using them
+            if block.get("eval_all") is False:
+                block.pop("eval_all")
+            if block.get("select") == "best" and not block.get("eval_raw"):
+                block.pop("select")
+        return cls.from_block(block)
 
     def replace(self, **changes: Any) -> "EMAConfig":
         return EMAConfig.from_block(layered(self.to_block(), changes))
@@ -413,7 +481,9 @@ def layered(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
     A length form in ``top`` without a ``schedule`` of its own also drops ``base``'s warm-up (``WARM_UP_KEYS``: its
     schedule, that schedule's parameters and ``bias_correction``), which was chosen for ``base``'s length: ``schedule:
     auto`` decides for the length stated (``--ema-config ppyoloe_plus_s -o EMA.half_life_epochs=2`` holds from the
-    first update, not after the preset's threshold warm-up)."""
+    first update, not after the preset's threshold warm-up). A ``schedule`` in ``top`` likewise drops ``base``'s
+    parameters of other schedules (``SCHEDULE_PARAMS``): ``-o EMA.schedule=power`` over a block's ``schedule:
+    exponential, tau: 500`` runs ``power``, its ``tau`` gone with it."""
     merged = dict(base)
     if isinstance(top, Mapping) and any(k in LENGTH_KEYS and top[k] is not None for k in top):
         for k in LENGTH_KEYS:
@@ -422,6 +492,10 @@ def layered(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
             merged.pop("decay_batch_size", None)
         if "schedule" not in top:
             for k in WARM_UP_KEYS:
+                merged.pop(k, None)
+    if isinstance(top, Mapping) and "schedule" in top:  # a schedule brings its own parameters
+        for k, owner in SCHEDULE_PARAMS.items():
+            if owner != top["schedule"]:
                 merged.pop(k, None)
     merged.update(top)
     for k in LENGTH_KEYS:  # a length key set to null means "not this form" (the default decay if none is left)

@@ -22,6 +22,7 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from ema_callback.core.features import Feature
 from ema_callback.paddle_compat import paddle
+from ema_callback.errors import EMAConfigError
 
 logger = logging.getLogger("ema_callback")
 
@@ -148,8 +149,8 @@ class BatchNormRecompute(Feature):
         if not config.recompute_bn:
             return None
         if not batchnorm_layers(model):
-            logger.info("EMA: recompute_bn: %s has no BatchNorm layer; the option does nothing", type(model).__name__)
-            return None
+            raise EMAConfigError(f"EMA.recompute_bn: {type(model).__name__} has no BatchNorm layer, so there are no "
+                                 "statistics to recompute; remove recompute_bn")
         return cls(model, config.recompute_bn)
 
     def backup_ids(self) -> Set[int]:

@@ -47,7 +47,7 @@ from ema_callback.core.schedules import decay_at
 from ema_callback.core.model_tensors import ModelTensors
 from ema_callback.core.selection import FOLLOW, Entry, classify, unwrap
 from ema_callback.files.state_file import read_state, store_once
-from ema_callback.core.storage import ShadowStore, make_store
+from ema_callback.core.storage import ShadowStore, choose_backend, make_store
 
 
 logger = logging.getLogger("ema_callback")
@@ -62,7 +62,8 @@ class ExponentialMovingAverage:
         optimizer: under AMP O2, the optimizer whose ``_master_weights`` hold the fp32 copies.
         backend: the store that runs the update: ``auto`` (fastest for the case), ``numpy`` (host, float32),
             ``paddle`` (flat device tensor; forced here to run the device path on a CPU) or ``reference``
-            (the textbook loop, for tests). ``update_path`` is its former name, still accepted.
+            (the textbook loop, for tests). ``update_path`` is its former name, still read with a deprecation line
+            (both given: an error).
     """
 
     num_updates = EngineCounter("updates")  # EMA updates applied
@@ -71,7 +72,7 @@ class ExponentialMovingAverage:
     last_decays = EngineCounter("lasts")  # the decay of each shadow's last update (None before the first)
 
     def __init__(self, model: paddle.nn.Layer, config: Optional[EMAConfig] = None,
-                 optimizer: Optional[paddle.optimizer.Optimizer] = None, backend: str = "auto",
+                 optimizer: Optional[paddle.optimizer.Optimizer] = None, backend: Optional[str] = None,
                  update_path: Optional[str] = None, batch: Optional[BatchInfo] = None,
                  **overrides: Any):
         if not paddle.in_dynamic_mode():
@@ -80,7 +81,7 @@ class ExponentialMovingAverage:
         config = config or EMAConfig()
         self.config = config.replace(**overrides) if overrides else config
         self.optimizer = optimizer
-        self.backend = update_path or backend
+        self.backend = choose_backend(backend, update_path, "ExponentialMovingAverage")
         self.batch = batch  # the measured global batch (needed by decay_batch_size and half-lives)
         self.candidates: List[Candidate] = candidates(self.config, batch)
         self.decays = [c.decay for c in self.candidates]  # target decay per optimizer step, one per shadow

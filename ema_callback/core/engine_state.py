@@ -102,7 +102,7 @@ def check_state(ema, state: Mapping[str, Any], source: str) -> None:
         raise EMAFileError(f"{source}: not an ema-callback state (format {found!r}, expected {FORMAT!r})")
     check_fields(state, source)
     try:
-        EMAConfig.from_block(state["config"])  # the saved settings are keys of this version's schema
+        EMAConfig.from_saved(state["config"])  # the saved settings are keys of this version's schema
     except (EMAConfigError, OverflowError, ValueError, TypeError) as exc:
         raise EMAFileError(f"{source}: field config: {one_line(exc, 300)}") from None
     _compare(source, "field shadow", state.get("shadow") or {},
@@ -134,7 +134,10 @@ def check_state(ema, state: Mapping[str, Any], source: str) -> None:
 def _log_changes(ema, state: Mapping[str, Any], source: str) -> None:
     saved_config = state.get("config") or {}
     for key in ("decay", "schedule", "update_every", "start_step", "bias_correction"):
-        if key in saved_config and saved_config[key] != getattr(ema.config, key):
+        now = getattr(ema.config, key)
+        if key == "bias_correction" and not saved_config.get(key) and not now:
+            continue  # false (files written before it could be left unset) and unset: neither asks for it
+        if key in saved_config and saved_config[key] != now:
             logger.info("EMA: %s was %r in %s, now %r", key, saved_config[key], source, getattr(ema.config, key))
     saved_batch, saved_decays, batch = state.get("batch") or {}, state.get("decays"), ema.batch
     decays = ", ".join(f"{d:.8g}" for d in ema.decays)

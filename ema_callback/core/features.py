@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Dict, List, Mapping, Set, Tuple
 
+from ema_callback.errors import EMAConfigError
+
 
 class Feature:
     """The named points, each a no-op unless the feature needs it (see the module docstring)."""
@@ -75,3 +77,18 @@ def builders() -> List[Callable[..., Any]]:
         module, _, name = path.partition(":")
         out.append(getattr(importlib.import_module(module), name).build)
     return out
+
+
+def check_period(key: str, period: int, config) -> int:
+    """``period`` (optimizer steps) of a periodic action that runs after an EMA update (Switch EMA, a post-hoc
+    snapshot), checked against when the updates happen: at optimizer steps ``start_step + j * update_every``. A
+    period that is not a multiple of ``update_every`` (or a ``start_step`` that is not) would run the action only at
+    the steps both share, or never: one line naming ``key`` instead."""
+    k, start = int(config.update_every), int(config.start_step)
+    if k > 1 and (period % k or start % k):
+        fix = f"a multiple of update_every ({k})" + (f", and a start_step that is one (now {start})" if start % k
+                                                     else "")
+        raise EMAConfigError(f"{key}: every {period:,} optimizer steps, but the EMA updates only at steps "
+                             f"{start + k:,}, {start + 2 * k:,}, ... (start_step {start}, update_every {k}), so it "
+                             f"would run only where both meet; give {fix}")
+    return period

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ema_callback.config.period import Period
 from ema_callback.config.schema import EMAConfig
 from ema_callback.errors import EMAConfigError
 from ema_callback.core.schedules import decay_array, decay_at
@@ -44,7 +45,7 @@ class BatchInfo:
     Fields: ``per_device`` images per optimizer step on one device (a mean where the sampler varies it);
     ``world`` data-parallel ranks; ``accumulate`` batches per optimizer step (gradient accumulation);
     ``dataset_size`` images per epoch (``half_life_epochs``; None: unknown); ``steps_per_epoch`` optimizer
-    steps per epoch (``switch_every_epochs``, ``snapshot_every_epochs``); ``total_steps`` optimizer steps of the
+    steps per epoch (a ``switch_every`` or ``posthoc.snapshot_every`` in epochs); ``total_steps`` optimizer steps of the
     whole run (the start line's too-long warnings); ``measured`` how ``per_device`` was counted (shown in the start
     line). ``global_batch = per_device x world x accumulate``."""
 
@@ -97,27 +98,21 @@ def half_life_steps(decay: float) -> float:
 
 
 def switch_period(config: EMAConfig, batch: Optional[BatchInfo] = None) -> int:
-    """Optimizer steps between Switch EMA switches (0: off): ``switch_every``, or ``switch_every_epochs`` x the
-    optimizer steps per epoch, rounded (at least 1)."""
-    if config.switch_every:
-        return int(config.switch_every)
-    if not config.switch_every_epochs:
-        return 0
-    if batch is None or not batch.steps_per_epoch:
-        raise EMAConfigError("EMA.switch_every_epochs: the number of optimizer steps per epoch is unknown here (an "
-                             "iterable dataset or a loader without a length); use EMA.switch_every (steps) instead")
-    return max(1, int(round(config.switch_every_epochs * batch.steps_per_epoch)))
+    """Optimizer steps between Switch EMA switches (0: off): ``switch_every``, a period in optimizer steps or epochs
+    (``config.period``: epochs x the optimizer steps per epoch, rounded to a multiple of ``update_every``)."""
+    period = Period.of(config.switch_every)
+    return period.steps(batch.steps_per_epoch if batch else None, "EMA.switch_every", config.update_every) \
+        if period else 0
 
 
-def snapshot_period(posthoc: dict, batch: Optional[BatchInfo] = None) -> int:
-    """Optimizer steps between post-hoc snapshots: ``snapshot_every``, or ``snapshot_every_epochs`` x steps per
-    epoch, rounded (at least 1)."""
-    if posthoc.get("snapshot_every"):
-        return int(posthoc["snapshot_every"])
-    if batch is None or not batch.steps_per_epoch:
-        raise EMAConfigError("EMA.posthoc.snapshot_every_epochs: the number of optimizer steps per epoch is unknown "
-                             "here; use EMA.posthoc.snapshot_every (steps) instead")
-    return max(1, int(round(posthoc["snapshot_every_epochs"] * batch.steps_per_epoch)))
+def snapshot_period(posthoc: dict, batch: Optional[BatchInfo] = None, update_every: int = 1) -> int:
+    """Optimizer steps between post-hoc snapshots: ``snapshot_every``, a period in optimizer steps or epochs (as
+    ``switch_period``; epochs rounded to a multiple of ``update_every``)."""
+    period = Period.of(posthoc.get("snapshot_every"))
+    if period is None:
+        raise EMAConfigError("EMA.posthoc.snapshot_every: give how often snapshots are taken: a number of optimizer "
+                             "steps (2000) or of epochs ('1 epochs')")
+    return period.steps(batch.steps_per_epoch if batch else None, "EMA.posthoc.snapshot_every", update_every)
 
 
 def candidates(config: EMAConfig, batch: Optional[BatchInfo] = None) -> List[Candidate]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 from ema_callback.paddle_compat import paddle
+from ema_callback.errors import EMAConfigError
 
 AVERAGE = "average"  # shadow = d*shadow + (1-d)*w
 COPY = "copy"  # shadow = w at each update (integer tensors; `buffers: copy`)
@@ -66,4 +67,16 @@ def classify(model: paddle.nn.Layer, include: Sequence[str] = (), exclude: Seque
         else:
             role = AVERAGE
         entries.append(Entry(name, tensor, role, is_buffer))
+    _check_patterns([e.name for e in entries], include=include, exclude=exclude)
     return entries
+
+
+def _check_patterns(names: Sequence[str], **patterns: Sequence[str]) -> None:
+    """A regex of ``include``/``exclude`` that matches no tensor name would silently do nothing (a typo, another
+    model's names): one line naming the key, the pattern and what names look like."""
+    for key, given in patterns.items():
+        for pattern in given or ():
+            if not any(re.search(pattern, name) for name in names):
+                example = f" (names like {names[0]!r})" if names else ""
+                raise EMAConfigError(f"EMA.{key}: {pattern!r} matches no tensor of the model{example}; "
+                                     f"fix or remove it")

@@ -485,6 +485,28 @@ def _selected(indices: Optional[Sequence[int]], count: int) -> Sequence[int]:
     return range(count) if indices is None else indices
 
 
+BACKENDS = ("auto", "numpy", "paddle", "reference")
+
+
+def choose_backend(backend: Optional[str], update_path: Optional[str], where: str) -> str:
+    """The ``backend`` keyword of ``where`` (``ExponentialMovingAverage``, ``EMACallback``), checked: one of
+    ``BACKENDS`` (default ``auto``). ``update_path`` is its old name: still read, with one deprecation line; both
+    given is an error, as is an unknown value (it would silently run another store)."""
+    from ema_callback.config.deprecated import warn_once
+    from ema_callback.errors import EMAConfigError
+
+    if update_path is not None:
+        if backend is not None:
+            raise EMAConfigError(f"{where}(update_path={update_path!r}, backend={backend!r}): one option given twice; "
+                                 "update_path is the old name of backend: give backend only")
+        warn_once(f"{where}(update_path=...): read as backend={update_path!r} (its new name)")
+        backend = update_path
+    backend = "auto" if backend is None else backend
+    if backend not in BACKENDS:
+        raise EMAConfigError(f"{where}(backend={backend!r}): expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def make_store(shapes: Sequence[Sequence[int]], storage_dtype: str, on_host: bool, backend: str = "auto",
                place=None, count: int = 1) -> ShadowStore:
     """Choose the store: ``backend`` is ``auto`` (fastest for the case), ``numpy``, ``paddle`` or ``reference``;
@@ -493,6 +515,9 @@ def make_store(shapes: Sequence[Sequence[int]], storage_dtype: str, on_host: boo
         return ReferenceStore(shapes, count)
     if backend == "numpy" or (backend == "auto" and on_host and storage_dtype == "float32"):
         if storage_dtype != "float32":
-            raise ValueError("the numpy update path stores float32 only")
+            from ema_callback.errors import EMAConfigError
+
+            raise EMAConfigError(f"EMA.storage_dtype: {storage_dtype} with backend='numpy', which stores float32 "
+                                 "only; use backend 'auto' or 'paddle', or storage_dtype float32")
         return NumpyStore(shapes, count)
     return PaddleStore(shapes, dtype=storage_dtype, place=paddle.CPUPlace() if on_host else place, count=count)

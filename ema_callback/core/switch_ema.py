@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Mapping, Optional
 
-from ema_callback.core.features import Feature, due
+from ema_callback.core.features import Feature, check_period, due
 from ema_callback.core.horizon import switch_period
 
 logger = logging.getLogger("ema_callback")
@@ -29,7 +29,7 @@ class SwitchEMA(Feature):
     @classmethod
     def build(cls, config, batch, model) -> Optional["SwitchEMA"]:
         period = switch_period(config, batch)
-        return cls(period) if period else None
+        return cls(check_period("EMA.switch_every", period, config)) if period else None
 
     def after_update(self, ema) -> None:
         if due(ema.num_steps, ema.config.start_step, self.period):

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from ema_callback.config.schema import EMAConfig
+from ema_callback.core.horizon import snapshot_period
 from ema_callback.errors import EMAConfigError
 from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates, metric_value
 from ema_callback.integrations.honest_pick import Decision, Evaluated, decide
@@ -170,6 +171,7 @@ def resolve(config: EMAConfig, batch, folder: Optional[str],
     posthoc = dict(config.posthoc) if config.posthoc else {
         "sigma_rels": list(TRACKED), "snapshot_every": snapshot_every, "snapshot_dtype": "float16",
         "update_every": gap, "dir": None}
+    posthoc["snapshot_every"] = snapshot_period(posthoc, batch)  # in optimizer steps (a period in epochs resolved)
     temporary = None
     if not posthoc.get("dir") and not folder:
         temporary = tempfile.mkdtemp(prefix="ema-auto-")

@@ -178,7 +178,8 @@ def describe_start_weights(weights: str, option: str, log=logger) -> Optional[st
 
 
 def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[str, np.ndarray]],
-                   held: Mapping[str, np.ndarray], save_as: str = "ema", candidate: Optional[str] = None) -> str:
+                   held: Mapping[str, np.ndarray], save_as: str = "ema", candidate: Optional[str] = None,
+                   ema_weights: Optional[Mapping[str, np.ndarray]] = None) -> str:
     """Write ``<prefix>.pdema`` (and with ``save_as: raw`` ``<prefix>.ema.pdparams``) for each of ``prefixes``,
     each tensor once per set. One checkpoint saved under several names (PaddleOCR's ``best_accuracy`` and
     ``best_model/model``) is built and fingerprinted once; each ``.pdema`` also fingerprints the ``.pdopt`` and
@@ -188,8 +189,9 @@ def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[
     ``raw``: the raw weights (None where the suite keeps them itself, as ppdet's ``.pdema`` does);
     ``candidate``: which candidate the suite selected (with several EMAs or ``select: best``): recorded as what the
     ``.pdparams`` hold, or under ``save_as: raw`` (whose ``.pdparams`` hold the raw weights) as what
-    ``.ema.pdparams`` holds (the selected EMA, or the primary when raw won). Returns the ``.pdparams``'
-    fingerprint (``state_file.fingerprint`` of ``held``).
+    ``.ema.pdparams`` holds (the selected EMA, or the primary when raw won); ``ema_weights``: under ``save_as: raw``,
+    the arrays ``.ema.pdparams`` hold when they are not a shadow's own (``Model.fit``'s length auto pick, which
+    ``candidate`` then names). Returns the ``.pdparams``' fingerprint (``state_file.fingerprint`` of ``held``).
     """
     from ema_callback.files.checkpoint_io import atomic_write_bytes, saved_bytes
     from ema_callback.files.state_file import FILE_COMPANIONS, fingerprint, store_once
@@ -200,8 +202,10 @@ def save_ema_state(ema, prefixes: Sequence[str], network, raw: Optional[Mapping[
     if raw is not None:
         state["raw_weights"] = dict(raw)
     if save_as == "raw":  # the suite's files keep the raw weights; the selected EMA (else the primary) goes beside
-        label = candidate if candidate is not None and candidate in ema.labels else ema.labels[0]
-        companions[".ema.pdparams"] = ema.ema_state_dict(network, label)
+        label = candidate if candidate is not None and (candidate in ema.labels or ema_weights is not None) \
+            else ema.labels[0]
+        companions[".ema.pdparams"] = dict(ema_weights) if ema_weights is not None else \
+            ema.ema_state_dict(network, label)
         files[".ema.pdparams"] = saved_bytes(companions[".ema.pdparams"])
         if candidate is not None:
             state["pdparams_hold"], state["ema_pdparams_hold"] = "raw", label

@@ -48,6 +48,7 @@ from ema_callback.errors import EMAError, EMAFileError
 from ema_callback.config.files import check_section_name, read_yaml
 from ema_callback.paddle_compat import paddle
 from ema_callback.core.engine import ExponentialMovingAverage
+from ema_callback.core.storage import choose_backend
 from ema_callback.integrations.checkpoints import (check_checkpoint_files, checkpoint_prefix, is_rank0, lock_run,
                                                   numpy_state, place_features, restore_raw_weights, resume_ema,
                                                   save_ema_state, stale_state_files)
@@ -85,7 +86,7 @@ class EMACallback(paddle.callbacks.Callback):
         final_weights: ``"ema"`` (default) leaves the EMA weights in the network after ``fit``, so
             ``model.save``/``model.evaluate``/``model.predict`` use them; ``"raw"`` leaves the raw weights.
         backend: the engine's store (``auto``, ``numpy``, ``paddle``, ``reference``; see the engine);
-            ``update_path`` is its former name, still accepted.
+            ``update_path`` is its former name, still read with a deprecation line (both given: an error).
         monitor, mode: the metric the candidates table's recommendation and ``select: best`` compare, and its
             direction, as ``EarlyStopping`` takes them. Default: the first metric given to ``model.prepare``
             (higher is better), else ``loss`` as the mean over the evaluation's batches (``Model.evaluate`` itself
@@ -96,7 +97,7 @@ class EMACallback(paddle.callbacks.Callback):
     """
 
     def __init__(self, config: Union[EMAConfig, Mapping[str, Any], None] = None, *, resume: Optional[str] = None,
-                 save_dir: Optional[str] = None, final_weights: str = "ema", backend: str = "auto",
+                 save_dir: Optional[str] = None, final_weights: str = "ema", backend: Optional[str] = None,
                  update_path: Optional[str] = None, monitor: Optional[str] = None, mode: str = "auto",
                  batch: Optional[BatchInfo] = None,
                  **kwargs: Any):
@@ -120,7 +121,7 @@ class EMACallback(paddle.callbacks.Callback):
         self.save_dir = save_dir
         self._fit_dir: Optional[str] = None  # the running fit's save_dir (read at on_train_begin)
         self.resume = resume if resume is not None else ("auto" if save_dir else None)
-        self.backend = update_path or backend
+        self.backend = choose_backend(backend, update_path, "EMACallback")
         self.ema: Optional[ExponentialMovingAverage] = None
         self.extra_logs: Dict[str, Any] = {}  # added to the evaluation logs: <metric>_raw, ema_drift
         self._copy_suffix = ""  # fit's own metrics are also logged with this suffix ("_raw" before eval_start_step)
@@ -263,14 +264,27 @@ class EMACallback(paddle.callbacks.Callback):
             if not training:
                 return original(path, training)
             folder, name = os.path.split(os.path.abspath(path))
+            # save_as: raw: the .pdparams hold the raw weights even while EMA weights are in the network (after fit,
+            # in an evaluation), and <path>.ema.pdparams what the network holds (else the primary EMA) beside them
+            swap = self.ema is not None and self.config.save_as == "raw" and self.ema.applied
             with StagedWrite(folder) as stage:  # every file complete before it gets its final name
-                result = original(stage.path(name), training)
+                held_ema = numpy_state(self.network) if swap else None
+                if swap:
+                    self.network.set_state_dict(self.raw_state_dict())
+                try:
+                    result = original(stage.path(name), training)
+                finally:
+                    if swap:
+                        self.network.set_state_dict(held_ema)
                 stale = []
                 if self.ema is not None and is_rank0():  # .pdparams hold what the network holds now
                     held = self.ema.applied_label or RAW
                     several = (self.board is not None and self.board.active) or self.auto is not None
-                    sha1 = save_ema_state(self.ema, [stage.path(name)], self.network, self.raw_state_dict(),
-                                          numpy_state(self.network), candidate=held if several else None)
+                    raw = self.raw_state_dict()
+                    sha1 = save_ema_state(self.ema, [stage.path(name)], self.network, raw,
+                                          raw if swap else numpy_state(self.network), self.config.save_as,
+                                          candidate=held if several or swap else None, ema_weights=held_ema)
+                    held = RAW if self.config.save_as == "raw" else held
                     stage.record_sets({name: {"hold": held, "sha1": sha1}})
                 elif is_rank0():  # EMA off: an earlier EMA run's .pdema under this name no longer belongs here
                     stale = [f for f in stale_state_files([name]) if os.path.isfile(os.path.join(folder, f))]
@@ -511,7 +525,10 @@ class EMACallback(paddle.callbacks.Callback):
             held = self.board.primary if self.final_weights == "ema" else RAW
             why = "the primary EMA" if held != RAW else "the raw weights"
         line = f"EMA: after fit the network holds {held} ({why}: final_weights={self.final_weights!r})"
-        if self._fit_dir:
+        if self._fit_dir and self.config.save_as == "raw" and held != RAW:
+            line += (f", and so will {os.path.join(self._fit_dir, 'final.ema.pdparams')} (save_as: raw: final.pdparams "
+                     "hold the raw weights)")
+        elif self._fit_dir:
             line += f", and so will {os.path.join(self._fit_dir, 'final.pdparams')}"
         recommended = decision.label if decision is not None else data["recommended"]
         if recommended != held:

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 
 from ema_callback.errors import EMAConfigError, EMAFileError
-from ema_callback.core.features import Feature, due
+from ema_callback.core.features import Feature, check_period, due
 from ema_callback.core.horizon import snapshot_period
 from ema_callback.files.checkpoint_io import atomic_write_bytes
 from ema_callback.posthoc.snapshots import (LEGACY_RUN, NAME, list_snapshots, names_fingerprint, run_of, snapshot_bytes,
@@ -42,12 +42,12 @@ class PosthocProfiles(Feature):
 
     name = "posthoc"
 
-    def __init__(self, block: Mapping[str, Any], batch=None):
+    def __init__(self, block: Mapping[str, Any], batch=None, update_every: int = 1):
         self.sigma_rels: List[float] = list(block.get("sigma_rels") or [])
         self.gammas: List[float] = [float(gamma_of(s)) for s in self.sigma_rels]
         self.labels = tuple(f"phema{s:g}" for s in self.sigma_rels)
         self.every = int(block.get("update_every", 1) or 1)  # EMA updates between profile updates
-        self.period = snapshot_period(block, batch)
+        self.period = snapshot_period(block, batch, update_every)
         self.dtype = np.float16 if block.get("snapshot_dtype", "float16") == "float16" else np.float32
         self.folder: Optional[str] = block.get("dir")  # None: the way in sets posthoc/ beside its checkpoints
         self.run_id = uuid.uuid4().hex[:12]
@@ -57,7 +57,11 @@ class PosthocProfiles(Feature):
 
     @classmethod
     def build(cls, config, batch, model) -> Optional["PosthocProfiles"]:
-        return cls(config.posthoc, batch) if config.posthoc else None
+        if not config.posthoc:
+            return None
+        profiles = cls(config.posthoc, batch, config.update_every)
+        check_period("EMA.posthoc.snapshot_every", profiles.period, config)
+        return profiles
 
     def decays(self, updates: int) -> List[float]:
         """The profiles' decays for the engine's next update (``updates`` done before it): 1 between their own
