@@ -564,3 +564,17 @@ def test_det_length_auto_saves_the_pick_as_best_model_and_model_final(coco):
     rc, eval_log = ppdet_tool(cwd, "eval.py", "-o", f"weights={out}/best_model")
     assert rc == 0, eval_log[-4000:]
     assert float(re.findall(AP, eval_log)[-1]) == round(picked, 3)
+
+
+def test_a_black_list_entry_in_no_tensor_name_is_refused_naming_ppdets_key(coco, tmp_path):
+    """ppdet's flat keys: an ``ema_black_list`` entry that is in no tensor name (ppdet's ModelEMA ignores it; here it
+    would silently average what the user meant to leave out) is refused at start-up, naming ``ema_black_list``."""
+    flat = tmp_path / "flat.yml"
+    text = open(TINY).read().replace("use_ema: false", "use_ema: true\nema_black_list: ['head.no_such_layer']")
+    flat.write_text(re.sub(r"\nEMA:\n  decay: 0.9\n  schedule: threshold\n", "\n", text))
+    cmd = [sys.executable, "-m", "ema_callback.cli", "det-train", "-c", str(flat), "-o", "save_dir=output/black"]
+    done = subprocess.run(cmd, cwd=str(coco), capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "ema-callback: error: ema_black_list: 'head.no_such_layer' is in no tensor name of the model (names like ")
+    assert not (coco / "output" / "black" / "0.pdparams").exists()

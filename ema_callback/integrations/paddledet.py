@@ -136,6 +136,7 @@ def resolve_det_config(suite: Mapping[str, Any], block_file: Optional[str], over
             extra = {"cycle_epoch": -1, "filter_no_grad": False}
     elif flat.get("use_ema"):
         config = EMAConfig.from_block(from_ppdet_flat_keys(flat))
+        extra["black_list"] = [str(name) for name in flat.get("ema_black_list") or []]
     else:
         return EMAConfig(enable=False), extra
     for key, supported in DET_ONLY_UNSUPPORTED.items():
@@ -143,6 +144,17 @@ def resolve_det_config(suite: Mapping[str, Any], block_file: Optional[str], over
             raise EMAConfigError(f"{SECTION}.{key}: det-train keeps ppdet's convention ({key}: {supported!r}); "
                                  f"got {getattr(config, key)!r}")
     return config, extra
+
+
+def _named_as_ppdet(exc: EMAConfigError, black_list: List[str]) -> EMAConfigError:
+    """An ``EMA.exclude`` pattern that matches no tensor, said as the ppdet key it came from (``ema_black_list``:
+    substrings of tensor names; ppdet's own ModelEMA ignores one that is in no name)."""
+    text = str(exc)
+    for name in black_list:
+        if text.startswith(f"EMA.exclude: {re.escape(name)!r} matches no tensor"):
+            return EMAConfigError(f"ema_black_list: {name!r} is in no tensor name of the model"
+                                  f"{text.split('matches no tensor of the model', 1)[1]}")
+    return exc
 
 
 # ---------------------------------------------------------------------------- ppdet glue
@@ -265,8 +277,11 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 batch = _batch_info(cfg, self)
                 resumed = saved_plan(ema_file(extra["resume"])) if extra.get("resume") and ema_config.auto else None
                 ema_config, plan = resolve_length(ema_config, batch, cfg.save_dir, resumed=resumed)
-                self.ema = PpdetEMA(self.model, ema_config, optimizer=self.optimizer,
-                                    cycle_epoch=extra.get("cycle_epoch", -1), batch=batch)
+                try:
+                    self.ema = PpdetEMA(self.model, ema_config, optimizer=self.optimizer,
+                                        cycle_epoch=extra.get("cycle_epoch", -1), batch=batch)
+                except EMAConfigError as exc:
+                    raise _named_as_ppdet(exc, extra.get("black_list") or []) from None
                 self._ema_board = CandidateBoard(self.ema.engine, ema_config)
                 self._ema_auto = AutoPick(self.ema.engine, plan) if plan is not None else None
                 if plan is not None:
