@@ -24,6 +24,7 @@ PADDLEDET_GIT ?= https://github.com/PaddlePaddle/PaddleDetection.git
 PADDLEDET_COMMIT ?= 666f597fd00d
 export PADDLEOCR_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleOCR-2.10) $(CHECKOUT_CACHE)/PaddleOCR)
 export PADDLEDET_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleDetection-develop) $(CHECKOUT_CACHE)/PaddleDetection)
+export PADDLECLAS_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleClas-develop) $(CHECKOUT_CACHE)/PaddleClas)
 PIP := -m pip install -q --disable-pip-version-check
 
 .PHONY: demo docs docs-machine test test-fast test-paddle3 test-paddle26 soak bench bench-auto venv clean checkouts skipped-suites
@@ -97,6 +98,7 @@ checkouts:
 
 skipped-suites:
 	@[ -f "$(PADDLEOCR_ROOT)/tools/train.py" ] || echo "make test: the PaddleOCR end-to-end tests were SKIPPED: no checkout at $(PADDLEOCR_ROOT); set PADDLEOCR_ROOT=/path/to/PaddleOCR (release/2.10 or 3.x) or let make fetch $(PADDLEOCR_GIT)"
+	@[ -f "$(PADDLECLAS_ROOT)/tools/train.py" ] || echo "make test: the PaddleClas end-to-end tests were SKIPPED: no checkout at $(PADDLECLAS_ROOT); set PADDLECLAS_ROOT=/path/to/PaddleClas"
 	@[ -f "$(PADDLEDET_ROOT)/tools/train.py" ] || echo "make test: the PaddleDetection end-to-end tests were SKIPPED: no checkout at $(PADDLEDET_ROOT); set PADDLEDET_ROOT=/path/to/PaddleDetection or let make fetch $(PADDLEDET_GIT)"
 
 # The edit-test loop: everything but the end-to-end suite runs, the 2-process launches and the kill/demo runs.

@@ -5,9 +5,10 @@ commands:
     ema-callback merge-config SUITE.yml BLOCK -o OUT.yml [--set EMA.key=value ...]
     ema-callback ocr-train -c cfg.yml [-o Key=val ...] [--paddleocr-root DIR] [--ema-config BLOCK]
     ema-callback det-train -c cfg.yml [-o key=val ...] [--eval] [-r ckpt] [--paddledet-root DIR] [--ema-config BLOCK]
+    ema-callback cls-train -c cfg.yaml [-o Key=val ...] [--paddleclas-root DIR] [--ema-config BLOCK]
     ema-callback presets                 (the ready EMA: blocks; BLOCK is a file or a preset's name)
     ema-callback posthoc reconstruct|sweep --snapshots DIR --sigma-rel ...   (post-hoc EMA, after training)
-    ema-callback script-path ocr|det     (the script form for python -m paddle.distributed.launch)
+    ema-callback script-path ocr|det|cls (the script form for python -m paddle.distributed.launch)
     ema-callback --version
 
 Run ema-callback COMMAND --help for the options of each command.
@@ -23,15 +24,15 @@ from ema_callback.config.files import split_overrides
 
 
 def _script_path(argv: List[str]) -> int:
-    """``ema-callback script-path ocr|det``: the script to give ``python -m paddle.distributed.launch``."""
+    """``ema-callback script-path ocr|det|cls``: the script to give ``python -m paddle.distributed.launch``."""
     import os
 
     parser = argparse.ArgumentParser(prog="ema-callback script-path",
-                                     description="Print the path of the script form of ocr-train or det-train, "
+                                     description="Print the path of the script form of ocr-train, det-train or cls-train, "
                                                  "for python -m paddle.distributed.launch (which takes a script path).")
-    parser.add_argument("command", choices=("ocr", "det"), help="ocr (ocr-train) or det (det-train)")
+    parser.add_argument("command", choices=("ocr", "det", "cls"), help="ocr (ocr-train), det (det-train) or cls (cls-train)")
     args = parser.parse_args(argv)
-    names = {"ocr": "launch_ocr.py", "det": "launch_det.py"}
+    names = {"ocr": "launch_ocr.py", "det": "launch_det.py", "cls": "launch_cls.py"}
     print(os.path.join(os.path.dirname(os.path.abspath(__file__)), "integrations", names[args.command]))
     return 0
 
@@ -96,6 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "merge-config": _merge_config,
         "ocr-train": lambda rest: __import__("ema_callback.integrations.paddleocr", fromlist=["main"]).main(rest),
         "det-train": lambda rest: __import__("ema_callback.integrations.paddledet", fromlist=["main"]).main(rest),
+        "cls-train": lambda rest: __import__("ema_callback.integrations.paddleclas", fromlist=["main"]).main(rest),
         "posthoc": lambda rest: __import__("ema_callback.posthoc.cli", fromlist=["main"]).main(rest),
         "script-path": _script_path,
         "presets": _presets,

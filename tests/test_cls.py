@@ -1,0 +1,150 @@
+"""PaddleClas's own tools/train.py loop and Engine with EMA (``ema-callback cls-train``), end to end on a synthetic
+image folder (CPU): MobileNetV3_small_x0_35 from PaddleClas's upstream config, shrunk to 32x32 images."""
+import glob
+import hashlib
+import os
+import re
+
+import numpy as np
+import paddle
+import pytest
+import yaml
+
+from ema_callback.config.schema import EMAConfigError
+from ema_callback.integrations.paddleclas import resolve_cls_config
+
+from conftest import needs_paddleclas
+from cls_helpers import CLS_CFG, cls_train, eval_lines, paddleclas_tool, write_cls_dataset
+
+
+
+def end_to_end(test):
+    """A run of PaddleClas's checkout: slow, on the module's one xdist worker, skipped loudly without a checkout."""
+    return pytest.mark.slow(pytest.mark.xdist_group("paddleclas")(needs_paddleclas(test)))
+
+
+def load(path):
+    return {k: np.asarray(v) for k, v in paddle.load(path, return_numpy=True).items() if not isinstance(v, dict)}
+
+
+def same_tensors(a, b):
+    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def file_hashes(folder):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)):
+        if os.path.isfile(path) and not path.endswith(".log"):
+            out[os.path.relpath(path, folder)] = hashlib.sha1(open(path, "rb").read()).hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the EMA: block
+def test_native_decay_is_constant_and_our_keys_are_checked():
+    assert resolve_cls_config({"EMA": {"decay": 0.9995}}, None, []).effective_schedule == "constant"
+    config = resolve_cls_config({"EMA": {"decay": 0.9995}}, None, [])
+    assert not config.effective_bias_correction and config.eval_raw  # PaddleClas's loop always evaluates raw
+    warm = resolve_cls_config({"EMA": {"decay": 0.9995, "schedule": "threshold", "bias_correction": True}}, None, [])
+    assert warm.effective_schedule == "threshold" and warm.effective_bias_correction
+    with pytest.raises(EMAConfigError, match="decya"):
+        resolve_cls_config({"EMA": {"decya": 0.99}}, None, [])
+    with pytest.raises(EMAConfigError, match="states no length.*decay: 0.9999"):
+        resolve_cls_config({"EMA": {}}, None, [])
+    with pytest.raises(EMAConfigError, match="save_as"):
+        resolve_cls_config({"EMA": {"decay": 0.99, "save_as": "raw"}}, None, [])
+    assert not resolve_cls_config({"EMA": {"decay": 0.99, "enable": False}}, None, []).enable
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls_data")
+    write_cls_dataset(str(root / "train"), 16, seed=1)
+    write_cls_dataset(str(root / "val"), 8, seed=2)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def no_ema_cfg(tmp_path_factory):
+    """The same config without its EMA: section (what PaddleClas trains without any EMA)."""
+    with open(CLS_CFG) as handle:
+        cfg = yaml.safe_load(handle)
+    cfg.pop("EMA")
+    path = tmp_path_factory.mktemp("cls_cfg") / "no_ema.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ema_run(data, tmp_path_factory):
+    """cls-train with the config's native EMA: {decay: 0.9}, 3 epochs (24 optimizer steps)."""
+    out = str(tmp_path_factory.mktemp("cls") / "ema")
+    rc, log = cls_train(out, data)
+    assert rc == 0, log[-4000:]
+    return out, log
+
+
+@end_to_end
+def test_disabled_ema_is_bit_identical_to_paddleclas_own_run(tmp_path, data, no_ema_cfg):
+    rc, log = cls_train(str(tmp_path / "own"), data, cfg=no_ema_cfg, launcher=False)
+    assert rc == 0, log[-4000:]
+    rc, log = cls_train(str(tmp_path / "off"), data, ["EMA.enable=false"])
+    assert rc == 0, log[-4000:]
+    assert "EMA: off for this run (-o EMA.enable=false)" in log
+    own, off = file_hashes(str(tmp_path / "own")), file_hashes(str(tmp_path / "off"))
+    assert "latest.pdparams" in own and not any(name.endswith(".pdema") for name in off)
+    assert own == off  # every file PaddleClas wrote, byte for byte (PaddleClas's own EMA is not built either)
+
+
+@end_to_end
+def test_ema_matches_paddleclas_own_ema_and_raw_weights_are_untouched(tmp_path, data, ema_run):
+    """PaddleClas's own EMA (ppcls/utils/ema.py, its decay constant) is the independent reference: its .pdparams
+    and ours agree to float32 rounding, its raw weights (.pdema) and ours are bit-identical, and so is every metric
+    PaddleClas logged."""
+    out, log = ema_run
+    rc, own_log = cls_train(str(tmp_path / "own"), data, launcher=False)
+    assert rc == 0, own_log[-4000:]
+    ours, theirs = load(f"{out}/latest.pdparams"), load(f"{tmp_path}/own/latest.pdparams")
+    assert set(ours) == set(theirs)
+    assert all(ours[k].dtype == np.float32 for k in ours)
+    assert all(np.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6) for k in ours)
+    raw = load(f"{out}/latest.pdema")
+    assert same_tensors(raw, load(f"{tmp_path}/own/latest.pdema"))
+    assert any(not np.array_equal(raw[k], ours[k]) for k in ours)  # the EMA is not the raw weights
+    assert eval_lines(log) == eval_lines(own_log)
+
+
+@end_to_end
+def test_raw_and_ema_side_by_side_and_eval_reproduces_best_model(data, ema_run):
+    out, log = ema_run
+    lines = eval_lines(log)
+    assert [epoch for epoch, _ in lines] == [1, 1, 2, 2, 3, 3]  # PaddleClas's raw evaluation, then the EMA's
+    compared = re.findall(r"EMA: metric at optimizer step (\d+): raw ([\d.e-]+), ema ([\d.e-]+)", log)
+    assert [int(step) for step, _, _ in compared] == [8, 16, 24]
+    for (step, raw, ema), epoch in zip(compared, (1, 2, 3)):
+        raw_line, ema_line = [m for e, m in lines if e == epoch]
+        assert float(raw) == pytest.approx(raw_line["top1"], abs=5e-6)
+        assert float(ema) == pytest.approx(ema_line["top1"], abs=5e-6)
+    saved = re.findall(r"EMA: saved \S+/best_model \(best_model.pdparams hold (\w+), metric [\d.e-]+ at epoch (\d)",
+                       log)
+    label, epoch = saved[-1]
+    assert label == "ema"
+    logged = [m for e, m in lines if e == int(epoch)][1]
+    rc, eval_log = paddleclas_tool("eval.py", data, [f"Global.pretrained_model={out}/best_model"])
+    assert rc == 0, eval_log[-4000:]
+    assert eval_lines(eval_log)[-1][1] == logged  # PaddleClas's own eval of best_model: the logged EMA line
+    assert same_tensors(load(f"{out}/best_model.pdparams"), load(f"{out}/best_model/model.pdparams"))
+
+
+@end_to_end
+def test_resume_is_exact(tmp_path, data, ema_run):
+    out, _ = ema_run
+    resumed = str(tmp_path / "resumed")
+    rc, log = cls_train(resumed, data, [f"Global.checkpoints={out}/epoch_2"])
+    assert rc == 0, log[-4000:]
+    assert re.search(r"EMA: resumed from \S+epoch_2.pdema at optimizer step 16 \(16 updates\)", log), log[-3000:]
+    assert same_tensors(load(f"{resumed}/latest.pdparams"), load(f"{out}/latest.pdparams"))  # the EMA
+    assert same_tensors(load(f"{resumed}/latest.pdema"), load(f"{out}/latest.pdema"))  # the raw weights
+    ours = paddle.load(f"{resumed}/latest.pdema", return_numpy=True)["ema_callback_state"]
+    theirs = paddle.load(f"{out}/latest.pdema", return_numpy=True)["ema_callback_state"]
+    assert ours["num_updates"] == theirs["num_updates"] == 24
