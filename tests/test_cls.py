@@ -148,3 +148,70 @@ def test_resume_is_exact(tmp_path, data, ema_run):
     ours = paddle.load(f"{resumed}/latest.pdema", return_numpy=True)["ema_callback_state"]
     theirs = paddle.load(f"{out}/latest.pdema", return_numpy=True)["ema_callback_state"]
     assert ours["num_updates"] == theirs["num_updates"] == 24
+
+
+@end_to_end
+def test_paddleclas_own_tools_use_the_files(tmp_path, data, ema_run):
+    """PaddleClas's own export_model.py exports best_model's EMA weights, and its own tools/train.py resumes from our
+    set: raw weights from the .pdema (our state rides beside them), its EMA from the .pdparams."""
+    out, log = ema_run
+    assert ".ema-staging" not in log  # PaddleClas's own 'Already save model in ...' names the final folder
+    rc, export_log = paddleclas_tool("export_model.py", data, [f"Global.pretrained_model={out}/best_model",
+                                                               f"Global.save_inference_dir={tmp_path}/inference"])
+    assert rc == 0, export_log[-4000:]
+    digest = lambda a: hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()  # noqa: E731
+    exported = [digest(v.numpy()) for v in paddle.jit.load(f"{tmp_path}/inference/inference").state_dict().values()]
+    ema = {digest(v) for v in load(f"{out}/best_model.pdparams").values()}
+    raw = {digest(v) for v in load(f"{out}/best_model.pdema").values()}
+    assert len(exported) == len(ema) > 100 and all(h in ema for h in exported) and not any(h in raw for h in exported)
+    rc, own_log = cls_train(str(tmp_path / "own_resume"), data, [f"Global.checkpoints={out}/epoch_2"], launcher=False)
+    assert rc == 0, own_log[-4000:]
+    assert same_tensors(load(f"{tmp_path}/own_resume/latest.pdema"), load(f"{out}/latest.pdema"))
+    theirs, ours = load(f"{tmp_path}/own_resume/latest.pdparams"), load(f"{out}/latest.pdparams")
+    assert all(np.allclose(theirs[k], ours[k], rtol=1e-5, atol=1e-6) for k in ours)  # same constant decay
+
+
+@end_to_end
+def test_before_eval_start_step_best_model_holds_the_raw_weights(tmp_path, data):
+    out = str(tmp_path / "raw_best")
+    rc, log = cls_train(out, data, ["Global.epochs=1", "EMA.eval_start_step=1000"])
+    assert rc == 0, log[-4000:]
+    assert "EMA: evaluating raw weights until optimizer step 1000 (eval_start_step)" in log
+    assert "best_model.pdparams hold raw" in log
+    raw = load(f"{out}/best_model.pdema")
+    held = load(f"{out}/best_model.pdparams")
+    assert same_tensors(held, {k: raw[k] for k in held})
+    assert same_tensors(load(f"{out}/best_model/model.pdparams"), held)
+
+
+@end_to_end
+def test_start_files_are_read_safely_before_paddleclas_unpickles_them(tmp_path, data):
+    from conftest import RunsCode
+    import pickle
+
+    marker = tmp_path / "ran"
+    (tmp_path / "ckpt.pdparams").write_bytes(pickle.dumps({"w": RunsCode(str(marker))}))
+    rc, log = cls_train(str(tmp_path / "out"), data, [f"Global.checkpoints={tmp_path}/ckpt"])
+    assert rc == 2 and not marker.exists()
+    assert log.strip().splitlines()[-1].startswith(f"ema-callback: error: Global.checkpoints: {tmp_path}/ckpt.pdparams")
+
+
+def test_cls_train_command_line():
+    import subprocess
+    import sys
+
+    from cls_helpers import REPO
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "ema_callback.cli", *args], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+        return done.returncode, done.stdout, done.stderr
+
+    rc, out, _ = cli("script-path", "cls")
+    assert rc == 0 and out.strip().endswith("launch_cls.py") and os.path.isfile(out.strip())
+    rc, out, _ = cli("cls-train", "--help")
+    assert rc == 0 and "--paddleclas-root" in out
+    rc, out, _ = cli("--help")
+    assert "cls-train -c cfg.yaml" in out
+    rc, _, err = cli("cls-train", "-c", CLS_CFG, "--paddleclas-root", "/nonexistent")
+    assert rc == 2 and err.strip() == "ema-callback: error: --paddleclas-root /nonexistent: no such folder"

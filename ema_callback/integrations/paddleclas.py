@@ -307,6 +307,26 @@ def _batch_info(engine, update_freq: int, steps_per_epoch: int):
                      info.measured)
 
 
+class _FinalPathLogger:
+    """PaddleClas's ``ppcls.utils.logger`` as ``save_load`` calls it, with a staging folder's path replaced by the
+    folder the set is published into (``Already save model in <output_dir>/latest``)."""
+
+    def __init__(self, log, staging: str, final: str):
+        self._log, self._staging, self._final = log, staging, final
+
+    def __getattr__(self, name):
+        method = getattr(self._log, name)
+        if name not in ("debug", "info", "warning", "error"):
+            return method
+
+        def rewritten(message, *args, **kwargs):
+            if isinstance(message, str):
+                message = message.replace(self._staging, self._final)
+            return method(message, *args, **kwargs)
+
+        return rewritten
+
+
 def _staged_save_model(original):
     """PaddleClas's ``save_load.save_model``, its set staged and published as one. With our EMA: ``.pdparams`` hold
     the selected candidate, ``.pdema`` PaddleClas's raw weights plus our state (fingerprinting the ``.pdparams`` and
@@ -316,6 +336,17 @@ def _staged_save_model(original):
     from ema_callback.files.checkpoint_io import atomic_save, checked_load
     from ema_callback.files.checkpoint_set import StagedWrite
     from ema_callback.files.state_file import add_file_companion, fingerprint
+
+    module = sys.modules[original.__module__]
+
+    def staged(stage, model_path, *args, **kwargs):
+        """PaddleClas's own save into the staging folder, its log line naming the final folder."""
+        own = module.logger
+        module.logger = _FinalPathLogger(own, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
+        try:
+            return original(*args[:3], stage.tmp, *args[3:], **kwargs)
+        finally:
+            module.logger = own
 
     def save_model(net, optimizer, metric_info, model_path, ema=None, model_name="", prefix="ppcls", loss=None,
                    save_student_model=False):
@@ -328,7 +359,7 @@ def _staged_save_model(original):
             if not stale:
                 return original(net, optimizer, metric_info, model_path, ema=ema, prefix=prefix, **kwargs)
             with StagedWrite(model_path) as stage:
-                result = original(net, optimizer, metric_info, stage.tmp, ema=ema, prefix=prefix, **kwargs)
+                result = staged(stage, model_path, net, optimizer, metric_info, ema=ema, prefix=prefix, **kwargs)
                 stage.record_sets({prefix: {"hold": RAW, "sha1": None}})
                 stage.publish(remove=stale)
             logger.info("EMA: off; removed %s, which described the set this save replaced", ", ".join(stale))
@@ -349,7 +380,7 @@ def _staged_save_model(original):
         if loss is not None:
             raw.update({k: v.numpy() for k, v in loss.state_dict().items()})
         with StagedWrite(model_path) as stage:
-            result = original(net, optimizer, metric_info, stage.tmp, ema=_Held(held), prefix=prefix, **kwargs)
+            result = staged(stage, model_path, net, optimizer, metric_info, ema=_Held(held), prefix=prefix, **kwargs)
             names = [prefix]
             if prefix == "best_model":  # PaddleClas writes its raw weights there; ours holds the pick, as best_model
                 atomic_save(held, stage.path(os.path.join("best_model", "model.pdparams")))
