@@ -215,3 +215,19 @@ def test_cls_train_command_line():
     assert "cls-train -c cfg.yaml" in out
     rc, _, err = cli("cls-train", "-c", CLS_CFG, "--paddleclas-root", "/nonexistent")
     assert rc == 2 and err.strip() == "ema-callback: error: --paddleclas-root /nonexistent: no such folder"
+
+
+@end_to_end
+def test_resume_with_ema_off_trains_on_from_the_raw_weights(tmp_path, data, ema_run):
+    """PaddleClas alone would load the EMA weights of epoch_2.pdparams as the weights to train on; with
+    EMA.enable=false cls-train puts the raw ones back from the .pdema, so the run ends on the raw weights of the
+    uninterrupted EMA run (the EMA never changes the raw weights), bit for bit."""
+    out, _ = ema_run
+    off = str(tmp_path / "off")
+    rc, log = cls_train(off, data, [f"Global.checkpoints={out}/epoch_2", "EMA.enable=false"])
+    assert rc == 0, log[-4000:]
+    assert "training continues from the raw weights in" in log
+    raw = load(f"{out}/latest.pdema")
+    mine = load(f"{off}/latest.pdparams")
+    assert same_tensors(mine, {k: raw[k] for k in mine})
+    assert not os.path.exists(f"{off}/latest.pdema")
