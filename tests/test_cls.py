@@ -231,3 +231,46 @@ def test_resume_with_ema_off_trains_on_from_the_raw_weights(tmp_path, data, ema_
     mine = load(f"{off}/latest.pdparams")
     assert same_tensors(mine, {k: raw[k] for k in mine})
     assert not os.path.exists(f"{off}/latest.pdema")
+
+
+@end_to_end
+@pytest.mark.distributed
+@pytest.mark.xdist_group("launch")  # 2-process launches one at a time
+def test_two_process_cls_train_keeps_equal_shadows(tmp_path, data):
+    """2 CPU ranks through the script form (``ema-callback script-path cls``): the global batch counts both ranks and
+    the shadows stay identical. Without evaluation: PaddleClas's own evaluation with 2 ranks on CPU stops in
+    ``paddle.distributed.ParallelEnv().device_id`` (classification.py, line 76), with or without cls-train."""
+    import subprocess
+    import sys
+
+    from cls_helpers import REPO, data_overrides, each_o, env, PADDLECLAS_ROOT, TIMEOUT
+
+    script = os.path.join(REPO, "ema_callback", "integrations", "launch_cls.py")
+    out = str(tmp_path / "dist")
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "log"), script, "-c", CLS_CFG,
+           *each_o([f"Global.output_dir={out}/", "Global.eval_during_train=False"] + data_overrides(data))]
+    done = subprocess.run(cmd, cwd=PADDLECLAS_ROOT, capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    logs = {r: open(tmp_path / "log" / f"workerlog.{r}").read() for r in (0, 1)}
+    assert done.returncode == 0, done.stdout[-2000:] + logs[0][-3000:] + logs[1][-3000:]
+    assert "EMA: global batch 16 (8 x 2 ranks x 1)" in logs[0]
+    finals = [re.findall(r"EMA: finished: optimizer step (\d+), .* shadow sha1 (\w+) \(rank (\d)\)", logs[r])[-1]
+              for r in (0, 1)]
+    assert finals[0][0] == finals[1][0] == "12" and finals[0][1] == finals[1][1]
+    state = paddle.load(f"{out}/latest.pdema", return_numpy=True)["ema_callback_state"]
+    assert state["num_updates"] == 12
+
+
+@end_to_end
+@pytest.mark.gpu
+def test_amp_o2_shadow_is_float32(tmp_path, data):
+    """Needs a GPU (benchmarks/gpu_check.sh): on CPU, Paddle's paddle.amp.decorate(level='O2') leaves the
+    parameters float32, so there is no float16 network to average. Under O2 PaddleClas's own EMA is a copy of the
+    float16 network; ours is float32 (not all of it representable in float16) and its .pdparams are float32."""
+    opts = ["Global.device=gpu", "AMP.use_amp=True", "AMP.level=O2", "EMA.decay=0.999"]
+    out = str(tmp_path / "amp")
+    rc, log = cls_train(out, data, opts)
+    assert rc == 0, log[-4000:]
+    ours = {k: v for k, v in load(f"{out}/latest.pdparams").items() if v.dtype.kind == "f"}
+    assert all(v.dtype == np.float32 for v in ours.values())
+    assert any(not np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in ours.values())
