@@ -48,8 +48,7 @@ def test_native_decay_is_constant_and_our_keys_are_checked():
     assert warm.effective_schedule == "threshold" and warm.effective_bias_correction
     with pytest.raises(EMAConfigError, match="decya"):
         resolve_cls_config({"EMA": {"decya": 0.99}}, None, [])
-    with pytest.raises(EMAConfigError, match="states no length.*decay: 0.9999"):
-        resolve_cls_config({"EMA": {}}, None, [])
+    assert resolve_cls_config({"EMA": {}}, None, []).auto  # ema-callback's rule: no length stated -> length auto
     with pytest.raises(EMAConfigError, match="save_as"):
         resolve_cls_config({"EMA": {"decay": 0.99, "save_as": "raw"}}, None, [])
     assert not resolve_cls_config({"EMA": {"decay": 0.99, "enable": False}}, None, []).enable
@@ -274,3 +273,29 @@ def test_amp_o2_shadow_is_float32(tmp_path, data):
     ours = {k: v for k, v in load(f"{out}/latest.pdparams").items() if v.dtype.kind == "f"}
     assert all(v.dtype == np.float32 for v in ours.values())
     assert any(not np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in ours.values())
+
+
+@end_to_end
+def test_length_auto_picks_through_paddleclas_eval_and_saves_the_pick(tmp_path, data):
+    """``EMA: {}`` (no length): ema-callback's length auto; the candidates go through PaddleClas's own evaluation at
+    the end, and best_model and latest hold the pick, which PaddleClas's own tools/eval.py scores as logged."""
+    import json
+
+    with open(CLS_CFG) as handle:
+        cfg = yaml.safe_load(handle)
+    cfg["EMA"] = {}
+    path = tmp_path / "auto.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = str(tmp_path / "auto")
+    rc, log = cls_train(out, data, cfg=str(path))
+    assert rc == 0, log[-4000:]
+    picked = json.load(open(f"{out}/ema_auto.json"))
+    assert len(picked["rows"]) >= 6 and picked["label"] in {row["candidate"] for row in picked["rows"]}
+    assert f"EMA: length auto: {picked['label']} written as best_model and latest" in log
+    best, latest = load(f"{out}/best_model.pdparams"), load(f"{out}/latest.pdparams")
+    assert same_tensors(best, latest)
+    state = paddle.load(f"{out}/best_model.pdema", return_numpy=True)["ema_callback_state"]
+    assert state["pdparams_hold"] == picked["label"]
+    rc, eval_log = paddleclas_tool("eval.py", data, [f"Global.pretrained_model={out}/best_model"], cfg=str(path))
+    assert rc == 0, eval_log[-4000:]
+    assert eval_lines(eval_log)[-1][1]["top1"] == pytest.approx(picked["value"], abs=5e-6)

@@ -22,7 +22,9 @@ nothing in the checkout edited:
   back from its ``.pdema`` (PaddleClas would train on from the EMA weights in its ``.pdparams``).
 
 PaddleClas's native block is ``EMA: {decay: D}`` (a constant decay: no warm-up, no bias correction): ``decay``
-keeps that meaning here unless the block states a ``schedule``. Every other key is ema-callback's
+keeps that meaning here unless the block states a ``schedule``. A block without a length is ``length: auto``
+(ema-callback's rule; PaddleClas's ``EMA: {}`` meant 0.9999): the candidates go through PaddleClas's own evaluation
+at the end and the pick is saved as ``best_model`` and ``latest``. Every other key is ema-callback's
 (docs/ema-block.md); an unknown one is refused in one line. With ``EMA.enable: false`` the section is removed and
 the run is PaddleClas's own without any EMA, bit for bit.
 """
@@ -41,6 +43,7 @@ from ema_callback.config.files import (check_section_name, has_ema_request, load
                                        read_block_file, read_yaml, split_overrides, why_disabled)
 from ema_callback.config.schema import LENGTH_KEYS, SECTION, EMAConfig, EMAConfigError
 from ema_callback.errors import EMAError, EMAFileError
+from ema_callback.integrations.auto_length import AutoPick, resolve as resolve_length, saved_plan
 from ema_callback.integrations.candidates import RAW, CandidateBoard
 from ema_callback.integrations.checkpoints import (STATE_KEY, check_checkpoint_files, checkpoint_prefix,
                                                   describe_start_weights, ema_file, is_rank0, lock_run, numpy_state,
@@ -64,10 +67,7 @@ def resolve_cls_config(suite: Mapping[str, Any], block_file: Optional[str], over
         return EMAConfig.from_block(merged if any(merged.get(k) is not None for k in LENGTH_KEYS)
                                     else dict(merged, decay=NATIVE_DECAY))
     if not any(merged.get(k) is not None for k in LENGTH_KEYS):
-        EMAConfig.from_block(dict(merged, length="auto"))  # an unknown key first: one line naming it
-        raise EMAConfigError(f"{SECTION}: states no length, and cls-train does not pick one at the end of the run "
-                             f"(length: auto is not supported here yet): state decay (PaddleClas's own {SECTION}: {{}} "
-                             f"meant decay: {NATIVE_DECAY}), decays, half_life_images or half_life_epochs")
+        merged["length"] = "auto"  # ema-callback's rule for a block without a length (PaddleClas's EMA: {} meant 0.9999)
     if merged.get("decay") is not None and "schedule" not in merged:
         merged["schedule"] = "constant"  # PaddleClas's EMA: d * ema + (1 - d) * w from the first step
     config = EMAConfig.from_block(merged)  # an unknown key: one line naming it
@@ -134,7 +134,7 @@ class ClsEMA:
     """PaddleClas's ``ExponentialMovingAverage`` interface (``.module``, ``.update(model)``) over our engine."""
 
     def __init__(self, model, config: EMAConfig, optimizer, batch, checkpoints: Optional[str], steps_per_epoch: int,
-                 save_dir: Optional[str]):
+                 save_dir: Optional[str], plan=None):
         from ema_callback.core.engine import ExponentialMovingAverage
         from ema_callback.core.run_report import log_start
         from ema_callback.core.selection import unwrap
@@ -153,6 +153,11 @@ class ClsEMA:
         self.key = "metric"
         self.best: Optional[float] = None  # the selected candidate's best metric so far (this run)
         self.pending: Optional[Tuple[str, Dict[str, Any]]] = None  # a new best to write as best_model
+        self.final: Optional[str] = None  # length: auto's pick, once made (what the last saves hold)
+        # length: auto: PaddleClas's evaluation is collective (all_gather), so every rank evaluates the candidates
+        self.auto = AutoPick(self.engine, plan, every_rank=True) if plan is not None else None
+        if plan is not None:
+            logger.info("EMA: %s", plan.describe(sum(int(np.prod(e.tensor.shape)) for e in self.engine.averaged_entries)))
         place_features(self.engine, save_dir, only_rank0_evaluates=False)  # PaddleClas evaluates on every rank
         log_start(self.engine)
         logger.info("EMA: %s", ", ".join(f"{k}: {v}" for k, v in config.to_block().items()))
@@ -190,10 +195,14 @@ class ClsEMA:
         """The network's state dict with ``label``'s weights (float32 EMA values; raw: the live weights)."""
         if label == RAW:
             return numpy_state(self.model)
+        if self.auto is not None and label not in self.engine.labels:  # a length rebuilt from the snapshots
+            return self.auto.values(label, self.model)
         return self.engine.ema_state_dict(self.model, label)
 
     def selected_now(self) -> str:
         """What a regular checkpoint's ``.pdparams`` hold: the raw weights before ``eval_start_step``, else the primary."""
+        if self.final is not None:
+            return self.final
         return RAW if before_eval_start(self.engine, self.config) else self.board.primary
 
     # -------------------------------------------------------------- evaluation
@@ -223,15 +232,44 @@ class ClsEMA:
             self.best = value
             self.pending = (label, {"metric": value, "epoch": epoch_id})
 
+    def pick_length(self, run_eval: Callable[[], Any], evaluated_in_training: bool) -> Optional[Tuple[str, float]]:
+        """``length: auto`` at the end (``auto_length``): each candidate through PaddleClas's own evaluation
+        (``run_eval``); the accuracy is no per-sample mean here, so the uncertainty is the noise of the metric over
+        nearby lengths. Returns (the pick, its metric), or None when nothing was compared."""
+        auto = self.auto
+        if not evaluated_in_training:
+            logger.warning("EMA: length auto: no evaluation in this run (Global.eval_during_train: False), so nothing "
+                           "can be compared: the default length (%s) is kept", auto.length_of(auto.default))
+            return None
+
+        def evaluate(label: str):
+            from ema_callback.integrations.honest_pick import Evaluated
+
+            logger.info("EMA: length auto: evaluating %s", label)
+            with auto.weights(label, self.model):
+                return Evaluated(label, float(run_eval()))
+
+        auto.metric = self.key
+        decision = auto.run(evaluate, trend_noise=self.board.noises((auto.default, RAW)))
+        if not auto.evaluated:
+            return None
+        self.final = decision.label
+        return decision.label, auto.evaluated[decision.label].value
+
     def finish(self, save_dir: Optional[str]) -> None:
         logger.info("EMA: finished: %s", self.engine.summary())
         self.board.finish(save_dir, write=is_rank0())
         self.counter.close()
+        if self.auto is not None:
+            if is_rank0():
+                self.auto.write(save_dir)
+            self.auto.close()
 
 
 # ---------------------------------------------------------------------------- the seams
 def _make_engine_class(Engine, config: EMAConfig, resolved_block: Optional[Dict[str, Any]], checkpoints):
     import ppcls.engine.engine as engine_module
+    import ppcls.utils.save_load as save_load
 
     class EMAEngine(Engine):
         """PaddleClas's Engine with ``ClsEMA`` as ``model_ema`` (train mode, EMA on), or with no EMA at all (EMA off:
@@ -263,8 +301,10 @@ def _make_engine_class(Engine, config: EMAConfig, resolved_block: Optional[Dict[
                 raise EMAConfigError(f"Optimizer: {len(optimizers)} optimizers; cls-train counts the updates of one")
             update_freq = int(self.update_freq)
             steps = self.iter_per_epoch // update_freq
-            return ClsEMA(model, config, optimizers[0], _batch_info(self, update_freq, steps), checkpoints, steps,
-                          self.output_dir)
+            batch = _batch_info(self, update_freq, steps)
+            resumed = saved_plan(ema_file(checkpoints)) if checkpoints and config.auto else None
+            engine_config, plan = resolve_length(config, batch, self.output_dir, resumed=resumed)
+            return ClsEMA(model, engine_config, optimizers[0], batch, checkpoints, steps, self.output_dir, plan)
 
         def eval(self, epoch_id=0):
             ema = getattr(self, "model_ema", None)
@@ -284,10 +324,27 @@ def _make_engine_class(Engine, config: EMAConfig, resolved_block: Optional[Dict[
             if isinstance(ema, ClsEMA):
                 self._ema_live_model = self.model  # after paddle.DataParallel, as PaddleClas's loop uses it
             try:
-                return super().train()
+                result = super().train()
+                if isinstance(ema, ClsEMA) and ema.auto is not None:
+                    self._save_pick(ema)
+                return result
             finally:
                 if isinstance(ema, ClsEMA):
                     ema.finish(self.output_dir)
+
+        def _save_pick(self, ema: "ClsEMA") -> None:
+            """length: auto's pick, evaluated by PaddleClas's own evaluation, saved as best_model and latest through
+            PaddleClas's own save_model (the wrapped one: the .pdparams hold the pick)."""
+            epochs = self.config["Global"]["epochs"]
+            picked = ema.pick_length(lambda: Engine.eval(self, epochs), bool(self.config["Global"]["eval_during_train"]))
+            if picked is None:
+                return
+            label, value = picked
+            ema.pending = (label, {"metric": value, "epoch": epochs})
+            save_load.save_model(self.model, self.optimizer, {"metric": value, "epoch": epochs}, self.output_dir,
+                                 ema=ema.module, model_name=self.config["Arch"]["name"], prefix="latest",
+                                 loss=self.train_loss_func)
+            logger.info("EMA: length auto: %s written as best_model and latest in %s", label, self.output_dir)
 
     return EMAEngine
 
