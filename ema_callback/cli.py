@@ -28,9 +28,11 @@ def _script_path(argv: List[str]) -> int:
     import os
 
     parser = argparse.ArgumentParser(prog="ema-callback script-path",
-                                     description="Print the path of the script form of ocr-train, det-train or cls-train, "
-                                                 "for python -m paddle.distributed.launch (which takes a script path).")
-    parser.add_argument("command", choices=("ocr", "det", "cls"), help="ocr (ocr-train), det (det-train) or cls (cls-train)")
+                                     description="Print the path of the script form of ocr-train, det-train or "
+                                                 "cls-train, for python -m paddle.distributed.launch (which takes a "
+                                                 "script path).")
+    parser.add_argument("command", choices=("ocr", "det", "cls"),
+                        help="ocr (ocr-train), det (det-train) or cls (cls-train)")
     args = parser.parse_args(argv)
     names = {"ocr": "launch_ocr.py", "det": "launch_det.py", "cls": "launch_cls.py"}
     print(os.path.join(os.path.dirname(os.path.abspath(__file__)), "integrations", names[args.command]))

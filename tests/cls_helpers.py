@@ -15,7 +15,7 @@ CLASSES = 4
 
 
 def write_cls_dataset(folder, per_class, seed):
-    """``per_class`` 32x32 JPEG... PNG images of each of 4 classes (a colour and a stripe direction each, with noise)
+    """``per_class`` 32x32 PNG images of each of 4 classes (a colour and a stripe direction each, with noise)
     and ``list.txt`` of ``relative/path label`` lines (PaddleClas's ImageNetDataset format)."""
     from PIL import Image
 
@@ -40,13 +40,14 @@ def write_cls_dataset(folder, per_class, seed):
 
 def data_overrides(data):
     train, val = os.path.join(data, "train"), os.path.join(data, "val")
-    return [f"DataLoader.Train.dataset.image_root={train}/", f"DataLoader.Train.dataset.cls_label_path={train}/list.txt",
+    return [f"DataLoader.Train.dataset.image_root={train}/",
+            f"DataLoader.Train.dataset.cls_label_path={train}/list.txt",
             f"DataLoader.Eval.dataset.image_root={val}/", f"DataLoader.Eval.dataset.cls_label_path={val}/list.txt"]
 
 
 def env():
-    return dict(os.environ, PYTHONPATH=REPO, PADDLECLAS_ROOT=PADDLECLAS_ROOT, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1",
-                FLAGS_call_stack_level="0")
+    return dict(os.environ, PYTHONPATH=REPO, PADDLECLAS_ROOT=PADDLECLAS_ROOT, PYTHONUNBUFFERED="1",
+                PYTHONDONTWRITEBYTECODE="1", FLAGS_call_stack_level="0")  # nothing written into the checkout
 
 
 def run(cmd, cwd, timeout=TIMEOUT):
@@ -65,12 +66,14 @@ def cls_train(out, data, extra=(), cfg=CLS_CFG, launcher=True):
         cmd = [sys.executable, "-m", "ema_callback.cli", "cls-train", "-c", cfg, *each_o(opts)]
     else:
         cmd = tool_command(os.path.join(PADDLECLAS_ROOT, "tools", "train.py")) + ["-c", cfg, *each_o(opts)]
-    return run(cmd, PADDLECLAS_ROOT)
+    return run(cmd, os.path.dirname(os.path.abspath(out)))  # not the checkout: nothing is written there
 
 
-def paddleclas_tool(tool, data, opts, cfg=CLS_CFG):
-    cmd = tool_command(os.path.join(PADDLECLAS_ROOT, "tools", tool)) + ["-c", cfg, *each_o(data_overrides(data) + list(opts))]
-    return run(cmd, PADDLECLAS_ROOT)
+def paddleclas_tool(tool, data, opts, workdir, cfg=CLS_CFG):
+    """PaddleClas's own ``tools/<tool>`` in ``workdir`` (its log goes to ``workdir/output/``)."""
+    cmd = tool_command(os.path.join(PADDLECLAS_ROOT, "tools", tool))
+    cmd += ["-c", cfg, *each_o(data_overrides(data) + [f"Global.output_dir={workdir}/output/"] + list(opts))]
+    return run(cmd, workdir)
 
 
 def eval_lines(log):

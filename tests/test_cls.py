@@ -114,7 +114,7 @@ def test_ema_matches_paddleclas_own_ema_and_raw_weights_are_untouched(tmp_path, 
 
 
 @end_to_end
-def test_raw_and_ema_side_by_side_and_eval_reproduces_best_model(data, ema_run):
+def test_raw_and_ema_side_by_side_and_eval_reproduces_best_model(tmp_path, data, ema_run):
     out, log = ema_run
     lines = eval_lines(log)
     assert [epoch for epoch, _ in lines] == [1, 1, 2, 2, 3, 3]  # PaddleClas's raw evaluation, then the EMA's
@@ -129,7 +129,7 @@ def test_raw_and_ema_side_by_side_and_eval_reproduces_best_model(data, ema_run):
     label, epoch = saved[-1]
     assert label == "ema"
     logged = [m for e, m in lines if e == int(epoch)][1]
-    rc, eval_log = paddleclas_tool("eval.py", data, [f"Global.pretrained_model={out}/best_model"])
+    rc, eval_log = paddleclas_tool("eval.py", data, [f"Global.pretrained_model={out}/best_model"], str(tmp_path))
     assert rc == 0, eval_log[-4000:]
     assert eval_lines(eval_log)[-1][1] == logged  # PaddleClas's own eval of best_model: the logged EMA line
     assert same_tensors(load(f"{out}/best_model.pdparams"), load(f"{out}/best_model/model.pdparams"))
@@ -156,7 +156,8 @@ def test_paddleclas_own_tools_use_the_files(tmp_path, data, ema_run):
     out, log = ema_run
     assert ".ema-staging" not in log  # PaddleClas's own 'Already save model in ...' names the final folder
     rc, export_log = paddleclas_tool("export_model.py", data, [f"Global.pretrained_model={out}/best_model",
-                                                               f"Global.save_inference_dir={tmp_path}/inference"])
+                                                               f"Global.save_inference_dir={tmp_path}/inference"],
+                                      str(tmp_path))
     assert rc == 0, export_log[-4000:]
     digest = lambda a: hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()  # noqa: E731
     exported = [digest(v.numpy()) for v in paddle.jit.load(f"{tmp_path}/inference/inference").state_dict().values()]
@@ -242,14 +243,14 @@ def test_two_process_cls_train_keeps_equal_shadows(tmp_path, data):
     import subprocess
     import sys
 
-    from cls_helpers import REPO, data_overrides, each_o, env, PADDLECLAS_ROOT, TIMEOUT
+    from cls_helpers import REPO, data_overrides, each_o, env, TIMEOUT
 
     script = os.path.join(REPO, "ema_callback", "integrations", "launch_cls.py")
     out = str(tmp_path / "dist")
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
            str(tmp_path / "log"), script, "-c", CLS_CFG,
            *each_o([f"Global.output_dir={out}/", "Global.eval_during_train=False"] + data_overrides(data))]
-    done = subprocess.run(cmd, cwd=PADDLECLAS_ROOT, capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    done = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=TIMEOUT, env=env())
     logs = {r: open(tmp_path / "log" / f"workerlog.{r}").read() for r in (0, 1)}
     assert done.returncode == 0, done.stdout[-2000:] + logs[0][-3000:] + logs[1][-3000:]
     assert "EMA: global batch 16 (8 x 2 ranks x 1)" in logs[0]
@@ -296,6 +297,7 @@ def test_length_auto_picks_through_paddleclas_eval_and_saves_the_pick(tmp_path, 
     assert same_tensors(best, latest)
     state = paddle.load(f"{out}/best_model.pdema", return_numpy=True)["ema_callback_state"]
     assert state["pdparams_hold"] == picked["label"]
-    rc, eval_log = paddleclas_tool("eval.py", data, [f"Global.pretrained_model={out}/best_model"], cfg=str(path))
+    rc, eval_log = paddleclas_tool("eval.py", data, [f"Global.pretrained_model={out}/best_model"], str(tmp_path),
+                                   cfg=str(path))
     assert rc == 0, eval_log[-4000:]
     assert eval_lines(eval_log)[-1][1]["top1"] == pytest.approx(picked["value"], abs=5e-6)

@@ -67,7 +67,7 @@ def resolve_cls_config(suite: Mapping[str, Any], block_file: Optional[str], over
         return EMAConfig.from_block(merged if any(merged.get(k) is not None for k in LENGTH_KEYS)
                                     else dict(merged, decay=NATIVE_DECAY))
     if not any(merged.get(k) is not None for k in LENGTH_KEYS):
-        merged["length"] = "auto"  # ema-callback's rule for a block without a length (PaddleClas's EMA: {} meant 0.9999)
+        merged["length"] = "auto"  # ema-callback's rule for no length (PaddleClas's EMA: {} meant decay 0.9999)
     if merged.get("decay") is not None and "schedule" not in merged:
         merged["schedule"] = "constant"  # PaddleClas's EMA: d * ema + (1 - d) * w from the first step
     config = EMAConfig.from_block(merged)  # an unknown key: one line naming it
@@ -75,6 +75,9 @@ def resolve_cls_config(suite: Mapping[str, Any], block_file: Optional[str], over
         raise EMAConfigError(f"{SECTION}.save_as: cls-train keeps PaddleClas's convention (.pdparams = EMA weights, "
                              f".pdema = raw weights; save_as: ema); got {config.save_as!r}")
     if not config.eval_raw:
+        if merged.get("eval_raw") is False:  # stated: not silently overruled
+            logger.info("EMA: eval_raw: false is overruled in cls-train: PaddleClas's loop evaluates the raw weights "
+                        "at every evaluation, and they are compared beside the EMA")
         config = config.replace(eval_raw=True)  # PaddleClas's loop evaluates the raw weights at every evaluation
     return config
 
@@ -157,7 +160,8 @@ class ClsEMA:
         # length: auto: PaddleClas's evaluation is collective (all_gather), so every rank evaluates the candidates
         self.auto = AutoPick(self.engine, plan, every_rank=True) if plan is not None else None
         if plan is not None:
-            logger.info("EMA: %s", plan.describe(sum(int(np.prod(e.tensor.shape)) for e in self.engine.averaged_entries)))
+            elements = sum(int(np.prod(e.tensor.shape)) for e in self.engine.averaged_entries)
+            logger.info("EMA: %s", plan.describe(elements))
         place_features(self.engine, save_dir, only_rank0_evaluates=False)  # PaddleClas evaluates on every rank
         log_start(self.engine)
         logger.info("EMA: %s", ", ".join(f"{k}: {v}" for k, v in config.to_block().items()))
@@ -200,7 +204,8 @@ class ClsEMA:
         return self.engine.ema_state_dict(self.model, label)
 
     def selected_now(self) -> str:
-        """What a regular checkpoint's ``.pdparams`` hold: the raw weights before ``eval_start_step``, else the primary."""
+        """What a regular checkpoint's ``.pdparams`` hold: length auto's pick once made, else the raw weights before
+        ``eval_start_step``, else the primary."""
         if self.final is not None:
             return self.final
         return RAW if before_eval_start(self.engine, self.config) else self.board.primary
@@ -336,7 +341,8 @@ def _make_engine_class(Engine, config: EMAConfig, resolved_block: Optional[Dict[
             """length: auto's pick, evaluated by PaddleClas's own evaluation, saved as best_model and latest through
             PaddleClas's own save_model (the wrapped one: the .pdparams hold the pick)."""
             epochs = self.config["Global"]["epochs"]
-            picked = ema.pick_length(lambda: Engine.eval(self, epochs), bool(self.config["Global"]["eval_during_train"]))
+            evaluated = bool(self.config["Global"]["eval_during_train"])
+            picked = ema.pick_length(lambda: Engine.eval(self, epochs), evaluated)
             if picked is None:
                 return
             label, value = picked
