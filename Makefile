@@ -22,6 +22,8 @@ PADDLEOCR_GIT ?= https://github.com/PaddlePaddle/PaddleOCR.git
 PADDLEOCR_COMMIT ?= e218c0a35fbc
 PADDLEDET_GIT ?= https://github.com/PaddlePaddle/PaddleDetection.git
 PADDLEDET_COMMIT ?= 666f597fd00d
+PADDLECLAS_GIT ?= https://github.com/PaddlePaddle/PaddleClas.git
+PADDLECLAS_COMMIT ?= d178931fca43
 export PADDLEOCR_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleOCR-2.10) $(CHECKOUT_CACHE)/PaddleOCR)
 export PADDLEDET_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleDetection-develop) $(CHECKOUT_CACHE)/PaddleDetection)
 export PADDLECLAS_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleClas-develop) $(CHECKOUT_CACHE)/PaddleClas)
@@ -95,10 +97,11 @@ endef
 checkouts:
 	$(call fetch_checkout,$(PADDLEOCR_ROOT),$(PADDLEOCR_GIT),$(PADDLEOCR_COMMIT),PaddleOCR)
 	$(call fetch_checkout,$(PADDLEDET_ROOT),$(PADDLEDET_GIT),$(PADDLEDET_COMMIT),PaddleDetection)
+	$(call fetch_checkout,$(PADDLECLAS_ROOT),$(PADDLECLAS_GIT),$(PADDLECLAS_COMMIT),PaddleClas)
 
 skipped-suites:
 	@[ -f "$(PADDLEOCR_ROOT)/tools/train.py" ] || echo "make test: the PaddleOCR end-to-end tests were SKIPPED: no checkout at $(PADDLEOCR_ROOT); set PADDLEOCR_ROOT=/path/to/PaddleOCR (release/2.10 or 3.x) or let make fetch $(PADDLEOCR_GIT)"
-	@[ -f "$(PADDLECLAS_ROOT)/tools/train.py" ] || echo "make test: the PaddleClas end-to-end tests were SKIPPED: no checkout at $(PADDLECLAS_ROOT); set PADDLECLAS_ROOT=/path/to/PaddleClas"
+	@[ -f "$(PADDLECLAS_ROOT)/tools/train.py" ] || echo "make test: the PaddleClas end-to-end tests were SKIPPED: no checkout at $(PADDLECLAS_ROOT); set PADDLECLAS_ROOT=/path/to/PaddleClas or let make fetch $(PADDLECLAS_GIT)"
 	@[ -f "$(PADDLEDET_ROOT)/tools/train.py" ] || echo "make test: the PaddleDetection end-to-end tests were SKIPPED: no checkout at $(PADDLEDET_ROOT); set PADDLEDET_ROOT=/path/to/PaddleDetection or let make fetch $(PADDLEDET_GIT)"
 
 # The edit-test loop: everything but the end-to-end suite runs, the 2-process launches and the kill/demo runs.
