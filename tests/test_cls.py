@@ -118,16 +118,18 @@ def test_raw_and_ema_side_by_side_and_eval_reproduces_best_model(tmp_path, data,
     out, log = ema_run
     lines = eval_lines(log)
     assert [epoch for epoch, _ in lines] == [1, 1, 2, 2, 3, 3]  # PaddleClas's raw evaluation, then the EMA's
-    compared = re.findall(r"EMA: metric at optimizer step (\d+): raw ([\d.e-]+), ema ([\d.e-]+)", log)
+    compared = re.findall(r"EMA: top1 at optimizer step (\d+): raw ([\d.e-]+), ema ([\d.e-]+)", log)
     assert [int(step) for step, _, _ in compared] == [8, 16, 24]
     for (step, raw, ema), epoch in zip(compared, (1, 2, 3)):
         raw_line, ema_line = [m for e, m in lines if e == epoch]
         assert float(raw) == pytest.approx(raw_line["top1"], abs=5e-6)
         assert float(ema) == pytest.approx(ema_line["top1"], abs=5e-6)
-    saved = re.findall(r"EMA: saved \S+/best_model \(best_model.pdparams hold (\w+), metric [\d.e-]+ at epoch (\d)",
+    saved = re.findall(r"EMA: saved \S+/best_model \(best_model.pdparams hold (\w+), top1 [\d.e-]+ at epoch (\d)",
                        log)
     label, epoch = saved[-1]
     assert label == "ema"
+    with open(f"{out}/train.log") as handle:  # PaddleClas's own log names the candidate before its [Avg] line
+        assert len(re.findall(r"the next evaluation is ema-callback's candidate ema \(", handle.read())) == 3
     logged = [m for e, m in lines if e == int(epoch)][1]
     rc, eval_log = paddleclas_tool("eval.py", data, [f"Global.pretrained_model={out}/best_model"], str(tmp_path))
     assert rc == 0, eval_log[-4000:]

@@ -125,6 +125,16 @@ class _Held:
         return {k: paddle.to_tensor(v) for k, v in self.arrays.items()}
 
 
+def _suite_log(message: str) -> None:
+    """One line in PaddleClas's own log (its ``train.log`` too), beside its evaluation lines."""
+    try:
+        from ppcls.utils import logger as ppcls_logger
+
+        ppcls_logger.info(message)
+    except ImportError:
+        logger.info("%s", message)
+
+
 def evaluate_candidate(ema: "ClsEMA", label: str, run_eval: Callable[[], Any]) -> Any:
     """One candidate's metric through PaddleClas's own evaluation (``run_eval``): its weights in the live network for
     the call, the raw weights back after."""
@@ -222,6 +232,8 @@ class ClsEMA:
         results = {RAW: {self.key: self.raw_metric}}
         for label in self.board.to_evaluate():
             if label != RAW:
+                _suite_log(f"[Eval][Epoch {epoch_id}] the next evaluation is ema-callback's candidate {label} "
+                           "(the one before: the raw weights)")
                 results[label] = {self.key: evaluate_candidate(self, label, run_eval)}
         winner = self.board.pick(results, self.key)
         self.board.record(self.engine.num_steps, results, self.key, winner)
@@ -317,6 +329,7 @@ def _make_engine_class(Engine, config: EMAConfig, resolved_block: Optional[Dict[
                 return super().eval(epoch_id)
             if self.model is not ema.module:  # PaddleClas's evaluation of the raw weights (always the first)
                 ema.raw_metric = super().eval(epoch_id)
+                ema.key = _main_metric_name(self) or ema.key
                 return ema.raw_metric
             self.model = self._ema_live_model
             try:
@@ -353,6 +366,16 @@ def _make_engine_class(Engine, config: EMAConfig, resolved_block: Optional[Dict[
             logger.info("EMA: length auto: %s written as best_model and latest in %s", label, self.output_dir)
 
     return EMAEngine
+
+
+def _main_metric_name(engine) -> Optional[str]:
+    """The name of the metric PaddleClas's evaluation returns (the first of ``avg_info``: ``top1`` for ``TopkAcc``)."""
+    try:
+        info = engine.eval_metric_func.avg_info
+    except Exception:  # no metric, or one without avg_info: the key stays "metric"
+        return None
+    name = info.split(":", 1)[0].strip() if isinstance(info, str) and ":" in info else ""
+    return name if name.isidentifier() else None
 
 
 def _batch_info(engine, update_freq: int, steps_per_epoch: int):
