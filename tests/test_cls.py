@@ -294,6 +294,7 @@ def test_length_auto_picks_through_paddleclas_eval_and_saves_the_pick(tmp_path, 
     assert rc == 0, log[-4000:]
     picked = json.load(open(f"{out}/ema_auto.json"))
     assert len(picked["rows"]) >= 6 and picked["label"] in {row["candidate"] for row in picked["rows"]}
+    assert picked["method"] == "paired bootstrap over 32 evaluation units"  # top-1 compared image by image
     assert f"EMA: length auto: {picked['label']} written as best_model and latest" in log
     best, latest = load(f"{out}/best_model.pdparams"), load(f"{out}/latest.pdparams")
     assert same_tensors(best, latest)

@@ -136,8 +136,8 @@ def _suite_log(message: str) -> None:
 
 
 def evaluate_candidate(ema: "ClsEMA", label: str, run_eval: Callable[[], Any]) -> Any:
-    """One candidate's metric through PaddleClas's own evaluation (``run_eval``): its weights in the live network for
-    the call, the raw weights back after."""
+    """One candidate's evaluation through PaddleClas's own (``run_eval``: its metric and per-sample units): its weights
+    in the live network for the call, the raw weights back after."""
     logger.info("EMA: evaluating %s", label)
     with ema.board.weights(label, ema.model):
         return run_eval()
@@ -163,6 +163,7 @@ class ClsEMA:
         self.checkpoints = checkpoints
         self.steps_per_epoch = steps_per_epoch
         self.raw_metric: Any = None  # PaddleClas's evaluation of the raw weights, this epoch
+        self.raw_units: Optional[np.ndarray] = None  # its per-sample (correct, 1) pairs, where the metric is top-1
         self.key = "metric"
         self.best: Optional[float] = None  # the selected candidate's best metric so far (this run)
         self.pending: Optional[Tuple[str, Dict[str, Any]]] = None  # a new best to write as best_model
@@ -229,13 +230,14 @@ class ClsEMA:
             self.board.winner = RAW
             self._note_best(RAW, self.raw_metric, epoch_id)
             return self.raw_metric
-        results = {RAW: {self.key: self.raw_metric}}
+        results, units = {RAW: {self.key: self.raw_metric}}, {RAW: self.raw_units}
         for label in self.board.to_evaluate():
             if label != RAW:
                 _suite_log(f"[Eval][Epoch {epoch_id}] the next evaluation is ema-callback's candidate {label} "
                            "(the one before: the raw weights)")
-                results[label] = {self.key: evaluate_candidate(self, label, run_eval)}
-        winner = self.board.pick(results, self.key)
+                value, units[label] = evaluate_candidate(self, label, run_eval)
+                results[label] = {self.key: value}
+        winner = self.board.pick(results, self.key, units)
         self.board.record(self.engine.num_steps, results, self.key, winner)
         self._note_best(winner, results[winner][self.key], epoch_id)
         return results[self.board.primary][self.key]
@@ -252,7 +254,8 @@ class ClsEMA:
     def pick_length(self, run_eval: Callable[[], Any], evaluated_in_training: bool) -> Optional[Tuple[str, float]]:
         """``length: auto`` at the end (``auto_length``): each candidate through PaddleClas's own evaluation
         (``run_eval``); the accuracy is no per-sample mean here, so the uncertainty is the noise of the metric over
-        nearby lengths. Returns (the pick, its metric), or None when nothing was compared."""
+        nearby lengths where the metric is not top-1 accuracy (which is compared sample by sample). Returns (the pick,
+        its metric), or None when nothing was compared."""
         auto = self.auto
         if not evaluated_in_training:
             logger.warning("EMA: length auto: no evaluation in this run (Global.eval_during_train: False), so nothing "
@@ -264,7 +267,8 @@ class ClsEMA:
 
             logger.info("EMA: length auto: evaluating %s", label)
             with auto.weights(label, self.model):
-                return Evaluated(label, float(run_eval()))
+                value, units = run_eval()
+            return Evaluated(label, float(value), units)
 
         auto.metric = self.key
         decision = auto.run(evaluate, trend_noise=self.board.noises((auto.default, RAW)))
@@ -328,14 +332,28 @@ def _make_engine_class(Engine, config: EMAConfig, resolved_block: Optional[Dict[
             if self.mode != "train" or not isinstance(ema, ClsEMA):
                 return super().eval(epoch_id)
             if self.model is not ema.module:  # PaddleClas's evaluation of the raw weights (always the first)
-                ema.raw_metric = super().eval(epoch_id)
+                ema.raw_metric, ema.raw_units = self._eval_with_units(epoch_id)
                 ema.key = _main_metric_name(self) or ema.key
                 return ema.raw_metric
             self.model = self._ema_live_model
             try:
-                return ema.evaluate(epoch_id, lambda: Engine.eval(self, epoch_id))
+                return ema.evaluate(epoch_id, lambda: self._eval_with_units(epoch_id))
             finally:
                 self.model = ema.module
+
+        def _eval_with_units(self, epoch_id):
+            """PaddleClas's own evaluation, with its metric watched for per-sample top-1 results (``_Top1Units``):
+            (its metric, the units or None)."""
+            own = getattr(self, "eval_metric_func", None)
+            tap = _Top1Units(own) if own is not None and _main_metric_name(self) in (None, "top1") else None
+            if tap is not None:
+                self.eval_metric_func = tap
+            try:
+                value = Engine.eval(self, epoch_id)
+            finally:
+                if tap is not None:
+                    self.eval_metric_func = own
+            return value, tap.array(value) if tap is not None else None
 
         def train(self):
             ema = getattr(self, "model_ema", None)
@@ -355,7 +373,7 @@ def _make_engine_class(Engine, config: EMAConfig, resolved_block: Optional[Dict[
             PaddleClas's own save_model (the wrapped one: the .pdparams hold the pick)."""
             epochs = self.config["Global"]["epochs"]
             evaluated = bool(self.config["Global"]["eval_during_train"])
-            picked = ema.pick_length(lambda: Engine.eval(self, epochs), evaluated)
+            picked = ema.pick_length(lambda: self._eval_with_units(epochs), evaluated)
             if picked is None:
                 return
             label, value = picked
@@ -366,6 +384,44 @@ def _make_engine_class(Engine, config: EMAConfig, resolved_block: Optional[Dict[
             logger.info("EMA: length auto: %s written as best_model and latest in %s", label, self.output_dir)
 
     return EMAEngine
+
+
+class _Top1Units:
+    """PaddleClas's evaluation metric, watched: each sample's (correct, 1) for top-1 accuracy, for a paired comparison
+    of candidates (``honest_pick``). The metric gets every call as it came; the per-sample results come from
+    ``paddle.topk`` as ``paddle.metric.accuracy`` (TopkAcc's) computes them, and are kept only if their mean is the
+    metric PaddleClas returned."""
+
+    def __init__(self, metric):
+        self._metric, self.pairs = metric, []
+
+    def __call__(self, preds, labels, *args, **kwargs):
+        out = self._metric(preds, labels, *args, **kwargs)
+        if self.pairs is not None:
+            try:
+                import paddle
+
+                x = preds[0] if isinstance(preds, (list, tuple)) else preds
+                x = x.get("logits") if isinstance(x, dict) else x
+                top = paddle.topk(x, k=1)[1].reshape([-1])
+                correct = (top == labels.reshape([-1]).astype(top.dtype)).numpy()
+                self.pairs.extend((float(c), 1.0) for c in correct)
+            except Exception:  # not a [N, classes] output with [N] labels: no per-sample units
+                self.pairs = None
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._metric, name)
+
+    def array(self, metric_value) -> Optional[np.ndarray]:
+        if not self.pairs:
+            return None
+        units = np.array(self.pairs, dtype=np.float64)
+        try:
+            agrees = abs(units[:, 0].sum() / units[:, 1].sum() - float(metric_value)) < 1e-5
+        except (TypeError, ValueError):
+            agrees = False
+        return units if agrees else None
 
 
 def _main_metric_name(engine) -> Optional[str]:
