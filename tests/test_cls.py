@@ -13,7 +13,7 @@ import yaml
 from ema_callback.config.schema import EMAConfigError
 from ema_callback.integrations.paddleclas import resolve_cls_config
 
-from conftest import needs_paddleclas
+from conftest import PADDLECLAS_ROOT, needs_paddleclas
 from cls_helpers import CLS_CFG, cls_train, eval_lines, paddleclas_tool, write_cls_dataset
 
 
@@ -304,3 +304,15 @@ def test_length_auto_picks_through_paddleclas_eval_and_saves_the_pick(tmp_path, 
                                    cfg=str(path))
     assert rc == 0, eval_log[-4000:]
     assert eval_lines(eval_log)[-1][1]["top1"] == pytest.approx(picked["value"], abs=5e-6)
+
+
+@needs_paddleclas
+def test_a_dataset_path_that_does_not_exist_is_named_at_start_up(tmp_path, data):
+    """PaddleClas opens its label files relative to the working directory; a wrong one stops cls-train before
+    anything is built, in one line naming the key."""
+    rc, log = cls_train(str(tmp_path / "out"), data, ["DataLoader.Train.dataset.cls_label_path=./nowhere/train.txt"])
+    assert rc == 2
+    assert log.strip().splitlines()[-1] == (
+        f"ema-callback: error: DataLoader.Train.dataset.cls_label_path: ./nowhere/train.txt does not exist from the "
+        f"working directory {tmp_path}; PaddleClas opens relative paths from there: run from the folder they are "
+        f"relative to (PaddleClas's docs: its checkout, cd {PADDLECLAS_ROOT}) or give an absolute path")

@@ -597,6 +597,35 @@ def _value(suite: Mapping[str, Any], overrides: List[str], section: str, key: st
     return value
 
 
+# Paths PaddleClas's datasets open relative to the working directory.
+_PATH_KEYS = (("DataLoader", "Train", "dataset", "image_root"), ("DataLoader", "Train", "dataset", "cls_label_path"),
+              ("DataLoader", "Eval", "dataset", "image_root"), ("DataLoader", "Eval", "dataset", "cls_label_path"))
+
+
+def _check_relative_paths(suite: Mapping[str, Any], overrides: List[str], root: str) -> None:
+    """A dataset path of the config that does not exist from the working directory: one line naming the key (the
+    evaluation set's only when PaddleClas evaluates during training)."""
+    values: Dict[str, Any] = {}
+    for keys in _PATH_KEYS:
+        node: Any = suite
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        values[".".join(keys)] = node
+    for text in overrides:
+        key, _, raw = text.partition("=")
+        if key.strip() in values:
+            values[key.strip()] = load_suite_yaml(raw)
+    evaluates = _value(suite, overrides, "Global", "eval_during_train")
+    for key, path in values.items():
+        if ".Eval." in key and evaluates is False:
+            continue
+        if isinstance(path, str) and path and not os.path.exists(path):
+            raise EMAConfigError(f"{key}: {path} does not exist from the working directory {os.getcwd()}"
+                                 + (f"; PaddleClas opens relative paths from there: run from the folder they are "
+                                    f"relative to (PaddleClas's docs: its checkout, cd {root}) or give an absolute "
+                                    "path" if not os.path.isabs(path) else ""))
+
+
 def _check_start_files(checkpoints: Any, pretrained: Any, ema_on: bool) -> None:
     """Every file PaddleClas's loaders will unpickle (``paddle.load``, which runs any code a file names) is read first
     by the bounded, code-free reader: the set of ``Global.checkpoints`` (``.pdparams``, ``.pdopt``, ``.pdstates``,
@@ -627,6 +656,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = resolve_cls_config(suite, args.ema_config, ema_overrides) if wanted else EMAConfig(enable=False)
     if not config.enable:
         logger.info("EMA: off for this run (%s)", why_disabled(suite, args.ema_config, ema_overrides, args.config))
+    _check_relative_paths(suite, suite_overrides, root)
     checkpoints = _value(suite, suite_overrides, "Global", "checkpoints")
     _check_start_files(checkpoints, _value(suite, suite_overrides, "Global", "pretrained_model"), config.enable)
     save_dir = _value(suite, suite_overrides, "Global", "output_dir") or "./output/"
