@@ -49,6 +49,10 @@ def test_native_decay_is_constant_and_our_keys_are_checked():
     with pytest.raises(EMAConfigError, match="decya"):
         resolve_cls_config({"EMA": {"decya": 0.99}}, None, [])
     assert resolve_cls_config({"EMA": {}}, None, []).auto  # ema-callback's rule: no length stated -> length auto
+    from ema_callback.config.files import split_overrides
+
+    by_option = resolve_cls_config({}, None, split_overrides(["EMA.decay=0.99"])[0])
+    assert by_option.effective_schedule == "constant" and by_option.decay == 0.99  # -o EMA.decay: the same meaning
     with pytest.raises(EMAConfigError, match="save_as"):
         resolve_cls_config({"EMA": {"decay": 0.99, "save_as": "raw"}}, None, [])
     assert not resolve_cls_config({"EMA": {"decay": 0.99, "enable": False}}, None, []).enable
