@@ -320,3 +320,19 @@ def test_a_dataset_path_that_does_not_exist_is_named_at_start_up(tmp_path, data)
         f"ema-callback: error: DataLoader.Train.dataset.cls_label_path: ./nowhere/train.txt does not exist from the "
         f"working directory {tmp_path}; PaddleClas opens relative paths from there: run from the folder they are "
         f"relative to (PaddleClas's docs: its checkout, cd {PADDLECLAS_ROOT}) or give an absolute path")
+
+
+@end_to_end
+def test_resume_is_exact_with_warm_up_and_bias_correction(tmp_path, data):
+    """Where PaddleClas's own resume (its EMA from the .pdparams) could not be exact: a decay that depends on the
+    update count and a bias-corrected average need the count and the uncorrected shadow, which ride in the .pdema."""
+    opts = ["EMA.schedule=threshold", "EMA.bias_correction=true"]
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    rc, log = cls_train(full, data, opts)
+    assert rc == 0, log[-4000:]
+    rc, log = cls_train(resumed, data, opts + [f"Global.checkpoints={full}/epoch_2"])
+    assert rc == 0, log[-4000:]
+    assert same_tensors(load(f"{resumed}/latest.pdparams"), load(f"{full}/latest.pdparams"))
+    assert same_tensors(load(f"{resumed}/latest.pdema"), load(f"{full}/latest.pdema"))
+    state = paddle.load(f"{full}/epoch_2.pdema", return_numpy=True)["ema_callback_state"]
+    assert state["num_updates"] == 16 and state["config"]["bias_correction"] is True
