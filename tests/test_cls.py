@@ -33,7 +33,7 @@ def same_tensors(a, b):
 
 def file_hashes(folder):
     out = {}
-    for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True, include_hidden=True)):
         if os.path.isfile(path) and not path.endswith(".log"):
             out[os.path.relpath(path, folder)] = hashlib.sha1(open(path, "rb").read()).hexdigest()
     return out
@@ -96,7 +96,7 @@ def test_disabled_ema_is_bit_identical_to_paddleclas_own_run(tmp_path, data, no_
     assert "EMA: off for this run (-o EMA.enable=false)" in log
     own, off = file_hashes(str(tmp_path / "own")), file_hashes(str(tmp_path / "off"))
     assert "latest.pdparams" in own and not any(name.endswith(".pdema") for name in off)
-    assert own == off  # every file PaddleClas wrote, byte for byte (PaddleClas's own EMA is not built either)
+    assert own == off  # every file, hidden ones too, byte for byte (PaddleClas's own EMA is not built either)
 
 
 @end_to_end
