@@ -336,3 +336,52 @@ def test_resume_is_exact_with_warm_up_and_bias_correction(tmp_path, data):
     assert same_tensors(load(f"{resumed}/latest.pdema"), load(f"{full}/latest.pdema"))
     state = paddle.load(f"{full}/epoch_2.pdema", return_numpy=True)["ema_callback_state"]
     assert state["num_updates"] == 16 and state["config"]["bias_correction"] is True
+
+
+@needs_paddleclas
+def test_a_new_best_paddleclas_did_not_save_is_written_at_the_next_save(tmp_path):
+    """The save seam over PaddleClas's own save_model: PaddleClas asks for best_model when the raw or its EMA metric
+    is a new best, cls-train when the selected candidate's is. A request of PaddleClas's without a new best of ours
+    writes nothing; a new best of ours PaddleClas did not ask for is written at its next save (latest)."""
+    import sys
+
+    from ema_callback.config.schema import EMAConfig
+    from ema_callback.core.horizon import BatchInfo
+    from ema_callback.integrations.paddleclas import ClsEMA, _staged_save_model
+
+    from conftest import make_net
+
+    sys.path.insert(0, PADDLECLAS_ROOT)
+    try:
+        import ppcls.utils.save_load as save_load
+        from ppcls.utils.logger import init_logger
+    finally:
+        sys.path.remove(PADDLECLAS_ROOT)
+    init_logger()  # as PaddleClas's Engine does first (to the console only)
+    net = make_net(seed=3)
+    optimizer = paddle.optimizer.Momentum(learning_rate=0.1, parameters=net.parameters())
+    ema = ClsEMA(net, EMAConfig(decay=0.5, schedule="constant"), optimizer, BatchInfo(4), None, 1, str(tmp_path))
+    try:
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            x = paddle.to_tensor(rng.normal(size=(4, 3, 8, 8)).astype("float32"))
+            loss = net(x).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.clear_grad()
+            ema.update(net)
+        assert ema.engine.num_updates == 3
+        save = _staged_save_model(save_load.save_model)
+        out = str(tmp_path / "out")
+        save(net, [optimizer], {"metric": 0.9, "epoch": 1}, out, ema=ema.module, prefix="best_model")
+        assert not os.path.exists(f"{out}/best_model.pdparams")  # PaddleClas asked; no new best of ours
+        ema._note_best("ema", 0.7, 2)  # the selected candidate's new best, below PaddleClas's raw best of 0.9
+        save(net, [optimizer], {"metric": 0.3, "epoch": 2}, out, ema=ema.module, prefix="latest")
+        averaged = ema.engine.ema_state_dict(net)
+        for name in ("best_model", "latest", "best_model/model"):
+            assert same_tensors(load(f"{out}/{name}.pdparams"), averaged), name
+        assert paddle.load(f"{out}/best_model.pdstates") == {"metric": 0.7, "epoch": 2}
+        raw = load(f"{out}/latest.pdema")
+        assert same_tensors({k: raw[k] for k in averaged}, {k: v.numpy() for k, v in net.state_dict().items()})
+    finally:
+        ema.counter.close()
