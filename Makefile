@@ -13,7 +13,8 @@ PADDLE26_TESTS ?= tests/test_engine.py tests/test_callback.py tests/test_config.
 	tests/test_optimizer_steps.py tests/test_examples.py tests/test_paddle_support.py tests/test_checkpoint_files.py tests/test_device_path.py \
 	tests/test_checkpoint_set.py tests/test_resume_paths.py tests/test_finite_check.py \
 	tests/test_ocr.py::test_rec_eval_metric_is_the_ema_metric_and_tools_use_the_ema_weights \
-	tests/test_det.py::test_det_train_end_to_end
+	tests/test_det.py::test_det_train_end_to_end \
+	tests/test_cls.py::test_raw_and_ema_side_by_side_and_eval_reproduces_best_model
 # The suite checkouts the end-to-end tests train with: $PADDLEOCR_ROOT / $PADDLEDET_ROOT if set, else the copies in
 # ../shared/third_party, else clones of the pinned commits fetched into $(CHECKOUT_CACHE) by `make checkouts`.
 SHARED_THIRD_PARTY ?= $(abspath ../shared/third_party)
