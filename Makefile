@@ -13,7 +13,8 @@ PADDLE26_TESTS ?= tests/test_engine.py tests/test_callback.py tests/test_config.
 	tests/test_optimizer_steps.py tests/test_examples.py tests/test_paddle_support.py tests/test_checkpoint_files.py tests/test_device_path.py \
 	tests/test_checkpoint_set.py tests/test_resume_paths.py tests/test_finite_check.py \
 	tests/test_ocr.py::test_rec_eval_metric_is_the_ema_metric_and_tools_use_the_ema_weights \
-	tests/test_det.py::test_det_train_end_to_end
+	tests/test_det.py::test_det_train_end_to_end \
+	tests/test_cls.py::test_raw_and_ema_side_by_side_and_eval_reproduces_best_model
 # The suite checkouts the end-to-end tests train with: $PADDLEOCR_ROOT / $PADDLEDET_ROOT if set, else the copies in
 # ../shared/third_party, else clones of the pinned commits fetched into $(CHECKOUT_CACHE) by `make checkouts`.
 SHARED_THIRD_PARTY ?= $(abspath ../shared/third_party)
@@ -22,8 +23,11 @@ PADDLEOCR_GIT ?= https://github.com/PaddlePaddle/PaddleOCR.git
 PADDLEOCR_COMMIT ?= e218c0a35fbc
 PADDLEDET_GIT ?= https://github.com/PaddlePaddle/PaddleDetection.git
 PADDLEDET_COMMIT ?= 666f597fd00d
+PADDLECLAS_GIT ?= https://github.com/PaddlePaddle/PaddleClas.git
+PADDLECLAS_COMMIT ?= d178931fca43
 export PADDLEOCR_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleOCR-2.10) $(CHECKOUT_CACHE)/PaddleOCR)
 export PADDLEDET_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleDetection-develop) $(CHECKOUT_CACHE)/PaddleDetection)
+export PADDLECLAS_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleClas-develop) $(CHECKOUT_CACHE)/PaddleClas)
 PIP := -m pip install -q --disable-pip-version-check
 
 .PHONY: demo docs docs-machine test test-fast test-paddle3 test-paddle26 soak bench bench-auto venv clean checkouts skipped-suites
@@ -94,9 +98,11 @@ endef
 checkouts:
 	$(call fetch_checkout,$(PADDLEOCR_ROOT),$(PADDLEOCR_GIT),$(PADDLEOCR_COMMIT),PaddleOCR)
 	$(call fetch_checkout,$(PADDLEDET_ROOT),$(PADDLEDET_GIT),$(PADDLEDET_COMMIT),PaddleDetection)
+	$(call fetch_checkout,$(PADDLECLAS_ROOT),$(PADDLECLAS_GIT),$(PADDLECLAS_COMMIT),PaddleClas)
 
 skipped-suites:
 	@[ -f "$(PADDLEOCR_ROOT)/tools/train.py" ] || echo "make test: the PaddleOCR end-to-end tests were SKIPPED: no checkout at $(PADDLEOCR_ROOT); set PADDLEOCR_ROOT=/path/to/PaddleOCR (release/2.10 or 3.x) or let make fetch $(PADDLEOCR_GIT)"
+	@[ -f "$(PADDLECLAS_ROOT)/tools/train.py" ] || echo "make test: the PaddleClas end-to-end tests were SKIPPED: no checkout at $(PADDLECLAS_ROOT); set PADDLECLAS_ROOT=/path/to/PaddleClas or let make fetch $(PADDLECLAS_GIT)"
 	@[ -f "$(PADDLEDET_ROOT)/tools/train.py" ] || echo "make test: the PaddleDetection end-to-end tests were SKIPPED: no checkout at $(PADDLEDET_ROOT); set PADDLEDET_ROOT=/path/to/PaddleDetection or let make fetch $(PADDLEDET_GIT)"
 
 # The edit-test loop: everything but the end-to-end suite runs, the 2-process launches and the kill/demo runs.

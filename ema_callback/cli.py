@@ -26,8 +26,10 @@ def _script_path(argv: List[str]) -> int:
     import os
 
     parser = argparse.ArgumentParser(prog="ema-callback script-path",
-                                     description="Print the path of the script form of ocr-train or det-train, "
-                                                 "for python -m paddle.distributed.launch (which takes a script path).")
+                                     description="Print the path of the script form of a suite command ("
+                                                 + ", ".join(w.command for w in WAYS_IN)
+                                                 + "), for python -m paddle.distributed.launch (which takes a "
+                                                 "script path).")
     parser.add_argument("command", choices=tuple(w.short for w in WAYS_IN),
                         help=" or ".join(f"{w.short} ({w.command})" for w in WAYS_IN))
     args = parser.parse_args(argv)

@@ -10,19 +10,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared", "third_party"))
 PADDLEOCR_ROOT = os.environ.get("PADDLEOCR_ROOT", os.path.join(SHARED, "PaddleOCR-2.10"))
 PADDLEDET_ROOT = os.environ.get("PADDLEDET_ROOT", os.path.join(SHARED, "PaddleDetection-develop"))
+PADDLECLAS_ROOT = os.environ.get("PADDLECLAS_ROOT", os.path.join(SHARED, "PaddleClas-develop"))
 HAS_PADDLEOCR = os.path.isfile(os.path.join(PADDLEOCR_ROOT, "tools", "train.py"))
 HAS_PADDLEDET = os.path.isfile(os.path.join(PADDLEDET_ROOT, "tools", "train.py"))
+HAS_PADDLECLAS = os.path.isfile(os.path.join(PADDLECLAS_ROOT, "tools", "train.py"))
 NO_PADDLEOCR = (f"SKIPPED: no PaddleOCR checkout at {PADDLEOCR_ROOT}: every test that trains with or reads PaddleOCR "
                 "is skipped; set PADDLEOCR_ROOT=/path/to/PaddleOCR (release/2.10 or 3.x)")
 NO_PADDLEDET = (f"SKIPPED: no PaddleDetection checkout at {PADDLEDET_ROOT}: every test that trains with or reads "
                 "PaddleDetection is skipped; set PADDLEDET_ROOT=/path/to/PaddleDetection")
+NO_PADDLECLAS = (f"SKIPPED: no PaddleClas checkout at {PADDLECLAS_ROOT}: every test that trains with or reads PaddleClas "
+                 "is skipped; set PADDLECLAS_ROOT=/path/to/PaddleClas")
 needs_paddleocr = pytest.mark.skipif(not HAS_PADDLEOCR, reason=NO_PADDLEOCR)
 needs_paddledet = pytest.mark.skipif(not HAS_PADDLEDET, reason=NO_PADDLEDET)
+needs_paddleclas = pytest.mark.skipif(not HAS_PADDLECLAS, reason=NO_PADDLECLAS)
 
 
 def pytest_terminal_summary(terminalreporter):
     """The one loud line per missing suite checkout, at the end of the run."""
-    for missing, line in ((not HAS_PADDLEOCR, NO_PADDLEOCR), (not HAS_PADDLEDET, NO_PADDLEDET)):
+    for missing, line in ((not HAS_PADDLEOCR, NO_PADDLEOCR), (not HAS_PADDLEDET, NO_PADDLEDET),
+                          (not HAS_PADDLECLAS, NO_PADDLECLAS)):
         if missing:
             terminalreporter.write_line(line, yellow=True, bold=True)
 

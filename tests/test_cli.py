@@ -32,7 +32,7 @@ def test_version_and_unknown_commands():
     rc, out, err = cli("bogus")
     assert rc == 2 and out == "" and err.strip() == (
         "ema-callback: error: unknown command 'bogus'; expected one of demo, merge-config, ocr-train, det-train, "
-        "posthoc, script-path, presets (ema-callback --help)")
+        "cls-train, posthoc, script-path, presets (ema-callback --help)")
 
 
 @pytest.mark.parametrize("command,says", [

@@ -41,12 +41,13 @@ from ema_callback.integrations.checkpoints import (check_checkpoint_files, check
                                                   resume_ema, save_ema_state, stale_state_files)
 from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
-from ema_callback.config.files import check_section_name, has_ema_request, load_suite_yaml, read_yaml, resolve_block, split_overrides, why_disabled
+from ema_callback.config.files import load_suite_yaml, resolve_block
 from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.integrations.output_rollback import OutputGuard
 from ema_callback.integrations.auto_length import AutoPick, ratio_units, resolve as resolve_length, saved_plan
 from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
-from ema_callback.integrations.suite_adapter import SuiteAdapter, import_from_checkout, release_all, run_suite_script
+from ema_callback.integrations.suite_adapter import (SuiteAdapter, import_from_checkout, read_run_config, release_all,
+                                                     run_suite_script, suite_value)
 
 logger = logging.getLogger("ema_callback")
 
@@ -402,15 +403,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from ema_callback import paddle_compat  # noqa: F401  (the supported-range check; binds zlib before the suite imports paddle)
     root = resolve_root(args.paddleocr_root)
-    suite = read_yaml(args.config)
-    if not isinstance(suite, dict):
-        raise EMAConfigError(f"{args.config}: expected a PaddleOCR YAML mapping")
-    check_section_name(suite, args.config)
-    ema_overrides, suite_overrides = split_overrides(args.opt)
-    wanted = has_ema_request(suite, args.ema_config, ema_overrides)
-    config = resolve_block(suite, args.ema_config, ema_overrides) if wanted else EMAConfig(enable=False)
-    if not config.enable:
-        logger.info("EMA: off for this run (%s)", why_disabled(suite, args.ema_config, ema_overrides, args.config))
+    suite, config, wanted, suite_overrides = read_run_config(args.config, args.ema_config, args.opt,
+                                                             PADDLEOCR.name, resolve_block)
     _check_relative_paths(suite, suite_overrides, root)
     save_dir = _global_value(suite, suite_overrides, "save_model_dir")
     _check_start_files(suite, suite_overrides)
@@ -497,12 +491,7 @@ def _check_relative_paths(suite: Dict[str, Any], overrides: List[str], root: str
 
 def _global_value(suite: Dict[str, Any], overrides: List[str], key: str) -> Any:
     """``Global.<key>`` after the ``-o`` overrides (read as PaddleOCR reads them)."""
-    value = (suite.get("Global") or {}).get(key)
-    for text in overrides:
-        name, _, raw = text.partition("=")
-        if name.strip() == f"Global.{key}":
-            value = load_suite_yaml(raw) if raw.strip() else None
-    return value
+    return suite_value(suite, overrides, "Global", key)
 
 
 def _check_start_files(suite: Dict[str, Any], overrides: List[str]) -> None:

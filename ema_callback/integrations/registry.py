@@ -40,6 +40,8 @@ WAYS_IN: Tuple[WayIn, ...] = (
           "-c cfg.yml [-o Key=val ...] [--paddleocr-root DIR] [--ema-config BLOCK]"),
     WayIn("det-train", "det", "ema_callback.integrations.paddledet",
           "-c cfg.yml [-o key=val ...] [--eval] [-r ckpt] [--paddledet-root DIR] [--ema-config BLOCK]"),
+    WayIn("cls-train", "cls", "ema_callback.integrations.paddleclas",
+          "-c cfg.yaml [-o Key=val ...] [--paddleclas-root DIR] [--ema-config BLOCK]"),
 )
 
 

@@ -5,6 +5,7 @@ and an ``ADAPTER``, a ``SuiteAdapter`` that answers what differs between suites;
 
 * finding the checkout (``suite_checkout.find_checkout`` by the adapter's ``suite``: flag, environment variable,
   working directory, installed package) and importing the suite's code from it, checked (``import_from_checkout``);
+* reading its YAML and the run's ``EMA:`` block the same way (``read_run_config``, ``suite_value``);
 * running the suite's own script as ``python tools/train.py`` would, with its seams wrapped for the run and put
   back after (``run_suite_script``);
 * the engine, its checkpoints and the candidates (``checkpoints``, ``candidates``, ``candidate_eval``,
@@ -20,14 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import runpy
 import sys
 from types import ModuleType
-from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, List, Mapping, Optional, Sequence, Tuple
 
+from ema_callback.config.files import (check_section_name, has_ema_request, load_suite_yaml, read_yaml,
+                                       split_overrides, why_disabled)
+from ema_callback.config.schema import EMAConfig
 from ema_callback.errors import EMAConfigError
 from ema_callback.integrations.suite_checkout import Suite, find_checkout, suite_errors_named
+
+logger = logging.getLogger("ema_callback")
 
 
 class SuiteAdapter:
@@ -42,6 +49,10 @@ class SuiteAdapter:
     def eval_weights_option(self, prefix: str) -> str:
         """The ``-o`` option of the suite's ``tools/eval.py`` that names the weights ``prefix.pdparams``."""
         raise NotImplementedError
+
+    def eval_options(self, options: Sequence[str]) -> List[str]:
+        """``options`` (``Key=value``) as the suite's ``tools/eval.py`` takes them: one ``-o`` followed by all."""
+        return ["-o", *options]
 
     def install_eval_check(self, check: Callable[[object], None]) -> None:
         """Wrap the suite's weight loading so that ``check(model)`` runs on the model its config built, before any
@@ -65,6 +76,36 @@ def import_from_checkout(root: str, module: str, path_in_root: str, option: str)
                              f"{module.split('.')[0]!r} package shadows the checkout; run from elsewhere or fix "
                              "PYTHONPATH)")
     return imported
+
+
+def read_run_config(config_path: str, block_file: Optional[str], opts: Sequence[str], suite_name: str,
+                    resolve: Callable[[dict, Optional[str], list], EMAConfig]) -> Tuple[dict, EMAConfig, bool, List[str]]:
+    """The start of a suite command: the suite's YAML (a mapping, its ``EMA:`` section where it belongs), the
+    ``-o`` options split into ``EMA.*`` and the suite's, and the run's ``EMAConfig`` (``resolve(suite, block_file,
+    ema_overrides)`` when the YAML, ``--ema-config`` or ``-o EMA.*`` asks for an EMA, else off, said in one line).
+    Returns (suite, config, whether an EMA was asked for, the suite's own ``-o`` options)."""
+    suite = read_yaml(config_path)
+    if not isinstance(suite, dict):
+        raise EMAConfigError(f"{config_path}: expected a {suite_name} YAML mapping")
+    check_section_name(suite, config_path)
+    ema_overrides, suite_overrides = split_overrides(opts)
+    wanted = has_ema_request(suite, block_file, ema_overrides)
+    config = resolve(suite, block_file, ema_overrides) if wanted else EMAConfig(enable=False)
+    if not config.enable:
+        logger.info("EMA: off for this run (%s)", why_disabled(suite, block_file, ema_overrides, config_path))
+    return suite, config, wanted, suite_overrides
+
+
+def suite_value(suite: Mapping[str, Any], overrides: Sequence[str], *keys: str) -> Any:
+    """``suite[keys[0]][keys[1]]...`` after the suite's ``-o Key.sub=value`` options, read as the suite reads them."""
+    node: Any = suite
+    for key in keys:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    for text in overrides:
+        name, _, raw = text.partition("=")
+        if name.strip() == ".".join(keys):
+            node = load_suite_yaml(raw) if raw.strip() else None
+    return node
 
 
 def run_suite_script(root: str, script: str, argv: Sequence[str], during: Sequence[ContextManager],

@@ -29,6 +29,7 @@ PADDLEOCR = Suite("PaddleOCR", "--paddleocr-root", "PADDLEOCR_ROOT", ("tools/tra
                                                                     "ppocr/__init__.py"))
 PADDLEDET = Suite("PaddleDetection", "--paddledet-root", "PADDLEDET_ROOT",
                   ("tools/train.py", "ppdet/engine/trainer.py"), package="ppdet")
+PADDLECLAS = Suite("PaddleClas", "--paddleclas-root", "PADDLECLAS_ROOT", ("tools/train.py", "ppcls/engine/engine.py"))
 SUITES = (PADDLEOCR, PADDLEDET)
 
 

@@ -89,7 +89,8 @@ def _suite_eval(args, weights_prefix: str, expect: str) -> Tuple[float, str]:
 
     module = next(w.module.rsplit(".", 1)[1] for w in WAYS_IN if w.adapter() is adapter)
     cmd = [sys.executable, "-m", "ema_callback.integrations.checked_suite_eval", "--expect", expect, "--suite",
-           module, script, "-c", args.config, "-o", adapter.eval_weights_option(weights_prefix), *args.opt]
+           module, script, "-c", args.config,
+           *adapter.eval_options([adapter.eval_weights_option(weights_prefix), *args.opt])]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = done.stdout + done.stderr
     if done.returncode == MISMATCH_EXIT and PREFIX in log:
