@@ -39,9 +39,9 @@ $(VENV)/.demo-installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python $(PIP) "$(PADDLE_PKG)" -e ".[plot]"
 	touch $@
 
-# The test extras: the demo's needs plus what PaddleOCR's and PaddleDetection's training code import.
+# The test extras: the demo's needs plus what PaddleOCR's and PaddleDetection's training code import, and PaddleNLP.
 $(VENV)/.test-installed: $(VENV)/.demo-installed setup.cfg
-	$(BIN)/python $(PIP) "$(PADDLE_PKG)" -e ".[test]"
+	$(BIN)/python $(PIP) "$(PADDLE_PKG)" -e ".[test,nlp]"
 	touch $@
 
 # The same extras under Paddle 2.6 (they pin numpy<2, which Paddle 2.6 needs).

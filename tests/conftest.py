@@ -18,11 +18,19 @@ NO_PADDLEDET = (f"SKIPPED: no PaddleDetection checkout at {PADDLEDET_ROOT}: ever
                 "PaddleDetection is skipped; set PADDLEDET_ROOT=/path/to/PaddleDetection")
 needs_paddleocr = pytest.mark.skipif(not HAS_PADDLEOCR, reason=NO_PADDLEOCR)
 needs_paddledet = pytest.mark.skipif(not HAS_PADDLEDET, reason=NO_PADDLEDET)
+# PaddleNLP (tests/test_nlp.py): the [nlp] extra; found without importing it (importing it takes seconds).
+import importlib.util  # noqa: E402
+
+HAS_PADDLENLP = importlib.util.find_spec("paddlenlp") is not None
+NO_PADDLENLP = ("SKIPPED: paddlenlp is not installed: every PaddleNLP Trainer test (tests/test_nlp.py) is skipped; "
+                "pip install -e '.[nlp]' (make venv does)")
+needs_paddlenlp = pytest.mark.skipif(not HAS_PADDLENLP, reason=NO_PADDLENLP)
 
 
 def pytest_terminal_summary(terminalreporter):
     """The one loud line per missing suite checkout, at the end of the run."""
-    for missing, line in ((not HAS_PADDLEOCR, NO_PADDLEOCR), (not HAS_PADDLEDET, NO_PADDLEDET)):
+    for missing, line in ((not HAS_PADDLEOCR, NO_PADDLEOCR), (not HAS_PADDLEDET, NO_PADDLEDET),
+                          (not HAS_PADDLENLP, NO_PADDLENLP)):
         if missing:
             terminalreporter.write_line(line, yellow=True, bold=True)
 

@@ -1,0 +1,259 @@
+"""PaddleNLP's real ``Trainer`` with ``EMATrainerCallback``: a randomly initialised UIE on a small ErnieConfig, trained on
+the synthetic span task of ``examples/uie_ema.py`` on CPU (nothing is downloaded). The EMA is checked against an
+independent numpy EMA over the weights recorded after every optimizer step."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import HAS_PADDLENLP, NO_PADDLENLP
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PPNLP_HOME", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".ppnlp_home"))
+pytestmark = pytest.mark.skipif(not HAS_PADDLENLP, reason=NO_PADDLENLP)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.append(os.path.join(HERE, "..", "examples"))
+
+D = 0.9  # the EMA's decay per optimizer step in these tests (schedule: constant)
+
+
+def _import_paddlenlp():
+    """Import PaddleNLP with Hugging Face's ``datasets``, not ``tests/datasets.py`` (the suite's ``pythonpath =
+    tests`` puts that first): this folder leaves ``sys.path`` for the import, and afterwards the name ``datasets``
+    is the suite's module again (PaddleNLP keeps its own references to Hugging Face's)."""
+    own = sys.modules.get("datasets")
+    if own is not None and os.path.dirname(os.path.abspath(getattr(own, "__file__", "") or "")) == HERE:
+        del sys.modules["datasets"]
+    else:
+        own = None
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
+    try:
+        import paddlenlp.datasets  # noqa: F401
+        import paddlenlp.metrics  # noqa: F401
+        import paddlenlp.trainer  # noqa: F401
+        import paddlenlp.transformers  # noqa: F401
+    finally:
+        sys.path[:] = saved
+        sys.modules.pop("datasets", None)
+        if own is not None:
+            sys.modules["datasets"] = own
+
+
+if HAS_PADDLENLP:
+    _import_paddlenlp()
+
+
+def _imports():
+    import paddle  # noqa: F401
+    import uie_ema
+    from paddlenlp.trainer import TrainerCallback
+    from ema_callback.integrations.paddlenlp_trainer import EMATrainerCallback
+
+    return uie_ema, TrainerCallback, EMATrainerCallback
+
+
+def _params(model):
+    """Float parameters and buffers by state-dict name, numpy copies."""
+    return {k: v.numpy().copy() for k, v in model.state_dict().items() if np.issubdtype(v.numpy().dtype, np.floating)}
+
+
+def _recorder():
+    """A TrainerCallback keeping the weights at train begin and after every optimizer step."""
+    _, TrainerCallback, _ = _imports()
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.start, self.after = None, []
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.start = _params(model)
+
+        def on_optimizer_end(self, args, state, control, model=None, **kwargs):
+            self.after.append(_params(model))
+
+    return Recorder()
+
+
+def numpy_ema(start, after, d=D):
+    """ema_0 = w_0; ema_t = d ema_{t-1} + (1 - d) w_t (float64), after each of ``after``."""
+    ema = {k: v.astype(np.float64) for k, v in start.items()}
+    out = []
+    for w in after:
+        ema = {k: d * ema[k] + (1.0 - d) * w[k].astype(np.float64) for k in ema}
+        out.append(ema)
+    return out
+
+
+def _close(a, b, tol=2e-6):
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k], np.float64), np.asarray(b[k], np.float64), rtol=tol, atol=tol,
+                                   err_msg=k)
+
+
+def _equal(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def _load(path):
+    import paddle
+
+    return {k: np.asarray(v) for k, v in paddle.load(path, return_numpy=True).items()
+            if np.issubdtype(np.asarray(v).dtype, np.floating)}
+
+
+def _evals(trainer):
+    return [h for h in trainer.state.log_history if "eval_loss" in h]
+
+
+def test_enable_false_is_bit_identical_to_the_trainer_without_the_callback(tmp_path):
+    uie_ema, _, EMATrainerCallback = _imports()
+    plain = uie_ema.make_trainer(str(tmp_path / "plain"), max_steps=20, eval_steps=10, save_steps=10)
+    plain.train()
+    off = uie_ema.make_trainer(str(tmp_path / "off"), max_steps=20, eval_steps=10, save_steps=10,
+                               callbacks=[EMATrainerCallback(decay=D, enable=False)])
+    off.train()
+    _equal(_params(plain.model), _params(off.model))
+    assert [h.get("eval_loss") for h in _evals(plain)] == [h.get("eval_loss") for h in _evals(off)]
+    for step in (10, 20):
+        _equal(_load(str(tmp_path / "plain" / f"checkpoint-{step}" / "model_state.pdparams")),
+               _load(str(tmp_path / "off" / f"checkpoint-{step}" / "model_state.pdparams")))
+        assert not os.path.exists(tmp_path / "off" / f"checkpoint-{step}" / "model_state.pdema")
+
+
+def test_evaluation_and_checkpoints_hold_the_ema_with_raw_metrics_beside(tmp_path):
+    """The numpy EMA of the recorded weights is what checkpoint-N holds and what the Trainer evaluated; the raw
+    metrics are logged beside; the .pdema holds the raw weights; after train() the model holds the EMA."""
+    import paddle
+
+    uie_ema, _, EMATrainerCallback = _imports()
+    rec = _recorder()
+    ema = EMATrainerCallback(decay=D, schedule="constant", eval_raw=True)
+    out = tmp_path / "run"
+    trainer = uie_ema.make_trainer(str(out), max_steps=30, eval_steps=15, save_steps=15, callbacks=[rec, ema])
+    trainer.train()
+    assert len(rec.after) == 30 and ema.ema.num_updates == 30
+    reference = numpy_ema(rec.start, rec.after)
+    evals = _evals(trainer)
+    assert [h["step"] for h in evals] == [15, 30]
+    for h in evals:
+        step = h["step"]
+        ckpt = out / f"checkpoint-{step}"
+        _close(_load(str(ckpt / "model_state.pdparams")), reference[step - 1])
+        from ema_callback.files.state_file import read_state
+
+        state = read_state(str(ckpt / "model_state.pdema"))
+        _equal({k: v for k, v in state["raw_weights"].items() if k in rec.after[step - 1]}, rec.after[step - 1])
+        assert {"eval_loss_raw", "eval_f1_raw", "ema_drift"} <= set(h)
+        # the Trainer's own eval_loss is the EMA's: a model given the reference EMA weights gives the same loss
+        probe = uie_ema.tiny_uie(1)
+        probe.set_state_dict({k: paddle.to_tensor(v.astype(np.float32)) for k, v in reference[step - 1].items()})
+        check = uie_ema.make_trainer(str(tmp_path / "probe"), model=probe)
+        assert check.evaluate()["eval_loss"] == pytest.approx(h["eval_loss"], rel=1e-4)
+        raw = uie_ema.tiny_uie(1)
+        raw.set_state_dict({k: paddle.to_tensor(v) for k, v in rec.after[step - 1].items()})
+        assert uie_ema.make_trainer(str(tmp_path / "probe"), model=raw).evaluate()["eval_loss"] == \
+            pytest.approx(h["eval_loss_raw"], rel=1e-4)
+        assert abs(h["eval_loss"] - h["eval_loss_raw"]) > 1e-6
+    # after train(): the EMA in the model, the raw weights in <output_dir>/model_state.pdema
+    _close(_params(trainer.model), reference[-1])
+    metrics = trainer.evaluate()  # a direct call: EMA metrics, raw beside
+    assert metrics["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
+    assert metrics["eval_loss_raw"] == pytest.approx(evals[-1]["eval_loss_raw"], rel=1e-6)
+    _close(_params(trainer.model), reference[-1])
+    from ema_callback.files.state_file import read_state
+
+    final = read_state(str(out / "model_state.pdema"))
+    _equal({k: v for k, v in final["raw_weights"].items() if k in rec.after[-1]}, rec.after[-1])
+    trainer.save_model()
+    _close(_load(str(out / "model_state.pdparams")), reference[-1])
+    table = json.load(open(out / "ema_candidates.json"))
+    assert {row["candidate"] for row in table["candidates"]} == {ema.ema.labels[0], "raw"}
+
+
+def test_resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    """Resumed from checkpoint-20 (whose .pdparams hold EMA weights), a run ends on the raw weights and the EMA of the
+    uninterrupted run, bit for bit. The 40 steps are one epoch: PaddleNLP 2.8's single-process resume draws a later
+    epoch's shuffle from the freshly seeded generator, so its own resume across an epoch is not the same run."""
+    import paddle
+
+    uie_ema, _, EMATrainerCallback = _imports()
+    with paddle.utils.unique_name.guard():  # parameter and optimizer-state names as in a new process
+        whole = uie_ema.make_trainer(str(tmp_path / "whole"), max_steps=40, eval_steps=20, save_steps=20, n_train=640,
+                                     callbacks=[EMATrainerCallback(decay=D, schedule="constant")])
+        whole.train()
+    resumed_cb = EMATrainerCallback(decay=D, schedule="constant")
+    with paddle.utils.unique_name.guard():
+        resumed = uie_ema.make_trainer(str(tmp_path / "resumed"), max_steps=40, eval_steps=20, save_steps=20,
+                                       n_train=640, callbacks=[resumed_cb])
+        resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-20"))
+    assert resumed_cb.ema.num_steps == 40 and resumed_cb.ema.num_updates == 40
+    from ema_callback.files.state_file import read_state
+
+    a = read_state(str(tmp_path / "whole" / "model_state.pdema"))
+    b = read_state(str(tmp_path / "resumed" / "model_state.pdema"))
+    _equal(a["raw_weights"], b["raw_weights"])  # the raw weights trained on: the resume put them back
+    _equal(_params(whole.model), _params(resumed.model))  # the EMA weights after train()
+    _equal(_load(str(tmp_path / "whole" / "checkpoint-40" / "model_state.pdparams")),
+           _load(str(tmp_path / "resumed" / "checkpoint-40" / "model_state.pdparams")))
+    assert _evals(whole)[-1]["eval_loss"] == _evals(resumed)[-1]["eval_loss"]
+
+
+def test_load_best_model_at_end_loads_the_best_evaluated_ema_weights(tmp_path):
+    """The best checkpoint is chosen by the EMA's metric (the one the Trainer evaluated), and the model after train()
+    holds that checkpoint's .pdparams, which are the EMA of that step (numpy reference), not the final EMA."""
+    uie_ema, _, EMATrainerCallback = _imports()
+    rec = _recorder()
+    trainer = uie_ema.make_trainer(str(tmp_path / "best"), max_steps=60, eval_steps=10, save_steps=10,
+                                   learning_rate=2e-2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                                   callbacks=[rec, EMATrainerCallback(decay=D, schedule="constant", eval_raw=True)])
+    trainer.train()
+    evals = _evals(trainer)
+    best = min(evals, key=lambda h: h["eval_loss"])
+    assert trainer.state.best_metric == best["eval_loss"]
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    reference = numpy_ema(rec.start, rec.after)
+    _close(_params(trainer.model), reference[best["step"] - 1])
+    _equal(_params(trainer.model), _load(os.path.join(trainer.state.best_model_checkpoint, "model_state.pdparams")))
+    if best["step"] != 60:
+        assert any(np.abs(reference[-1][k] - reference[best["step"] - 1][k]).max() > 1e-5 for k in reference[-1])
+
+
+def test_gradient_accumulation_one_ema_update_per_optimizer_step(tmp_path):
+    uie_ema, _, EMATrainerCallback = _imports()
+    rec = _recorder()
+    cb = EMATrainerCallback(decay=D, schedule="constant")
+    trainer = uie_ema.make_trainer(str(tmp_path / "acc"), max_steps=6, eval_steps=6, save_steps=6,
+                                   per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                                   callbacks=[rec, cb])
+    trainer.train()
+    assert trainer.state.global_step == 6 and len(rec.after) == 6
+    assert cb.ema.num_steps == 6 and cb.ema.num_updates == 6
+    assert cb.batch.global_batch == 16
+    _close(_params(trainer.model), numpy_ema(rec.start, rec.after)[-1])
+
+
+def test_several_emas_are_evaluated_and_unsupported_options_are_refused(tmp_path):
+    from ema_callback.config.schema import EMAConfigError
+
+    uie_ema, _, EMATrainerCallback = _imports()
+    cb = EMATrainerCallback(decays=[0.9, 0.99], schedule="constant", eval_raw=True)
+    trainer = uie_ema.make_trainer(str(tmp_path / "several"), max_steps=20, eval_steps=10, save_steps=20,
+                                   callbacks=[cb])
+    trainer.train()
+    first, second = cb.ema.labels[:2]
+    for h in _evals(trainer):
+        assert {"eval_loss_raw", f"eval_loss_{first}", f"eval_loss_{second}"} <= set(h)
+        assert h["eval_loss"] == h[f"eval_loss_{first}"] != h[f"eval_loss_{second}"]
+    assert os.path.isfile(tmp_path / "several" / "ema_candidates.json")
+    with pytest.raises(EMAConfigError, match="length"):
+        EMATrainerCallback()
+    with pytest.raises(EMAConfigError, match="select"):
+        EMATrainerCallback(decay=0.9, select="best")
+    with pytest.raises(EMAConfigError, match="recompute_bn"):
+        EMATrainerCallback(decay=0.9, recompute_bn=4)
