@@ -257,3 +257,27 @@ def test_several_emas_are_evaluated_and_unsupported_options_are_refused(tmp_path
         EMATrainerCallback(decay=0.9, select="best")
     with pytest.raises(EMAConfigError, match="recompute_bn"):
         EMATrainerCallback(decay=0.9, recompute_bn=4)
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("launch")  # 2-process launches one at a time
+def test_two_rank_trainer_has_identical_emas_on_both_ranks(tmp_path):
+    """``paddle.distributed.launch --nproc_per_node 2`` on CPU: both ranks hold the same EMAs (every shadow, bit for
+    bit), the same raw weights and metrics, the global batch counts both ranks, and the primary EMA is the numpy EMA
+    of the weights each rank recorded; checkpoint-N holds the .pdema (written by rank 0)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "log"), os.path.join(HERE, "dist_nlp_script.py"), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    logs = "".join(open(os.path.join(tmp_path, "log", f)).read()[-2000:] for f in os.listdir(tmp_path / "log"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["num_steps"] == r1["num_steps"] == r0["num_updates"] == 10
+    assert r0["global_batch"] == r1["global_batch"] == 16  # 8 per device x 2 ranks
+    assert r0["shadow"] == r1["shadow"] and r0["others"] == r1["others"] and len(r0["others"]) == 1
+    assert r0["held"] == r1["held"] and r0["raw"] == r1["raw"] and r0["held"] != r0["raw"]
+    assert r0["numpy_error"] < 2e-6 and r1["numpy_error"] < 2e-6
+    assert r0["evals"] == r1["evals"] and all("eval_loss_raw" in e and "eval_loss_ema0.99" in e for e in r0["evals"])
+    assert {"model_state.pdparams", "model_state.pdema"} <= set(r0["files"])
