@@ -26,7 +26,7 @@ export PADDLEOCR_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleOCR-
 export PADDLEDET_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleDetection-develop) $(CHECKOUT_CACHE)/PaddleDetection)
 PIP := -m pip install -q --disable-pip-version-check
 
-.PHONY: demo docs docs-machine test test-fast test-paddle3 test-paddle26 soak bench bench-auto venv clean checkouts skipped-suites
+.PHONY: demo docs docs-machine test test-fast test-paddle3 test-paddle26 soak bench bench-auto bench-nlp venv clean checkouts skipped-suites
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -127,6 +127,13 @@ bench-auto: $(VENV)/.test-installed checkouts
 	cp bench_output/auto/auto_length.md bench_output/auto/auto_length.json docs/
 	$(BIN)/python benchmarks/auto_length_ocr.py --seeds 1,2,3 --paddleocr-root "$(PADDLEOCR_ROOT)" --out bench_output/auto_ocr
 	[ ! -f bench_output/auto_ocr/auto_length_ocr.md ] || cp bench_output/auto_ocr/auto_length_ocr.md bench_output/auto_ocr/auto_length_ocr.json docs/
+	$(BIN)/python docs/regenerate.py --no-run
+
+# PaddleNLP's Trainer: UIE span extraction, raw against EMA on the same runs, seeds 1-5 (benchmarks/uie_ema.py);
+# the table goes to docs/uie_ema.{md,json} and into docs/paddlenlp.md (docs/regenerate.py --no-run).
+bench-nlp: $(VENV)/.test-installed
+	$(BIN)/python benchmarks/uie_ema.py --seeds 1,2,3,4,5 --out bench_output/uie $(ARGS)
+	cp bench_output/uie/uie_ema.md bench_output/uie/uie_ema.json docs/
 	$(BIN)/python docs/regenerate.py --no-run
 
 clean:

@@ -27,6 +27,34 @@ NO_PADDLENLP = ("SKIPPED: paddlenlp is not installed: every PaddleNLP Trainer te
 needs_paddlenlp = pytest.mark.skipif(not HAS_PADDLENLP, reason=NO_PADDLENLP)
 
 
+def import_paddlenlp():
+    """Import PaddleNLP with Hugging Face's ``datasets``, not ``tests/datasets.py`` (``pythonpath = tests`` puts that
+    first): this folder leaves ``sys.path`` for the import, and afterwards the name ``datasets`` is the suite's module
+    again (PaddleNLP keeps its own references to Hugging Face's). Called where PaddleNLP is used (test_nlp.py, and
+    test_docs.py's check of the names docs/paddlenlp.md cites)."""
+    import sys
+
+    if "paddlenlp.trainer" in sys.modules:
+        return
+    own = sys.modules.get("datasets")
+    if own is not None and os.path.dirname(os.path.abspath(getattr(own, "__file__", "") or "")) == HERE:
+        del sys.modules["datasets"]
+    else:
+        own = None
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
+    try:
+        import paddlenlp.datasets  # noqa: F401
+        import paddlenlp.metrics  # noqa: F401
+        import paddlenlp.trainer  # noqa: F401
+        import paddlenlp.transformers  # noqa: F401
+    finally:
+        sys.path[:] = saved
+        sys.modules.pop("datasets", None)
+        if own is not None:
+            sys.modules["datasets"] = own
+
+
 def pytest_terminal_summary(terminalreporter):
     """The one loud line per missing suite checkout, at the end of the run."""
     for missing, line in ((not HAS_PADDLEOCR, NO_PADDLEOCR), (not HAS_PADDLEDET, NO_PADDLEDET),
@@ -59,7 +87,10 @@ def has_gpu():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run where a GPU is (benchmarks/gpu_check.sh runs them); skipped, and said so, elsewhere."""
+    """Tests marked ``gpu`` run where a GPU is (benchmarks/gpu_check.sh runs them); skipped, and said so, elsewhere.
+    PaddleNLP is imported (the right ``datasets``) when test_docs.py will check the names its page cites."""
+    if HAS_PADDLENLP and any(os.path.basename(str(item.fspath)) == "test_docs.py" for item in items):
+        import_paddlenlp()
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a GPU (paddlepaddle-gpu and a CUDA device): run benchmarks/gpu_check.sh there")

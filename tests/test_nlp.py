@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import HAS_PADDLENLP, NO_PADDLENLP
+from conftest import HAS_PADDLENLP, NO_PADDLENLP, import_paddlenlp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PPNLP_HOME", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".ppnlp_home"))
@@ -19,31 +19,8 @@ sys.path.append(os.path.join(HERE, "..", "examples"))
 D = 0.9  # the EMA's decay per optimizer step in these tests (schedule: constant)
 
 
-def _import_paddlenlp():
-    """Import PaddleNLP with Hugging Face's ``datasets``, not ``tests/datasets.py`` (the suite's ``pythonpath =
-    tests`` puts that first): this folder leaves ``sys.path`` for the import, and afterwards the name ``datasets``
-    is the suite's module again (PaddleNLP keeps its own references to Hugging Face's)."""
-    own = sys.modules.get("datasets")
-    if own is not None and os.path.dirname(os.path.abspath(getattr(own, "__file__", "") or "")) == HERE:
-        del sys.modules["datasets"]
-    else:
-        own = None
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
-    try:
-        import paddlenlp.datasets  # noqa: F401
-        import paddlenlp.metrics  # noqa: F401
-        import paddlenlp.trainer  # noqa: F401
-        import paddlenlp.transformers  # noqa: F401
-    finally:
-        sys.path[:] = saved
-        sys.modules.pop("datasets", None)
-        if own is not None:
-            sys.modules["datasets"] = own
-
-
 if HAS_PADDLENLP:
-    _import_paddlenlp()
+    import_paddlenlp()  # Hugging Face's datasets, not tests/datasets.py (conftest)
 
 
 def _imports():
