@@ -24,7 +24,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched
 os.environ.setdefault("PPNLP_HOME", os.path.join(os.path.expanduser("~"), ".cache", "ema_callback_ppnlp"))
 
-VOCAB, TYPES, TEXT_LEN, TYPE_TOKENS = 100, 4, 24, 8
+VOCAB, TYPES, TEXT_LEN, TYPE_TOKENS = 100, 3, 12, 8
 SEQ_LEN = TEXT_LEN + 4
 FILLER = list(range(10 + TYPES * TYPE_TOKENS, VOCAB))  # tokens of no entity type
 LABEL_NOISE = 0.15
