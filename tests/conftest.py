@@ -36,6 +36,10 @@ def import_paddlenlp():
 
     if "paddlenlp.trainer" in sys.modules:
         return
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched
+    os.environ.setdefault("PPNLP_HOME", os.path.join(tempfile.gettempdir(), "ema_callback_ppnlp"))  # not ~ or the repo
     own = sys.modules.get("datasets")
     if own is not None and os.path.dirname(os.path.abspath(getattr(own, "__file__", "") or "")) == HERE:
         del sys.modules["datasets"]

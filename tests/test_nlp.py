@@ -4,6 +4,7 @@ independent numpy EMA over the weights recorded after every optimizer step."""
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from conftest import HAS_PADDLENLP, NO_PADDLENLP, import_paddlenlp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PPNLP_HOME", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".ppnlp_home"))
+os.environ.setdefault("PPNLP_HOME", os.path.join(tempfile.gettempdir(), "ema_callback_ppnlp"))  # nothing in the repo
 pytestmark = pytest.mark.skipif(not HAS_PADDLENLP, reason=NO_PADDLENLP)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(HERE, "..", "examples"))
@@ -228,8 +229,6 @@ def test_several_emas_are_evaluated_and_unsupported_options_are_refused(tmp_path
         assert {"eval_loss_raw", f"eval_loss_{first}", f"eval_loss_{second}"} <= set(h)
         assert h["eval_loss"] == h[f"eval_loss_{first}"] != h[f"eval_loss_{second}"]
     assert os.path.isfile(tmp_path / "several" / "ema_candidates.json")
-    with pytest.raises(EMAConfigError, match="length"):
-        EMATrainerCallback()
     with pytest.raises(EMAConfigError, match="select"):
         EMATrainerCallback(decay=0.9, select="best")
     with pytest.raises(EMAConfigError, match="recompute_bn"):
@@ -258,3 +257,27 @@ def test_two_rank_trainer_has_identical_emas_on_both_ranks(tmp_path):
     assert r0["numpy_error"] < 2e-6 and r1["numpy_error"] < 2e-6
     assert r0["evals"] == r1["evals"] and all("eval_loss_raw" in e and "eval_loss_ema0.99" in e for e in r0["evals"])
     assert {"model_state.pdparams", "model_state.pdema"} <= set(r0["files"])
+
+
+def test_length_auto_picks_at_the_end_through_the_trainers_evaluation(tmp_path):
+    """No length stated: length auto. The candidates are evaluated at the end with the Trainer's evaluation; the model
+    ends on the pick, whose metric is what ema_auto.json records for it; with load_best_model_at_end it is refused."""
+    from ema_callback.config.schema import EMAConfigError
+
+    uie_ema, _, EMATrainerCallback = _imports()
+    cb = EMATrainerCallback(eval_raw=True)
+    assert cb.config.auto
+    trainer = uie_ema.make_trainer(str(tmp_path / "auto"), max_steps=60, eval_steps=20, save_steps=60,
+                                   learning_rate=1e-2, metric_for_best_model="eval_loss", callbacks=[cb])
+    trainer.train()
+    record = json.load(open(tmp_path / "auto" / "ema_auto.json"))
+    pick = cb.auto.decision.label
+    assert len(cb.auto.evaluated) >= 4 and "raw" in cb.auto.evaluated
+    assert record["label"] == pick
+    assert pick == "raw" or cb.ema.applied_label == pick
+    # what the model holds now scores what the pick scored (the loss, lower is better)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(cb.auto.evaluated[pick].value, rel=1e-5)
+    with pytest.raises(EMAConfigError, match="load_best_model_at_end"):
+        uie_ema.make_trainer(str(tmp_path / "both"), max_steps=4, eval_steps=2, save_steps=2,
+                             load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                             callbacks=[EMATrainerCallback()]).train()

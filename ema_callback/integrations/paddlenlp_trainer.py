@@ -53,7 +53,9 @@ from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.integrations.candidates import RAW, CandidateBoard, metric_value
 from ema_callback.integrations.checkpoints import (is_rank0, numpy_state, place_features, restore_raw_weights,
                                                   resume_ema, save_ema_state)
+from ema_callback.integrations.auto_length import AutoPick, resolve as resolve_length, saved_plan
 from ema_callback.integrations.evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
+from ema_callback.integrations.honest_pick import Evaluated
 
 try:
     from paddlenlp.trainer import TrainerCallback
@@ -111,8 +113,11 @@ class EMATrainerCallback(TrainerCallback):
 
     Args:
         config: an ``EMAConfig`` or an ``EMA:`` mapping; keyword arguments (any key of the ``EMA:`` block) override it.
-            A length must be stated (``decay``, ``decays``, ``half_life_images``, ``half_life_epochs``): ``length:
-            auto`` and ``select: best`` are not available in this way in yet, and are refused at start-up.
+            No length stated means ``length: auto``: the default length (sigma_rel 0.10 of the run) during training,
+            post-hoc profiles beside it, and at the end of ``train()`` the candidates evaluated on the Trainer's eval
+            data by ``metric_for_best_model`` (else the loss) pick what the model ends on (``ema_auto.json`` in
+            ``output_dir``); it needs an ``eval_dataset`` and is refused with ``load_best_model_at_end``.
+            ``select: best`` and ``recompute_bn`` are refused at start-up.
         final_weights: ``"ema"`` (default): after ``train()`` the model holds the EMA weights (unless
             ``load_best_model_at_end`` loaded a best checkpoint, which holds the EMA weights evaluated there);
             ``"raw"``: the raw weights.
@@ -138,13 +143,13 @@ class EMATrainerCallback(TrainerCallback):
         self._in_train = False
         self._inner_eval = False
         self._drift: Optional[float] = None
+        self.auto: Optional[AutoPick] = None  # length: auto, once the engine is built
 
     def _check_config(self, config, kwargs) -> None:
         from ema_callback.integrations.auto_length import has_length
 
-        if self.config.auto or (not isinstance(config, EMAConfig) and not has_length(dict(config or {}, **kwargs))):
-            raise EMAConfigError("EMA.length: auto (no length stated) is not available in the PaddleNLP Trainer way in "
-                                 "yet; state a length: half_life_images, half_life_epochs, decay or decays")
+        if not isinstance(config, EMAConfig) and not has_length(dict(config or {}, **kwargs)):
+            self.config = self.config.replace(length="auto")  # no length stated: picked at the end of the run
         if self.config.select == "best":
             raise EMAConfigError("EMA.select: best is not available in the PaddleNLP Trainer way in yet (the Trainer's "
                                  "best model is chosen by metric_for_best_model over the primary EMA's evaluations); "
@@ -177,17 +182,37 @@ class EMATrainerCallback(TrainerCallback):
                                len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None,
                                per_epoch, int(state.max_steps) if state.max_steps else None,
                                "per_device_train_batch_size")
-        self.ema = ExponentialMovingAverage(model, self.config, optimizer=optimizer, backend=self.backend,
+        higher = _higher_is_better(args)
+        engine_config, plan = self.config, None
+        if self.config.auto:
+            self._check_auto(args, trainer)
+            engine_config, plan = resolve_length(self.config, self.batch, args.output_dir, resumed=saved_plan(
+                os.path.join(resume, WEIGHTS + ".pdema") if resume else None))
+        self.ema = ExponentialMovingAverage(model, engine_config, optimizer=optimizer, backend=self.backend,
                                             batch=self.batch)
-        self.board = CandidateBoard(self.ema, self.config, higher_is_better=bool(getattr(args, "greater_is_better",
-                                                                                            True) is not False))
+        self.board = CandidateBoard(self.ema, engine_config, higher_is_better=higher)
         place_features(self.ema, args.output_dir, only_rank0_evaluates=False)
         log_start(self.ema)
+        if plan is not None:  # every rank evaluates together (the Trainer's evaluation gathers across ranks)
+            self.auto = AutoPick(self.ema, plan, higher, every_rank=True)
+            logger.info("EMA: %s", plan.describe(sum(int(np.prod(e.tensor.shape)) for e in self.ema.averaged_entries)))
         if resume:
             self.resumed_from = resume
             resume_ema(self.ema, os.path.join(resume, WEIGHTS), model)
         self._in_train = True
         self._scheduled = False
+
+    def _check_auto(self, args, trainer) -> None:
+        """``length: auto`` picks the final weights by evaluating candidates at the end of ``train()``: it needs the
+        Trainer's eval data, and two rules choosing the final weights (with ``load_best_model_at_end``) are refused."""
+        if trainer is None or getattr(trainer, "eval_dataset", None) is None:
+            raise EMAConfigError("EMA.length: auto (no length stated) compares lengths on the Trainer's eval_dataset, "
+                                 "and this Trainer has none; give eval_dataset or state a length (half_life_images, "
+                                 "half_life_epochs, decay, decays)")
+        if args.load_best_model_at_end:
+            raise EMAConfigError("EMA.length: auto (no length stated) with load_best_model_at_end: both choose the "
+                                 "weights train() ends on; state a length (half_life_images, half_life_epochs, decay, "
+                                 "decays) or drop load_best_model_at_end")
 
     def _check_order(self, trainer) -> None:
         """This callback must run after ``DefaultFlowCallback`` (which sets ``should_evaluate``/``should_save``)."""
@@ -310,13 +335,18 @@ class EMATrainerCallback(TrainerCallback):
             return
         self._restore_raw()
         self._in_train = False
-        for feature in self.ema.features.values():
-            feature.close()
         if self.ema.num_updates == 0:
             logger.warning("EMA: no EMA update happened during training (%d optimizer steps, start_step=%d)",
                            self.ema.num_steps, self.config.start_step)
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
-        if best is not None:
+        if self.auto is not None:
+            self._pick_length(args)
+            if is_rank0():
+                os.makedirs(args.output_dir, exist_ok=True)
+                path = os.path.join(args.output_dir, WEIGHTS + ".pdema")
+                self.ema.save(path, extra={"raw_weights": self.ema.backup_numpy() if self.ema.applied else
+                                           numpy_state(self.ema.model)})
+        elif best is not None:
             logger.info("EMA: load_best_model_at_end: the model holds %s/%s.pdparams as the Trainer loaded it (the "
                         "weights evaluated there: the EMA's from eval_start_step on); the raw weights of that step "
                         "are in its %s.pdema", best, WEIGHTS, WEIGHTS)
@@ -330,6 +360,54 @@ class EMATrainerCallback(TrainerCallback):
                             "them, the raw weights and EMA state are in %s", self.board.primary, path)
         if self.board is not None:
             self.board.finish(args.output_dir, write=is_rank0())
+        for feature in self.ema.features.values():  # hooks (if any) off: the model is left as the Trainer's
+            feature.close()
+
+
+    def _pick_length(self, args) -> None:
+        """``length: auto`` at the end of ``train()`` (``auto_length``): the candidates evaluated with the Trainer's
+        ``evaluation_loop`` (``evaluate_candidates``) on its eval data, compared by ``metric_for_best_model`` (else
+        the loss) with the one rule (the default unless another beats it by more than 2 standard errors of its
+        validation noise); with ``final_weights='ema'`` the pick goes into the model (so ``save_model`` writes it)."""
+        auto = self.auto
+        key = _main_metric(args, "eval", {})
+        auto.metric = key
+
+        def evaluate(label: str) -> Evaluated:
+            with auto.weights(label, self.ema.model):
+                self._inner_eval = True
+                try:
+                    metrics = _evaluate_as_is(self.trainer)
+                finally:
+                    self._inner_eval = False
+            value = metric_value(metrics.get(key))
+            return Evaluated(label, float(value) if value is not None else float("nan"), None)
+
+        label = auto.run(evaluate, trend_noise=self.board.noises((auto.default, RAW))).label
+        if is_rank0():
+            auto.write(args.output_dir)
+        if self.final_weights == "ema" and label != RAW:
+            if label == auto.default:
+                self.ema.apply_to(self.ema.model)
+            else:
+                self.ema.apply_values(self.ema.model, auto.values(label, self.ema.model), label)
+        auto.close()
+
+
+def _evaluate_as_is(trainer) -> Dict[str, Any]:
+    """The Trainer's ``evaluation_loop`` on its eval data with the weights the model holds now (no callbacks)."""
+    output = trainer.evaluation_loop(trainer.get_eval_dataloader(), description="Evaluation (EMA length auto)",
+                                     prediction_loss_only=True if trainer.compute_metrics is None else None,
+                                     metric_key_prefix="eval", max_eval_iters=trainer.args.max_evaluate_steps)
+    return dict(output.metrics)
+
+
+def _higher_is_better(args) -> bool:
+    """The Trainer's own direction: ``greater_is_better`` (which it sets from ``metric_for_best_model``: False for a
+    loss); without a metric the loss is compared, lower is better."""
+    if getattr(args, "metric_for_best_model", None) is None:
+        return False
+    return getattr(args, "greater_is_better", True) is not False
 
 
 def _prefix_of(metrics: Mapping[str, Any]) -> str:
