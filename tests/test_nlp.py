@@ -180,6 +180,14 @@ def test_resume_from_checkpoint_is_bit_identical_to_an_uninterrupted_run(tmp_pat
     _equal(_load(str(tmp_path / "whole" / "checkpoint-40" / "model_state.pdparams")),
            _load(str(tmp_path / "resumed" / "checkpoint-40" / "model_state.pdparams")))
     assert _evals(whole)[-1]["eval_loss"] == _evals(resumed)[-1]["eval_loss"]
+    # EMA off, resumed from the same checkpoint (its .pdparams hold EMA weights): it trains on from the raw weights in
+    # its .pdema, so it ends on the uninterrupted EMA run's raw weights
+    with paddle.utils.unique_name.guard():
+        off = uie_ema.make_trainer(str(tmp_path / "off"), max_steps=40, eval_steps=20, save_steps=20, n_train=640,
+                                   callbacks=[EMATrainerCallback(decay=D, enable=False)])
+        off.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-20"))
+    _equal({k: v for k, v in a["raw_weights"].items() if k in _params(off.model)}, _params(off.model))
+    assert not os.path.exists(tmp_path / "off" / "checkpoint-40" / "model_state.pdema")
 
 
 def test_load_best_model_at_end_loads_the_best_evaluated_ema_weights(tmp_path):
