@@ -237,8 +237,6 @@ def test_several_emas_are_evaluated_and_unsupported_options_are_refused(tmp_path
         assert {"eval_loss_raw", f"eval_loss_{first}", f"eval_loss_{second}"} <= set(h)
         assert h["eval_loss"] == h[f"eval_loss_{first}"] != h[f"eval_loss_{second}"]
     assert os.path.isfile(tmp_path / "several" / "ema_candidates.json")
-    with pytest.raises(EMAConfigError, match="select"):
-        EMATrainerCallback(decay=0.9, select="best")
     with pytest.raises(EMAConfigError, match="recompute_bn"):
         EMATrainerCallback(decay=0.9, recompute_bn=4)
 
@@ -289,3 +287,30 @@ def test_length_auto_picks_at_the_end_through_the_trainers_evaluation(tmp_path):
         uie_ema.make_trainer(str(tmp_path / "both"), max_steps=4, eval_steps=2, save_steps=2,
                              load_best_model_at_end=True, metric_for_best_model="eval_loss",
                              callbacks=[EMATrainerCallback()]).train()
+
+
+def test_select_best_checkpoints_hold_the_candidate_whose_metric_they_report(tmp_path):
+    """select: best with a very long EMA (decay 0.999 over 80 steps: mostly the initial weights) and eval_raw: once the
+    raw weights beat it by more than the noise they are selected; each checkpoint holds the selected candidate's
+    weights (raw as recorded, or the numpy EMA) and the plain eval_loss is that candidate's."""
+    uie_ema, _, EMATrainerCallback = _imports()
+    rec = _recorder()
+    cb = EMATrainerCallback(decay=0.999, schedule="constant", eval_raw=True, select="best")
+    trainer = uie_ema.make_trainer(str(tmp_path / "best"), max_steps=80, eval_steps=5, save_steps=5,
+                                   learning_rate=1e-2, metric_for_best_model="eval_loss", callbacks=[rec, cb])
+    trainer.train()
+    label = cb.ema.labels[0]
+    reference = numpy_ema(rec.start, rec.after, d=0.999)
+    selected = []
+    for h in _evals(trainer):
+        step = h["step"]
+        held = _load(str(tmp_path / "best" / f"checkpoint-{step}" / "model_state.pdparams"))
+        if h["eval_loss"] == h["eval_loss_raw"] != h[f"eval_loss_{label}"]:
+            selected.append("raw")
+            _equal(held, rec.after[step - 1])
+        else:
+            assert h["eval_loss"] == h[f"eval_loss_{label}"]
+            selected.append(label)
+            _close(held, reference[step - 1])
+    assert "raw" in selected and selected[0] == label  # the first evaluations have no noise measure: the primary
+    assert [r["selected"] for r in cb.board.history] == selected

@@ -117,7 +117,9 @@ class EMATrainerCallback(TrainerCallback):
             post-hoc profiles beside it, and at the end of ``train()`` the candidates evaluated on the Trainer's eval
             data by ``metric_for_best_model`` (else the loss) pick what the model ends on (``ema_auto.json`` in
             ``output_dir``); it needs an ``eval_dataset`` and is refused with ``load_best_model_at_end``.
-            ``select: best`` and ``recompute_bn`` are refused at start-up.
+            ``select: best`` (with ``eval_raw`` or several EMAs): at each evaluation the one rule's pick among the
+            candidates is what the checkpoint holds and what its plain metric names report. ``recompute_bn`` is
+            refused at start-up.
         final_weights: ``"ema"`` (default): after ``train()`` the model holds the EMA weights (unless
             ``load_best_model_at_end`` loaded a best checkpoint, which holds the EMA weights evaluated there);
             ``"raw"``: the raw weights.
@@ -150,10 +152,6 @@ class EMATrainerCallback(TrainerCallback):
 
         if not isinstance(config, EMAConfig) and not has_length(dict(config or {}, **kwargs)):
             self.config = self.config.replace(length="auto")  # no length stated: picked at the end of the run
-        if self.config.select == "best":
-            raise EMAConfigError("EMA.select: best is not available in the PaddleNLP Trainer way in yet (the Trainer's "
-                                 "best model is chosen by metric_for_best_model over the primary EMA's evaluations); "
-                                 "use select: primary")
         for key, why in REFUSED.items():
             if getattr(self.config, key):
                 raise EMAConfigError(f"EMA.{key}: not available in the PaddleNLP Trainer way in: {why}")
@@ -294,19 +292,43 @@ class EMATrainerCallback(TrainerCallback):
             for label, values in others.items():
                 suffix = RAW_SUFFIX if label == RAW else "_" + label
                 added.update({k + suffix: v for k, v in values.items() if _is_metric(k, prefix)})
-            if self.board.several and held != RAW:
+            if (self.board.several or self.config.select == "best") and held != RAW:
                 added.update({k + "_" + held: v for k, v in results[held].items() if _is_metric(k, prefix)})
             logger.info("EMA: evaluation at optimizer step %d: %s", self.ema.num_steps,
                         ", ".join(f"{k} {v:.6g}" for k, v in sorted(added.items()) if metric_value(v) is not None))
+        key = _main_metric(args, prefix, results[held])
+        chosen = held
+        if self._in_train and self.config.select == "best" and len(results) > 1:
+            chosen = self._select_best(results, key, held)
+            added.update({k: v for k, v in results[chosen].items() if _is_metric(k, prefix)})  # plain names
+        last = dict(state.log_history[-1]) if state.log_history else {}
         metrics.update(added)  # the dict evaluate() returns and _save_checkpoint reads
-        if added and state.log_history and all(state.log_history[-1].get(k) == v for k, v in results[held].items()
-                                               if _is_metric(k, prefix)):
+        if added and last and all(last.get(k) == v for k, v in results[held].items() if _is_metric(k, prefix)):
             state.log_history[-1].update(added)  # the entry Trainer.log just made of these metrics
         if self._in_train:
-            key = _main_metric(args, prefix, results[held])
-            self.board.record(self.ema.num_steps, results, key, held)
+            self.board.record(self.ema.num_steps, results, key, chosen)
             if not control.should_save:
                 self._restore_raw()
+
+    def _select_best(self, results: Mapping[str, Mapping[str, Any]], key: str, held: str) -> str:
+        """``select: best``: the one rule's pick among the evaluated candidates (``CandidateBoard.pick``: the primary
+        unless another beats it by more than 2 standard errors of the validation noise); its weights go into the model
+        for the checkpoint the Trainer saves next, and its metrics take the plain names (what
+        ``metric_for_best_model`` compares), so the best checkpoint holds the weights its metric was measured on."""
+        try:
+            chosen = self.board.pick(results, key)
+        except KeyError as exc:
+            raise EMAConfigError(f"EMA.select: best (metric_for_best_model): {exc.args[0]}") from None
+        if chosen != held:
+            if self.ema.applied:
+                self.ema.restore(self.ema.model)
+            if chosen != RAW:
+                self.ema.apply_to(self.ema.model, chosen)
+            self._scheduled = True
+            logger.info("EMA: select: best -> %s at optimizer step %d (%s %.6g against the primary's %.6g)", chosen,
+                        self.ema.num_steps, key, metric_value(results[chosen].get(key)) or float("nan"),
+                        metric_value(results[held].get(key)) or float("nan"))
+        return chosen
 
     # ------------------------------------------------------------------ checkpoints
     def on_save(self, args, state, control, **kwargs) -> None:
