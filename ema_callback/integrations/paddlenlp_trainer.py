@@ -161,8 +161,7 @@ class EMATrainerCallback(TrainerCallback):
         trainer, resume = _trainer_in_stack()
         self._check_order(trainer)
         self.trainer = trainer
-        if isinstance(resume, bool):
-            resume = None
+        resume = _resumed_checkpoint(args, state, resume)
         if not self.config.enable:
             logger.info("EMA: off for this run (EMATrainerCallback enable=False)")
             if resume:
@@ -414,6 +413,26 @@ class EMATrainerCallback(TrainerCallback):
             else:
                 self.ema.apply_values(self.ema.model, auto.values(label, self.ema.model), label)
         auto.close()
+
+
+def _resumed_checkpoint(args, state, resume) -> Optional[str]:
+    """The checkpoint folder this ``train()`` resumed: the path given (``True``: the last ``checkpoint-N`` of
+    ``output_dir``, as the Trainer finds it); a run that starts at ``global_step > 0`` with no path known uses
+    ``output_dir/checkpoint-<global_step>``, and without one is refused (its weights may be EMA weights)."""
+    if resume is True:
+        from paddlenlp.trainer.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(args.output_dir)
+    if isinstance(resume, str) and resume:
+        return resume
+    if state.global_step > 0:
+        guess = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(guess):
+            return guess
+        raise EMAConfigError(f"EMATrainerCallback: training resumes at step {state.global_step}, but the checkpoint it "
+                             "was loaded from is not known (Trainer._inner_training_loop not found); pass "
+                             "resume_from_checkpoint=<checkpoint-N folder> to train()")
+    return None
 
 
 def _evaluate_as_is(trainer) -> Dict[str, Any]:
