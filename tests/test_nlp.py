@@ -314,3 +314,22 @@ def test_select_best_checkpoints_hold_the_candidate_whose_metric_they_report(tmp
             _close(held, reference[step - 1])
     assert "raw" in selected and selected[0] == label  # the first evaluations have no noise measure: the primary
     assert [r["selected"] for r in cb.board.history] == selected
+
+
+def test_options_that_cannot_act_are_refused_in_one_line(tmp_path):
+    """A dict of eval datasets with eval_raw, and length auto without eval data, fail when train() starts."""
+    from paddlenlp.datasets import MapDataset
+
+    from ema_callback.config.schema import EMAConfigError
+
+    uie_ema, _, EMATrainerCallback = _imports()
+    trainer = uie_ema.make_trainer(str(tmp_path / "dict"), max_steps=2, eval_steps=2, save_steps=2,
+                                   callbacks=[EMATrainerCallback(decay=0.9, eval_raw=True)])
+    trainer.eval_dataset = {"a": MapDataset(uie_ema.make_examples(8, 1)), "b": MapDataset(uie_ema.make_examples(8, 2))}
+    with pytest.raises(EMAConfigError, match="dict of eval datasets"):
+        trainer.train()
+    trainer = uie_ema.make_trainer(str(tmp_path / "noeval"), max_steps=2, evaluation_strategy="no", save_steps=2,
+                                   callbacks=[EMATrainerCallback()])
+    trainer.eval_dataset = None
+    with pytest.raises(EMAConfigError, match="eval_dataset"):
+        trainer.train()

@@ -190,6 +190,8 @@ class EMATrainerCallback(TrainerCallback):
         self.board = CandidateBoard(self.ema, engine_config, higher_is_better=higher)
         place_features(self.ema, args.output_dir, only_rank0_evaluates=False)
         log_start(self.ema)
+        if self.board.active:
+            self._check_candidates(trainer)
         if plan is not None:  # every rank evaluates together (the Trainer's evaluation gathers across ranks)
             self.auto = AutoPick(self.ema, plan, higher, every_rank=True)
             logger.info("EMA: %s", plan.describe(sum(int(np.prod(e.tensor.shape)) for e in self.ema.averaged_entries)))
@@ -199,6 +201,18 @@ class EMATrainerCallback(TrainerCallback):
         self._in_train = True
         self._scheduled = False
 
+    def _check_candidates(self, trainer) -> None:
+        """``eval_raw`` / several EMAs evaluate the other candidates with the Trainer's own evaluation: it must be
+        found, with one eval dataset."""
+        if trainer is None:
+            raise EMAConfigError("EMA.eval_raw / several EMAs: the Trainer running this callback was not found "
+                                 "(Trainer._inner_training_loop), so the other candidates cannot be evaluated; drop "
+                                 "eval_raw and keep one length")
+        if isinstance(getattr(trainer, "eval_dataset", None), dict):
+            raise EMAConfigError("EMA.eval_raw / several EMAs: the Trainer has a dict of eval datasets; the other "
+                                 "candidates are evaluated on one: pass a single eval_dataset, or drop eval_raw and "
+                                 "keep one length")
+
     def _check_auto(self, args, trainer) -> None:
         """``length: auto`` picks the final weights by evaluating candidates at the end of ``train()``: it needs the
         Trainer's eval data, and two rules choosing the final weights (with ``load_best_model_at_end``) are refused."""
@@ -206,6 +220,9 @@ class EMATrainerCallback(TrainerCallback):
             raise EMAConfigError("EMA.length: auto (no length stated) compares lengths on the Trainer's eval_dataset, "
                                  "and this Trainer has none; give eval_dataset or state a length (half_life_images, "
                                  "half_life_epochs, decay, decays)")
+        if isinstance(trainer.eval_dataset, dict):
+            raise EMAConfigError("EMA.length: auto (no length stated) compares lengths on one eval dataset, and this "
+                                 "Trainer has a dict of them; pass a single eval_dataset or state a length")
         if args.load_best_model_at_end:
             raise EMAConfigError("EMA.length: auto (no length stated) with load_best_model_at_end: both choose the "
                                  "weights train() ends on; state a length (half_life_images, half_life_epochs, decay, "
