@@ -20,11 +20,10 @@ sys.path.append(os.path.join(HERE, "..", "examples"))
 D = 0.9  # the EMA's decay per optimizer step in these tests (schedule: constant)
 
 
-if HAS_PADDLENLP:
-    import_paddlenlp()  # Hugging Face's datasets, not tests/datasets.py (conftest)
 
 
 def _imports():
+    import_paddlenlp()  # Hugging Face's datasets, not tests/datasets.py (conftest); at the first test, not collection
     import paddle  # noqa: F401
     import uie_ema
     from paddlenlp.trainer import TrainerCallback
@@ -318,11 +317,10 @@ def test_select_best_checkpoints_hold_the_candidate_whose_metric_they_report(tmp
 
 def test_options_that_cannot_act_are_refused_in_one_line(tmp_path):
     """A dict of eval datasets with eval_raw, and length auto without eval data, fail when train() starts."""
-    from paddlenlp.datasets import MapDataset
-
     from ema_callback.config.schema import EMAConfigError
 
     uie_ema, _, EMATrainerCallback = _imports()
+    from paddlenlp.datasets import MapDataset
     trainer = uie_ema.make_trainer(str(tmp_path / "dict"), max_steps=2, eval_steps=2, save_steps=2,
                                    callbacks=[EMATrainerCallback(decay=0.9, eval_raw=True)])
     trainer.eval_dataset = {"a": MapDataset(uie_ema.make_examples(8, 1)), "b": MapDataset(uie_ema.make_examples(8, 2))}
