@@ -331,3 +331,24 @@ def test_options_that_cannot_act_are_refused_in_one_line(tmp_path):
     trainer.eval_dataset = None
     with pytest.raises(EMAConfigError, match="eval_dataset"):
         trainer.train()
+
+
+@pytest.mark.slow
+def test_uie_example_runs_and_saves_the_ema_with_the_raw_weights_beside(tmp_path):
+    import subprocess
+
+    import paddle
+
+    repo = os.path.dirname(HERE)
+    done = subprocess.run([sys.executable, os.path.join(repo, "examples", "uie_ema.py"), "--steps", "50", "--out",
+                           str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=repo))
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"eval_f1", "eval_f1_raw"} <= set(printed)
+    from ema_callback.files.state_file import read_state
+
+    state = read_state(str(tmp_path / "out" / "model_state.pdema"))
+    saved = paddle.load(str(tmp_path / "out" / "model_state.pdparams"), return_numpy=True)
+    assert state["num_updates"] == 50 and set(state["raw_weights"]) <= set(saved)
+    assert any(not np.array_equal(saved[k], state["raw_weights"][k]) for k in state["raw_weights"])
