@@ -331,6 +331,10 @@ def test_options_that_cannot_act_are_refused_in_one_line(tmp_path):
     trainer.eval_dataset = None
     with pytest.raises(EMAConfigError, match="eval_dataset"):
         trainer.train()
+    trainer = uie_ema.make_trainer(str(tmp_path / "unified"), max_steps=2, eval_steps=2, save_steps=2,
+                                   unified_checkpoint=True, callbacks=[EMATrainerCallback(decay=0.9)])
+    with pytest.raises(EMAConfigError, match="unified_checkpoint"):
+        trainer.train()
 
 
 @pytest.mark.slow

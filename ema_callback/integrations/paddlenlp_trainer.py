@@ -162,6 +162,8 @@ class EMATrainerCallback(TrainerCallback):
         self._check_order(trainer)
         self.trainer = trainer
         resume = _resumed_checkpoint(args, state, resume)
+        if self.config.enable:
+            _check_checkpoint_layout(args, model)
         if not self.config.enable:
             logger.info("EMA: off for this run (EMATrainerCallback enable=False)")
             if resume:
@@ -430,6 +432,21 @@ class EMATrainerCallback(TrainerCallback):
             else:
                 self.ema.apply_values(self.ema.model, auto.values(label, self.ema.model), label)
         auto.close()
+
+
+def _check_checkpoint_layout(args, model) -> None:
+    """The checkpoints this way in writes beside: ``checkpoint-N/model_state.pdparams`` of a whole model. Unified or
+    sharded checkpoints and LoRA/prefix models save otherwise; refused in one line rather than left without EMA state."""
+    if getattr(args, "unified_checkpoint", False):
+        raise EMAConfigError("EMATrainerCallback: unified_checkpoint is not supported (its weights are not "
+                             "checkpoint-N/model_state.pdparams, so the EMA state has no place beside them); set "
+                             "unified_checkpoint=False")
+    if getattr(args, "should_save_sharding_stage1_model", False) or getattr(args, "use_hybrid_parallel", False):
+        raise EMAConfigError("EMATrainerCallback: sharding / tensor / pipeline parallel runs are not supported (each "
+                             "rank holds part of the weights); data parallel is")
+    if type(model).__name__ in ("LoRAModel", "PrefixModelForCausalLM"):
+        raise EMAConfigError(f"EMATrainerCallback: a {type(model).__name__} saves its adapter weights only; not "
+                             "supported")
 
 
 def _resumed_checkpoint(args, state, resume) -> Optional[str]:
