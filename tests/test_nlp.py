@@ -356,3 +356,18 @@ def test_uie_example_runs_and_saves_the_ema_with_the_raw_weights_beside(tmp_path
     saved = paddle.load(str(tmp_path / "out" / "model_state.pdparams"), return_numpy=True)
     assert state["num_updates"] == 50 and set(state["raw_weights"]) <= set(saved)
     assert any(not np.array_equal(saved[k], state["raw_weights"][k]) for k in state["raw_weights"])
+
+
+def test_before_eval_start_step_the_raw_weights_are_evaluated_and_saved(tmp_path):
+    uie_ema, _, EMATrainerCallback = _imports()
+    rec = _recorder()
+    cb = EMATrainerCallback(decay=D, schedule="constant", eval_raw=True, eval_start_step=10)
+    trainer = uie_ema.make_trainer(str(tmp_path / "start"), max_steps=10, eval_steps=5, save_steps=5,
+                                   callbacks=[rec, cb])
+    trainer.train()
+    early, late = _evals(trainer)
+    assert early["eval_loss"] == early["eval_loss_raw"] and "ema_drift" not in early
+    _equal(_load(str(tmp_path / "start" / "checkpoint-5" / "model_state.pdparams")), rec.after[4])
+    assert late["eval_loss"] != late["eval_loss_raw"] and "ema_drift" in late
+    _close(_load(str(tmp_path / "start" / "checkpoint-10" / "model_state.pdparams")),
+           numpy_ema(rec.start, rec.after)[-1])

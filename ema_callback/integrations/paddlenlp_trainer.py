@@ -297,6 +297,10 @@ class EMATrainerCallback(TrainerCallback):
         prefix = _prefix_of(metrics)
         results = {held: {k: v for k, v in metrics.items() if k.startswith(prefix + "_")}}
         added: Dict[str, Any] = {}
+        if self._in_train and held == RAW and self._policy.raw_weights_now(self.ema):
+            labels = []  # before eval_start_step the raw weights are evaluated and saved; with eval_raw also as _raw
+            if self.config.eval_raw:
+                added.update({k + RAW_SUFFIX: v for k, v in results[held].items() if _is_metric(k, prefix)})
         if self.ema.applied and self._in_train:
             added[DRIFT] = float(self._drift if self._drift is not None else self.ema.drift())
         if labels and (self.board.active or not self._in_train):
