@@ -93,8 +93,10 @@ def has_gpu():
 def pytest_runtest_setup(item):
     """PaddleNLP is imported (with the right ``datasets``) before test_docs.py checks the names the PaddleNLP page and
     example cite; only there and in test_nlp.py, so other tests' processes do not import it."""
-    if HAS_PADDLENLP and os.path.basename(str(item.fspath)) == "test_docs.py" and (
+    if os.path.basename(str(item.fspath)) == "test_docs.py" and "cites" in item.name and (
             "paddlenlp" in item.name or "uie" in item.name):
+        if not HAS_PADDLENLP:  # the names they cite (ema_callback.integrations.paddlenlp_trainer) need PaddleNLP
+            pytest.skip(NO_PADDLENLP)
         import_paddlenlp()
 
 
