@@ -371,3 +371,18 @@ def test_before_eval_start_step_the_raw_weights_are_evaluated_and_saved(tmp_path
     assert late["eval_loss"] != late["eval_loss_raw"] and "ema_drift" in late
     _close(_load(str(tmp_path / "start" / "checkpoint-10" / "model_state.pdparams")),
            numpy_ema(rec.start, rec.after)[-1])
+
+
+def test_save_as_raw_keeps_the_raw_weights_in_the_checkpoint_and_the_ema_beside(tmp_path):
+    uie_ema, _, EMATrainerCallback = _imports()
+    rec = _recorder()
+    cb = EMATrainerCallback(decay=D, schedule="constant", eval_raw=True, save_as="raw")
+    trainer = uie_ema.make_trainer(str(tmp_path / "raw"), max_steps=10, eval_steps=5, save_steps=5,
+                                   callbacks=[rec, cb])
+    trainer.train()
+    reference = numpy_ema(rec.start, rec.after)
+    for h in _evals(trainer):
+        step, ckpt = h["step"], tmp_path / "raw" / f"checkpoint-{h['step']}"
+        _equal(_load(str(ckpt / "model_state.pdparams")), rec.after[step - 1])
+        _close(_load(str(ckpt / "model_state.ema.pdparams")), reference[step - 1])
+        assert h["eval_loss"] != h["eval_loss_raw"]  # the evaluation is still the EMA's, the raw beside

@@ -146,6 +146,7 @@ class EMATrainerCallback(TrainerCallback):
         self._inner_eval = False
         self._drift: Optional[float] = None
         self.auto: Optional[AutoPick] = None  # length: auto, once the engine is built
+        self._selected: Optional[str] = None  # the candidate the latest evaluation selected
 
     def _check_config(self, config, kwargs) -> None:
         from ema_callback.integrations.auto_length import has_length
@@ -279,6 +280,8 @@ class EMATrainerCallback(TrainerCallback):
         self._restore_raw()
         if self._policy.raw_weights_now(self.ema):
             return
+        if self.config.save_as == "raw" and not control.should_evaluate:
+            return  # save_as: raw: the checkpoint's .pdparams keep the raw weights, the EMA goes beside
         if control.should_evaluate:
             self._drift = log_before_eval(self.ema)
         self.ema.apply_to(self.ema.model, self.board.primary)
@@ -329,7 +332,8 @@ class EMATrainerCallback(TrainerCallback):
             state.log_history[-1].update(added)  # the entry Trainer.log just made of these metrics
         if self._in_train:
             self.board.record(self.ema.num_steps, results, key, chosen)
-            if not control.should_save:
+            self._selected = chosen
+            if not control.should_save or self.config.save_as == "raw":
                 self._restore_raw()
 
     def _select_best(self, results: Mapping[str, Mapping[str, Any]], key: str, held: str) -> str:
@@ -370,6 +374,8 @@ class EMATrainerCallback(TrainerCallback):
         if self.ema.applied:
             raw.update(self.ema.backup_numpy())
         label = self.ema.applied_label or RAW
+        if self.config.save_as == "raw":  # .pdparams: raw; .ema.pdparams: the candidate last selected (or the primary)
+            label = self._selected if self._selected not in (None, RAW) else self.board.primary
         save_ema_state(self.ema, [os.path.join(folder, WEIGHTS)], network, raw, held, save_as=self.config.save_as,
                        candidate=label if self.board is not None and self.board.active else None)
         return os.path.join(folder, WEIGHTS + ".pdema")
