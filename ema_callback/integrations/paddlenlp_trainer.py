@@ -1,4 +1,4 @@
-"""``EMATrainerCallback``: the EMA engine in PaddleNLP's ``paddlenlp.trainer.Trainer`` (``pip install ema-callback[nlp]``).
+"""``EMATrainerCallback``: the EMA engine in PaddleNLP's ``paddlenlp.trainer.Trainer`` (``ema-callback[nlp]``).
 
     trainer = Trainer(model=model, args=args, ..., callbacks=[EMATrainerCallback(half_life_images=4000, eval_raw=True)])
     trainer.train()            # evaluations run on the EMA weights; checkpoint-N/model_state.pdparams hold them
@@ -168,7 +168,8 @@ class EMATrainerCallback(TrainerCallback):
         if not self.config.enable:
             logger.info("EMA: off for this run (EMATrainerCallback enable=False)")
             if resume:
-                restore_raw_weights(os.path.join(resume, WEIGHTS), model, "pass enable=True to continue the EMA as well",
+                restore_raw_weights(os.path.join(resume, WEIGHTS), model,
+                                    "pass enable=True to continue the EMA as well",
                                     config=self.config)
             return
         world = max(1, int(getattr(args, "dataset_world_size", 1) or 1))
@@ -446,7 +447,7 @@ class EMATrainerCallback(TrainerCallback):
 
 def _check_checkpoint_layout(args, model) -> None:
     """The checkpoints this way in writes beside: ``checkpoint-N/model_state.pdparams`` of a whole model. Unified or
-    sharded checkpoints and LoRA/prefix models save otherwise; refused in one line rather than left without EMA state."""
+    sharded checkpoints and LoRA/prefix models save otherwise: refused in one line, not left without EMA state."""
     if getattr(args, "unified_checkpoint", False):
         raise EMAConfigError("EMATrainerCallback: unified_checkpoint is not supported (its weights are not "
                              "checkpoint-N/model_state.pdparams, so the EMA state has no place beside them); set "
