@@ -30,7 +30,7 @@ export PADDLEDET_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleDete
 export PADDLECLAS_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleClas-develop) $(CHECKOUT_CACHE)/PaddleClas)
 PIP := -m pip install -q --disable-pip-version-check
 
-.PHONY: demo docs docs-machine test test-fast test-paddle3 test-paddle26 soak bench bench-auto venv clean checkouts skipped-suites
+.PHONY: demo docs docs-machine test test-fast test-paddle3 test-paddle26 soak bench bench-auto bench-nlp venv clean checkouts skipped-suites
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,9 +43,9 @@ $(VENV)/.demo-installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python $(PIP) "$(PADDLE_PKG)" -e ".[plot]"
 	touch $@
 
-# The test extras: the demo's needs plus what PaddleOCR's and PaddleDetection's training code import.
+# The test extras: the demo's needs plus what PaddleOCR's and PaddleDetection's training code import, and PaddleNLP.
 $(VENV)/.test-installed: $(VENV)/.demo-installed setup.cfg
-	$(BIN)/python $(PIP) "$(PADDLE_PKG)" -e ".[test]"
+	$(BIN)/python $(PIP) "$(PADDLE_PKG)" -e ".[test,nlp]"
 	touch $@
 
 # The same extras under Paddle 2.6 (they pin numpy<2, which Paddle 2.6 needs).
@@ -133,6 +133,13 @@ bench-auto: $(VENV)/.test-installed checkouts
 	cp bench_output/auto/auto_length.md bench_output/auto/auto_length.json docs/
 	$(BIN)/python benchmarks/auto_length_ocr.py --seeds 1,2,3 --paddleocr-root "$(PADDLEOCR_ROOT)" --out bench_output/auto_ocr
 	[ ! -f bench_output/auto_ocr/auto_length_ocr.md ] || cp bench_output/auto_ocr/auto_length_ocr.md bench_output/auto_ocr/auto_length_ocr.json docs/
+	$(BIN)/python docs/regenerate.py --no-run
+
+# PaddleNLP's Trainer: UIE span extraction, raw against EMA on the same runs, seeds 1-7 (benchmarks/uie_ema.py);
+# the table goes to docs/uie_ema.{md,json} and into docs/paddlenlp.md (docs/regenerate.py --no-run).
+bench-nlp: $(VENV)/.test-installed
+	$(BIN)/python benchmarks/uie_ema.py --seeds 1,2,3,4,5,6,7 --out bench_output/uie $(ARGS)
+	cp bench_output/uie/uie_ema.md bench_output/uie/uie_ema.json docs/
 	$(BIN)/python docs/regenerate.py --no-run
 
 clean:

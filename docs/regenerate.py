@@ -282,6 +282,8 @@ def blocks() -> Dict[str, str]:
         "bench-paddle26": _read("bench_cpu_paddle26.md"),
         "checkpoint-sizes": _read("checkpoint_sizes.md"),
         "hostile-files": hostile_files(_load("hostile_files.json")),
+        "uie-benchmark": (f"`docs/uie_ema.json`:\n\n{_read('uie_ema.md')}"
+                          if os.path.exists(os.path.join(DOCS, "uie_ema.md")) else "Not measured yet: `make bench-nlp`.\n"),
     }
 
 

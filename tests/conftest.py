@@ -23,12 +23,52 @@ NO_PADDLECLAS = (f"SKIPPED: no PaddleClas checkout at {PADDLECLAS_ROOT}: every t
 needs_paddleocr = pytest.mark.skipif(not HAS_PADDLEOCR, reason=NO_PADDLEOCR)
 needs_paddledet = pytest.mark.skipif(not HAS_PADDLEDET, reason=NO_PADDLEDET)
 needs_paddleclas = pytest.mark.skipif(not HAS_PADDLECLAS, reason=NO_PADDLECLAS)
+# PaddleNLP (tests/test_nlp.py): the [nlp] extra; found without importing it (importing it takes seconds).
+import importlib.util  # noqa: E402
+
+HAS_PADDLENLP = importlib.util.find_spec("paddlenlp") is not None
+NO_PADDLENLP = ("SKIPPED: paddlenlp is not installed: every PaddleNLP Trainer test (tests/test_nlp.py) is skipped; "
+                "pip install -e '.[nlp]' (make venv does)")
+needs_paddlenlp = pytest.mark.skipif(not HAS_PADDLENLP, reason=NO_PADDLENLP)
+
+
+def import_paddlenlp():
+    """Import PaddleNLP with Hugging Face's ``datasets``, not ``tests/datasets.py`` (``pythonpath = tests`` puts that
+    first): this folder leaves ``sys.path`` for the import, and afterwards the name ``datasets`` is the suite's module
+    again (PaddleNLP keeps its own references to Hugging Face's). Called where PaddleNLP is used (test_nlp.py, and
+    test_docs.py's check of the names docs/paddlenlp.md cites)."""
+    import sys
+
+    if "paddlenlp.trainer" in sys.modules:
+        return
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched
+    os.environ.setdefault("PPNLP_HOME", os.path.join(tempfile.gettempdir(), "ema_callback_ppnlp"))  # not ~ or the repo
+    own = sys.modules.get("datasets")
+    if own is not None and os.path.dirname(os.path.abspath(getattr(own, "__file__", "") or "")) == HERE:
+        del sys.modules["datasets"]
+    else:
+        own = None
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
+    try:
+        import paddlenlp.datasets  # noqa: F401
+        import paddlenlp.metrics  # noqa: F401
+        import paddlenlp.trainer  # noqa: F401
+        import paddlenlp.transformers  # noqa: F401
+    finally:
+        sys.path[:] = saved
+        sys.modules.pop("datasets", None)
+        if own is not None:
+            sys.modules["datasets"] = own
 
 
 def pytest_terminal_summary(terminalreporter):
     """The one loud line per missing suite checkout, at the end of the run."""
     for missing, line in ((not HAS_PADDLEOCR, NO_PADDLEOCR), (not HAS_PADDLEDET, NO_PADDLEDET),
-                          (not HAS_PADDLECLAS, NO_PADDLECLAS)):
+                          (not HAS_PADDLECLAS, NO_PADDLECLAS),
+                          (not HAS_PADDLENLP, NO_PADDLENLP)):
         if missing:
             terminalreporter.write_line(line, yellow=True, bold=True)
 
@@ -54,6 +94,16 @@ def has_gpu():
     import paddle
 
     return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+def pytest_runtest_setup(item):
+    """PaddleNLP is imported (with the right ``datasets``) before test_docs.py checks the names the PaddleNLP page and
+    example cite; only there and in test_nlp.py, so other tests' processes do not import it."""
+    if os.path.basename(str(item.fspath)) == "test_docs.py" and "cites" in item.name and (
+            "paddlenlp" in item.name or "uie" in item.name):
+        if not HAS_PADDLENLP:  # the names they cite (ema_callback.integrations.paddlenlp_trainer) need PaddleNLP
+            pytest.skip(NO_PADDLENLP)
+        import_paddlenlp()
 
 
 def pytest_collection_modifyitems(config, items):

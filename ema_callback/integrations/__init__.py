@@ -1,4 +1,4 @@
-"""The three ways in, each a thin adapter over one shared layer.
+"""The ways in (registry.py; docs/adding-a-suite.md), each a thin adapter over one shared layer.
 
 * ``model_fit``: ``EMACallback`` for ``paddle.Model.fit``;
 * ``paddleocr``: ``ema-callback ocr-train`` over PaddleOCR's own ``tools/train.py`` (+ ``output_rollback``);

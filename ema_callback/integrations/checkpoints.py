@@ -1,4 +1,4 @@
-"""What the three ways in do with a suite's checkpoint set, written once: resume, save, and weights of EMA runs.
+"""What the ways in do with a suite's checkpoint set, written once: resume, save, and weights of EMA runs.
 
 A checkpoint set is the files of one prefix: the suite's ``<prefix>.pdparams`` (+ ``.pdopt`` ...), our
 ``<prefix>.pdema`` and, with ``save_as: raw``, ``<prefix>.ema.pdparams``. What the ``.pdparams`` hold depends on
