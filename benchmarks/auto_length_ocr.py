@@ -34,6 +34,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from auto_length import seed_table  # noqa: E402
+
 from ema_callback.demo.run import cpu_model  # noqa: E402
 
 CONFIG = "configs/rec/rec_mv3_none_bilstm_ctc.yml"

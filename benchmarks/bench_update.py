@@ -50,11 +50,11 @@ OCR_ROOT = os.environ.get("PADDLEOCR_ROOT", os.path.join(SHARED, "PaddleOCR-2.10
 DET_ROOT = os.environ.get("PADDLEDET_ROOT", os.path.join(SHARED, "PaddleDetection-develop"))
 sys.path.insert(0, REPO)
 
-from ema_callback.paddle_compat import paddle  # noqa: E402  (checks the Paddle range; zlib before paddle 2.6)
 from ema_callback import EMAConfig  # noqa: E402
 from ema_callback.core.engine import ExponentialMovingAverage  # noqa: E402
 from ema_callback.core.storage import CHUNK  # noqa: E402
 from ema_callback.integrations.auto_length import PROFILE_EVERY, SNAPSHOTS  # noqa: E402
+from ema_callback.paddle_compat import paddle  # noqa: E402  (checks the Paddle range; zlib before paddle 2.6)
 
 DECAY = 0.999
 

@@ -24,8 +24,8 @@ sys.path.insert(0, HERE)
 from bench_update import MODELS, paddle  # noqa: E402  (paddle through ema_callback.paddle_compat)
 
 from ema_callback import EMAConfig  # noqa: E402
-from ema_callback.integrations.checkpoints import numpy_state, save_ema_state  # noqa: E402
 from ema_callback.core.engine import ExponentialMovingAverage  # noqa: E402
+from ema_callback.integrations.checkpoints import numpy_state, save_ema_state  # noqa: E402
 
 SETTINGS = {
     "default (save_as: ema)": dict(decay=0.999),

@@ -57,6 +57,7 @@ def slope_per_1000(points) -> float:
 def run_seed(seed: int, args, out: str) -> dict:
     import paddle
     import uie_ema
+
     from ema_callback.integrations.paddlenlp_trainer import EMATrainerCallback
 
     every = max(1, args.steps // 10)

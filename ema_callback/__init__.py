@@ -7,10 +7,9 @@ PaddleDetection.
 from typing import TYPE_CHECKING
 
 from ema_callback.config.schema import EMAConfig, EMAConfigError
+from ema_callback.core.features import register as _register_feature
 from ema_callback.core.horizon import BatchInfo
 from ema_callback.core.schedules import decay_at
-
-from ema_callback.core.features import register as _register_feature
 
 __version__ = "0.1.0"
 

@@ -16,8 +16,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from ema_callback.errors import EMAError, UnsupportedPaddleError
 from ema_callback.config.files import split_overrides
+from ema_callback.errors import EMAError, UnsupportedPaddleError
 from ema_callback.integrations.registry import WAYS_IN
 
 

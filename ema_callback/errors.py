@@ -5,7 +5,6 @@ key, file or option and what was expected, and the command line prints it as ``e
 """
 from __future__ import annotations
 
-
 MESSAGE_LIMIT = 600  # characters of an error message; what a hostile value would make longer is cut
 
 

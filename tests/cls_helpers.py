@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import PADDLECLAS_ROOT, tool_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

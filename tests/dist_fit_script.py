@@ -9,9 +9,9 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.p
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402
+from fit_helpers import Blobs, make_model  # noqa: E402
 
 from ema_callback import EMACallback  # noqa: E402
-from fit_helpers import Blobs, make_model  # noqa: E402
 
 
 def main(out):

@@ -14,9 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402
+import uie_ema  # noqa: E402
 from paddlenlp.trainer import TrainerCallback  # noqa: E402
 
-import uie_ema  # noqa: E402
 from ema_callback.integrations.paddlenlp_trainer import EMATrainerCallback  # noqa: E402
 
 D = (0.9, 0.99)

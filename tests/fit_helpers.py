@@ -1,7 +1,6 @@
 """Small real Model.fit set-ups shared by the callback tests and the 2-rank script."""
 import numpy as np
 import paddle
-
 from conftest import make_net
 
 

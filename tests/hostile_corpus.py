@@ -642,6 +642,7 @@ def make_engine(spec: Dict[str, Any], posthoc_dir: str):
     import copy
 
     from conftest import make_net, train_steps
+
     from ema_callback.config.schema import EMAConfig
     from ema_callback.core.engine import ExponentialMovingAverage
 
@@ -1763,6 +1764,7 @@ class StartupFit(Operation):
         super().__init__(ctx)
         import paddle  # noqa: F401  (imported before the clock starts)
         from fit_helpers import loaders, make_model
+
         from ema_callback.integrations.model_fit import EMACallback
 
         self.make_model, self.loaders, self.EMACallback = make_model, loaders, EMACallback

@@ -5,9 +5,9 @@ import sys
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import paddle  # noqa: E402
+from fit_helpers import Blobs  # noqa: E402
 
 from ema_callback import EMACallback  # noqa: E402
-from fit_helpers import Blobs  # noqa: E402
 
 EPOCHS = 40
 POSTHOC = {"sigma_rels": [0.05, 0.10], "snapshot_every": 40, "snapshot_dtype": "float16"}  # 8 of 320 steps

@@ -14,11 +14,11 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-import paddle  # noqa: E402
-
 import kill_points  # noqa: E402
-from ema_callback import EMACallback  # noqa: E402
+import paddle  # noqa: E402
 from fit_helpers import loaders, make_model  # noqa: E402
+
+from ema_callback import EMACallback  # noqa: E402
 
 work = sys.argv[1]
 run, old = os.path.join(work, "run"), os.path.join(work, "old")

@@ -15,6 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import kill_points  # noqa: E402
+
 from ema_callback import cli  # noqa: E402
 from ema_callback.integrations import paddleocr  # noqa: E402
 

@@ -7,9 +7,9 @@ import time
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import paddle  # noqa: E402
+from fit_helpers import loaders, make_model  # noqa: E402
 
 from ema_callback import EMACallback  # noqa: E402
-from fit_helpers import loaders, make_model  # noqa: E402
 
 folder, started, go = sys.argv[1:4]
 

@@ -7,13 +7,12 @@ import os
 import numpy as np
 import paddle
 import pytest
+from fit_helpers import Blobs, loaders, make_model, weights
 
 from ema_callback import EMACallback, EMAConfig
 from ema_callback.errors import EMAConfigError
 from ema_callback.files.state_file import read_state
 from ema_callback.integrations.auto_length import COARSE, REFINE, half_life_steps
-
-from fit_helpers import Blobs, loaders, make_model, weights
 
 guard = paddle.utils.unique_name.guard
 

@@ -4,16 +4,15 @@ import logging
 import numpy as np
 import paddle
 import pytest
+from conftest import make_net
+from fit_helpers import loaders, make_model, weights
+from reference import batch_statistics_mean
 
 from ema_callback import EMACallback
-from ema_callback.core.bn_recompute import batchnorm_layers
 from ema_callback.config.schema import EMAConfig, EMAConfigError
+from ema_callback.core.bn_recompute import batchnorm_layers
 from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.files.state_file import read_state
-
-from conftest import make_net
-from reference import batch_statistics_mean
-from fit_helpers import loaders, make_model, weights
 
 
 def reference_statistics(net, ema_weights, batches):

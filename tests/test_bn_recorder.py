@@ -11,14 +11,13 @@ import inspect
 import numpy as np
 import paddle
 import pytest
+from fit_helpers import Blobs
 from paddle import nn
+from reference import batch_statistics_mean
 
 from ema_callback import EMACallback
 from ema_callback.core.bn_recompute import batchnorm_layers
 from ema_callback.core.engine import ExponentialMovingAverage
-
-from reference import batch_statistics_mean
-from fit_helpers import Blobs
 
 
 def conv_bn():

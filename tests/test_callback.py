@@ -5,13 +5,12 @@ import os
 import numpy as np
 import paddle
 import pytest
+from conftest import make_net
+from fit_helpers import loaders, make_model, weights
 
 from ema_callback import EMACallback
 from ema_callback.config.schema import EMAConfigError
 from ema_callback.files.state_file import read_state
-
-from conftest import make_net
-from fit_helpers import loaders, make_model, weights
 
 
 class Recorder(paddle.callbacks.Callback):

@@ -7,14 +7,13 @@ import stat
 import numpy as np
 import paddle
 import pytest
+from conftest import RunsCode, make_net, train_steps
+from fit_helpers import loaders, make_model, weights
 
 from ema_callback import EMACallback, EMAConfig
 from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.files.checkpoint_io import EMAFileError, atomic_save, checked_load
 from ema_callback.files.state_file import read_state
-
-from conftest import RunsCode, make_net, train_steps
-from fit_helpers import loaders, make_model, weights
 
 
 @pytest.fixture
@@ -163,14 +162,13 @@ def test_save_as_raw_with_a_selected_candidate_says_what_each_file_holds(tmp_pat
     """Issue 19.10: under save_as: raw the .pdparams hold the raw weights; the .pdema said `pdparams_hold: <winner>`.
     Now it says raw, and .ema.pdparams holds the selected EMA (recorded as ema_pdparams_hold)."""
     import paddle
+    from conftest import make_net, train_steps
 
-    from ema_callback.files.checkpoint_io import checked_load
     from ema_callback.config.schema import EMAConfig
     from ema_callback.core.engine import ExponentialMovingAverage
-    from ema_callback.integrations.checkpoints import numpy_state, save_ema_state
+    from ema_callback.files.checkpoint_io import checked_load
     from ema_callback.files.state_file import read_state
-
-    from conftest import make_net, train_steps
+    from ema_callback.integrations.checkpoints import numpy_state, save_ema_state
 
     net = make_net()
     ema = ExponentialMovingAverage(net, EMAConfig(decays=[0.5, 0.9], schedule="constant"))

@@ -5,12 +5,11 @@ import subprocess
 import numpy as np
 import paddle
 import pytest
+from conftest import make_net
 
 from ema_callback import EMAConfig
 from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.files.checkpoint_io import EMAFileError
-
-from conftest import make_net
 
 
 def big_model():

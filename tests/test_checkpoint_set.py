@@ -8,12 +8,11 @@ import shutil
 import subprocess
 import sys
 
+import kill_points
 import pytest
 
 from ema_callback.errors import EMAFileError
 from ema_callback.files.checkpoint_set import PREFIX, StagedWrite, recover
-
-import kill_points
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OLD = {"x.pdparams": b"old params", "x.pdopt": b"old optimizer", "x.states": b"old states",

@@ -5,10 +5,9 @@ import sys
 
 import pytest
 import yaml
+from conftest import PADDLEDET_ROOT, PADDLEOCR_ROOT, needs_paddledet, needs_paddleocr
 
 import ema_callback
-
-from conftest import PADDLEDET_ROOT, PADDLEOCR_ROOT, needs_paddledet, needs_paddleocr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,13 +10,11 @@ import numpy as np
 import paddle
 import pytest
 import yaml
+from cls_helpers import CLS_CFG, cls_train, data_overrides, eval_lines, paddleclas_tool, run, write_cls_dataset
+from conftest import PADDLECLAS_ROOT, needs_paddleclas
 
 from ema_callback.config.schema import EMAConfigError
 from ema_callback.integrations.paddleclas import resolve_cls_config
-
-from conftest import PADDLECLAS_ROOT, needs_paddleclas
-from cls_helpers import CLS_CFG, cls_train, data_overrides, eval_lines, paddleclas_tool, run, write_cls_dataset
-
 
 
 def end_to_end(test):
@@ -193,8 +191,9 @@ def test_before_eval_start_step_best_model_holds_the_raw_weights(tmp_path, data)
 
 @end_to_end
 def test_start_files_are_read_safely_before_paddleclas_unpickles_them(tmp_path, data):
-    from conftest import RunsCode
     import pickle
+
+    from conftest import RunsCode
 
     marker = tmp_path / "ran"
     (tmp_path / "ckpt.pdparams").write_bytes(pickle.dumps({"w": RunsCode(str(marker))}))
@@ -250,7 +249,7 @@ def test_two_process_cls_train_keeps_equal_shadows(tmp_path, data):
     import subprocess
     import sys
 
-    from cls_helpers import REPO, data_overrides, each_o, env, TIMEOUT
+    from cls_helpers import REPO, TIMEOUT, data_overrides, each_o, env
 
     script = os.path.join(REPO, "ema_callback", "integrations", "launch_cls.py")
     out = str(tmp_path / "dist")
@@ -357,11 +356,11 @@ def test_a_new_best_paddleclas_did_not_save_is_written_at_the_next_save(tmp_path
     writes nothing; a new best of ours PaddleClas did not ask for is written at its next save (latest)."""
     import sys
 
+    from conftest import make_net
+
     from ema_callback.config.schema import EMAConfig
     from ema_callback.core.horizon import BatchInfo
     from ema_callback.integrations.paddleclas import ClsEMA, _staged_save_model
-
-    from conftest import make_net
 
     sys.path.insert(0, PADDLECLAS_ROOT)
     try:

@@ -8,13 +8,18 @@ import sys
 
 import pytest
 import yaml
-
-from ema_callback.config.schema import OPTIONS, SCHEDULE_PARAMS, WARM_UP_KEYS, EMAConfig, EMAConfigError
-from ema_callback.config.files import (apply_overrides, load_suite_yaml, parse_override, read_block_file, resolve_block,
-                                       split_overrides)
-from ema_callback.config.merge import merge_yaml_text
-
 from conftest import PADDLEDET_ROOT, PADDLEOCR_ROOT, needs_paddledet, needs_paddleocr
+
+from ema_callback.config.files import (
+    apply_overrides,
+    load_suite_yaml,
+    parse_override,
+    read_block_file,
+    resolve_block,
+    split_overrides,
+)
+from ema_callback.config.merge import merge_yaml_text
+from ema_callback.config.schema import OPTIONS, SCHEDULE_PARAMS, WARM_UP_KEYS, EMAConfig, EMAConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS = sorted(os.path.join(REPO, "configs", "ema", f) for f in os.listdir(os.path.join(REPO, "configs", "ema")))

@@ -4,22 +4,20 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import paddle
 import pytest
-
-from ema_callback.files.state_file import read_state
+from conftest import PADDLEDET_ROOT, RunsCode, make_net, needs_paddledet, tool_command
+from datasets import write_coco_dataset
 
 from ema_callback import EMAConfig
 from ema_callback.config.schema import EMAConfigError
 from ema_callback.core.engine import ExponentialMovingAverage
-from datasets import write_coco_dataset
-
-from conftest import PADDLEDET_ROOT, RunsCode, make_net, needs_paddledet, tool_command
+from ema_callback.files.state_file import read_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(PADDLEDET_ROOT, "configs", "picodet", "picodet_xs_320_coco_lcnet.yml")

@@ -5,12 +5,11 @@ import contextlib
 import numpy as np
 import paddle
 import pytest
+from conftest import make_net, train_steps
 
 from ema_callback import EMAConfig
 from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.paddle_compat import CPU_CAST_ROUNDS_TO_NEAREST
-
-from conftest import make_net, train_steps
 
 HOST_READS = ("item", "numpy", "tolist", "__bool__", "__float__", "__int__", "__index__", "__array__")
 

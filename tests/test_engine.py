@@ -4,16 +4,15 @@ import os
 import numpy as np
 import paddle
 import pytest
-
-from ema_callback import EMAConfig
-from ema_callback.core.run_report import log_before_eval
-from ema_callback.core.engine import ExponentialMovingAverage
-from ema_callback.files.state_file import with_digest
-from ema_callback.files.checkpoint_io import EMAFileError
-from ema_callback.core.schedules import decay_at
-
 from conftest import make_net, snapshot, train_steps
 from reference import reference_decay, reference_ema
+
+from ema_callback import EMAConfig
+from ema_callback.core.engine import ExponentialMovingAverage
+from ema_callback.core.run_report import log_before_eval
+from ema_callback.core.schedules import decay_at
+from ema_callback.files.checkpoint_io import EMAFileError
+from ema_callback.files.state_file import with_digest
 
 BN_STATS = ("1._mean", "1._variance", "4._mean", "4._variance")
 

@@ -1,12 +1,13 @@
 """Property-based: every EMA: block and -o string loads to a valid config or raises our one-line error."""
 import math
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from ema_callback.config.period import parse_period
-from ema_callback.config.schema import (_NUMBER as NUMBER, LENGTH_KEYS, OPTION_BY_NAME, OPTIONS, EMAConfig,
-                                        EMAConfigError)
 from ema_callback.config.files import apply_overrides, parse_override
+from ema_callback.config.period import parse_period
+from ema_callback.config.schema import _NUMBER as NUMBER
+from ema_callback.config.schema import LENGTH_KEYS, OPTION_BY_NAME, OPTIONS, EMAConfig, EMAConfigError
 
 NAMES = [o.name for o in OPTIONS]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),

@@ -4,13 +4,12 @@ import os
 import numpy as np
 import paddle
 import pytest
-
-from ema_callback import EMAConfig
-from ema_callback.core.engine import ExponentialMovingAverage
-
 from conftest import make_net, needs_paddleocr
 from ocr_helpers import REC_CFG, assert_eval_reproduces_best, ocr_train
 from test_device_path import host_reads_forbidden
+
+from ema_callback import EMAConfig
+from ema_callback.core.engine import ExponentialMovingAverage
 
 pytestmark = pytest.mark.gpu
 

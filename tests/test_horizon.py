@@ -6,6 +6,8 @@ import os
 import numpy as np
 import paddle
 import pytest
+from conftest import make_net, snapshot
+from fit_helpers import Blobs, loaders, make_model
 
 from ema_callback import EMACallback
 from ema_callback.config.schema import EMAConfig, EMAConfigError
@@ -13,9 +15,6 @@ from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.core.horizon import BatchInfo
 from ema_callback.core.run_report import describe_length, realized
 from ema_callback.files.state_file import read_state
-
-from conftest import make_net, snapshot
-from fit_helpers import Blobs, loaders, make_model
 
 
 class RawWeights(paddle.callbacks.Callback):

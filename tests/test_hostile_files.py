@@ -23,10 +23,9 @@ import time
 import zipfile
 import zlib
 
+import hostile_corpus as hc
 import numpy as np
 import pytest
-
-import hostile_corpus as hc
 
 pytestmark = pytest.mark.xdist_group("hostile_files")  # one worker: one report for the whole corpus
 

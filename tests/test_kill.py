@@ -8,15 +8,14 @@ import subprocess
 import sys
 import time
 
+import kill_fit_script as script
 import numpy as np
 import paddle
 import pytest
+from conftest import needs_paddleocr
 
 from ema_callback import EMACallback
 from ema_callback.files.state_file import read_state
-
-import kill_fit_script as script
-from conftest import needs_paddleocr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KILLS = 20
@@ -150,8 +149,9 @@ def test_model_fit_save_killed_after_every_file_operation_leaves_the_old_or_the_
 def test_paddleocr_saves_killed_after_every_file_operation_leave_the_old_or_the_new_set(tmp_path):
     """PaddleOCR's ``latest`` and ``best_accuracy`` (with ``best_model/model``) saved over the sets of an earlier
     run, each stopped after every one of its file operations: the old or the new set whole, read back exactly."""
-    from ema_callback.demo.text_lines import write_rec_dataset
     from ocr_helpers import REC_CFG, data_overrides, env, ocr_train
+
+    from ema_callback.demo.text_lines import write_rec_dataset
 
     data = str(tmp_path / "data")
     write_rec_dataset(os.path.join(data, "rec_train"), 32, seed=1, min_len=1, max_len=3)
@@ -190,8 +190,9 @@ def test_paddleocr_saves_killed_after_every_file_operation_leave_the_old_or_the_
 @needs_paddleocr
 def test_paddleocr_launcher_survives_sigkill_anywhere(tmp_path):
     """make soak: 20 kill points of ema-callback ocr-train (several minutes)."""
-    from ema_callback.demo.text_lines import write_rec_dataset
     from ocr_helpers import REC_CFG, env, ocr_train
+
+    from ema_callback.demo.text_lines import write_rec_dataset
 
     data = str(tmp_path / "data")
     write_rec_dataset(os.path.join(data, "rec_train"), 128, seed=1, min_len=1, max_len=3)

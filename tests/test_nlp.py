@@ -8,7 +8,6 @@ import tempfile
 
 import numpy as np
 import pytest
-
 from conftest import HAS_PADDLENLP, NO_PADDLENLP, import_paddlenlp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,6 +26,7 @@ def _imports():
     import paddle  # noqa: F401
     import uie_ema
     from paddlenlp.trainer import TrainerCallback
+
     from ema_callback.integrations.paddlenlp_trainer import EMATrainerCallback
 
     return uie_ema, TrainerCallback, EMATrainerCallback

@@ -12,15 +12,24 @@ import numpy as np
 import paddle
 import pytest
 import yaml
+from conftest import PADDLEOCR_ROOT, RunsCode, needs_paddleocr
+from datasets import write_det_dataset
+from ocr_helpers import (
+    DET_CFG,
+    REC_CFG,
+    REPO,
+    TIMEOUT,
+    assert_eval_reproduces_best,
+    data_overrides,
+    env,
+    logged_metrics,
+    ocr_train,
+    paddleocr_tool,
+    run,
+)
 
 from ema_callback.demo.text_lines import write_rec_dataset
-
-from datasets import write_det_dataset
 from ema_callback.files.state_file import read_state, with_digest
-
-from conftest import PADDLEOCR_ROOT, RunsCode, needs_paddleocr
-from ocr_helpers import (DET_CFG, REC_CFG, REPO, TIMEOUT, assert_eval_reproduces_best, data_overrides, env,
-                         logged_metrics, ocr_train, paddleocr_tool, run)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("paddleocr"),  # one worker: the module's fixtures once
               needs_paddleocr]
@@ -369,6 +378,7 @@ def test_posthoc_sweep_refuses_snapshots_of_another_model_before_evaluating(tmp_
     """Issue 19.5: snapshots of another model swept with a PaddleOCR config printed a 'best' of random weights
     (PaddleOCR only warns 'not in loaded params'). The model -c builds is checked first; one line, no table."""
     from conftest import make_net
+
     from ema_callback.config.schema import EMAConfig
     from ema_callback.core.engine import ExponentialMovingAverage
 

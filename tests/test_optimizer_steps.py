@@ -2,10 +2,9 @@
 import numpy as np
 import paddle
 import pytest
+from conftest import make_net, snapshot
 
 from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
-
-from conftest import make_net, snapshot
 
 
 @pytest.mark.parametrize("optimizer", ["Adam", "Momentum", "AdamW"])

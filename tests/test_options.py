@@ -6,17 +6,16 @@ import os
 import numpy as np
 import paddle
 import pytest
+from conftest import make_net
+from fit_helpers import loaders, make_model, weights
 
 from ema_callback import EMACallback
 from ema_callback.config.deprecated import forget
-from ema_callback.config.period import Period, parse_period
+from ema_callback.config.period import parse_period
 from ema_callback.config.schema import EMAConfig, EMAConfigError, layered
 from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.core.horizon import BatchInfo, snapshot_period, switch_period
 from ema_callback.files.state_file import read_state
-
-from conftest import make_net
-from fit_helpers import loaders, make_model, weights
 
 
 @pytest.fixture(autouse=True)

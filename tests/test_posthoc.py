@@ -5,15 +5,14 @@ import shutil
 import numpy as np
 import paddle
 import pytest
+from conftest import make_net
+from fit_helpers import loaders, make_model
 
 from ema_callback import EMACallback
 from ema_callback.config.schema import EMAConfig, EMAConfigError
 from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.errors import EMAFileError
 from ema_callback.posthoc.snapshots import PostHocEMA, load_snapshots
-
-from conftest import make_net
-from fit_helpers import loaders, make_model
 
 
 def track(trajectory, folder, sigma_rels, steps=240, every=20, update_every=1, dtype="float32", backend="auto"):

@@ -11,12 +11,11 @@ import time
 import numpy as np
 import paddle
 import pytest
+from conftest import RunsCode
+from fit_helpers import loaders, make_model, weights
 
 from ema_callback import EMACallback
 from ema_callback.errors import EMAConfigError, EMAFileError
-
-from conftest import RunsCode
-from fit_helpers import loaders, make_model, weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 guard = paddle.utils.unique_name.guard  # optimizer accumulators get the same names in every run

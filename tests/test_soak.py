@@ -4,11 +4,10 @@ import os
 import numpy as np
 import paddle
 import pytest
+from conftest import make_net, snapshot
 
 from ema_callback import EMAConfig
 from ema_callback.core.engine import ExponentialMovingAverage
-
-from conftest import make_net, snapshot
 
 
 def rss_mib():

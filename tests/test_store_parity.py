@@ -5,12 +5,11 @@ off the host path and passed the old suite; here it fails."""
 import numpy as np
 import paddle
 import pytest
+from conftest import make_net
+from reference import reference_ema
 
 from ema_callback.config.schema import EMAConfig
 from ema_callback.core.engine import ExponentialMovingAverage
-
-from conftest import make_net
-from reference import reference_ema
 
 STORES = ["numpy", "paddle"]
 EVERY = [1, 3]

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
-from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.config.files import check_section_name, load_suite_yaml, merged_block, read_block_file, read_yaml
+from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 
 _TOP_LEVEL_KEY = re.compile(r"^[^\s#-][^:]*:")
 

@@ -15,6 +15,7 @@ from typing import Dict, List, Tuple
 from ema_callback.config.schema import SECTION
 from ema_callback.errors import EMAConfigError
 
+
 def presets_folder() -> str:
     """``ema_callback/configs``: the installed package data, or in a checkout the link to ``configs/``."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -21,8 +21,8 @@ import logging
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from ema_callback.core.features import Feature
-from ema_callback.paddle_compat import paddle
 from ema_callback.errors import EMAConfigError
+from ema_callback.paddle_compat import paddle
 
 logger = logging.getLogger("ema_callback")
 

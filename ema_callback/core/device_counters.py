@@ -12,8 +12,8 @@ import logging
 from typing import Callable, List, Optional, Sequence
 
 from ema_callback.config.schema import EMAConfig
-from ema_callback.paddle_compat import move_to, paddle
 from ema_callback.core.schedules import decay_tensor
+from ema_callback.paddle_compat import move_to, paddle
 
 logger = logging.getLogger("ema_callback")
 

@@ -34,21 +34,20 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 
-from ema_callback.files.checkpoint_io import atomic_save
 from ema_callback.config.schema import EMAConfig
 from ema_callback.core.device_counters import DeviceCounters, EngineCounter
-from ema_callback.errors import EMAError, EMAFileError, short_list
+from ema_callback.core.engine_state import fingerprint_of, load_state, state_of
 from ema_callback.core.features import Feature, builders
 from ema_callback.core.horizon import BatchInfo, Candidate, candidates
-from ema_callback.paddle_compat import numpy_dtype, paddle
-from ema_callback.core.rank_sync import average_buffers
-from ema_callback.core.engine_state import fingerprint_of, load_state, state_of
-from ema_callback.core.schedules import decay_at
 from ema_callback.core.model_tensors import ModelTensors
+from ema_callback.core.rank_sync import average_buffers
+from ema_callback.core.schedules import decay_at
 from ema_callback.core.selection import FOLLOW, Entry, classify, unwrap
-from ema_callback.files.state_file import read_state, store_once
 from ema_callback.core.storage import ShadowStore, choose_backend, make_store
-
+from ema_callback.errors import EMAError, EMAFileError, short_list
+from ema_callback.files.checkpoint_io import atomic_save
+from ema_callback.files.state_file import read_state, store_once
+from ema_callback.paddle_compat import numpy_dtype, paddle
 
 logger = logging.getLogger("ema_callback")
 

@@ -33,8 +33,8 @@ import numpy as np
 
 from ema_callback.config.period import Period
 from ema_callback.config.schema import EMAConfig
-from ema_callback.errors import EMAConfigError
 from ema_callback.core.schedules import decay_array, decay_at
+from ema_callback.errors import EMAConfigError
 
 
 @dataclass(frozen=True)

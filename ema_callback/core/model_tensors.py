@@ -12,9 +12,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
-from ema_callback.paddle_compat import copy_into, data_pointer, host_view, paddle
 from ema_callback.core.selection import AVERAGE, COPY, FOLLOW, Entry
 from ema_callback.core.storage import NumpyStore
+from ema_callback.paddle_compat import copy_into, data_pointer, host_view, paddle
 
 
 class ModelTensors:

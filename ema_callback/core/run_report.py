@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict
 
-from ema_callback.core.horizon import (describe, half_life_steps, half_weight_span, length_warnings,
-                                      realized as horizon_realized, too_long)
+from ema_callback.core.horizon import describe, half_life_steps, half_weight_span, length_warnings, too_long
+from ema_callback.core.horizon import realized as horizon_realized
 
 logger = logging.getLogger("ema_callback")
 

@@ -5,8 +5,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
-from ema_callback.paddle_compat import paddle
 from ema_callback.errors import EMAConfigError
+from ema_callback.paddle_compat import paddle
 
 AVERAGE = "average"  # shadow = d*shadow + (1-d)*w
 COPY = "copy"  # shadow = w at each update (integer tensors; `buffers: copy`)

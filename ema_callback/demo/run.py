@@ -25,8 +25,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ema_callback.plots import pyplot
 from ema_callback.demo.text_lines import ALPHANUMERIC, make_text_lines
+from ema_callback.plots import pyplot
 
 HEIGHT, WIDTH, MAX_LABEL = 32, 128, 8
 ALPHABET = ALPHANUMERIC
@@ -101,8 +101,9 @@ class NumpyBatches:
 
 def _modules():
     """The paddle parts, imported on first use so ``ema-callback --help`` stays fast."""
-    from ema_callback.paddle_compat import paddle
     from paddle import nn
+
+    from ema_callback.paddle_compat import paddle
 
     class TextLines(paddle.io.Dataset):
         def __init__(self, images: np.ndarray, labels: List[str]):

@@ -32,10 +32,10 @@ import math
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
-from ema_callback.plots import pyplot
 from ema_callback.core.run_report import log_realized, realized
 from ema_callback.integrations.candidate_eval import metric_value
 from ema_callback.integrations.evaluation import RAW_SUFFIX
+from ema_callback.plots import pyplot
 
 logger = logging.getLogger("ema_callback")
 

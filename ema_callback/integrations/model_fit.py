@@ -43,27 +43,35 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
-from ema_callback.errors import EMAError, EMAFileError
 from ema_callback.config.files import check_section_name, read_yaml
-from ema_callback.paddle_compat import paddle
+from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.core.engine import ExponentialMovingAverage
-from ema_callback.core.storage import choose_backend
-from ema_callback.integrations.checkpoints import (check_checkpoint_files, checkpoint_prefix, is_rank0, lock_run,
-                                                  numpy_state, place_features, restore_raw_weights, resume_ema,
-                                                  save_ema_state, stale_state_files)
-from ema_callback.files.state_file import fingerprint
-from ema_callback.core.run_report import log_before_eval, log_start
-from ema_callback.integrations.evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
-from ema_callback.integrations.candidates import RAW, CandidateBoard, metric_value
 from ema_callback.core.horizon import BatchInfo
+from ema_callback.core.run_report import log_before_eval, log_start
+from ema_callback.core.storage import choose_backend
+from ema_callback.errors import EMAError, EMAFileError
 from ema_callback.files.checkpoint_io import checked_load
 from ema_callback.files.checkpoint_set import StagedWrite
-from ema_callback.files.state_file import read_state
-from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
-from ema_callback.integrations.auto_length import (AutoPick, has_length, ratio_units, resolve as resolve_length,
-                                                    saved_plan)
+from ema_callback.files.state_file import fingerprint, read_state
+from ema_callback.integrations.auto_length import AutoPick, has_length, ratio_units, saved_plan
+from ema_callback.integrations.auto_length import resolve as resolve_length
 from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
+from ema_callback.integrations.candidates import RAW, CandidateBoard, metric_value
+from ema_callback.integrations.checkpoints import (
+    check_checkpoint_files,
+    checkpoint_prefix,
+    is_rank0,
+    lock_run,
+    numpy_state,
+    place_features,
+    restore_raw_weights,
+    resume_ema,
+    save_ema_state,
+    stale_state_files,
+)
+from ema_callback.integrations.evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
+from ema_callback.integrations.optimizer_steps import OptimizerStepCounter
+from ema_callback.paddle_compat import paddle
 
 logger = logging.getLogger("ema_callback")
 

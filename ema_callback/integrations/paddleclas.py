@@ -40,19 +40,35 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ema_callback.config.files import (load_suite_yaml, merged_block,
-                                       read_block_file)
+from ema_callback.config.files import load_suite_yaml, merged_block, read_block_file
 from ema_callback.config.schema import LENGTH_KEYS, SECTION, EMAConfig, EMAConfigError
 from ema_callback.errors import EMAError, EMAFileError
-from ema_callback.integrations.auto_length import AutoPick, resolve as resolve_length, saved_plan
-from ema_callback.integrations.candidates import RAW, CandidateBoard
-from ema_callback.integrations.checkpoints import (STATE_KEY, check_checkpoint_files, checkpoint_prefix,
-                                                  describe_start_weights, ema_file, is_rank0, lock_run, numpy_state,
-                                                  place_features, ppdet_state, restore_raw_weights)
-from ema_callback.integrations.evaluation import EvaluationPolicy, before_eval_start
+from ema_callback.integrations.auto_length import AutoPick, saved_plan
+from ema_callback.integrations.auto_length import resolve as resolve_length
 from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
-from ema_callback.integrations.suite_adapter import (SuiteAdapter, import_from_checkout, read_run_config, release_all,
-                                                     run_suite_script, suite_value)
+from ema_callback.integrations.candidates import RAW, CandidateBoard
+from ema_callback.integrations.checkpoints import (
+    STATE_KEY,
+    check_checkpoint_files,
+    checkpoint_prefix,
+    describe_start_weights,
+    ema_file,
+    is_rank0,
+    lock_run,
+    numpy_state,
+    place_features,
+    ppdet_state,
+    restore_raw_weights,
+)
+from ema_callback.integrations.evaluation import EvaluationPolicy, before_eval_start
+from ema_callback.integrations.suite_adapter import (
+    SuiteAdapter,
+    import_from_checkout,
+    read_run_config,
+    release_all,
+    run_suite_script,
+    suite_value,
+)
 from ema_callback.integrations.suite_checkout import PADDLECLAS, find_checkout
 
 logger = logging.getLogger("ema_callback")

@@ -44,24 +44,42 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ema_callback.integrations.suite_checkout import PADDLEDET, find_checkout
-from ema_callback.files.checkpoint_set import StagedWrite
-from ema_callback.integrations.checkpoints import (STATE_KEY, check_checkpoint_files, check_missing_state,
-                                                  checkpoint_prefix, describe_start_weights, ema_file, is_rank0, lock_run,
-                                                  numpy_state, place_features, ppdet_state, restore_raw_weights,
-                                                  stale_state_files)
-from ema_callback.core.run_report import log_start
-from ema_callback.integrations.evaluation import before_eval_start
-from ema_callback.integrations.candidates import RAW, CandidateBoard
+from ema_callback.config.files import (
+    check_section_name,
+    load_suite_yaml,
+    read_yaml,
+    resolve_block,
+    split_overrides,
+    why_disabled,
+)
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
-from ema_callback.integrations.auto_length import AutoPick, resolve as resolve_length, saved_plan
-from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
+from ema_callback.core.run_report import log_start
 from ema_callback.errors import EMAError
-from ema_callback.config.files import (check_section_name, load_suite_yaml, read_yaml, resolve_block, split_overrides,
-                            why_disabled)
 from ema_callback.files.checkpoint_io import checked_load
+from ema_callback.files.checkpoint_set import StagedWrite
 from ema_callback.files.state_file import read_state
+from ema_callback.integrations.auto_length import AutoPick, saved_plan
+from ema_callback.integrations.auto_length import resolve as resolve_length
+from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
+from ema_callback.integrations.candidates import RAW, CandidateBoard
+from ema_callback.integrations.checkpoints import (
+    STATE_KEY,
+    check_checkpoint_files,
+    check_missing_state,
+    checkpoint_prefix,
+    describe_start_weights,
+    ema_file,
+    is_rank0,
+    lock_run,
+    numpy_state,
+    place_features,
+    ppdet_state,
+    restore_raw_weights,
+    stale_state_files,
+)
+from ema_callback.integrations.evaluation import before_eval_start
 from ema_callback.integrations.suite_adapter import SuiteAdapter, import_from_checkout, release_all, run_suite_script
+from ema_callback.integrations.suite_checkout import PADDLEDET, find_checkout
 
 logger = logging.getLogger("ema_callback")
 

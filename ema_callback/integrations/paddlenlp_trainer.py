@@ -50,12 +50,19 @@ from ema_callback.config.schema import EMAConfig, EMAConfigError
 from ema_callback.core.engine import ExponentialMovingAverage
 from ema_callback.core.horizon import BatchInfo
 from ema_callback.core.run_report import log_before_eval, log_start
-from ema_callback.integrations.candidates import RAW, CandidateBoard, metric_value
-from ema_callback.integrations.checkpoints import (is_rank0, numpy_state, place_features, restore_raw_weights,
-                                                  resume_ema, save_ema_state)
-from ema_callback.integrations.auto_length import AutoPick, resolve as resolve_length, saved_plan
-from ema_callback.integrations.evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
+from ema_callback.integrations.auto_length import AutoPick, saved_plan
+from ema_callback.integrations.auto_length import resolve as resolve_length
 from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
+from ema_callback.integrations.candidates import RAW, CandidateBoard, metric_value
+from ema_callback.integrations.checkpoints import (
+    is_rank0,
+    numpy_state,
+    place_features,
+    restore_raw_weights,
+    resume_ema,
+    save_ema_state,
+)
+from ema_callback.integrations.evaluation import DRIFT, RAW_SUFFIX, EvaluationPolicy
 
 try:
     from paddlenlp.trainer import TrainerCallback

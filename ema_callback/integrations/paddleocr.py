@@ -33,21 +33,38 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ema_callback.integrations.suite_checkout import PADDLEOCR, find_checkout
-from ema_callback.integrations.evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
-from ema_callback.integrations.candidates import RAW, CandidateBoard
-from ema_callback.integrations.checkpoints import (check_checkpoint_files, checkpoint_prefix, describe_start_weights,
-                                                  is_rank0, lock_run, numpy_state, place_features, restore_raw_weights,
-                                                  resume_ema, save_ema_state, stale_state_files)
-from ema_callback.core.run_report import log_before_eval, log_start
-from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.config.files import load_suite_yaml, resolve_block
+from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
+from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.files.checkpoint_set import StagedWrite
-from ema_callback.integrations.output_rollback import OutputGuard
-from ema_callback.integrations.auto_length import AutoPick, ratio_units, resolve as resolve_length, saved_plan
+from ema_callback.integrations.auto_length import AutoPick, ratio_units, saved_plan
+from ema_callback.integrations.auto_length import resolve as resolve_length
 from ema_callback.integrations.candidate_eval import Measured, evaluate_candidates
-from ema_callback.integrations.suite_adapter import (SuiteAdapter, import_from_checkout, read_run_config, release_all,
-                                                     run_suite_script, suite_value)
+from ema_callback.integrations.candidates import RAW, CandidateBoard
+from ema_callback.integrations.checkpoints import (
+    check_checkpoint_files,
+    checkpoint_prefix,
+    describe_start_weights,
+    is_rank0,
+    lock_run,
+    numpy_state,
+    place_features,
+    restore_raw_weights,
+    resume_ema,
+    save_ema_state,
+    stale_state_files,
+)
+from ema_callback.integrations.evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
+from ema_callback.integrations.output_rollback import OutputGuard
+from ema_callback.integrations.suite_adapter import (
+    SuiteAdapter,
+    import_from_checkout,
+    read_run_config,
+    release_all,
+    run_suite_script,
+    suite_value,
+)
+from ema_callback.integrations.suite_checkout import PADDLEOCR, find_checkout
 
 logger = logging.getLogger("ema_callback")
 

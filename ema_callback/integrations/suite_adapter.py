@@ -28,8 +28,14 @@ import sys
 from types import ModuleType
 from typing import Any, Callable, ContextManager, List, Mapping, Optional, Sequence, Tuple
 
-from ema_callback.config.files import (check_section_name, has_ema_request, load_suite_yaml, read_yaml,
-                                       split_overrides, why_disabled)
+from ema_callback.config.files import (
+    check_section_name,
+    has_ema_request,
+    load_suite_yaml,
+    read_yaml,
+    split_overrides,
+    why_disabled,
+)
 from ema_callback.config.schema import EMAConfig
 from ema_callback.errors import EMAConfigError
 from ema_callback.integrations.suite_checkout import Suite, find_checkout, suite_errors_named

@@ -24,12 +24,11 @@ import tempfile
 from typing import List, Optional, Tuple
 
 from ema_callback.errors import EMAConfigError
-from ema_callback.integrations.suite_checkout import Suite, checkout_for_one_of
-from ema_callback.plots import pyplot
 from ema_callback.integrations.auto_length import DEFAULT_SIGMA
 from ema_callback.integrations.honest_pick import Evaluated, decide
+from ema_callback.integrations.suite_checkout import Suite, checkout_for_one_of
+from ema_callback.plots import pyplot
 from ema_callback.posthoc.snapshots import PostHocEMA, parse_sigma_rels
-
 
 
 def build_parser() -> argparse.ArgumentParser:

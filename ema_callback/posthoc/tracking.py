@@ -26,13 +26,20 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ema_callback.errors import EMAConfigError, EMAFileError
 from ema_callback.core.features import Feature, check_period, due
 from ema_callback.core.horizon import snapshot_period
+from ema_callback.errors import EMAConfigError, EMAFileError
 from ema_callback.files.checkpoint_io import atomic_write_bytes
-from ema_callback.posthoc.snapshots import (LEGACY_RUN, NAME, list_snapshots, names_fingerprint, run_of, snapshot_bytes,
-                                            snapshot_name)
 from ema_callback.posthoc.power_math import gamma_of
+from ema_callback.posthoc.snapshots import (
+    LEGACY_RUN,
+    NAME,
+    list_snapshots,
+    names_fingerprint,
+    run_of,
+    snapshot_bytes,
+    snapshot_name,
+)
 
 logger = logging.getLogger("ema_callback")
 
