@@ -30,7 +30,7 @@ export PADDLEDET_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleDete
 export PADDLECLAS_ROOT ?= $(firstword $(wildcard $(SHARED_THIRD_PARTY)/PaddleClas-develop) $(CHECKOUT_CACHE)/PaddleClas)
 PIP := -m pip install -q --disable-pip-version-check
 
-.PHONY: demo docs docs-machine test test-fast test-paddle3 test-paddle26 soak bench bench-auto bench-nlp venv clean checkouts skipped-suites
+.PHONY: demo docs docs-machine lint test test-fast test-paddle3 test-paddle26 soak bench bench-auto bench-nlp venv clean checkouts skipped-suites
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,8 +70,14 @@ docs: $(VENV)/.test-installed
 docs-machine: $(VENV)/.test-installed
 	$(BIN)/python docs/regenerate.py --no-run --seeds 1,2,3,4,5,6,7 --seeds-file machine
 
-# The whole suite on Paddle 3.3.1, then the Paddle 2.6 subset; last, one line per suite whose tests were skipped.
-test: checkouts test-paddle3 test-paddle26
+# ruff (pyflakes, pycodestyle, import order; pyproject.toml) and mypy on the public API as a user calls it: the
+# annotations of ema_callback's public names against tests/typecheck/public_api_usage.py.
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy --ignore-missing-imports --follow-imports=silent --disallow-untyped-calls tests/typecheck/public_api_usage.py
+
+# Lint, the whole suite on Paddle 3.3.1, then the Paddle 2.6 subset; last, one line per suite whose tests were skipped.
+test: checkouts lint test-paddle3 test-paddle26
 	@$(MAKE) --no-print-directory skipped-suites
 
 # Two pytest workers (2 cores): each suite's module on one worker (its fixtures built once), 2-process

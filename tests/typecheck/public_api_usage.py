@@ -1,6 +1,6 @@
 """What a user writes with the public API (README, docs/model-fit.md), type-checked by ``make lint``:
 
-    mypy --follow-imports=silent --disallow-untyped-calls tests/typing/public_api_usage.py
+    mypy --follow-imports=silent --disallow-untyped-calls tests/typecheck/public_api_usage.py
 
 mypy checks this file against the annotations of ``ema_callback``'s public names (their bodies are not checked
 here): a public call whose signature lost its annotations, or whose types no longer fit the documented use, fails.
