@@ -119,7 +119,8 @@ def markdown(data: dict) -> str:
     if rivals:
         lines += ["", "The best rival of the default on validation (what the rule compared it with), its reported gain "
                   "and its gain on the held-out split:", "",
-                  "| seed | rival | val gain over default (+- 2 se) | held-out gain | covered |", "|---|---|---|---|---|"]
+                  "| seed | rival | val gain over default (+- 2 se) | held-out gain | covered |",
+                  "|---|---|---|---|---|"]
         for r in rivals:
             v = r["rival"]
             se = f" +- {200 * v['se']:.1f}" if v["se"] else ""

@@ -4,8 +4,9 @@
 
 For each seed: PaddleOCR's upstream CRNN recognizer config (``configs/rec/rec_mv3_none_bilstm_ctc.yml``: MobileNetV3,
 BiLSTM, CTC) shrunk to CPU by the ``-o`` overrides of ``shrink`` (MobileNetV3 small x0.35 instead of large x0.5,
-synthetic digit lines rendered with Pillow instead of LMDB, batch 32, lr 0.002, 12 epochs of 93 steps), trained with ``ema-callback ocr-train`` and ``-o EMA.eval_raw=true``
-(an ``EMA:`` request with no length: length auto). At the end of training the run picks its length on its
+synthetic digit lines rendered with Pillow instead of LMDB, batch 32, lr 0.002, 12 epochs of 93 steps), trained
+with ``ema-callback ocr-train`` and ``-o EMA.eval_raw=true`` (an ``EMA:`` request with no length: length auto). At
+the end of training the run picks its length on its
 validation split, through PaddleOCR's own eval, and writes it as ``best_accuracy``. Then, on a held-out split of the
 same distribution rendered separately and never evaluated by the run, PaddleOCR's own ``tools/eval.py`` scores:
 the raw weights (from the ``.pdema``), the default length (``latest``), the pick (``best_accuracy``), and 12 lengths
@@ -113,13 +114,16 @@ def one_seed(seed: int, root: str, work: str, epochs: int, eval_every: int) -> d
     values = {r["candidate"]: r["value"] for r in auto["rows"]}
     held = base + split("Eval", data["held"])
     row = {"seed": seed, "pick": auto["label"], "pick_length": auto["lengths"][auto["label"]],
-           "val": values, "reported_gain": auto["gain"], "reported_se": auto["se"], "reason": auto["reason"], "start_line": next(
-               (l.split("EMA: ", 1)[1] for l in text.splitlines() if "length auto: the default length" in l), None)}
+           "val": values, "reported_gain": auto["gain"], "reported_se": auto["se"], "reason": auto["reason"],
+           "start_line": next((line.split("EMA: ", 1)[1] for line in text.splitlines()
+                               if "length auto: the default length" in line), None)}
     row["held_out"] = {
         "raw": eval_acc(root, config, held, "Global.pretrained_model=" + raw_weights(
             os.path.join(out, "latest.pdema"), os.path.join(folder, "raw")), os.path.join(folder, "eval_raw.log")),
-        "default": eval_acc(root, config, held, f"Global.checkpoints={out}/latest", os.path.join(folder, "eval_default.log")),
-        "pick": eval_acc(root, config, held, f"Global.checkpoints={out}/best_accuracy", os.path.join(folder, "eval_pick.log")),
+        "default": eval_acc(root, config, held, f"Global.checkpoints={out}/latest",
+                            os.path.join(folder, "eval_default.log")),
+        "pick": eval_acc(root, config, held, f"Global.checkpoints={out}/best_accuracy",
+                         os.path.join(folder, "eval_pick.log")),
     }
     sweep = os.path.join(folder, "sweep_held_out")
     run([sys.executable, "-m", "ema_callback.cli", "posthoc", "sweep", "--paddleocr-root", root,
@@ -127,7 +131,8 @@ def one_seed(seed: int, root: str, work: str, epochs: int, eval_every: int) -> d
          "--sigma-rel", ",".join(f"{s:g}" for s in GRID), "--out", sweep, "-c", config, "-o", *held], root,
         os.path.join(folder, "sweep.log"))
     swept = json.load(open(os.path.join(sweep, "sweep.json"), encoding="utf-8"))
-    grid = {f"{r['sigma_rel']:g}": r["metric"] for r in swept["rows"] if any(abs(r["sigma_rel"] - s) < 1e-9 for s in GRID)}
+    grid = {f"{r['sigma_rel']:g}": r["metric"] for r in swept["rows"]
+            if any(abs(r["sigma_rel"] - s) < 1e-9 for s in GRID)}
     best = max(grid, key=grid.get)
     row.update(grid=grid, oracle=grid[best], oracle_sigma=float(best), held_out_gain=row["held_out"]["pick"] -
                row["held_out"]["default"], train_seconds=round(trained, 1), seconds=round(time.time() - started, 1))
@@ -147,9 +152,11 @@ def report(rows: list) -> dict:
 
 
 def markdown(data: dict, epochs: int) -> str:
-    lines = [f"`PaddleOCR/{data['config']}` (in its checkout) shrunk to CPU (MobileNetV3 small x0.35, {data['sizes']['train']:,} "
+    lines = [f"`PaddleOCR/{data['config']}` (in its checkout) shrunk to CPU (MobileNetV3 small x0.35, "
+             f"{data['sizes']['train']:,} "
              f"synthetic digit lines, batch 32, {epochs} epochs, `benchmarks/auto_length_ocr.py`), trained with "
-             f"`ema-callback ocr-train -o EMA.eval_raw=true`; held-out split: {data['sizes']['held']:,} lines, scored by PaddleOCR's own "
+             f"`ema-callback ocr-train -o EMA.eval_raw=true`; held-out split: {data['sizes']['held']:,} lines, "
+             "scored by PaddleOCR's own "
              f"`tools/eval.py`; oracle: the best of 12 lengths (sigma_rel {data['grid'][0]:g} to "
              f"{data['grid'][-1]:g}) on it. Measured on {data['machine']}.", ""]
     lines += seed_table(data, "minutes", lambda r: f"{r['seconds'] / 60:.1f}")

@@ -212,7 +212,8 @@ def _auto_disk(engine):
     one = os.path.getsize(path)
     return {"shadow_bytes": engine.store.nbytes, "averaged_elements": engine.store.numel, "snapshot_bytes": one,
             "snapshots_per_run": AUTO_SNAPSHOTS, "run_bytes": AUTO_SNAPSHOTS * one, "profile_every": AUTO_EVERY,
-            "run_in_float32_copies": AUTO_SNAPSHOTS * one / (4 * engine.store.numel)}  # over 4 bytes per averaged element
+            # over 4 bytes per averaged element
+            "run_in_float32_copies": AUTO_SNAPSHOTS * one / (4 * engine.store.numel)}
 
 
 def bench_model(name, reps, calls, several=False):
@@ -460,13 +461,15 @@ def _update_tables(results):
         lines.append(f"| {r['model']} | {r['tensors']} | {r['float32_elements'] / 1e6:.2f}M | {m['ours']:.2f} | "
                      f"{m['floor_paddle']:.2f} / {m['floor_numpy']:.2f} | {_r(r['ours_over_floor'])} | "
                      f"{_yes(r['within_bound'])} | {m['ours_no_guard']:.2f} ({_r(r['ours_no_guard_over_floor'])}) | "
-                     f"{_r(r['floor_again_over_floor'])} | {m['naive_loop']:.2f} | {ppdet} | {m['swap_in_restore']:.2f} | "
+                     f"{_r(r['floor_again_over_floor'])} | {m['naive_loop']:.2f} | {ppdet} | "
+                     f"{m['swap_in_restore']:.2f} | "
                      f"{m['plain_copy']:.2f} |")
     lines += ["", "| model | shadow bytes fp32/same | fp32/cpu | fp16/same | fp16/cpu |", "|---|---|---|---|---|"]
     for r in results["update"]:
         m = r["memory"]
-        lines.append(f"| {r['model']} | " + " | ".join(f"{m[k]['bytes'] / 2**20:.1f} MiB" for k in
-                                                    ("float32/same", "float32/cpu", "float16/same", "float16/cpu")) + " |")
+        lines.append(f"| {r['model']} | " + " | ".join(
+            f"{m[k]['bytes'] / 2**20:.1f} MiB" for k in ("float32/same", "float32/cpu", "float16/same", "float16/cpu"))
+            + " |")
     return lines
 
 
@@ -499,7 +502,8 @@ def _other_tables(results):
     if autos:
         lines += ["", f"| automatic mode (1 EMA + {len(AUTO_PROFILES)} post-hoc profiles every {AUTO_EVERY}th update) "
                   f"| 1 EMA ms | automatic mode ms per step | automatic / 1 EMA | within {AUTO_BOUND}x? "
-                  f"| shadows in memory | one snapshot | {AUTO_SNAPSHOTS} snapshots per run (at most) | = fp32 copies of the averaged weights |",
+                  f"| shadows in memory | one snapshot | {AUTO_SNAPSHOTS} snapshots per run (at most) "
+                  "| = fp32 copies of the averaged weights |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in autos:
             a = r["auto"]

@@ -98,7 +98,8 @@ def table(data: dict) -> str:
         raw_best = max(r["curve"], key=lambda c: c["raw_f1"])
         ema_best = max(r["curve"], key=lambda c: c["ema_f1"])
         lines.append(f"| {r['seed']} | {r['raw_f1']:.4f} | {r['ema_f1']:.4f} | {r['diff']:+.4f} +- {r['diff_se']:.4f} "
-                     f"| {r['raw_slope_last_half_per_1000_steps']:+.4f} | {raw_best['raw_f1']:.3f} ({raw_best['step']}) "
+                     f"| {r['raw_slope_last_half_per_1000_steps']:+.4f} | {raw_best['raw_f1']:.3f} "
+                     f"({raw_best['step']}) "
                      f"/ {ema_best['ema_f1']:.3f} ({ema_best['step']}) |")
     m = data["summary"]
     lines += ["", f"Mean over {m['seeds']} seeds: raw {m['raw_mean']:.4f}, EMA {m['ema_mean']:.4f}, paired difference "
@@ -150,10 +151,11 @@ def main(argv=None) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next(l.split(":", 1)[1].strip() for l in handle if l.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    data = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "table_only")}, "paddle": paddle.__version__,
+    data = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "table_only")},
+            "paddle": paddle.__version__,
             "paddlenlp": paddlenlp.__version__, "cpu": f"{cpu} ({os.cpu_count()} cores)", "rows": rows,
             "summary": summary}
     with open(os.path.join(args.out, "uie_ema.json"), "w") as handle:

@@ -270,7 +270,8 @@ def blocks() -> Dict[str, str]:
                          f"`docs/demo_posthoc_results.json`): the best of the 25 is **sigma_rel "
                          f"{best['sigma_rel']:.2f}, val acc {best['metric']:.3f}**; length auto's pick in the same run "
                          f"({_label(pa['pick']) if pa['pick'] != pa['default'] else 'the default length'}) scores "
-                         f"{pa['values'][pa['pick']]:.3f} and the raw weights {pa['values']['raw']:.3f}. The best of 25 "
+                         f"{pa['values'][pa['pick']]:.3f} and the raw weights {pa['values']['raw']:.3f}. "
+                         "The best of 25 "
                          f"is the maximum of 25 noisy values, which is why length auto keeps the default unless a "
                          f"candidate beats it by more than the noise. {len(outside)} of the {len(ph['rows'])} values "
                          "lie outside the tracked profiles and are extrapolations (flagged in the sweep).\n"),
@@ -283,7 +284,8 @@ def blocks() -> Dict[str, str]:
         "checkpoint-sizes": _read("checkpoint_sizes.md"),
         "hostile-files": hostile_files(_load("hostile_files.json")),
         "uie-benchmark": (f"`docs/uie_ema.json`:\n\n{_read('uie_ema.md')}"
-                          if os.path.exists(os.path.join(DOCS, "uie_ema.md")) else "Not measured yet: `make bench-nlp`.\n"),
+                          if os.path.exists(os.path.join(DOCS, "uie_ema.md"))
+                          else "Not measured yet: `make bench-nlp`.\n"),
     }
 
 
@@ -338,7 +340,8 @@ def main() -> int:
         _demo(plain)
         _demo(several, "--half-lives", "2000,4000,16000")
         _demo(posthoc, "--posthoc")
-        for source, target in ((f"{plain}/results.json", "demo_results.json"), (f"{plain}/curves.png", "demo_curves.png"),
+        for source, target in ((f"{plain}/results.json", "demo_results.json"),
+                               (f"{plain}/curves.png", "demo_curves.png"),
                                (f"{plain}/ema_auto.json", "demo_auto.json"), (f"{plain}/ema_auto.png", "demo_auto.png"),
                                (f"{several}/results.json", "demo_several_results.json"),
                                (f"{several}/ema_candidates.png", "demo_candidates.png"),

@@ -61,7 +61,8 @@ def _merge_config(argv: List[str]) -> int:
 
 def _presets(argv: List[str]) -> int:
     argparse.ArgumentParser(prog="ema-callback presets", description="List the ready EMA: blocks shipped with the "
-                            "package; --ema-config, merge-config and EMACallback.from_config take their names.").parse_args(argv)
+                            "package; --ema-config, merge-config and EMACallback.from_config take their "
+                            "names.").parse_args(argv)
     from ema_callback.config.presets import listing, presets_folder
 
     for line in listing():

@@ -64,7 +64,8 @@ def main(argv=None):
                   epochs=args.steps // args.eval_every, verbose=0, callbacks=[cb, Record()])
         results[name] = {"ema_final": rows[-1]["ema"], "ema_best": max(r["ema"] for r in rows),
                          "raw_final": rows[-1]["raw"], "raw_best": max(r["raw"] for r in rows),
-                         "switches": cb.ema.features["switch"].count if "switch" in cb.ema.features else 0, "curve": rows}
+                         "switches": cb.ema.features["switch"].count if "switch" in cb.ema.features else 0,
+                         "curve": rows}
         print(f"{name}: EMA acc final {rows[-1]['ema']:.3f}, best {results[name]['ema_best']:.3f}; raw final "
               f"{rows[-1]['raw']:.3f} ({time.time() - started:.0f}s)", flush=True)
     print(f"\n{args.steps} steps, batch {args.batch_size}, EMA half-life 4000 images (constant), seed {args.seed}\n")

@@ -18,8 +18,8 @@ NO_PADDLEOCR = (f"SKIPPED: no PaddleOCR checkout at {PADDLEOCR_ROOT}: every test
                 "is skipped; set PADDLEOCR_ROOT=/path/to/PaddleOCR (release/2.10 or 3.x)")
 NO_PADDLEDET = (f"SKIPPED: no PaddleDetection checkout at {PADDLEDET_ROOT}: every test that trains with or reads "
                 "PaddleDetection is skipped; set PADDLEDET_ROOT=/path/to/PaddleDetection")
-NO_PADDLECLAS = (f"SKIPPED: no PaddleClas checkout at {PADDLECLAS_ROOT}: every test that trains with or reads PaddleClas "
-                 "is skipped; set PADDLECLAS_ROOT=/path/to/PaddleClas")
+NO_PADDLECLAS = (f"SKIPPED: no PaddleClas checkout at {PADDLECLAS_ROOT}: every test that trains with or reads "
+                 "PaddleClas is skipped; set PADDLECLAS_ROOT=/path/to/PaddleClas")
 needs_paddleocr = pytest.mark.skipif(not HAS_PADDLEOCR, reason=NO_PADDLEOCR)
 needs_paddledet = pytest.mark.skipif(not HAS_PADDLEDET, reason=NO_PADDLEDET)
 needs_paddleclas = pytest.mark.skipif(not HAS_PADDLECLAS, reason=NO_PADDLECLAS)
@@ -110,7 +110,8 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` run where a GPU is (benchmarks/gpu_check.sh runs them); skipped, and said so, elsewhere."""
     if has_gpu():
         return
-    skip = pytest.mark.skip(reason="needs a GPU (paddlepaddle-gpu and a CUDA device): run benchmarks/gpu_check.sh there")
+    skip = pytest.mark.skip(reason="needs a GPU (paddlepaddle-gpu and a CUDA device): "
+                                   "run benchmarks/gpu_check.sh there")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -6,7 +6,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# not tests/ (a script's own folder comes first): its datasets.py would stand for Hugging Face's, which PaddleNLP imports
+# not tests/ (a script's own folder comes first): its datasets.py would stand for Hugging Face's, which PaddleNLP
+# imports
 sys.path[:] = [os.path.join(HERE, "..", "examples"), os.path.join(HERE, "..")] + [
     p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,7 +61,8 @@ def main(out):
                    "global_batch": cb.ema.batch.global_batch,
                    "shadow": {k: sha(v) for k, v in state["shadow"].items()},
                    "others": [{k: sha(v) for k, v in o.items()} for o in state["shadows"]],
-                   "held": {k: sha(v) for k, v in held.items()}, "raw": {k: sha(v) for k, v in cb.ema.backup_numpy().items()},
+                   "held": {k: sha(v) for k, v in held.items()},
+                   "raw": {k: sha(v) for k, v in cb.ema.backup_numpy().items()},
                    "numpy_error": err, "evals": evals,
                    "files": sorted(os.listdir(os.path.join(run, "checkpoint-10"))) if rank == 0 else []}, handle)
 

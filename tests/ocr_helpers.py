@@ -42,7 +42,8 @@ def ocr_train(cfg, out, data, kind, extra=(), cwd=None, launcher=True):
 
 
 def paddleocr_tool(tool, cfg, data, kind, opts, cwd):
-    cmd = tool_command(os.path.join(PADDLEOCR_ROOT, "tools", tool)) + ["-c", cfg, "-o", *data_overrides(data, kind), *opts]
+    cmd = (tool_command(os.path.join(PADDLEOCR_ROOT, "tools", tool))
+           + ["-c", cfg, "-o", *data_overrides(data, kind), *opts])
     return run(cmd, cwd)
 
 

@@ -6,7 +6,8 @@ import subprocess
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(shutil.which("git") is None or shutil.which("make") is None, reason="needs git and make")
+pytestmark = pytest.mark.skipif(shutil.which("git") is None or shutil.which("make") is None,
+                                reason="needs git and make")
 
 
 def git(*args, cwd=None):
@@ -34,7 +35,8 @@ def bare_repo(tmp_path, name, files):
 
 
 def make(tmp_path, *variables):
-    env = {k: v for k, v in os.environ.items() if k not in ("PADDLEOCR_ROOT", "PADDLEDET_ROOT", "MAKEFLAGS", "MAKELEVEL")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PADDLEOCR_ROOT", "PADDLEDET_ROOT", "MAKEFLAGS", "MAKELEVEL")}
     done = subprocess.run(["make", "--no-print-directory", "-C", REPO, "checkouts", "skipped-suites",
                            f"SHARED_THIRD_PARTY={tmp_path}/no-shared", f"CHECKOUT_CACHE={tmp_path}/cache", *variables],
                           capture_output=True, text=True, timeout=300, env=env)

@@ -81,8 +81,9 @@ def test_a_live_writer_in_another_pid_namespace_keeps_its_staging_folder(tmp_pat
         pytest.skip("no unshare command")
     folder, go = str(tmp_path / "shared"), str(tmp_path / "go")
     os.makedirs(folder)
-    writer = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, os.path.join(HERE, "staged_writer_script.py"),
-                               folder, go], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable,
+                               os.path.join(HERE, "staged_writer_script.py"), folder, go],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = writer.stdout.readline().split()
     if not line:
         writer.wait(timeout=30)

@@ -65,7 +65,8 @@ def test_the_default_demo_carries_the_seeds_claim():
     picked = next(r["value"] for r in auto["rows"] if r["candidate"] == pick)
     steps, curves = results["steps"], results["curves"]
     raw_curve = list(zip(steps, curves["raw"]))
-    raw_noise, default_noise = trend_noise(last_quarter(raw_curve)), trend_noise(last_quarter(list(zip(steps, curves[default]))))
+    raw_noise, default_noise = (trend_noise(last_quarter(raw_curve)),
+                                trend_noise(last_quarter(list(zip(steps, curves[default])))))
     assert len(last_quarter(raw_curve)) >= 8
     assert picked - curves["raw"][-1] >= 0.01
     assert raw_noise >= 2.5 * default_noise

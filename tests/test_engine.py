@@ -227,7 +227,8 @@ def test_state_round_trip_is_bit_exact(trajectory, tmp_path):
     second.load(str(tmp_path / "half.pdema"))
     replay(fresh_model, states[101:], second)
     a, b = straight.state_dict(), second.state_dict()
-    assert (a["num_steps"], a["num_updates"], a["decay_product"]) == (b["num_steps"], b["num_updates"], b["decay_product"])
+    assert ((a["num_steps"], a["num_updates"], a["decay_product"])
+            == (b["num_steps"], b["num_updates"], b["decay_product"]))
     for k in a["shadow"]:
         assert a["shadow"][k].tobytes() == b["shadow"][k].tobytes(), k
     for k in a["copies"]:

@@ -30,7 +30,7 @@ def test_the_smoothness_noise_is_the_residual_std_around_a_quadratic_in_log_leng
     y = 0.8 - 0.05 * (x + 2.5) ** 2 + np.array([0.01, -0.02, 0.015, 0.0, -0.01, 0.005])
     fit = np.polyval(np.polyfit(x, y, 2), x)
     expected = math.sqrt(np.sum((y - fit) ** 2) / (len(x) - 3))
-    got = smoothness_noise([Evaluated(f"s{i}", v, length=l) for i, (l, v) in enumerate(zip(x, y))])
+    got = smoothness_noise([Evaluated(f"s{i}", v, length=length) for i, (length, v) in enumerate(zip(x, y))])
     assert math.isclose(got, expected, rel_tol=1e-12)
 
 

@@ -230,7 +230,8 @@ def test_select_best_keeps_the_raw_weights_when_they_win_and_says_so(tmp_path, c
 
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("block,message", [
-    ({"decay": 0.999, "decays": [0.99, 0.999]}, r"^EMA\.decays: give the EMA length one way .* not both decay and decays$"),
+    ({"decay": 0.999, "decays": [0.99, 0.999]},
+     r"^EMA\.decays: give the EMA length one way .* not both decay and decays$"),
     ({"decay": [0.99, 0.999]}, r"^EMA\.decay: expected a number; several EMAs are EMA\.decays: \[0\.99, 0\.999\]$"),
     ({"decays": []}, r"^EMA\.decays: expected a list of decays in \(0, 1\)"),
     ({"decays": [0.9, 1.0]}, r"^EMA\.decays: every decay must be > 0 and < 1, got 1\.0$"),

@@ -1,5 +1,5 @@
-"""PaddleNLP's real ``Trainer`` with ``EMATrainerCallback``: a randomly initialised UIE on a small ErnieConfig, trained on
-the synthetic span task of ``examples/uie_ema.py`` on CPU (nothing is downloaded). The EMA is checked against an
+"""PaddleNLP's real ``Trainer`` with ``EMATrainerCallback``: a randomly initialised UIE on a small ErnieConfig, trained
+on the synthetic span task of ``examples/uie_ema.py`` on CPU (nothing is downloaded). The EMA is checked against an
 independent numpy EMA over the weights recorded after every optimizer step."""
 import json
 import os

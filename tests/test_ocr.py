@@ -253,8 +253,8 @@ def test_bad_input_gives_one_line_errors_and_touches_no_file(tmp_path, data):
     before = folder_state(str(out))
     rc, log = ocr_train(REC_CFG, str(out), data, "rec", ["Global.epoch_num=2", f"Global.checkpoints={out}/latest"])
     last = log.strip().splitlines()[-1]
-    assert rc == 2 and last.startswith(f"ema-callback: error: {out}/latest.pdema: field shadow does not match the model: "
-                                       f"missing {first}; unexpected head.extra"), last
+    assert rc == 2 and last.startswith(f"ema-callback: error: {out}/latest.pdema: field shadow does not match the "
+                                       f"model: missing {first}; unexpected head.extra"), last
     assert folder_state(str(out)) == before
 
 
@@ -297,7 +297,8 @@ def test_several_emas_and_select_best_keep_the_raw_weights_when_they_win(tmp_pat
     row = rows[0]
     assert row["acc_raw"] > row["acc_ema0.99999"] and row["acc_raw"] > row["acc_ema0.9995"], row
     assert row["acc"] == row["acc_raw"] and row["norm_edit_dis"] == row["norm_edit_dis_raw"]
-    assert re.search(r"EMA: acc at optimizer step 160: raw [\d.]+, ema0.9995 [\d.]+, ema0.99999 [\d.]+ \(select: best -> raw\)",
+    assert re.search(r"EMA: acc at optimizer step 160: raw [\d.]+, ema0.9995 [\d.]+, ema0.99999 [\d.]+ "
+                     r"\(select: best -> raw\)",
                      log), log[-3000:]
     assert "best_accuracy.pdparams hold raw" in log
     state = read_state(str(out / "best_accuracy.pdema"))
@@ -351,7 +352,8 @@ def test_multiscale_sampler_batch_is_measured_from_the_sampler(tmp_path, data):
     cfg = yaml.safe_load(open(REC_CFG))
     cfg["Train"]["dataset"]["name"] = "MultiScaleDataSet"
     cfg["Train"]["dataset"]["ds_width"] = False
-    cfg["Train"]["dataset"]["transforms"] = [t for t in cfg["Train"]["dataset"]["transforms"] if "RecResizeImg" not in t]
+    cfg["Train"]["dataset"]["transforms"] = [t for t in cfg["Train"]["dataset"]["transforms"]
+                                             if "RecResizeImg" not in t]
     cfg["Train"]["sampler"] = {"name": "MultiScaleSampler", "scales": [[100, 32], [200, 32], [300, 32]],
                                "first_bs": 8, "fix_bs": False, "divided_factor": [4, 32], "is_training": True}
     cfg["Train"]["loader"]["batch_size_per_card"] = 8
@@ -364,7 +366,7 @@ def test_multiscale_sampler_batch_is_measured_from_the_sampler(tmp_path, data):
     line = re.search(r"EMA: global batch ([\d.]+) \(([\d.]+) x 1 rank x 1, mean of MultiScaleSampler's (\d+) batches; "
                      r"configured 8\), half-life 1 epochs x ([\d,]+) images -> decay ([\d.]+) per optimizer step "
                      r"\(half-life ([\d,]+) steps", log)
-    assert line, [l for l in log.splitlines() if "global batch" in l]
+    assert line, [log_line for log_line in log.splitlines() if "global batch" in log_line]
     batches = int(line.group(3))
     steps = [int(m) for m in re.findall(r"epoch: \[1/1\], global_step: (\d+)", log)]
     assert steps and max(steps) == batches  # the steps PaddleOCR's loop took in its one epoch

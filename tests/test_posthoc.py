@@ -156,8 +156,9 @@ def test_a_fresh_run_starts_its_own_series_and_a_mixed_folder_is_refused(traject
     assert PostHocEMA(str(folder)).steps == [5, 10, 15, 20] and PostHocEMA(str(aside)).steps[-1] == 60
     shutil.copy(aside / "phema-000000060.safetensors", folder)  # mixed by hand
     with pytest.raises(EMAFileError, match=rf"snapshots of 2 runs mixed \(run {new_id}: phema-000000005.safetensors, "
-                                           rf"phema-000000010.safetensors, phema-000000015.safetensors \(\+1 more\); run "
-                                           rf"{old_id}: phema-000000060.safetensors\); keep one run's snapshots per folder"):
+                                           rf"phema-000000010.safetensors, phema-000000015.safetensors \(\+1 more\); "
+                                           rf"run {old_id}: phema-000000060.safetensors\); keep one run's snapshots "
+                                           r"per folder"):
         load_snapshots(str(folder))
 
 

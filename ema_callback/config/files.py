@@ -88,8 +88,8 @@ def apply_overrides(block: Optional[Mapping[str, Any]], overrides: Iterable[Tupl
     forms = [k for k in LENGTH_KEYS if layer.get(k) is not None]
     if len(forms) > 1:
         raise EMAConfigError(f"-o {where[forms[0]]} and -o {where[forms[1]]}: give the EMA length one way in one list "
-                             "of overrides (decay, decays, half_life_images, half_life_epochs or length); an override replaces "
-                             "the form of the YAML's EMA: section or --ema-config block")
+                             "of overrides (decay, decays, half_life_images, half_life_epochs or length); an override "
+                             "replaces the form of the YAML's EMA: section or --ema-config block")
     return layered(merged, layer)
 
 

@@ -49,8 +49,8 @@ OPTIONS: Tuple[Option, ...] = (
            "(what `save_as: ema` writes and best-model selection uses unless `select: best`). Instead of `decay`."),
     Option("half_life_images", None, "positive_or_list",
            "EMA length as a half-life in images (a number, or a list for several EMAs): after this many training "
-           "images a weight's contribution has halved. Per optimizer step d = 0.5^(B/H), B = the measured global batch. "
-           "Instead of `decay`."),
+           "images a weight's contribution has halved. Per optimizer step d = 0.5^(B/H), B = the measured global "
+           "batch. Instead of `decay`."),
     Option("half_life_epochs", None, "positive_or_list",
            "Half-life in epochs of the training set (number or list): `half_life_images` = x * dataset size. "
            "Instead of `decay`."),
@@ -182,7 +182,8 @@ def _check_value(opt: Option, value: Any) -> Any:
             raise EMAConfigError(f"{key}: expected a finite number, got {value!r}")
         if opt.low is not None and (value <= opt.low if opt.low_open else value < opt.low):
             raise EMAConfigError(f"{key}: must be {'>' if opt.low_open else '>='} {opt.low:g}, got {value!r}"
-                                 + (f" (and {'<' if opt.high_open else '<='} {opt.high:g})" if opt.high is not None else ""))
+                                 + (f" (and {'<' if opt.high_open else '<='} {opt.high:g})"
+                                    if opt.high is not None else ""))
         if opt.high is not None and (value >= opt.high if opt.high_open else value > opt.high):
             raise EMAConfigError(f"{key}: must be {'<' if opt.high_open else '<='} {opt.high:g}, got {value!r}")
         return value
@@ -380,7 +381,8 @@ class EMAConfig:
         if block is None:
             return cls()
         if not isinstance(block, Mapping):
-            raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, got {type(block).__name__} {block!r}")
+            raise EMAConfigError(f"{SECTION}: expected a mapping of keys to values, "
+                                 f"got {type(block).__name__} {block!r}")
         values = {}
         block = _renamed_period(dict(block), "switch_every", "switch_every_epochs", SECTION + ".")
         for name, value in block.items():

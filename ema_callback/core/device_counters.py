@@ -108,8 +108,8 @@ class DeviceCounters:
 
 
 class EngineCounter:
-    """An update counter: a Python value on the host path, read from ``DeviceCounters`` on the device path (``engine._device``) (a host
-    synchronisation, so only when the run logs, evaluates, saves or a caller asks)."""
+    """An update counter: a Python value on the host path, read from ``DeviceCounters`` on the device path
+    (``engine._device``) (a host synchronisation, so only when the run logs, evaluates, saves or a caller asks)."""
 
     def __init__(self, device_name: str):
         self.device_name = device_name

@@ -88,7 +88,7 @@ class ExponentialMovingAverage:
         self.model = unwrap(model)
         built = [build(self.config, batch, self.model) for build in builders()]
         self.features: Dict[str, Feature] = {f.name: f for f in built if f is not None}
-        self.labels = [c.label for c in self.candidates] + [l for f in self.features.values() for l in f.labels]
+        self.labels = [c.label for c in self.candidates] + [label for f in self.features.values() for label in f.labels]
         self.entries: List[Entry] = classify(model, self.config.include, self.config.exclude, self.config.buffers)
         self.tensors = ModelTensors(self.entries, optimizer, to_host=self.config.device == "cpu")
         self._averaged = self.tensors.averaged
@@ -105,7 +105,8 @@ class ExponentialMovingAverage:
                                              count=len(self.labels))
         self.store.check_finite = self.config.nan_guard
         self.store.pausable = frozenset(
-            self.labels.index(label) for f in self.features.values() if getattr(f, "every", 1) > 1 for label in f.labels)
+            self.labels.index(label) for f in self.features.values() if getattr(f, "every", 1) > 1
+            for label in f.labels)
         self.deferred = bool(getattr(self.store, "deferred", False))  # the device path: no host read in step()
         self._device = DeviceCounters(self.store.flat.place, self.decays, len(self.labels) - self.num_candidates,
                                       self._feature_decays_on_device) if self.deferred else None
@@ -239,7 +240,8 @@ class ExponentialMovingAverage:
     def _sync_buffers(self) -> None:
         """The buffer part of every shadow (BatchNorm statistics) averaged over data-parallel ranks (``rank_sync``)."""
         t = self.tensors
-        average_buffers(self.store, t.buffer_indices, t.copies, [e.name for e in t.copied if e.is_buffer], self.deferred)
+        average_buffers(self.store, t.buffer_indices, t.copies, [e.name for e in t.copied if e.is_buffer],
+                        self.deferred)
 
     update = step
 

@@ -117,7 +117,8 @@ def check_state(ema, state: Mapping[str, Any], source: str) -> None:
                  {k: d for k, (_, d) in live.items()})
     if len(state.get("shadows") or []) + 1 != ema.num_shadows:
         saved = list(state.get("labels") or ["ema"])
-        emas, profiles = [l for l in saved if not l.startswith("phema")], [l for l in saved if l.startswith("phema")]
+        emas, profiles = ([label for label in saved if not label.startswith("phema")],
+                          [label for label in saved if label.startswith("phema")])
         ours = ema.labels[ema.num_candidates:]
 
         def listed(labels):

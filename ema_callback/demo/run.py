@@ -428,7 +428,8 @@ def format_table(results: Dict) -> str:
     if results.get("posthoc"):
         ph = results["posthoc"]
         rows += ["", f"post-hoc EMA (sigma_rel 0.01..0.25 reconstructed from the 0.05/0.10 snapshots at step "
-                     f"{ph['at_step']}): best sigma_rel {ph['best']['sigma_rel']:.2f}, val acc {ph['best']['metric']:.3f}"
+                     f"{ph['at_step']}): best sigma_rel {ph['best']['sigma_rel']:.2f}, "
+                     f"val acc {ph['best']['metric']:.3f}"
                      "; values outside 0.05-0.10 are extrapolations"]
     rows += ["", f"{results['seconds']}s on {results['machine']}"]
     return "\n".join(rows)

@@ -77,7 +77,8 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
         if exc.errno == errno.ENOSPC:
             raise EMAFileError(f"{path}: cannot be written (No space left on device: {free_space(folder)}, this file "
                                f"needs {len(data) / 2**20:,.1f} MiB); the previous file is unchanged") from None
-        raise EMAFileError(f"{path}: cannot be written ({exc.strerror or exc}); the previous file is unchanged") from None
+        raise EMAFileError(f"{path}: cannot be written ({exc.strerror or exc}); "
+                           "the previous file is unchanged") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

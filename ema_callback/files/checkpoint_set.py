@@ -275,8 +275,8 @@ class StagedWrite:
     def path(self, relative: str) -> str:
         """Where to write the file ``relative`` (a name, or ``sub/name``) of the set."""
         if not _inside(self.folder, relative):
-            raise EMAFileError(f"{self.folder}: {relative} leads out of the folder (.., an absolute path, or a symbolic "
-                               "link on the way); this checkpoint set is not saved")
+            raise EMAFileError(f"{self.folder}: {relative} leads out of the folder (.., an absolute path, or a "
+                               "symbolic link on the way); this checkpoint set is not saved")
         target = os.path.join(self.tmp, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         return target

@@ -3,9 +3,10 @@
 Layout (https://github.com/huggingface/safetensors, "Format"): an 8-byte little-endian header length ``N``, ``N``
 bytes of JSON ``{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
 then the data, each tensor's bytes at its offsets from the start of the data (little-endian, C order). The format
-holds no code and declares every size: ``SafetensorsFile`` checks all of them against the bytes present before it builds any
-array (a header of at most 100 MB that fits in the file, known dtypes, ``prod(shape) x item size == end - begin``,
-offsets inside the data, neither overlapping nor leaving gaps), and refuses anything else with one
+holds no code and declares every size: ``SafetensorsFile`` checks all of them against the bytes present before it
+builds any array (a header of at most 100 MB that fits in the file, known dtypes,
+``prod(shape) x item size == end - begin``, offsets inside the data, neither overlapping nor leaving gaps), and
+refuses anything else with one
 ``EMAFileError`` line naming the file. Files written here are read by ``safetensors.numpy.load_file`` and the
 other way round (``tests/test_posthoc.py`` checks both).
 """

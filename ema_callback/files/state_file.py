@@ -291,7 +291,8 @@ def check_fields(state: Mapping[str, Any], path: str) -> None:
         raise _field(path, "config", "a mapping of EMA: keys", config)
     nan_guard = config.get("nan_guard", True) is not False
     labels = state.get("labels", ["ema"])
-    if not isinstance(labels, list) or not labels or not all(isinstance(l, str) and len(l) <= 64 for l in labels):
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) and len(label) <= 64
+                                                             for label in labels):
         raise _field(path, "labels", "a list of names", labels)
     others = state.get("shadows") or []
     if not isinstance(others, list):

@@ -250,7 +250,7 @@ class AutoPick:
 
         def once(label: str, length: Optional[float] = None) -> Evaluated:
             if label not in self.evaluated:
-                metrics, units = evaluate_candidates([label], lambda l: self.weights(l, model), measure)
+                metrics, units = evaluate_candidates([label], lambda candidate: self.weights(candidate, model), measure)
                 self.metric = self.metric or next(iter(metrics[label]), None)
                 value = metric_value(metrics[label].get(self.metric)) if self.metric else None
                 result = self._shared(Evaluated(label, float("nan") if value is None else value, units[label]))

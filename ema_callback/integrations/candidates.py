@@ -151,7 +151,8 @@ class CandidateBoard:
         self.key, self.units = key, units
         if self.config.select != "best":
             return self.primary
-        order = [self.primary] + [l for l in self.ema.candidate_labels[1:] if l in results] + ([RAW] if RAW in results else [])
+        order = ([self.primary] + [label for label in self.ema.candidate_labels[1:] if label in results]
+                 + ([RAW] if RAW in results else []))
         lengths = self.lengths()
         evaluated = {}
         for label in order:

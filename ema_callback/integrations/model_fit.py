@@ -133,7 +133,8 @@ class EMACallback(paddle.callbacks.Callback):
         self.ema: Optional[ExponentialMovingAverage] = None
         self.extra_logs: Dict[str, Any] = {}  # added to the evaluation logs: <metric>_raw, ema_drift
         self._copy_suffix = ""  # fit's own metrics are also logged with this suffix ("_raw" before eval_start_step)
-        self._pending_updates: list = []  # found_inf flags of optimizer updates counted in train_batch, not yet averaged
+        # found_inf flags of optimizer updates counted in train_batch, not yet averaged
+        self._pending_updates: list = []
         self._in_fit = False
         self._policy = EvaluationPolicy(self.config)
         self._told_off = False
@@ -170,7 +171,8 @@ class EMACallback(paddle.callbacks.Callback):
         source = self._resume_source() if self.config.auto else None
         engine_config, plan = resolve_length(self.config, self._whole_run(self.batch), self.folder,
                                              resumed=saved_plan(source + ".pdema") if source else None)
-        self.ema = ExponentialMovingAverage(self.network, engine_config, optimizer=getattr(self.model, "_optimizer", None),
+        self.ema = ExponentialMovingAverage(self.network, engine_config,
+                                            optimizer=getattr(self.model, "_optimizer", None),
                                             backend=self.backend, batch=self.batch)
         self.board = CandidateBoard(self.ema, engine_config, self.higher_is_better)
         place_features(self.ema, self.folder, only_rank0_evaluates=False)
@@ -613,7 +615,7 @@ class EMACallback(paddle.callbacks.Callback):
     def _plain(self, name: str) -> bool:
         """A metric name without a candidate suffix (and not the drift)."""
         labels = (self.ema.labels if self.ema is not None else []) + [RAW]
-        return name != DRIFT and name not in NOT_LOGGED and not any(name.endswith("_" + l) for l in labels)
+        return name != DRIFT and name not in NOT_LOGGED and not any(name.endswith("_" + label) for label in labels)
 
     def _measure(self) -> Measured:
         """``Model.evaluate`` on fit's eval loader (``_evaluate_here``) of the network as it is, with each batch's

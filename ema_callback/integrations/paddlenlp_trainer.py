@@ -290,7 +290,7 @@ class EMATrainerCallback(TrainerCallback):
                            "it evaluated the raw weights")
             return
         held = self.ema.applied_label or RAW
-        labels = [l for l in self.board.to_evaluate() if l != held]
+        labels = [label for label in self.board.to_evaluate() if label != held]
         prefix = _prefix_of(metrics)
         results = {held: {k: v for k, v in metrics.items() if k.startswith(prefix + "_")}}
         added: Dict[str, Any] = {}

@@ -85,7 +85,8 @@ def import_from_checkout(root: str, module: str, path_in_root: str, option: str)
 
 
 def read_run_config(config_path: str, block_file: Optional[str], opts: Sequence[str], suite_name: str,
-                    resolve: Callable[[dict, Optional[str], list], EMAConfig]) -> Tuple[dict, EMAConfig, bool, List[str]]:
+                    resolve: Callable[[dict, Optional[str], list], EMAConfig]
+                    ) -> Tuple[dict, EMAConfig, bool, List[str]]:
     """The start of a suite command: the suite's YAML (a mapping, its ``EMA:`` section where it belongs), the
     ``-o`` options split into ``EMA.*`` and the suite's, and the run's ``EMAConfig`` (``resolve(suite, block_file,
     ema_overrides)`` when the YAML, ``--ema-config`` or ``-o EMA.*`` asks for an EMA, else off, said in one line).

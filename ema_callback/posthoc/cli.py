@@ -93,7 +93,7 @@ def _suite_eval(args, weights_prefix: str, expect: str) -> Tuple[float, str]:
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = done.stdout + done.stderr
     if done.returncode == MISMATCH_EXIT and PREFIX in log:
-        line = next(l for l in log.splitlines() if PREFIX in l)
+        line = next(log_line for log_line in log.splitlines() if PREFIX in log_line)
         raise EMAConfigError(f"-c {args.config}: the snapshots in {args.snapshots} are not of this model: "
                              f"{line.split(PREFIX, 1)[1]}")
     if done.returncode != 0:

@@ -331,7 +331,8 @@ class PostHocEMA:
         total = sum(s.nbytes for s in self.snapshots)
         elements = int(sum(int(np.prod(shape)) if shape else 1 for shape in self.shapes))
         size = np.dtype(self.snapshots[0].header["dtype"]).itemsize
-        return (f"{len(self.snapshots)} snapshots, {total / 2**20:.1f} MiB on disk ({total / len(self.snapshots) / 2**20:.2f} "
+        return (f"{len(self.snapshots)} snapshots, {total / 2**20:.1f} MiB on disk "
+                f"({total / len(self.snapshots) / 2**20:.2f} "
                 f"MiB each: {elements:,} averaged elements x {len(self.sigma_rels)} profiles x {size} B "
                 f"= {elements * len(self.sigma_rels) * size / 2**20:.2f} MiB, + the other tensors once)")
 
