@@ -36,9 +36,10 @@ def bare_repo(tmp_path, name, files):
 
 def make(tmp_path, *variables):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PADDLEOCR_ROOT", "PADDLEDET_ROOT", "MAKEFLAGS", "MAKELEVEL")}
+           if k not in ("PADDLEOCR_ROOT", "PADDLEDET_ROOT", "PADDLECLAS_ROOT", "MAKEFLAGS", "MAKELEVEL")}
     done = subprocess.run(["make", "--no-print-directory", "-C", REPO, "checkouts", "skipped-suites",
-                           f"SHARED_THIRD_PARTY={tmp_path}/no-shared", f"CHECKOUT_CACHE={tmp_path}/cache", *variables],
+                           f"SHARED_THIRD_PARTY={tmp_path}/no-shared", f"CHECKOUT_CACHE={tmp_path}/cache",
+                           f"PADDLECLAS_GIT=file://{tmp_path}/no-paddleclas.git", *variables],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -67,6 +68,7 @@ def test_a_root_set_by_the_user_is_never_written_to(tmp_path):
     mine = tmp_path / "my-folder"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    out = make(tmp_path, f"PADDLEOCR_ROOT={mine}", f"PADDLEDET_ROOT={mine}", f"PADDLEOCR_GIT=file://{tmp_path}/x.git")
+    out = make(tmp_path, f"PADDLEOCR_ROOT={mine}", f"PADDLEDET_ROOT={mine}", f"PADDLECLAS_ROOT={mine}",
+               f"PADDLEOCR_GIT=file://{tmp_path}/x.git")
     assert (mine / "notes.txt").read_text() == "keep me" and sorted(os.listdir(mine)) == ["notes.txt"]
     assert "fetching" not in out and f"no checkout at {mine}" in out
