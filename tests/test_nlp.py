@@ -282,6 +282,19 @@ def test_length_auto_picks_at_the_end_through_the_trainers_evaluation(tmp_path):
     assert pick == "raw" or cb.ema.applied_label == pick
     # what the model holds now scores what the pick scored (the loss, lower is better)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(cb.auto.evaluated[pick].value, rel=1e-5)
+    # a length rebuilt from the snapshots in the model (what a pick other than the default leaves there):
+    # trainer.evaluate() scores it as length auto did, with the raw weights beside, and leaves it in the model
+    other = next(label for label in cb.auto.evaluated if label.startswith("sigma"))
+    network = cb.ema.model
+    if cb.ema.applied:
+        cb.ema.restore(network)
+    cb.ema.apply_values(network, cb.auto.values(other, network), other)
+    before = {k: v.numpy().copy() for k, v in network.state_dict().items()}
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(cb.auto.evaluated[other].value, rel=1e-5)
+    assert metrics["eval_loss_raw"] == pytest.approx(cb.auto.evaluated["raw"].value, rel=1e-5)
+    assert cb.ema.applied_label == other
+    assert all(np.array_equal(before[k], v.numpy()) for k, v in network.state_dict().items())
     with pytest.raises(EMAConfigError, match="load_best_model_at_end"):
         uie_ema.make_trainer(str(tmp_path / "both"), max_steps=4, eval_steps=2, save_steps=2,
                              load_best_model_at_end=True, metric_for_best_model="eval_loss",

@@ -20,8 +20,8 @@ The same engine and ``EMA:`` block as the other ways in (``docs/paddlenlp.md``).
   evaluation, its best-model bookkeeping and ``checkpoint-N/model_state.pdparams`` are the EMA's. Before
   ``eval_start_step`` optimizer steps the raw weights stay in.
 * ``on_evaluate(metrics)``: with ``eval_raw`` / several EMAs, the other candidates are evaluated with the Trainer's own
-  ``evaluation_loop`` (no callbacks, no log of their own) and added to the metrics dict the Trainer returns, saves and
-  logged (``eval_f1_raw``, ``eval_f1_<label>``; the last ``state.log_history`` entry gains them too) with
+  ``evaluation_loop`` (no ``on_evaluate``/``on_log`` for them) and added to the metrics dict the Trainer returns,
+  saves and logged (``eval_f1_raw``, ``eval_f1_<label>``; the last ``state.log_history`` entry gains them too) with
   ``ema_drift``. Without a save pending the raw weights go back now.
 * ``on_save``: ``checkpoint-N/model_state.pdema`` (EMA state, its counters and the raw weights, rank 0, atomic)
   beside the ``model_state.pdparams`` the Trainer just wrote; then the raw weights go back.
@@ -80,7 +80,7 @@ REFUSED = {  # EMA: keys this way in cannot act on, with why (one line at start-
 
 
 def _measure(trainer, prefix: str = "eval", description: str = "Evaluation") -> Callable[[], Measured]:
-    """The Trainer's ``evaluation_loop`` on its eval dataloader, no callbacks, of the model as it is: its metrics
+    """The Trainer's ``evaluation_loop`` on its eval dataloader (no ``on_evaluate``), of the model as it is: its metrics
     (``compute_metrics`` gives no per-example counts, so no units), as ``candidate_eval`` takes it."""
     def measure() -> Measured:
         output = trainer.evaluation_loop(trainer.get_eval_dataloader(), description=description,
@@ -302,6 +302,8 @@ class EMATrainerCallback(TrainerCallback):
             added[DRIFT] = float(self._drift if self._drift is not None else self.ema.drift())
         if labels and (self.board.active or not self._in_train):
             network, back = self.ema.model, self.ema.applied_label
+            # a length rebuilt from the snapshots (length auto's pick) is no shadow: its values go back as they were
+            back_values = numpy_state(network) if back is not None and back not in self.ema.labels else None
             if self.ema.applied:
                 self.ema.restore(network)
             self._inner_eval = True
@@ -310,7 +312,9 @@ class EMATrainerCallback(TrainerCallback):
                                                 _measure(self.trainer, prefix))
             finally:
                 self._inner_eval = False
-                if back is not None:
+                if back_values is not None:
+                    self.ema.apply_values(network, back_values, back)
+                elif back is not None:
                     self.ema.apply_to(network, back)
             results.update(others)
             for label, values in others.items():
