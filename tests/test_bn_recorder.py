@@ -128,10 +128,15 @@ def test_recompute_bn_trains_every_model_fit_shape(shape, caplog):
     check_recomputed(cb.ema, net, factory, keeper.batches)  # fit ended on the EMA, its statistics recomputed
     assert "EMA: BatchNorm statistics of ema recomputed for its weights: 1 layers over the last 3 training " \
            "batches" in caplog.text
-    # training has ended: the model is as it was found (Feature.close), and a second fit records again
-    assert not net._forward_pre_hooks and not cb.ema.features["recompute_bn"].recorder.batches
+    # training has ended: the model is as it was found (Feature.close: no hook), the engine keeps the batches it
+    # recorded, so the EMA applied after fit still gets its statistics recomputed; a second fit records again
+    assert not net._forward_pre_hooks
+    cb.ema.restore(net)
+    check_recomputed(cb.ema, net, factory)
     model.fit(train, evald, epochs=1, verbose=0, callbacks=[keeper, cb])
     assert len(keeper.batches) == 3 and cb.ema.num_updates == 18 and not net._forward_pre_hooks
+    kept = list(cb.ema.features["recompute_bn"].recorder.batches)  # the second fit's last batches
+    assert len(kept) == 3 and all(a is b for a, b in zip(keeper.batches, kept))
 
 
 class KeepRecordedBatches(paddle.callbacks.Callback):

@@ -59,10 +59,14 @@ class BatchRecorder:
         self.batches: Deque[Tuple[tuple, dict]] = collections.deque(maxlen=int(size))
         self.paused = False
         self._warned = False
-        if _hooks_take_kwargs(model):
-            self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+        self._handle = None
+        self._install()
+
+    def _install(self) -> None:
+        if _hooks_take_kwargs(self.model):
+            self._handle = self.model.register_forward_pre_hook(self._record, with_kwargs=True)
         else:
-            self._handle = model.register_forward_pre_hook(lambda layer, args: self._record(layer, args, None))
+            self._handle = self.model.register_forward_pre_hook(lambda layer, args: self._record(layer, args, None))
 
     def _record(self, layer, args, kwargs):
         if self.paused or not layer.training or not paddle.is_grad_enabled():
@@ -78,7 +82,15 @@ class BatchRecorder:
         return None
 
     def close(self) -> None:
-        self._handle.remove()
+        """The hook off the model (the batches recorded so far are kept)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def reopen(self) -> None:
+        """The hook on the model again (after ``close``), recording into the same queue."""
+        if self._handle is None:
+            self._install()
 
 
 def _hooks_take_kwargs(model) -> bool:
@@ -142,7 +154,6 @@ class BatchNormRecompute(Feature):
         self.recorder = BatchRecorder(model, size)
         self.collective = True
         self.used = 0  # batches used by the last recomputation
-        self.closed = self._said_closed = False
 
     @classmethod
     def build(cls, config, batch, model) -> Optional["BatchNormRecompute"]:
@@ -158,10 +169,6 @@ class BatchNormRecompute(Feature):
 
     def after_apply(self, ema, label: str) -> None:
         if not self.recorder.batches:
-            if self.closed and not self._said_closed:
-                logger.info("EMA: recompute_bn: training has ended and its recorded batches were released: the "
-                            "BatchNorm statistics are not recomputed for %s", label)
-                self._said_closed = True
             return
         self.used = recompute(self.model, self.recorder.batches, collective=self.collective)
         logger.info("EMA: BatchNorm statistics of %s recomputed for its weights: %d layers over the last %d training "
@@ -172,13 +179,9 @@ class BatchNormRecompute(Feature):
         return {"recompute_bn_batches": self.used}
 
     def close(self) -> None:
-        """The forward pre-hook removed and the recorded batches dropped: the model is as it was found (an
-        ``apply_to`` after this recomputes nothing and says so once)."""
+        """The forward pre-hook removed: the model is as it was found. The last batches it recorded stay with the
+        engine (references, freed with it), so an ``apply_to`` after training still recomputes the statistics."""
         self.recorder.close()
-        self.recorder.batches.clear()
-        self.closed = True
 
     def reopen(self) -> None:
-        if self.closed:
-            self.recorder = BatchRecorder(self.model, self.recorder.batches.maxlen)
-            self.closed = False
+        self.recorder.reopen()

@@ -313,7 +313,8 @@ class ExponentialMovingAverage:
 
     def close(self) -> None:
         """Training has ended: every feature undoes what it installed on the model (``Feature.close``: the BatchNorm
-        recorder's hook and batches). The shadows, counters and ``apply_to``/``save`` stay usable."""
+        recorder's hook). The shadows, counters and ``apply_to``/``save`` stay usable (with ``recompute_bn``, on the
+        last batches training recorded)."""
         for feature in self.features.values():
             feature.close()
 

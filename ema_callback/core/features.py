@@ -10,8 +10,8 @@ line there), so the engine imports none of them; it builds the registered ones a
 * ``backup_ids()``: ids of tensors besides the averaged ones that ``apply_to`` backs up and ``restore`` puts back;
 * ``after_apply(ema, label)``: the EMA values of shadow ``label`` are in the model;
 * ``state()`` / ``load_state(state)``: its entries of the ``.pdema``;
-* ``close()``: undo what it installed on the model and drop what it holds of the run (training has ended: every way
-  in calls ``engine.close()`` then); ``reopen()``: install it again (``Model.fit`` called again on the same engine).
+* ``close()``: undo what it installed on the model (training has ended: every way in calls ``engine.close()``
+  then); ``reopen()``: install it again (``Model.fit`` called again on the same engine).
 """
 from __future__ import annotations
 
