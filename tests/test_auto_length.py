@@ -211,3 +211,16 @@ def test_a_resumed_run_continues_the_plan_it_started_with(tmp_path, caplog):
     assert {k: again.ema.config.posthoc[k] for k in keys} == {k: first.ema.config.posthoc[k] for k in keys}
     assert any("the resumed run's plan continues" in r.getMessage() and "this fit's own count (72 steps)" in
                r.getMessage() for r in caplog.records)
+
+
+def test_a_posthoc_period_in_epochs_is_whole_ema_updates_under_length_auto(tmp_path):
+    """A block's own posthoc: with length auto and update_every 2: a snapshot period of '1 epochs' (25 steps) is
+    rounded to whole EMA updates (24), as without length auto, not refused as a period that misses the updates."""
+    from ema_callback import BatchInfo
+    from ema_callback.integrations.auto_length import resolve
+
+    config = EMAConfig.from_block({"length": "auto", "update_every": 2, "posthoc": {
+        "sigma_rels": [0.05, 0.15], "snapshot_every": "1 epochs", "update_every": 8}})
+    batch = BatchInfo(8, steps_per_epoch=25, total_steps=2000, dataset_size=200)
+    engine_config, plan = resolve(config, batch, str(tmp_path))
+    assert engine_config.posthoc["snapshot_every"] == 24 and plan is not None

@@ -171,7 +171,8 @@ def resolve(config: EMAConfig, batch, folder: Optional[str],
     posthoc = dict(config.posthoc) if config.posthoc else {
         "sigma_rels": list(TRACKED), "snapshot_every": snapshot_every, "snapshot_dtype": "float16",
         "update_every": gap, "dir": None}
-    posthoc["snapshot_every"] = snapshot_period(posthoc, batch)  # in optimizer steps (a period in epochs resolved)
+    # in optimizer steps: a period in epochs resolved to whole EMA updates
+    posthoc["snapshot_every"] = snapshot_period(posthoc, batch, config.update_every)
     temporary = None
     if not posthoc.get("dir") and not folder:
         temporary = tempfile.mkdtemp(prefix="ema-auto-")
