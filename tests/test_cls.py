@@ -55,6 +55,13 @@ def test_native_decay_is_constant_and_our_keys_are_checked():
     with pytest.raises(EMAConfigError, match="save_as"):
         resolve_cls_config({"EMA": {"decay": 0.99, "save_as": "raw"}}, None, [])
     assert not resolve_cls_config({"EMA": {"decay": 0.99, "enable": False}}, None, []).enable
+    # the raw weights are always a candidate: select: best with one EMA chooses between the two
+    assert resolve_cls_config({"EMA": {"decay": 0.99, "select": "best"}}, None, []).select == "best"
+    with pytest.raises(EMAConfigError, match=r"^EMA.eval_raw: false cannot act in cls-train"):
+        resolve_cls_config({"EMA": {"decay": 0.99, "eval_raw": False}}, None, [])
+    with pytest.raises(EMAConfigError, match=r"^EMA.tau: a parameter of schedule: exponential; in cls-train a decay "
+                                             r"without a schedule is PaddleClas's constant decay"):
+        resolve_cls_config({"EMA": {"decay": 0.99, "tau": 100}}, None, [])
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -2,7 +2,8 @@
 
     errors, paddle_compat, plots  <  files  <  config  <  core  <  posthoc  <  integrations  <  demo, command lines
 
-The engine imports no feature (they are registered from above it, in ``ema_callback/__init__.py``), the config
+Every import form is read (``from x import y``, ``import x``, ``importlib.import_module("x")``, ``__import__``). The
+engine imports no feature (they are registered from above it, in ``ema_callback/__init__.py``), the config
 imports neither the engine nor a suite's adapter (a suite's YAML reader lives with its adapter), and a module named
 ``cli`` or ``launch_*`` is a command line, the top.
 """
@@ -30,11 +31,26 @@ def imports():
             module = os.path.relpath(path[:-3], os.path.dirname(PACKAGE)).replace(os.sep, ".")
             module = module[:-len(".__init__")] if module.endswith(".__init__") else module
             for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
-                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ema_callback"):
-                    targets = [node.module] if node.module != "ema_callback" else \
-                        [f"ema_callback.{alias.name}" for alias in node.names]
-                    for target in targets:
+                for target in _targets(node):
+                    if target.startswith("ema_callback"):
                         yield module, target
+
+
+def _targets(node) -> list:
+    """The ``ema_callback`` modules one node imports: ``from x import y`` (a name of the package itself: the
+    submodule ``y``), ``import x.y``, and ``importlib.import_module("x")`` / ``__import__("x")`` with a constant."""
+    if isinstance(node, ast.ImportFrom) and node.module:
+        if node.module == "ema_callback":
+            return [f"ema_callback.{alias.name}" for alias in node.names]
+        return [node.module]
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and \
+            isinstance(node.args[0].value, str):
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if name in ("import_module", "__import__"):
+            return [node.args[0].value]
+    return []
 
 
 def test_every_import_points_down_or_sideways():

@@ -62,18 +62,19 @@ from ema_callback.integrations.checkpoints import (
 )
 from ema_callback.integrations.evaluation import EvaluationPolicy, before_eval_start
 from ema_callback.integrations.suite_adapter import (
+    FinalPathLogger,
     SuiteAdapter,
     import_from_checkout,
     read_run_config,
     release_all,
     run_suite_script,
+    suite_parser,
     suite_value,
 )
 from ema_callback.integrations.suite_checkout import PADDLECLAS, find_checkout
 
 logger = logging.getLogger("ema_callback")
 
-ROOT_ENV = PADDLECLAS.env
 NATIVE_DECAY = 0.9999  # what PaddleClas's EMA: {} (no decay) means
 
 
@@ -89,17 +90,24 @@ def resolve_cls_config(suite: Mapping[str, Any], block_file: Optional[str], over
     if not any(merged.get(k) is not None for k in LENGTH_KEYS):
         merged["length"] = "auto"  # ema-callback's rule for no length (PaddleClas's EMA: {} meant decay 0.9999)
     if merged.get("decay") is not None and "schedule" not in merged:
+        for key, schedule in SCHEDULE_PARAMETERS.items():
+            if merged.get(key) is not None:
+                raise EMAConfigError(f"{SECTION}.{key}: a parameter of schedule: {schedule}; in cls-train a decay "
+                                     "without a schedule is PaddleClas's constant decay: set schedule: "
+                                     f"{schedule} or remove {key}")
         merged["schedule"] = "constant"  # PaddleClas's EMA: d * ema + (1 - d) * w from the first step
+    if merged.get("eval_raw") is False:
+        raise EMAConfigError(f"{SECTION}.eval_raw: false cannot act in cls-train: PaddleClas's loop evaluates the raw "
+                             "weights at every evaluation, and they are compared beside the EMA; remove eval_raw")
+    merged["eval_raw"] = True  # before the checks: with it, select: best has the raw weights among its candidates
     config = EMAConfig.from_block(merged)  # an unknown key: one line naming it
     if config.save_as != "ema":
         raise EMAConfigError(f"{SECTION}.save_as: cls-train keeps PaddleClas's convention (.pdparams = EMA weights, "
                              f".pdema = raw weights; save_as: ema); got {config.save_as!r}")
-    if not config.eval_raw:
-        if merged.get("eval_raw") is False:  # stated: not silently overruled
-            logger.info("EMA: eval_raw: false is overruled in cls-train: PaddleClas's loop evaluates the raw weights "
-                        "at every evaluation, and they are compared beside the EMA")
-        config = config.replace(eval_raw=True)  # PaddleClas's loop evaluates the raw weights at every evaluation
     return config
+
+
+SCHEDULE_PARAMETERS = {"tau": "exponential", "inv_gamma": "power", "power": "power", "min_decay": "power"}
 
 
 # ---------------------------------------------------------------------------- the object PaddleClas's Engine holds
@@ -466,26 +474,6 @@ def _batch_info(engine, update_freq: int, steps_per_epoch: int):
                      info.measured)
 
 
-class _FinalPathLogger:
-    """PaddleClas's ``ppcls.utils.logger`` as ``save_load`` calls it, with a staging folder's path replaced by the
-    folder the set is published into (``Already save model in <output_dir>/latest``)."""
-
-    def __init__(self, log, staging: str, final: str):
-        self._log, self._staging, self._final = log, staging, final
-
-    def __getattr__(self, name):
-        method = getattr(self._log, name)
-        if name not in ("debug", "info", "warning", "error"):
-            return method
-
-        def rewritten(message, *args, **kwargs):
-            if isinstance(message, str):
-                message = message.replace(self._staging, self._final)
-            return method(message, *args, **kwargs)
-
-        return rewritten
-
-
 def _staged_save_model(original):
     """PaddleClas's ``save_load.save_model``, its set staged and published as one. With our EMA: ``.pdparams`` hold
     the selected candidate, ``.pdema`` PaddleClas's raw weights plus our state (fingerprinting the ``.pdparams`` and
@@ -501,7 +489,7 @@ def _staged_save_model(original):
     def staged(stage, model_path, *args, **kwargs):
         """PaddleClas's own save into the staging folder, its log line naming the final folder."""
         own = module.logger
-        module.logger = _FinalPathLogger(own, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
+        module.logger = FinalPathLogger(own, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
         try:
             return original(*args[:3], stage.tmp, *args[3:], **kwargs)
         finally:
@@ -587,16 +575,7 @@ def _wrapped_init_model(original, config: EMAConfig):
 
 # ---------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ema-callback cls-train",
-                                description="PaddleClas's tools/train.py with EMA from the YAML's EMA: section.")
-    p.add_argument("-c", "--config", required=True, help="PaddleClas YAML config")
-    p.add_argument("-o", "--override", nargs="+", action="extend", default=[], metavar="Key.sub=value",
-                   help="overrides, as tools/train.py takes them; EMA.* keys work without an EMA: section")
-    p.add_argument("-p", "--profiler_options", default=None)
-    p.add_argument("--paddleclas-root", default=None, help=f"PaddleClas checkout (default: ${ROOT_ENV}, else the "
-                                                           "working directory when it is one)")
-    p.add_argument("--ema-config", default=None, help="a ready EMA: block merged under the YAML's own section")
-    return p
+    return suite_parser("cls-train", PADDLECLAS, overrides="override")
 
 
 def resolve_root(explicit: Optional[str]) -> str:

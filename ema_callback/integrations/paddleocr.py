@@ -57,31 +57,23 @@ from ema_callback.integrations.checkpoints import (
 from ema_callback.integrations.evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
 from ema_callback.integrations.output_rollback import OutputGuard
 from ema_callback.integrations.suite_adapter import (
+    FinalPathLogger,
     SuiteAdapter,
     import_from_checkout,
     read_run_config,
     release_all,
     run_suite_script,
+    suite_parser,
     suite_value,
 )
 from ema_callback.integrations.suite_checkout import PADDLEOCR, find_checkout
 
 logger = logging.getLogger("ema_callback")
 
-ROOT_ENV = PADDLEOCR.env
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ema-callback ocr-train",
-                                description="PaddleOCR's tools/train.py with EMA from the YAML's EMA: section.")
-    p.add_argument("-c", "--config", required=True, help="PaddleOCR YAML config")
-    p.add_argument("-o", "--opt", nargs="+", action="extend", default=[], metavar="Key.sub=value",
-                   help="overrides, as tools/train.py takes them; EMA.* keys work without an EMA: section")
-    p.add_argument("-p", "--profiler_options", default=None)
-    p.add_argument("--paddleocr-root", default=None, help=f"PaddleOCR checkout (default: ${ROOT_ENV}, else the "
-                                                          "working directory when it is one)")
-    p.add_argument("--ema-config", default=None, help="a ready EMA: block merged under the YAML's own section")
-    return p
+    return suite_parser("ocr-train", PADDLEOCR)
 
 
 def resolve_root(explicit: Optional[str]) -> str:
@@ -99,25 +91,6 @@ def unwrap(model):
     from ema_callback.core.selection import unwrap as _unwrap  # imports paddle: not at module import (fast --help)
 
     return _unwrap(model)
-
-
-class _FinalPathLogger:
-    """PaddleOCR's logger, with the staging folder of a checkpoint set replaced by its final folder in messages."""
-
-    def __init__(self, log, staging: str, final: str):
-        self._log, self._staging, self._final = log, staging, final
-
-    def __getattr__(self, name):
-        method = getattr(self._log, name)
-        if name not in ("debug", "info", "warning", "error"):
-            return method
-
-        def rewritten(message, *args, **kwargs):
-            if isinstance(message, str):
-                message = message.replace(self._staging, self._final)
-            return method(message, *args, **kwargs)
-
-        return rewritten
 
 
 class PaddleOCRHooks:
@@ -306,7 +279,7 @@ class PaddleOCRHooks:
                 return original(model, optimizer, model_path, logger_, config, is_best=is_best, prefix=prefix,
                                 **kwargs)
             with StagedWrite(model_path) as stage:  # EMA off over an EMA run's set: its .pdema goes with the save
-                log = _FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
+                log = FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
                 result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix, **kwargs)
                 stage.record_sets({r: {"hold": RAW, "sha1": None} for r in relatives})
                 stage.publish(remove=stale)
@@ -316,7 +289,7 @@ class PaddleOCRHooks:
             self._save_call = (optimizer, model_path, config, dict(kwargs))
         raw = numpy_state(unwrap(model))
         with StagedWrite(model_path) as stage:  # a crash never leaves a partial file under a final name
-            log = _FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
+            log = FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
             # best_accuracy holds the candidate selected at the evaluation that made it best (select: best), or at
             # the end the one length: auto picked
             chosen = self.board.winner if prefix == "best_accuracy" and self.board.winner else self.board.primary

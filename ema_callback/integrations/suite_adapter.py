@@ -19,6 +19,7 @@ Adding such a suite is its module, its docs and tests, and one line in ``registr
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import logging
@@ -76,12 +77,28 @@ def import_from_checkout(root: str, module: str, path_in_root: str, option: str)
     if root not in sys.path:
         sys.path.insert(0, root)
     imported = importlib.import_module(module)
-    expected, found = os.path.join(root, path_in_root), os.path.abspath(imported.__file__ or "")
-    if os.path.realpath(found) != os.path.realpath(expected):
+    expected = os.path.join(root, path_in_root)
+    found = os.path.abspath(imported.__file__) if imported.__file__ else "a namespace package (no __init__.py)"
+    if not imported.__file__ or os.path.realpath(found) != os.path.realpath(expected):
         raise EMAConfigError(f"{option} {root}: imported {module} from {found}, expected {expected} (another "
                              f"{module.split('.')[0]!r} package shadows the checkout; run from elsewhere or fix "
                              "PYTHONPATH)")
     return imported
+
+
+def suite_parser(command: str, suite: Suite, overrides: str = "opt") -> argparse.ArgumentParser:
+    """The command line of a suite command: the suite's own ``-c``, ``-o`` (long name ``--<overrides>``, as the
+    suite's ``tools/train.py`` names it) and ``-p``, then the checkout flag and ``--ema-config``."""
+    p = argparse.ArgumentParser(prog=f"ema-callback {command}",
+                                description=f"{suite.name}'s tools/train.py with EMA from the YAML's EMA: section.")
+    p.add_argument("-c", "--config", required=True, help=f"{suite.name} YAML config")
+    p.add_argument("-o", f"--{overrides}", nargs="+", action="extend", default=[], metavar="Key.sub=value",
+                   help="overrides, as tools/train.py takes them; EMA.* keys work without an EMA: section")
+    p.add_argument("-p", "--profiler_options", default=None)
+    p.add_argument(suite.option, default=None, help=f"{suite.name} checkout (default: ${suite.env}, else the "
+                                                    "working directory when it is one)")
+    p.add_argument("--ema-config", default=None, help="a ready EMA: block merged under the YAML's own section")
+    return p
 
 
 def read_run_config(config_path: str, block_file: Optional[str], opts: Sequence[str], suite_name: str,
@@ -117,9 +134,10 @@ def suite_value(suite: Mapping[str, Any], overrides: Sequence[str], *keys: str) 
 
 def run_suite_script(root: str, script: str, argv: Sequence[str], during: Sequence[ContextManager],
                      suite_name: str) -> None:
-    """Run ``root/script`` as ``python script argv...`` would (``runpy``, ``sys.argv`` and ``sys.path`` as the
-    script expects, put back after) inside the context managers ``during`` (the way in's wrapped seams); an error
-    raised in the suite's code is named as the suite's (``suite_errors_named``)."""
+    """Run ``root/script`` as ``python script argv...`` would (``runpy``; ``sys.argv`` as the script expects, put back
+    after; ``root`` first on ``sys.path``, where it stays, as the suite's own imports need it) inside the context
+    managers ``during`` (the way in's wrapped seams); an error raised in the suite's code is named as the suite's
+    (``suite_errors_named``)."""
     path = os.path.join(root, script)
     saved_argv = sys.argv
     sys.argv = [path] + list(argv)
@@ -133,6 +151,26 @@ def run_suite_script(root: str, script: str, argv: Sequence[str], during: Sequen
             runpy.run_path(path, run_name="__main__")
     finally:
         sys.argv = saved_argv
+
+
+class FinalPathLogger:
+    """A suite's logger, with the staging folder of a checkpoint set (``files.checkpoint_set.StagedWrite``) replaced
+    by the folder the set is published into in its messages (``save model in <output_dir>/latest``)."""
+
+    def __init__(self, log, staging: str, final: str):
+        self._log, self._staging, self._final = log, staging, final
+
+    def __getattr__(self, name):
+        method = getattr(self._log, name)
+        if name not in ("debug", "info", "warning", "error"):
+            return method
+
+        def rewritten(message, *args, **kwargs):
+            if isinstance(message, str):
+                message = message.replace(self._staging, self._final)
+            return method(message, *args, **kwargs)
+
+        return rewritten
 
 
 def release_all(locks: List) -> None:

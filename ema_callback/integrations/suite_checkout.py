@@ -30,7 +30,7 @@ PADDLEOCR = Suite("PaddleOCR", "--paddleocr-root", "PADDLEOCR_ROOT", ("tools/tra
 PADDLEDET = Suite("PaddleDetection", "--paddledet-root", "PADDLEDET_ROOT",
                   ("tools/train.py", "ppdet/engine/trainer.py"), package="ppdet")
 PADDLECLAS = Suite("PaddleClas", "--paddleclas-root", "PADDLECLAS_ROOT", ("tools/train.py", "ppcls/engine/engine.py"))
-SUITES = (PADDLEOCR, PADDLEDET)
+SUITES = (PADDLEOCR, PADDLEDET)  # checkout_for_one_of's default pool; posthoc sweep passes every registered suite's
 
 
 def is_checkout(folder: str, suite: Suite) -> bool:
