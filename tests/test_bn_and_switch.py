@@ -24,13 +24,17 @@ def test_recompute_bn_gives_the_cumulative_batch_statistics_of_the_ema_weights_a
     train, evald = loaders()
     model = make_model()
     cb = EMACallback(decay=0.9, schedule="constant", recompute_bn=4, final_weights="raw")
-    seen = AtTheEnd(cb)  # before cb: at train end the network still holds what fit's last evaluation ran on
-    model.fit(train, evald, epochs=2, verbose=0, callbacks=[seen, cb])
+    model.fit(train, evald, epochs=2, verbose=0, callbacks=[cb])
     ema, net = cb.ema, model.network
-    batches, recomputed, params, raw_before = seen.batches, seen.statistics, seen.params, seen.raw
+    batches = list(ema.features["recompute_bn"].recorder.batches)
     assert len(batches) == 4 and ema.features["recompute_bn"].used == 4
+    raw_before = weights(net)
     ema_weights = ema.ema_state_dict(net)  # averaged statistics (buffers: average), before recomputation
     expected = reference_statistics(net, ema_weights, batches)
+    with ema.swapped(net):
+        recomputed = {name: (layer._mean.numpy(), layer._variance.numpy())
+                      for name, layer in net.named_sublayers() if layer in batchnorm_layers(net)}
+        params = {k: v.numpy() for k, v in net.state_dict().items() if "_mean" not in k and "_variance" not in k}
     assert set(recomputed) == set(expected) == {"1", "4"}
     for name, (mean, var) in recomputed.items():
         np.testing.assert_allclose(mean, expected[name][0], rtol=0, atol=1e-5)
@@ -39,26 +43,6 @@ def test_recompute_bn_gives_the_cumulative_batch_statistics_of_the_ema_weights_a
     assert all(np.array_equal(params[k], ema_weights[k]) for k in params)  # the other weights are the EMA's
     after = weights(net)
     assert all(after[k].tobytes() == raw_before[k].tobytes() for k in after)  # raw weights + statistics, bit for bit
-
-
-class AtTheEnd(paddle.callbacks.Callback):
-    """Placed before the EMACallback: the raw weights after the last optimizer step, and at train end (before the
-    EMACallback restores the raw weights and releases its recorded batches) the recorded batches and the network's
-    BatchNorm statistics and other weights (the EMA's, with statistics recomputed, from fit's last evaluation)."""
-
-    def __init__(self, ema_callback):
-        super().__init__()
-        self.ema_callback = ema_callback
-
-    def on_train_batch_end(self, step, logs=None):
-        self.raw = weights(self.model.network)
-
-    def on_train_end(self, logs=None):
-        net = self.model.network
-        self.batches = list(self.ema_callback.ema.features["recompute_bn"].recorder.batches)
-        self.statistics = {name: (layer._mean.numpy(), layer._variance.numpy())
-                           for name, layer in net.named_sublayers() if layer in batchnorm_layers(net)}
-        self.params = {k: v.numpy() for k, v in net.state_dict().items() if "_mean" not in k and "_variance" not in k}
 
 
 def test_recompute_bn_leaves_training_bit_identical_and_the_saved_state_says_so(tmp_path):
