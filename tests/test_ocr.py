@@ -394,7 +394,7 @@ def test_posthoc_sweep_refuses_snapshots_of_another_model_before_evaluating(tmp_
            "--sigma-rel", "0.05,0.1", "--out", str(tmp_path / "sweep"), "-c", REC_CFG,
            "-o", *data_overrides(data, "rec")]
     done = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=TIMEOUT,
-                          env={k: v for k, v in env().items() if k != "PADDLEDET_ROOT"})
+                          env={k: v for k, v in env().items() if k not in ("PADDLEDET_ROOT", "PADDLECLAS_ROOT")})
     rc, log = done.returncode, done.stdout + done.stderr
     last = log.strip().splitlines()[-1]
     assert rc == 2 and last.startswith(f"ema-callback: error: -c {REC_CFG}: the snapshots in {tmp_path}/posthoc are "
