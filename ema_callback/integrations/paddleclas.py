@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ema_callback.config.files import load_suite_yaml, merged_block, read_block_file
+from ema_callback.config.files import merged_block, read_block_file
 from ema_callback.config.schema import LENGTH_KEYS, SECTION, EMAConfig, EMAConfigError
 from ema_callback.errors import EMAError, EMAFileError
 from ema_callback.integrations.auto_length import AutoPick, saved_plan
@@ -596,16 +596,7 @@ _PATH_KEYS = (("DataLoader", "Train", "dataset", "image_root"), ("DataLoader", "
 def _check_relative_paths(suite: Mapping[str, Any], overrides: List[str], root: str) -> None:
     """A dataset path of the config that does not exist from the working directory: one line naming the key (the
     evaluation set's only when PaddleClas evaluates during training)."""
-    values: Dict[str, Any] = {}
-    for keys in _PATH_KEYS:
-        node: Any = suite
-        for key in keys:
-            node = node.get(key) if isinstance(node, dict) else None
-        values[".".join(keys)] = node
-    for text in overrides:
-        key, _, raw = text.partition("=")
-        if key.strip() in values:
-            values[key.strip()] = load_suite_yaml(raw)
+    values = {".".join(keys): suite_value(suite, overrides, *keys) for keys in _PATH_KEYS}
     evaluates = _value(suite, overrides, "Global", "eval_during_train")
     for key, path in values.items():
         if ".Eval." in key and evaluates is False:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ema_callback.config.files import load_suite_yaml, resolve_block
+from ema_callback.config.files import resolve_block
 from ema_callback.config.schema import SECTION, EMAConfig, EMAConfigError
 from ema_callback.core.run_report import log_before_eval, log_start
 from ema_callback.files.checkpoint_set import StagedWrite
@@ -460,16 +460,7 @@ _PATH_KEYS = (("Global", "character_dict_path"), ("Train", "dataset", "data_dir"
 
 def _check_relative_paths(suite: Dict[str, Any], overrides: List[str], root: str) -> None:
     """A relative path of the config that does not exist from the working directory: one line saying why."""
-    values = {}
-    for keys in _PATH_KEYS:
-        node: Any = suite
-        for key in keys:
-            node = node.get(key) if isinstance(node, dict) else None
-        values[".".join(keys)] = node
-    for text in overrides:
-        key, _, raw = text.partition("=")
-        if key.strip() in values:
-            values[key.strip()] = load_suite_yaml(raw)
+    values = {".".join(keys): suite_value(suite, overrides, *keys) for keys in _PATH_KEYS}
     for key, value in values.items():
         for path in value if isinstance(value, list) else [value]:
             if isinstance(path, str) and path and not os.path.isabs(path) and not os.path.exists(path):
