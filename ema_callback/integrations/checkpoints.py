@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -226,6 +226,22 @@ STALE_SUFFIXES = (".pdema", ".ema.pdparams")  # what a set saved again with the 
 def stale_state_files(names: Sequence[str]) -> list:
     """The files of ours beside the checkpoint names ``names`` (relative) that a save with the EMA off makes stale."""
     return [name + suffix for name in names for suffix in STALE_SUFFIXES]
+
+
+def save_without_stale_state(folder: str, names: Sequence[str], stale: Sequence[str],
+                             save: Callable[[Any], Any]) -> Any:
+    """A save with the EMA off over the set of an earlier EMA run: the suite's own save (``save(stage)``, writing into
+    ``stage.tmp``) staged and published as one set (``files.checkpoint_set.StagedWrite``) that holds the raw weights,
+    with the files of ours that described the set it replaces (``stale``, relative to ``folder``) removed with it;
+    one line says so. Returns what ``save`` returned."""
+    from ema_callback.files.checkpoint_set import StagedWrite
+
+    with StagedWrite(folder) as stage:
+        result = save(stage)
+        stage.record_sets({name: {"hold": "raw", "sha1": None} for name in names})
+        stage.publish(remove=list(stale))
+    logger.info("EMA: off; removed %s, which described the set this save replaced", ", ".join(stale))
+    return result
 
 
 def check_checkpoint_files(prefix: str, suffixes: Sequence[str], option: str, verify_state: bool = True) -> None:

@@ -59,6 +59,7 @@ from ema_callback.integrations.checkpoints import (
     place_features,
     ppdet_state,
     restore_raw_weights,
+    save_without_stale_state,
 )
 from ema_callback.integrations.evaluation import EvaluationPolicy, before_eval_start
 from ema_callback.integrations.suite_adapter import (
@@ -505,12 +506,8 @@ def _staged_save_model(original):
             stale = _stale_state(model_path, prefix, checked_load)
             if not stale:
                 return original(net, optimizer, metric_info, model_path, ema=ema, prefix=prefix, **kwargs)
-            with StagedWrite(model_path) as stage:
-                result = staged(stage, model_path, net, optimizer, metric_info, ema=ema, prefix=prefix, **kwargs)
-                stage.record_sets({prefix: {"hold": RAW, "sha1": None}})
-                stage.publish(remove=stale)
-            logger.info("EMA: off; removed %s, which described the set this save replaced", ", ".join(stale))
-            return result
+            return save_without_stale_state(model_path, [prefix], stale, lambda stage: staged(
+                stage, model_path, net, optimizer, metric_info, ema=ema, prefix=prefix, **kwargs))
         if prefix == "best_model":
             if adapter.pending is None:  # PaddleClas's rule saves when raw or EMA is a new best; ours did not pick one
                 logger.info("EMA: best_model kept: the selected candidate's %s is not a new best (%s)", adapter.key,

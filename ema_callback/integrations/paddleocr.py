@@ -52,6 +52,7 @@ from ema_callback.integrations.checkpoints import (
     restore_raw_weights,
     resume_ema,
     save_ema_state,
+    save_without_stale_state,
     stale_state_files,
 )
 from ema_callback.integrations.evaluation import DRIFT, EvaluationPolicy, before_eval_start, raw_suffixed
@@ -278,13 +279,11 @@ class PaddleOCRHooks:
             if not stale:
                 return original(model, optimizer, model_path, logger_, config, is_best=is_best, prefix=prefix,
                                 **kwargs)
-            with StagedWrite(model_path) as stage:  # EMA off over an EMA run's set: its .pdema goes with the save
-                log = FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep))
-                result = original(model, optimizer, stage.tmp, log, config, is_best=is_best, prefix=prefix, **kwargs)
-                stage.record_sets({r: {"hold": RAW, "sha1": None} for r in relatives})
-                stage.publish(remove=stale)
-            logger.info("EMA: off; removed %s, which described the set this save replaced", ", ".join(stale))
-            return result
+            return save_without_stale_state(  # EMA off over an EMA run's set: its .pdema goes with the save
+                model_path, relatives, stale,
+                lambda stage: original(model, optimizer, stage.tmp,
+                                       FinalPathLogger(logger_, stage.tmp, os.path.abspath(model_path).rstrip(os.sep)),
+                                       config, is_best=is_best, prefix=prefix, **kwargs))
         if prefix == "latest":
             self._save_call = (optimizer, model_path, config, dict(kwargs))
         raw = numpy_state(unwrap(model))
