@@ -27,6 +27,11 @@ class WayIn:
     module: str
     usage: str
 
+    @property
+    def name(self) -> str:
+        """The adapter module's own name (``paddleocr``): ``checked_suite_eval --suite`` takes it."""
+        return self.module.rsplit(".", 1)[1]
+
     def adapter(self):
         """The module's ``ADAPTER`` (imports the adapter, not the suite)."""
         return importlib.import_module(self.module).ADAPTER
@@ -45,15 +50,6 @@ WAYS_IN: Tuple[WayIn, ...] = (
 )
 
 
-def by_short() -> Dict[str, WayIn]:
-    return {w.short: w for w in WAYS_IN}
-
-
 def by_module_name() -> Dict[str, WayIn]:
-    """By the adapter module's own name (``paddleocr``, ``paddledet``): ``checked_suite_eval --suite``."""
-    return {w.module.rsplit(".", 1)[1]: w for w in WAYS_IN}
-
-
-def adapters():
-    """Every way in's ``SuiteAdapter``, in ``WAYS_IN`` order."""
-    return [w.adapter() for w in WAYS_IN]
+    """By the adapter module's own name (``WayIn.name``): ``checked_suite_eval --suite``."""
+    return {w.name: w for w in WAYS_IN}

@@ -1,7 +1,8 @@
 """The seam between the shared layer and a suite that trains through its own ``tools/train.py``.
 
-A way in of this kind (PaddleOCR, PaddleDetection) is one module with a ``main(argv)`` (its ``ema-callback`` command)
-and an ``ADAPTER``, a ``SuiteAdapter`` that answers what differs between suites; everything else is shared:
+A way in of this kind (PaddleOCR, PaddleDetection, PaddleClas) is one module with a ``main(argv)`` (its
+``ema-callback`` command) and an ``ADAPTER``, a ``SuiteAdapter`` that answers what differs between suites; everything
+else is shared:
 
 * finding the checkout (``suite_checkout.find_checkout`` by the adapter's ``suite``: flag, environment variable,
   working directory, installed package) and importing the suite's code from it, checked (``import_from_checkout``);
@@ -39,7 +40,7 @@ from ema_callback.config.files import (
 )
 from ema_callback.config.schema import EMAConfig
 from ema_callback.errors import EMAConfigError
-from ema_callback.integrations.suite_checkout import Suite, find_checkout, suite_errors_named
+from ema_callback.integrations.suite_checkout import Suite, suite_errors_named
 
 logger = logging.getLogger("ema_callback")
 
@@ -48,10 +49,6 @@ class SuiteAdapter:
     """What differs between the suites run through their own scripts (see the module docstring)."""
 
     suite: Suite
-
-    def find_root(self, explicit: Optional[str]) -> str:
-        """The suite's checkout (``suite_checkout.find_checkout``)."""
-        return find_checkout(self.suite, explicit)
 
     def eval_weights_option(self, prefix: str) -> str:
         """The ``-o`` option of the suite's ``tools/eval.py`` that names the weights ``prefix.pdparams``."""

@@ -44,12 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sigma-rel", required=True, help="start:stop:step or a,b,c")
     s.add_argument("--at-step", type=int, default=None)
     s.add_argument("--out", required=True, help="folder for sweep.json/.md/.png and best.pdparams")
-    from ema_callback.integrations.registry import adapters
+    from ema_callback.integrations.registry import WAYS_IN
 
-    for adapter in adapters():  # one flag per suite: --paddleocr-root, --paddledet-root, ...
-        s.add_argument(adapter.suite.option, default=None, dest=_dest(adapter.suite),
-                       help=f"evaluate with this {adapter.suite.name} checkout (default: ${adapter.suite.env}, else "
-                            "the working directory when it is one)")
+    for suite in (w.adapter().suite for w in WAYS_IN):  # one flag per suite: --paddleocr-root, --paddledet-root, ...
+        s.add_argument(suite.option, default=None, dest=_dest(suite),
+                       help=f"evaluate with this {suite.name} checkout (default: ${suite.env}, else the working "
+                            "directory when it is one)")
     s.add_argument("-c", "--config", required=True, help="the suite YAML the run trained with")
     s.add_argument("-o", "--opt", nargs="+", action="extend", default=[], help="suite overrides for tools/eval.py")
     s.add_argument("--metric", default=None, help="PaddleOCR: the metric to maximise (default: its first, the "
@@ -64,12 +64,11 @@ def _dest(suite: Suite) -> str:
 def _suite(args) -> Tuple[Suite, str]:
     """The suite whose ``tools/eval.py`` evaluates, and its checkout, by ``suite_checkout``'s one rule; before any
     work."""
-    from ema_callback.integrations.registry import adapters
+    from ema_callback.integrations.registry import WAYS_IN
 
-    ways = adapters()
-    suite, root = checkout_for_one_of([getattr(args, _dest(a.suite)) for a in ways], "posthoc sweep",
-                                      [a.suite for a in ways])
-    args.adapter = next(a for a in ways if a.suite is suite)
+    suites = [w.adapter().suite for w in WAYS_IN]
+    suite, root = checkout_for_one_of([getattr(args, _dest(s)) for s in suites], "posthoc sweep", suites)
+    args.way = WAYS_IN[suites.index(suite)]
     if not os.path.isfile(os.path.join(root, "tools", "eval.py")):
         raise EMAConfigError(f"{suite.name} checkout {root}: no tools/eval.py there")
     if not os.path.isfile(args.config):
@@ -81,14 +80,12 @@ def _suite_eval(args, weights_prefix: str, expect: str) -> Tuple[float, str]:
     """(metric, name) from the suite's own tools/eval.py on ``weights_prefix``.pdparams; ``expect`` is a JSON file
     of the weights' ``{name: shape}``, checked against the model the config builds before anything is evaluated
     (``integrations.checked_suite_eval``)."""
-    adapter = args.adapter
+    adapter = args.way.adapter()
     script = os.path.join(args.root, "tools", "eval.py")
     from ema_callback.integrations.checked_suite_eval import MISMATCH_EXIT, PREFIX
-    from ema_callback.integrations.registry import WAYS_IN
 
-    module = next(w.module.rsplit(".", 1)[1] for w in WAYS_IN if w.adapter() is adapter)
     cmd = [sys.executable, "-m", "ema_callback.integrations.checked_suite_eval", "--expect", expect, "--suite",
-           module, script, "-c", args.config,
+           args.way.name, script, "-c", args.config,
            *adapter.eval_options([adapter.eval_weights_option(weights_prefix), *args.opt])]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = done.stdout + done.stderr
