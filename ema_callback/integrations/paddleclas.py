@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from ema_callback.config.files import merged_block, read_block_file
-from ema_callback.config.schema import LENGTH_KEYS, SECTION, EMAConfig, EMAConfigError
+from ema_callback.config.schema import LENGTH_KEYS, SCHEDULE_PARAMS, SECTION, EMAConfig, EMAConfigError
 from ema_callback.errors import EMAError, EMAFileError
 from ema_callback.integrations.auto_length import AutoPick, saved_plan
 from ema_callback.integrations.auto_length import resolve as resolve_length
@@ -91,7 +91,7 @@ def resolve_cls_config(suite: Mapping[str, Any], block_file: Optional[str], over
     if not any(merged.get(k) is not None for k in LENGTH_KEYS):
         merged["length"] = "auto"  # ema-callback's rule for no length (PaddleClas's EMA: {} meant decay 0.9999)
     if merged.get("decay") is not None and "schedule" not in merged:
-        for key, schedule in SCHEDULE_PARAMETERS.items():
+        for key, schedule in SCHEDULE_PARAMS.items():
             if merged.get(key) is not None:
                 raise EMAConfigError(f"{SECTION}.{key}: a parameter of schedule: {schedule}; in cls-train a decay "
                                      "without a schedule is PaddleClas's constant decay: set schedule: "
@@ -107,8 +107,6 @@ def resolve_cls_config(suite: Mapping[str, Any], block_file: Optional[str], over
                              f".pdema = raw weights; save_as: ema); got {config.save_as!r}")
     return config
 
-
-SCHEDULE_PARAMETERS = {"tau": "exponential", "inv_gamma": "power", "power": "power", "min_decay": "power"}
 
 
 # ---------------------------------------------------------------------------- the object PaddleClas's Engine holds
@@ -251,6 +249,7 @@ class ClsEMA:
             self.board.winner = RAW
             self._note_best(RAW, self.raw_metric, epoch_id)
             return self.raw_metric
+
         def before(label: str) -> None:
             logger.info("EMA: evaluating %s", label)
             _suite_log(f"[Eval][Epoch {epoch_id}] the next evaluation is ema-callback's candidate {label} "
