@@ -394,27 +394,31 @@ class EMATrainerCallback(TrainerCallback):
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
         if self.auto is not None:
             self._pick_length(args)
-            if is_rank0():
-                os.makedirs(args.output_dir, exist_ok=True)
-                path = os.path.join(args.output_dir, WEIGHTS + ".pdema")
-                self.ema.save(path, extra={"raw_weights": self.ema.backup_numpy() if self.ema.applied else
-                                           numpy_state(self.ema.model)})
+            self._save_final_state(args.output_dir)
         elif best is not None:
             logger.info("EMA: load_best_model_at_end: the model holds %s/%s.pdparams as the Trainer loaded it (the "
                         "weights evaluated there: the EMA's from eval_start_step on); the raw weights of that step "
                         "are in its %s.pdema", best, WEIGHTS, WEIGHTS)
         elif self.final_weights == "ema":
             self.ema.apply_to(self.ema.model, self.board.primary)
-            if is_rank0():
-                os.makedirs(args.output_dir, exist_ok=True)
-                path = os.path.join(args.output_dir, WEIGHTS + ".pdema")
-                self.ema.save(path, extra={"raw_weights": self.ema.backup_numpy()})
+            path = self._save_final_state(args.output_dir)
+            if path is not None:
                 logger.info("EMA: after train() the model holds the EMA weights (%s); trainer.save_model() writes "
                             "them, the raw weights and EMA state are in %s", self.board.primary, path)
         if self.board is not None:
             self.board.finish(args.output_dir, write=is_rank0())
         self.ema.close()  # the model as it was found: no feature's hook stays on it
 
+    def _save_final_state(self, output_dir: str) -> Optional[str]:
+        """``<output_dir>/model_state.pdema`` after ``train()`` (rank 0): the EMA state and the raw weights (the
+        model's own, or those set aside while it holds an EMA), beside what ``trainer.save_model()`` writes."""
+        if not is_rank0():
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, WEIGHTS + ".pdema")
+        raw = self.ema.backup_numpy() if self.ema.applied else numpy_state(self.ema.model)
+        self.ema.save(path, extra={"raw_weights": raw})
+        return path
 
     def _pick_length(self, args) -> None:
         """``length: auto`` at the end of ``train()`` (``auto_length``): the candidates evaluated with the Trainer's
