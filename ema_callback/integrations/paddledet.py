@@ -164,15 +164,16 @@ def resolve_det_config(suite: Mapping[str, Any], block_file: Optional[str], over
     return config, extra
 
 
-def _named_as_ppdet(exc: EMAConfigError, black_list: List[str]) -> EMAConfigError:
-    """An ``EMA.exclude`` pattern that matches no tensor, said as the ppdet key it came from (``ema_black_list``:
-    substrings of tensor names; ppdet's own ModelEMA ignores one that is in no name)."""
-    text = str(exc)
-    for name in black_list:
-        if text.startswith(f"EMA.exclude: {re.escape(name)!r} matches no tensor"):
-            return EMAConfigError(f"ema_black_list: {name!r} is in no tensor name of the model"
-                                  f"{text.split('matches no tensor of the model', 1)[1]}")
-    return exc
+def _check_black_list(model, black_list: List[str]) -> None:
+    """Each ``ema_black_list`` entry (ppdet's flat key: a substring of tensor names, which ppdet's own ModelEMA
+    ignores when it is in none) must be in a tensor name of the model: else one line naming the key, as the
+    ``EMA.exclude`` it becomes would say under its own name."""
+    names = list(model.state_dict())
+    for entry in black_list:
+        if not any(entry in name for name in names):
+            example = f" (names like {names[0]!r})" if names else ""
+            raise EMAConfigError(f"ema_black_list: {entry!r} is in no tensor name of the model{example}; fix or "
+                                 "remove it")
 
 
 # ---------------------------------------------------------------------------- ppdet glue
@@ -287,6 +288,7 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
             self._resume_path = None
             if mode == "train" and config.enable:
                 cfg["use_ema"] = self.use_ema = True  # ppdet's EMA code paths (apply at snapshots, .pdema files)
+                _check_black_list(self.model, extra.get("black_list") or [])
                 ema_config = config
                 if extra.get("filter_no_grad"):
                     frozen = [re.escape(n) for n, p in self.model.named_parameters()
@@ -295,11 +297,8 @@ def _make_trainer_class(config: EMAConfig, extra: Dict[str, Any]):
                 batch = _batch_info(cfg, self)
                 resumed = saved_plan(ema_file(extra["resume"])) if extra.get("resume") and ema_config.auto else None
                 ema_config, plan = resolve_length(ema_config, batch, cfg.save_dir, resumed=resumed)
-                try:
-                    self.ema = PpdetEMA(self.model, ema_config, optimizer=self.optimizer,
-                                        cycle_epoch=extra.get("cycle_epoch", -1), batch=batch)
-                except EMAConfigError as exc:
-                    raise _named_as_ppdet(exc, extra.get("black_list") or []) from None
+                self.ema = PpdetEMA(self.model, ema_config, optimizer=self.optimizer,
+                                    cycle_epoch=extra.get("cycle_epoch", -1), batch=batch)
                 self._ema_board = CandidateBoard(self.ema.engine, ema_config)
                 self._ema_auto = AutoPick(self.ema.engine, plan) if plan is not None else None
                 if plan is not None:
