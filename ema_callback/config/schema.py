@@ -303,6 +303,17 @@ def _renamed_period(block: Dict[str, Any], key: str, old: str, prefix: str) -> D
     return block
 
 
+def _ema_count(values: Mapping[str, Any]) -> int:
+    """How many EMAs a block states: the length of its list of lengths (``decays``, ``half_life_*``), else 1."""
+    return next((len(values[k]) for k in ("decays", "half_life_images", "half_life_epochs")
+                 if isinstance(values.get(k), list)), 1)
+
+
+def _without_other_schedules(block: Mapping[str, Any], schedule: Any) -> Dict[str, Any]:
+    """``block`` without the parameters of schedules other than ``schedule`` (``SCHEDULE_PARAMS``)."""
+    return {k: v for k, v in block.items() if SCHEDULE_PARAMS.get(k, schedule) == schedule}
+
+
 def _check_combination(values: Mapping[str, Any]) -> None:
     """One form of the EMA length; ``decay_batch_size`` only with a decay; keys that act on several candidates
     (``select: best``, ``eval_all: false``) only with them; a schedule's parameters only with that schedule."""
@@ -310,8 +321,7 @@ def _check_combination(values: Mapping[str, Any]) -> None:
     if len(forms) > 1:
         raise EMAConfigError(f"{_key(forms[1])}: give the EMA length one way (decay, decays, half_life_images, "
                              f"half_life_epochs or length: auto), not both {forms[0]} and {forms[1]}")
-    emas = next((len(values[k]) for k in ("decays", "half_life_images", "half_life_epochs")
-                 if isinstance(values.get(k), list)), 1)
+    emas = _ema_count(values)
     if values.get("select") == "best" and emas < 2 and not values.get("eval_raw"):
         raise EMAConfigError(f"{_key('select')}: best chooses among several candidates and this block has one (one "
                              "EMA, no eval_raw); give several lengths (decays, a list of half_life_images) or "
@@ -460,11 +470,8 @@ class EMAConfig:
         candidate); those are dropped here, silently (the run that wrote them is over)."""
         if not isinstance(block, Mapping):
             return cls.from_block(block)
-        schedule = block.get("schedule", "auto")
-        block = {k: v for k, v in block.items() if SCHEDULE_PARAMS.get(k, schedule) == schedule}
-        emas = next((len(block[k]) for k in ("decays", "half_life_images", "half_life_epochs")
-                     if isinstance(block.get(k), list)), 1)
-        if emas < 2:  # keys for several candidates that such a run kept without using them
+        block = _without_other_schedules(block, block.get("schedule", "auto"))
+        if _ema_count(block) < 2:  # keys for several candidates that such a run kept without using them
             if block.get("eval_all") is False:
                 block.pop("eval_all")
             if block.get("select") == "best" and not block.get("eval_raw"):
@@ -496,9 +503,7 @@ def layered(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
             for k in WARM_UP_KEYS:
                 merged.pop(k, None)
     if isinstance(top, Mapping) and "schedule" in top:  # a schedule brings its own parameters
-        for k, owner in SCHEDULE_PARAMS.items():
-            if owner != top["schedule"]:
-                merged.pop(k, None)
+        merged = _without_other_schedules(merged, top["schedule"])
     merged.update(top)
     for k in LENGTH_KEYS:  # a length key set to null means "not this form" (the default decay if none is left)
         if k in merged and merged[k] is None:
